@@ -1,0 +1,394 @@
+//! `pack`, `inspect` and `verify`.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use incfs_fs::format::{Digest, Image, InodeKind, PackOptions, pack_dir};
+use serde::Serialize;
+
+use crate::progress::{PackBar, bytes_bar};
+
+/// Arguments of `incfs pack`.
+#[derive(Args)]
+pub struct PackArgs {
+    /// Directory tree to pack.
+    dir: PathBuf,
+    /// Image file to write.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Chunk size: a power of two from 4K to 1M (suffixes K, M; default 64K).
+    #[arg(long, value_parser = parse_size, default_value = "64K")]
+    chunk_size: u64,
+    /// zstd level for chunks, 1..=22.
+    #[arg(long, default_value_t = 3)]
+    level: i32,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `incfs inspect`.
+#[derive(Args)]
+pub struct InspectArgs {
+    /// Image file.
+    image: PathBuf,
+    /// List every entry of the tree.
+    #[arg(long)]
+    tree: bool,
+    /// Print as JSON (always with every entry).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `incfs verify`.
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// Image file.
+    image: PathBuf,
+    /// Fail unless the image's root digest is this (64 hex digits).
+    #[arg(long)]
+    expect_digest: Option<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses `65536`, `64K`, `64KiB`, `1M`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let (num, mult) = [("kib", 1u64 << 10), ("k", 1 << 10), ("mib", 1 << 20), ("m", 1 << 20), ("gib", 1 << 30), ("g", 1 << 30)]
+        .iter()
+        .find_map(|(suf, m)| lower.strip_suffix(suf).map(|n| (n.to_string(), *m)))
+        .unwrap_or((lower.clone(), 1));
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("not a size: {s:?} (examples: 4096, 64K, 1M)"))
+}
+
+#[derive(Serialize)]
+struct PackJson {
+    image: PathBuf,
+    root_digest: String,
+    files: u64,
+    dirs: u64,
+    symlinks: u64,
+    hardlinks: u64,
+    skipped: Vec<String>,
+    raw_bytes: u64,
+    stored_bytes: u64,
+    image_bytes: u64,
+    chunks: u64,
+    unique_chunks: u64,
+    dedupe_saved: u64,
+    seconds: f64,
+}
+
+pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
+    let opts = PackOptions {
+        chunk_size: u32::try_from(a.chunk_size).unwrap_or(u32::MAX),
+        level: a.level,
+    };
+    let bar = PackBar(bytes_bar("packing"));
+    let s = pack_dir(&a.dir, &a.output, &opts, &bar)
+        .with_context(|| format!("packing {} into {}", a.dir.display(), a.output.display()))?;
+    bar.0.finish_and_clear();
+    let secs = s.elapsed.as_secs_f64();
+    if a.json {
+        let j = PackJson {
+            image: a.output,
+            root_digest: s.root_digest.to_hex(),
+            files: s.files,
+            dirs: s.dirs,
+            symlinks: s.symlinks,
+            hardlinks: s.hardlinks,
+            skipped: s.skipped.iter().map(|(p, w)| format!("{}: {w}", p.display())).collect(),
+            raw_bytes: s.raw_bytes,
+            stored_bytes: s.stored_bytes,
+            image_bytes: s.image_bytes,
+            chunks: s.chunks,
+            unique_chunks: s.unique_chunks,
+            dedupe_saved: s.dedupe_saved,
+            seconds: secs,
+        };
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("packed {} into {}", a.dir.display(), a.output.display());
+    println!(
+        "  {} files, {} dirs, {} symlinks, {} hard links, {} skipped",
+        s.files,
+        s.dirs,
+        s.symlinks,
+        s.hardlinks,
+        s.skipped.len()
+    );
+    println!(
+        "  {} of data -> {} stored (ratio {:.2}), image {}",
+        human(s.raw_bytes),
+        human(s.stored_bytes),
+        ratio(s.raw_bytes, s.stored_bytes),
+        human(s.image_bytes)
+    );
+    println!(
+        "  {} chunks of {}, {} distinct, dedupe saved {}",
+        s.chunks,
+        human(a.chunk_size),
+        s.unique_chunks,
+        human(s.dedupe_saved)
+    );
+    println!(
+        "  {:.2} s, {:.0} MB/s",
+        secs,
+        s.raw_bytes as f64 / 1e6 / secs.max(1e-9)
+    );
+    println!("root digest {}", s.root_digest);
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct InspectJson {
+    image: PathBuf,
+    root_digest: String,
+    chunk_size: u32,
+    image_bytes: u64,
+    manifest_bytes: u64,
+    chunk_table_bytes: u64,
+    files: u64,
+    dirs: u64,
+    symlinks: u64,
+    raw_bytes: u64,
+    stored_bytes: u64,
+    chunks: u64,
+    unique_chunks: u64,
+    compressed_chunks: u64,
+    entries: Vec<EntryJson>,
+}
+
+#[derive(Serialize)]
+struct EntryJson {
+    path: String,
+    kind: &'static str,
+    mode: String,
+    size: u64,
+    chunks: u64,
+    stored_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<String>,
+}
+
+pub fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
+    let img = Image::open_path(&a.image, None)
+        .with_context(|| format!("opening image {}", a.image.display()))?;
+    let m = img.manifest();
+    let h = img.header();
+    let table = img.table();
+    let mut entries = Vec::new();
+    let (mut files, mut dirs, mut symlinks, mut raw) = (0u64, 1u64, 0u64, 0u64);
+    let mut seen = HashSet::new();
+    for (path, ino) in img.walk() {
+        let Some(inode) = img.inode(ino) else { continue };
+        let first = seen.insert(ino);
+        let (kind, size, chunks, stored, target) = match &inode.kind {
+            InodeKind::Dir { .. } => {
+                dirs += 1;
+                ("dir", 0, 0, 0, None)
+            }
+            InodeKind::File { size, first_chunk } => {
+                let n = m.chunks_for(*size);
+                let stored: u64 = (*first_chunk..first_chunk + n)
+                    .filter_map(|s| table.get(s))
+                    .map(|e| u64::from(e.stored_len))
+                    .sum();
+                if first {
+                    files += 1;
+                    raw += size;
+                }
+                ("file", *size, n, stored, None)
+            }
+            InodeKind::Symlink { target } => {
+                symlinks += 1;
+                ("symlink", 0, 0, 0, Some(String::from_utf8_lossy(target).into_owned()))
+            }
+        };
+        entries.push(EntryJson {
+            path: String::from_utf8_lossy(&path).into_owned(),
+            kind,
+            mode: format!("{:04o}", inode.perm),
+            size,
+            chunks,
+            stored_bytes: stored,
+            target,
+        });
+    }
+    let unique: HashSet<u64> = table.entries().iter().map(|e| e.stored_offset).collect();
+    let j = InspectJson {
+        image: a.image.clone(),
+        root_digest: img.root_digest().to_hex(),
+        chunk_size: h.chunk_size,
+        image_bytes: h.image_len(),
+        manifest_bytes: h.manifest_len,
+        chunk_table_bytes: h.chunk_table_len,
+        files,
+        dirs,
+        symlinks,
+        raw_bytes: raw,
+        stored_bytes: h.data_len,
+        chunks: table.len(),
+        unique_chunks: unique.len() as u64,
+        compressed_chunks: table.entries().iter().filter(|e| e.is_compressed()).count() as u64,
+        entries,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("image {}", a.image.display());
+    println!("  root digest  {}", j.root_digest);
+    println!(
+        "  size         {} (manifest {}, chunk table {}, data {})",
+        human(j.image_bytes),
+        human(j.manifest_bytes),
+        human(j.chunk_table_bytes),
+        human(j.stored_bytes)
+    );
+    println!("  tree         {} files, {} dirs, {} symlinks", j.files, j.dirs, j.symlinks);
+    println!(
+        "  data         {} -> {} stored (ratio {:.2})",
+        human(j.raw_bytes),
+        human(j.stored_bytes),
+        ratio(j.raw_bytes, j.stored_bytes)
+    );
+    println!(
+        "  chunks       {} of {}, {} distinct, {} compressed",
+        j.chunks,
+        human(u64::from(j.chunk_size)),
+        j.unique_chunks,
+        j.compressed_chunks
+    );
+    let mut biggest: Vec<&EntryJson> = j.entries.iter().filter(|e| e.kind == "file").collect();
+    biggest.sort_by(|x, y| y.size.cmp(&x.size));
+    println!("  largest files:");
+    for e in biggest.iter().take(if a.tree { 0 } else { 10 }) {
+        println!("    {:>10}  {:>10} stored  {}", human(e.size), human(e.stored_bytes), e.path);
+    }
+    if a.tree {
+        for e in &j.entries {
+            match &e.target {
+                Some(t) => println!("    {} {:>10}  {} -> {}", e.mode, "", e.path, t),
+                None if e.kind == "dir" => println!("    {} {:>10}  {}/", e.mode, "", e.path),
+                None => println!("    {} {:>10}  {}", e.mode, human(e.size), e.path),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct VerifyJson {
+    image: PathBuf,
+    root_digest: String,
+    ok: bool,
+    chunks: u64,
+    raw_bytes: u64,
+    stored_bytes: u64,
+    seconds: f64,
+    failures: Vec<FailureJson>,
+}
+
+#[derive(Serialize)]
+struct FailureJson {
+    path: Option<String>,
+    chunk_index: u64,
+    slot: u64,
+    reason: String,
+}
+
+pub fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let expected = a
+        .expect_digest
+        .as_deref()
+        .map(Digest::from_hex)
+        .transpose()
+        .context("--expect-digest")?;
+    let started = std::time::Instant::now();
+    let img = Image::open_path(&a.image, expected.as_ref())
+        .with_context(|| format!("verifying image {}", a.image.display()))?;
+    let bar = bytes_bar("verifying");
+    let raw_total: u64 = img.table().entries().iter().map(|e| u64::from(e.raw_len)).sum();
+    bar.set_length(raw_total);
+    let report = img.verify(&|n| bar.inc(n));
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    let ok = report.failures.is_empty();
+    if a.json {
+        let j = VerifyJson {
+            image: a.image.clone(),
+            root_digest: img.root_digest().to_hex(),
+            ok,
+            chunks: report.chunks,
+            raw_bytes: report.raw_bytes,
+            stored_bytes: report.stored_bytes,
+            seconds: secs,
+            failures: report
+                .failures
+                .iter()
+                .map(|f| FailureJson {
+                    path: f.path.clone(),
+                    chunk_index: f.chunk_index,
+                    slot: f.slot,
+                    reason: f.reason.clone(),
+                })
+                .collect(),
+        };
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        for f in &report.failures {
+            eprintln!(
+                "incfs: {}: {} chunk {} (slot {}): {}",
+                a.image.display(),
+                f.path.as_deref().unwrap_or("(no file)"),
+                f.chunk_index,
+                f.slot,
+                f.reason
+            );
+        }
+        println!(
+            "{} {}: {} chunks, {} checked in {:.2} s ({:.0} MB/s), {} bad",
+            if ok { "ok" } else { "FAILED" },
+            a.image.display(),
+            report.chunks,
+            human(report.raw_bytes),
+            secs,
+            report.raw_bytes as f64 / 1e6 / secs.max(1e-9),
+            report.failures.len()
+        );
+        println!("root digest {}", img.root_digest());
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Bytes as B, KiB, MiB or GiB.
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn ratio(raw: u64, stored: u64) -> f64 {
+    if stored == 0 { 1.0 } else { raw as f64 / stored as f64 }
+}

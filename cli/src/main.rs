@@ -1,0 +1,65 @@
+//! `incfs`: start big programs before their files have arrived.
+//!
+//! This binary parses arguments, shows progress and formats output; every piece of logic
+//! lives in the library crates.
+
+mod image_cmds;
+mod progress;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "incfs", version, about = "Start big programs before their files have arrived")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pack a directory tree into an image.
+    Pack(image_cmds::PackArgs),
+    /// Show an image's tree, sizes and chunk statistics.
+    Inspect(image_cmds::InspectArgs),
+    /// Check every chunk of an image against its digest.
+    Verify(image_cmds::VerifyArgs),
+}
+
+fn run() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Pack(a) => image_cmds::pack(a),
+        Command::Inspect(a) => image_cmds::inspect(a),
+        Command::Verify(a) => image_cmds::verify(a),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run() {
+        Ok(code) => code,
+        Err(err) => {
+            if is_broken_pipe(&err) {
+                return ExitCode::SUCCESS;
+            }
+            let _ = writeln!(std::io::stderr(), "incfs: error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

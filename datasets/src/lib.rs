@@ -1,0 +1,1 @@
+//! Workloads for incfs tests and benchmarks.

@@ -1,0 +1,1 @@
+//! The userspace side of the incfs recorder.

@@ -1,0 +1,84 @@
+//! Encoding and decoding of one chunk.
+
+use super::{ChunkEntry, Digest, FormatError};
+
+/// Compresses `raw` at `level`; returns the bytes to store (zstd when strictly smaller, else
+/// `raw` itself) and the digest of `raw`.
+pub fn encode_chunk(raw: &[u8], level: i32) -> Result<(Vec<u8>, Digest), FormatError> {
+    let digest = Digest::of(raw);
+    let packed = zstd::bulk::compress(raw, level)?;
+    if packed.len() < raw.len() {
+        Ok((packed, digest))
+    } else {
+        Ok((raw.to_vec(), digest))
+    }
+}
+
+/// Decodes the stored bytes of `slot` and checks them against the entry's digest. Never
+/// returns bytes that do not match.
+pub fn decode_chunk(slot: u64, entry: &ChunkEntry, stored: &[u8]) -> Result<Vec<u8>, FormatError> {
+    let corrupt = |reason: String| FormatError::ChunkCorrupt { slot, reason };
+    if stored.len() != entry.stored_len as usize {
+        return Err(corrupt(format!(
+            "got {} stored bytes, expected {}",
+            stored.len(),
+            entry.stored_len
+        )));
+    }
+    let raw = if entry.is_compressed() {
+        zstd::bulk::decompress(stored, entry.raw_len as usize)
+            .map_err(|e| corrupt(format!("zstd: {e}")))?
+    } else {
+        stored.to_vec()
+    };
+    if raw.len() != entry.raw_len as usize {
+        return Err(corrupt(format!(
+            "decoded {} bytes, expected {}",
+            raw.len(),
+            entry.raw_len
+        )));
+    }
+    if Digest::of(&raw) != entry.digest {
+        return Err(corrupt("digest mismatch".into()));
+    }
+    Ok(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(stored: &[u8], raw: &[u8], digest: Digest) -> ChunkEntry {
+        ChunkEntry {
+            stored_offset: 0,
+            stored_len: stored.len() as u32,
+            raw_len: raw.len() as u32,
+            digest,
+        }
+    }
+
+    #[test]
+    fn compressible_and_random_round_trip() {
+        let text = b"hello hello hello hello hello hello hello".repeat(100);
+        let (stored, d) = encode_chunk(&text, 3).unwrap();
+        assert!(stored.len() < text.len());
+        assert_eq!(decode_chunk(0, &entry(&stored, &text, d), &stored).unwrap(), text);
+
+        let noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let (stored, d) = encode_chunk(&noise, 3).unwrap();
+        assert!(stored.len() <= noise.len());
+        assert_eq!(decode_chunk(0, &entry(&stored, &noise, d), &stored).unwrap(), noise);
+    }
+
+    #[test]
+    fn a_flipped_bit_is_an_error() {
+        let text = b"abcdefgh".repeat(512);
+        let (stored, d) = encode_chunk(&text, 3).unwrap();
+        let e = entry(&stored, &text, d);
+        for i in 0..stored.len() {
+            let mut s = stored.clone();
+            s[i] ^= 0x10;
+            assert!(decode_chunk(3, &e, &s).is_err());
+        }
+    }
+}

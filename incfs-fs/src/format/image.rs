@@ -1,0 +1,316 @@
+//! Reading an image from anything that serves byte ranges.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use rayon::prelude::*;
+
+use super::{
+    CHUNK_ENTRY_LEN, ChunkTable, Digest, FormatError, Header, Inode, InodeKind, Manifest,
+    decode_chunk,
+};
+
+/// The first read of a remote image: the header and, for most trees, the whole manifest.
+pub const INITIAL_READ: u64 = 256 * 1024;
+
+/// Random access to an image's bytes: a local file, an HTTP server, a test double.
+pub trait RangeRead {
+    /// Reads exactly `len` bytes at `offset`.
+    fn read_range(&self, offset: u64, len: u64) -> io::Result<Vec<u8>>;
+    /// Total length of the image.
+    fn total_len(&self) -> io::Result<u64>;
+}
+
+impl RangeRead for File {
+    fn read_range(&self, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        let len = usize::try_from(len).map_err(|_| io::Error::other("range too long"))?;
+        let mut buf = vec![0u8; len];
+        self.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+
+    fn total_len(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+}
+
+impl RangeRead for Vec<u8> {
+    fn read_range(&self, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+        let end = usize::try_from(offset.saturating_add(len)).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+        self.get(start..end)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| io::ErrorKind::UnexpectedEof.into())
+    }
+
+    fn total_len(&self) -> io::Result<u64> {
+        Ok(self.len() as u64)
+    }
+}
+
+impl<T: RangeRead + ?Sized> RangeRead for &T {
+    fn read_range(&self, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        (**self).read_range(offset, len)
+    }
+    fn total_len(&self) -> io::Result<u64> {
+        (**self).total_len()
+    }
+}
+
+/// Reads and verifies an image's metadata: header, manifest (against the header's root
+/// digest, and `expected` when given) and the whole chunk table, in at most three reads.
+pub fn read_meta<R: RangeRead + ?Sized>(
+    src: &R,
+    expected: Option<&Digest>,
+) -> Result<(Header, Manifest, ChunkTable), FormatError> {
+    let total = src.total_len()?;
+    let first = src.read_range(0, INITIAL_READ.min(total))?;
+    let header = Header::decode(&first)?;
+    if let Some(want) = expected
+        && *want != header.root_digest
+    {
+        return Err(FormatError::RootDigest {
+            expected: *want,
+            found: header.root_digest,
+        });
+    }
+    if total < header.image_len() {
+        return Err(FormatError::Truncated {
+            what: "data section",
+            needed: header.image_len(),
+            have: total,
+        });
+    }
+    let section = |offset: u64, len: u64| -> Result<Vec<u8>, FormatError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= first.len() as u64 => Ok(first[offset as usize..end as usize].to_vec()),
+            _ => Ok(src.read_range(offset, len)?),
+        }
+    };
+    let stored = section(header.manifest_offset, header.manifest_len)?;
+    let manifest = Manifest::decode(&stored, &header.root_digest)?;
+    if manifest.chunk_size != header.chunk_size || manifest.data_len != header.data_len {
+        return Err(FormatError::ManifestInvalid(
+            "manifest and header disagree on chunk size or data length".into(),
+        ));
+    }
+    if manifest.chunk_count.checked_mul(CHUNK_ENTRY_LEN as u64) != Some(header.chunk_table_len) {
+        return Err(FormatError::ManifestInvalid(
+            "chunk table length does not match the chunk count".into(),
+        ));
+    }
+    let table_bytes = section(header.chunk_table_offset, header.chunk_table_len)?;
+    let table = ChunkTable::decode(
+        &table_bytes,
+        &manifest.segment_digests,
+        manifest.chunk_size,
+        manifest.data_len,
+    )?;
+    Ok((header, manifest, table))
+}
+
+/// A regular file of the image, as `files()` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRef {
+    /// Path relative to the image root, components joined by `/`.
+    pub path: Vec<u8>,
+    /// Index of the inode in the manifest.
+    pub inode: u32,
+    /// Length in bytes.
+    pub size: u64,
+    /// First chunk slot.
+    pub first_chunk: u64,
+    /// Number of chunks.
+    pub chunks: u64,
+}
+
+impl FileRef {
+    /// The path for display (lossy for non-UTF-8 names).
+    pub fn display_path(&self) -> String {
+        String::from_utf8_lossy(&self.path).into_owned()
+    }
+}
+
+/// One chunk that failed verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyFailure {
+    /// A file that uses the chunk (lossy UTF-8), or `None` if no file does.
+    pub path: Option<String>,
+    /// The chunk's index within that file.
+    pub chunk_index: u64,
+    /// The chunk slot.
+    pub slot: u64,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Chunk slots checked.
+    pub chunks: u64,
+    /// Uncompressed bytes checked.
+    pub raw_bytes: u64,
+    /// Stored bytes read.
+    pub stored_bytes: u64,
+    /// Chunks that did not decode or match their digest.
+    pub failures: Vec<VerifyFailure>,
+}
+
+/// An open image: verified metadata plus the source of its chunks.
+pub struct Image<R> {
+    src: R,
+    header: Header,
+    manifest: Manifest,
+    table: ChunkTable,
+}
+
+impl Image<File> {
+    /// Opens an image file.
+    pub fn open_path(path: &Path, expected: Option<&Digest>) -> Result<Self, FormatError> {
+        Image::open(File::open(path)?, expected)
+    }
+}
+
+impl<R: RangeRead> Image<R> {
+    /// Opens an image, reading and verifying its metadata.
+    pub fn open(src: R, expected: Option<&Digest>) -> Result<Self, FormatError> {
+        let (header, manifest, table) = read_meta(&src, expected)?;
+        Ok(Image {
+            src,
+            header,
+            manifest,
+            table,
+        })
+    }
+
+    /// The header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The chunk table.
+    pub fn table(&self) -> &ChunkTable {
+        &self.table
+    }
+
+    /// The root digest (BLAKE3 of the stored manifest).
+    pub fn root_digest(&self) -> Digest {
+        self.header.root_digest
+    }
+
+    /// The inode at `index`.
+    pub fn inode(&self, index: u32) -> Option<&Inode> {
+        self.manifest.inodes.get(index as usize)
+    }
+
+    /// Reads, decodes and verifies the chunk in `slot`.
+    pub fn read_chunk(&self, slot: u64) -> Result<Vec<u8>, FormatError> {
+        let entry = self.table.get(slot).ok_or_else(|| FormatError::EntryInvalid {
+            slot,
+            reason: "no such slot".into(),
+        })?;
+        let stored = self.src.read_range(
+            self.header.data_offset + entry.stored_offset,
+            u64::from(entry.stored_len),
+        )?;
+        decode_chunk(slot, entry, &stored)
+    }
+
+    /// Reads a whole regular file, verifying every chunk.
+    pub fn read_file(&self, inode: u32) -> Result<Vec<u8>, FormatError> {
+        let Some(Inode {
+            kind: InodeKind::File { size, first_chunk },
+            ..
+        }) = self.inode(inode)
+        else {
+            return Err(FormatError::ManifestInvalid(format!("inode {inode} is not a file")));
+        };
+        let mut out = Vec::with_capacity(usize::try_from(*size).unwrap_or(0));
+        let chunk = u64::from(self.manifest.chunk_size);
+        for i in 0..self.manifest.chunks_for(*size) {
+            let data = self.read_chunk(first_chunk + i)?;
+            let want = (*size - i * chunk).min(chunk);
+            if data.len() as u64 != want {
+                return Err(FormatError::ChunkCorrupt {
+                    slot: first_chunk + i,
+                    reason: format!("holds {} bytes, file needs {want}", data.len()),
+                });
+            }
+            out.extend_from_slice(&data);
+        }
+        Ok(out)
+    }
+
+    /// Every entry of the tree with its path and inode index ([`Manifest::walk`]).
+    pub fn walk(&self) -> Vec<(Vec<u8>, u32)> {
+        self.manifest.walk()
+    }
+
+    /// Every regular file, each inode once (the first path that names it), in walk order.
+    pub fn files(&self) -> Vec<FileRef> {
+        let mut seen = vec![false; self.manifest.inodes.len()];
+        let mut out = Vec::new();
+        for (path, inode) in self.walk() {
+            if let Some(InodeKind::File { size, first_chunk }) = self.inode(inode).map(|i| &i.kind)
+                && !std::mem::replace(&mut seen[inode as usize], true)
+            {
+                out.push(FileRef {
+                    path,
+                    inode,
+                    size: *size,
+                    first_chunk: *first_chunk,
+                    chunks: self.manifest.chunks_for(*size),
+                });
+            }
+        }
+        out
+    }
+}
+
+impl<R: RangeRead + Sync> Image<R> {
+    /// Checks every chunk against its digest, in parallel, calling `progress` with the raw
+    /// bytes of each chunk checked. Failures name a file that uses the chunk.
+    pub fn verify(&self, progress: &(dyn Fn(u64) + Sync)) -> VerifyReport {
+        let results: Vec<(u64, Result<u64, String>)> = (0..self.table.len())
+            .into_par_iter()
+            .map(|slot| {
+                let r = self.read_chunk(slot).map(|d| d.len() as u64);
+                if let Ok(n) = r {
+                    progress(n);
+                }
+                (slot, r.map_err(|e| e.to_string()))
+            })
+            .collect();
+        let mut report = VerifyReport {
+            chunks: self.table.len(),
+            stored_bytes: self.table.entries().iter().map(|e| u64::from(e.stored_len)).sum(),
+            ..VerifyReport::default()
+        };
+        let files = self.files();
+        for (slot, r) in results {
+            match r {
+                Ok(n) => report.raw_bytes += n,
+                Err(reason) => {
+                    let owner = files
+                        .iter()
+                        .find(|f| (f.first_chunk..f.first_chunk + f.chunks).contains(&slot));
+                    report.failures.push(VerifyFailure {
+                        path: owner.map(FileRef::display_path),
+                        chunk_index: owner.map_or(0, |f| slot - f.first_chunk),
+                        slot,
+                        reason,
+                    });
+                }
+            }
+        }
+        report
+    }
+}

@@ -1,0 +1,543 @@
+//! Packing a directory tree into an image.
+//!
+//! Two passes: the walk builds the manifest's inodes (never following a symlink, skipping
+//! what cannot be stored with a warning), then the data pass reads every regular file once,
+//! in [`Manifest::walk`] order, cuts it into chunks, compresses batches of chunks on all
+//! cores, stores each distinct chunk once, and writes header, manifest, chunk table and data
+//! to a temporary file that is renamed over the output at the end.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+
+use super::{
+    ChunkEntry, ChunkTable, DEFAULT_CHUNK_SIZE, Digest, DirEntry, FormatError, HEADER_LEN, Header,
+    Inode, InodeKind, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Manifest, Xattr, encode_chunk,
+};
+
+/// Bytes of file data compressed per parallel batch: large enough to keep every core busy,
+/// small enough to bound memory (two batches in flight at most: raw plus compressed).
+const BATCH_BYTES: usize = 32 * 1024 * 1024;
+/// zstd level for the manifest, which is small and read on every mount.
+const MANIFEST_LEVEL: i32 = 19;
+
+/// How to pack.
+#[derive(Debug, Clone)]
+pub struct PackOptions {
+    /// Logical chunk size: a power of two from 4 KiB to 1 MiB. Default 64 KiB.
+    pub chunk_size: u32,
+    /// zstd level for chunks (1..=22). Default 3, which packs at well over 100 MB/s a core.
+    pub level: i32,
+}
+
+impl Default for PackOptions {
+    fn default() -> Self {
+        PackOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            level: 3,
+        }
+    }
+}
+
+/// Receives progress from `pack_dir`; called from worker threads.
+pub trait PackProgress: Sync {
+    /// The walk is done: this many bytes of file data will be read.
+    fn start(&self, _total_bytes: u64) {}
+    /// This many more bytes were packed.
+    fn advance(&self, _bytes: u64) {}
+    /// Something under the tree was skipped.
+    fn skipped(&self, _path: &Path, _why: &str) {}
+}
+
+impl PackProgress for () {}
+
+/// What `pack_dir` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackSummary {
+    /// Regular files stored (hard links count once).
+    pub files: u64,
+    /// Directories, the root included.
+    pub dirs: u64,
+    /// Symbolic links.
+    pub symlinks: u64,
+    /// Extra names of hard-linked files.
+    pub hardlinks: u64,
+    /// Entries skipped, with the reason.
+    pub skipped: Vec<(PathBuf, String)>,
+    /// Bytes of file data.
+    pub raw_bytes: u64,
+    /// Bytes of the data section (compressed, deduplicated).
+    pub stored_bytes: u64,
+    /// Chunk slots.
+    pub chunks: u64,
+    /// Distinct chunks stored.
+    pub unique_chunks: u64,
+    /// Raw bytes not stored again because an identical chunk was.
+    pub dedupe_saved: u64,
+    /// Size of the whole image.
+    pub image_bytes: u64,
+    /// The root digest.
+    pub root_digest: Digest,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// Errors from packing.
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    /// An option is out of range.
+    #[error("invalid option: {0}")]
+    Option(String),
+    /// The tree root is not a readable directory.
+    #[error("{path}: {source}")]
+    Root {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A file could not be read during the data pass.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The output could not be written.
+    #[error("writing {path}: {source}")]
+    Write {
+        /// The output.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// Encoding failed.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+}
+
+/// Packs the tree at `dir` into an image at `out`.
+pub fn pack_dir(
+    dir: &Path,
+    out: &Path,
+    opts: &PackOptions,
+    progress: &dyn PackProgress,
+) -> Result<PackSummary, PackError> {
+    let started = Instant::now();
+    if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&opts.chunk_size) || !opts.chunk_size.is_power_of_two() {
+        return Err(PackError::Option(format!(
+            "chunk size {} is not a power of two from 4 KiB to 1 MiB",
+            opts.chunk_size
+        )));
+    }
+    if !(1..=22).contains(&opts.level) {
+        return Err(PackError::Option(format!("zstd level {} is not in 1..=22", opts.level)));
+    }
+    let root_meta = fs::metadata(dir).map_err(|source| PackError::Root {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if !root_meta.is_dir() {
+        return Err(PackError::Root {
+            path: dir.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
+        });
+    }
+
+    let mut walk = Walk {
+        inodes: Vec::new(),
+        sources: Vec::new(),
+        hardlinks: HashMap::new(),
+        skipped: Vec::new(),
+        progress,
+        counts: Counts::default(),
+    };
+    walk.add_dir(dir, &root_meta)
+        .map_err(|source| PackError::Root {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+
+    let mut manifest = Manifest {
+        chunk_size: opts.chunk_size,
+        chunk_count: 0,
+        data_len: 0,
+        segment_digests: Vec::new(),
+        inodes: walk.inodes,
+    };
+    let order = file_order(&manifest);
+    let total: u64 = order.iter().map(|&i| file_size(&manifest.inodes[i as usize])).sum();
+    progress.start(total);
+
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let werr = |source: io::Error| PackError::Write {
+        path: out.to_path_buf(),
+        source,
+    };
+    let mut data = tempfile::tempfile_in(parent).map_err(werr)?;
+    let mut writer = ChunkWriter::new(&mut data);
+    let mut batch = Batch::new(opts);
+    for &inode in &order {
+        let size = file_size(&manifest.inodes[inode as usize]);
+        let first_chunk = batch.next_slot;
+        if let InodeKind::File { first_chunk: f, .. } = &mut manifest.inodes[inode as usize].kind {
+            *f = first_chunk;
+        }
+        let path = walk.sources[inode as usize].clone().unwrap_or_default();
+        let rerr = |source: io::Error| PackError::Read {
+            path: path.clone(),
+            source,
+        };
+        let mut file = File::open(&path).map_err(rerr)?;
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(u64::from(opts.chunk_size)) as usize;
+            let mut buf = vec![0u8; n];
+            file.read_exact(&mut buf).map_err(|e| {
+                rerr(io::Error::new(e.kind(), format!("file changed while packing: {e}")))
+            })?;
+            left -= n as u64;
+            if batch.push(buf) {
+                writer.write_batch(batch.compress()?, progress).map_err(werr)?;
+            }
+        }
+    }
+    writer.write_batch(batch.compress()?, progress).map_err(werr)?;
+    let ChunkWriter {
+        entries,
+        data_len,
+        unique,
+        dedupe_saved,
+        ..
+    } = writer;
+
+    let table = ChunkTable::new(entries);
+    let (table_bytes, segment_digests) = table.encode();
+    manifest.chunk_count = table.len();
+    manifest.data_len = data_len;
+    manifest.segment_digests = segment_digests;
+    manifest.validate()?;
+    let stored_manifest = manifest.encode(MANIFEST_LEVEL)?;
+    let header = Header {
+        chunk_size: opts.chunk_size,
+        manifest_offset: HEADER_LEN as u64,
+        manifest_len: stored_manifest.len() as u64,
+        chunk_table_offset: HEADER_LEN as u64 + stored_manifest.len() as u64,
+        chunk_table_len: table_bytes.len() as u64,
+        data_offset: HEADER_LEN as u64 + stored_manifest.len() as u64 + table_bytes.len() as u64,
+        data_len,
+        root_digest: Digest::of(&stored_manifest),
+    };
+
+    let mut tmp = tempfile::NamedTempFile::new_in(parent).map_err(werr)?;
+    {
+        let f = tmp.as_file_mut();
+        f.write_all(&header.encode()).map_err(werr)?;
+        f.write_all(&stored_manifest).map_err(werr)?;
+        f.write_all(&table_bytes).map_err(werr)?;
+        data.seek(SeekFrom::Start(0)).map_err(werr)?;
+        io::copy(&mut data, f).map_err(werr)?;
+        f.sync_all().map_err(werr)?;
+    }
+    tmp.persist(out).map_err(|e| werr(e.error))?;
+
+    Ok(PackSummary {
+        files: walk.counts.files,
+        dirs: walk.counts.dirs,
+        symlinks: walk.counts.symlinks,
+        hardlinks: walk.counts.hardlinks,
+        skipped: walk.skipped,
+        raw_bytes: total,
+        stored_bytes: data_len,
+        chunks: table.len(),
+        unique_chunks: unique,
+        dedupe_saved,
+        image_bytes: header.image_len(),
+        root_digest: header.root_digest,
+        elapsed: started.elapsed(),
+    })
+}
+
+fn file_size(inode: &Inode) -> u64 {
+    match inode.kind {
+        InodeKind::File { size, .. } => size,
+        _ => 0,
+    }
+}
+
+/// Regular-file inodes in walk order, each once.
+fn file_order(m: &Manifest) -> Vec<u32> {
+    let mut seen = vec![false; m.inodes.len()];
+    m.walk()
+        .into_iter()
+        .filter(|&(_, i)| matches!(m.inodes[i as usize].kind, InodeKind::File { .. }))
+        .filter(|&(_, i)| !std::mem::replace(&mut seen[i as usize], true))
+        .map(|(_, i)| i)
+        .collect()
+}
+
+#[derive(Default)]
+struct Counts {
+    files: u64,
+    dirs: u64,
+    symlinks: u64,
+    hardlinks: u64,
+}
+
+struct Walk<'a> {
+    inodes: Vec<Inode>,
+    /// Source path of each file inode, for the data pass.
+    sources: Vec<Option<PathBuf>>,
+    /// (dev, ino) of multiply-linked files already stored.
+    hardlinks: HashMap<(u64, u64), u32>,
+    skipped: Vec<(PathBuf, String)>,
+    progress: &'a dyn PackProgress,
+    counts: Counts,
+}
+
+impl Walk<'_> {
+    fn push(&mut self, kind: InodeKind, meta: &fs::Metadata, path: &Path) -> u32 {
+        let xattrs = read_xattrs(path);
+        self.inodes.push(Inode {
+            kind,
+            perm: meta.mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mtime_sec: meta.mtime(),
+            mtime_nsec: u32::try_from(meta.mtime_nsec()).unwrap_or(0),
+            nlink: 1,
+            xattrs,
+        });
+        self.sources.push(None);
+        (self.inodes.len() - 1) as u32
+    }
+
+    fn skip(&mut self, path: &Path, why: String) {
+        tracing::warn!(path = %path.display(), why, "skipped");
+        self.progress.skipped(path, &why);
+        self.skipped.push((path.to_path_buf(), why));
+    }
+
+    fn add_dir(&mut self, path: &Path, meta: &fs::Metadata) -> io::Result<u32> {
+        let me = self.push(InodeKind::Dir { entries: Vec::new() }, meta, path);
+        self.counts.dirs += 1;
+        let mut names: Vec<OsString> = fs::read_dir(path)?
+            .filter_map(|e| match e {
+                Ok(e) => Some(e.file_name()),
+                Err(err) => {
+                    self.skip(path, format!("cannot list an entry: {err}"));
+                    None
+                }
+            })
+            .collect();
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let mut entries = Vec::with_capacity(names.len());
+        let mut subdirs = 0u32;
+        for name in names {
+            let child = path.join(&name);
+            let cmeta = match fs::symlink_metadata(&child) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.skip(&child, format!("cannot stat: {e}"));
+                    continue;
+                }
+            };
+            let ft = cmeta.file_type();
+            let inode = if ft.is_dir() {
+                match self.add_dir(&child, &cmeta) {
+                    Ok(i) => {
+                        subdirs += 1;
+                        i
+                    }
+                    Err(e) => {
+                        // add_dir pushed the inode before failing to list it: keep it as an
+                        // empty directory rather than leave an unnamed inode behind.
+                        self.skip(&child, format!("cannot list directory (stored empty): {e}"));
+                        subdirs += 1;
+                        (self.inodes.len() - 1) as u32
+                    }
+                }
+            } else if ft.is_file() {
+                let key = (cmeta.dev(), cmeta.ino());
+                if cmeta.nlink() > 1
+                    && let Some(&existing) = self.hardlinks.get(&key)
+                {
+                    self.inodes[existing as usize].nlink += 1;
+                    self.counts.hardlinks += 1;
+                    existing
+                } else {
+                    if let Err(e) = File::open(&child) {
+                        self.skip(&child, format!("cannot read: {e}"));
+                        continue;
+                    }
+                    let i = self.push(
+                        InodeKind::File {
+                            size: cmeta.len(),
+                            first_chunk: 0,
+                        },
+                        &cmeta,
+                        &child,
+                    );
+                    self.sources[i as usize] = Some(child.clone());
+                    self.counts.files += 1;
+                    if cmeta.nlink() > 1 {
+                        self.hardlinks.insert(key, i);
+                    }
+                    i
+                }
+            } else if ft.is_symlink() {
+                match fs::read_link(&child) {
+                    Ok(target) if !target.as_os_str().is_empty() => {
+                        self.counts.symlinks += 1;
+                        self.push(
+                            InodeKind::Symlink {
+                                target: target.as_os_str().as_bytes().to_vec(),
+                            },
+                            &cmeta,
+                            &child,
+                        )
+                    }
+                    Ok(_) => {
+                        self.skip(&child, "empty symlink target".into());
+                        continue;
+                    }
+                    Err(e) => {
+                        self.skip(&child, format!("cannot read link: {e}"));
+                        continue;
+                    }
+                }
+            } else {
+                self.skip(&child, "special file (device, socket or fifo)".into());
+                continue;
+            };
+            entries.push(DirEntry {
+                name: name.as_bytes().to_vec(),
+                inode,
+            });
+        }
+        let node = &mut self.inodes[me as usize];
+        node.nlink = 2 + subdirs;
+        node.kind = InodeKind::Dir { entries };
+        Ok(me)
+    }
+}
+
+/// The extended attributes of `path` itself (symlinks are not followed). Attributes that
+/// cannot be read are left out: packing is not the place to fail on them.
+fn read_xattrs(path: &Path) -> Vec<Xattr> {
+    let Ok(names) = xattr::list(path) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Xattr> = names
+        .filter_map(|name| {
+            let value = xattr::get(path, &name).ok().flatten()?;
+            Some(Xattr {
+                name: name.as_bytes().to_vec(),
+                value,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Raw chunks waiting to be compressed together.
+struct Batch {
+    chunks: Vec<Vec<u8>>,
+    bytes: usize,
+    level: i32,
+    next_slot: u64,
+}
+
+impl Batch {
+    fn new(opts: &PackOptions) -> Self {
+        Batch {
+            chunks: Vec::new(),
+            bytes: 0,
+            level: opts.level,
+            next_slot: 0,
+        }
+    }
+
+    /// Adds a chunk; true when the batch is full.
+    fn push(&mut self, raw: Vec<u8>) -> bool {
+        self.bytes += raw.len();
+        self.chunks.push(raw);
+        self.next_slot += 1;
+        self.bytes >= BATCH_BYTES
+    }
+
+    /// Compresses the batch on all cores; returns (raw length, stored bytes, digest) in order.
+    fn compress(&mut self) -> Result<Vec<(u32, Vec<u8>, Digest)>, FormatError> {
+        let level = self.level;
+        let chunks = std::mem::take(&mut self.chunks);
+        self.bytes = 0;
+        chunks
+            .into_par_iter()
+            .map(|raw| encode_chunk(&raw, level).map(|(s, d)| (raw.len() as u32, s, d)))
+            .collect()
+    }
+}
+
+/// Appends distinct chunks to the data section and builds the chunk table.
+struct ChunkWriter<'a> {
+    out: &'a mut File,
+    entries: Vec<ChunkEntry>,
+    seen: HashMap<Digest, ChunkEntry>,
+    data_len: u64,
+    unique: u64,
+    dedupe_saved: u64,
+}
+
+impl<'a> ChunkWriter<'a> {
+    fn new(out: &'a mut File) -> Self {
+        ChunkWriter {
+            out,
+            entries: Vec::new(),
+            seen: HashMap::new(),
+            data_len: 0,
+            unique: 0,
+            dedupe_saved: 0,
+        }
+    }
+
+    fn write_batch(
+        &mut self,
+        batch: Vec<(u32, Vec<u8>, Digest)>,
+        progress: &dyn PackProgress,
+    ) -> io::Result<()> {
+        let mut buf = Vec::new();
+        for (raw_len, stored, digest) in batch {
+            let entry = match self.seen.entry(digest) {
+                Entry::Occupied(e) => {
+                    self.dedupe_saved += u64::from(raw_len);
+                    *e.get()
+                }
+                Entry::Vacant(v) => {
+                    let e = ChunkEntry {
+                        stored_offset: self.data_len,
+                        stored_len: stored.len() as u32,
+                        raw_len,
+                        digest,
+                    };
+                    self.data_len += stored.len() as u64;
+                    self.unique += 1;
+                    buf.extend_from_slice(&stored);
+                    *v.insert(e)
+                }
+            };
+            self.entries.push(entry);
+            progress.advance(u64::from(raw_len));
+        }
+        self.out.write_all(&buf)
+    }
+}

@@ -1,0 +1,152 @@
+//! The prefetch manifest: an ordered list of chunk ranges to fetch before a program asks for
+//! them, bound to one image by its root digest (see `docs/prefetch-manifest.md`).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::format::Digest;
+
+/// The version of the prefetch manifest this build writes and reads.
+pub const PLAN_VERSION: u32 = 1;
+/// The first four bytes of a zstd frame: a plan file that starts with them is compressed.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+/// Largest plan accepted (decompressed): 256 MiB, enough for millions of entries.
+const MAX_PLAN_BYTES: u64 = 256 << 20;
+
+/// A prefetch manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrefetchPlan {
+    /// Format version, [`PLAN_VERSION`].
+    pub version: u32,
+    /// Root digest (hex) of the image this plan is for.
+    pub image_digest: String,
+    /// The image's chunk size.
+    pub chunk_size: u32,
+    /// Stored (compressed) bytes the entries fetch, counting each stored chunk once.
+    pub total_bytes: u64,
+    /// Ranges to fetch, in order.
+    pub entries: Vec<PlanEntry>,
+}
+
+/// One range of chunks of one file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanEntry {
+    /// Path of the file in the image (`/`-separated, no leading `/`).
+    pub file: String,
+    /// First chunk index within the file.
+    pub first_chunk: u64,
+    /// Number of chunks.
+    pub chunk_count: u64,
+    /// When the program is expected to first touch the range, in ms after start.
+    pub offset_ms: f64,
+    /// Share of the traced runs that touched the range, 0..=1.
+    pub confidence: f64,
+}
+
+/// Errors reading or writing a prefetch manifest; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// The file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The plan file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a valid prefetch manifest.
+    #[error("{path}: not a valid prefetch manifest: {reason}")]
+    Invalid {
+        /// The plan file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The plan is for another image.
+    #[error("{path}: the plan is for image {plan}, but the image's root digest is {image}")]
+    WrongImage {
+        /// The plan file.
+        path: PathBuf,
+        /// Digest in the plan.
+        plan: String,
+        /// Digest of the image.
+        image: String,
+    },
+}
+
+impl PrefetchPlan {
+    /// Reads a plan (JSON, or zstd-compressed JSON).
+    pub fn load(path: &Path) -> Result<Self, PlanError> {
+        let io = |source| PlanError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let invalid = |reason: String| PlanError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut raw = Vec::new();
+        std::fs::File::open(path)
+            .map_err(io)?
+            .take(MAX_PLAN_BYTES)
+            .read_to_end(&mut raw)
+            .map_err(io)?;
+        if raw.starts_with(&ZSTD_MAGIC) {
+            let mut out = Vec::new();
+            zstd::Decoder::new(&raw[..])
+                .map_err(io)?
+                .take(MAX_PLAN_BYTES)
+                .read_to_end(&mut out)
+                .map_err(|e| invalid(format!("zstd: {e}")))?;
+            raw = out;
+        }
+        let plan: PrefetchPlan =
+            serde_json::from_slice(&raw).map_err(|e| invalid(e.to_string()))?;
+        if plan.version != PLAN_VERSION {
+            return Err(invalid(format!(
+                "version {} (this incfs reads version {PLAN_VERSION})",
+                plan.version
+            )));
+        }
+        Digest::from_hex(&plan.image_digest).map_err(|e| invalid(e.to_string()))?;
+        Ok(plan)
+    }
+
+    /// Writes the plan as JSON, compressed with zstd when the path ends in `.zst`; through a
+    /// temporary file renamed into place.
+    pub fn save(&self, path: &Path) -> Result<(), PlanError> {
+        let io = |source| PlanError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let json = serde_json::to_vec_pretty(self).map_err(|e| PlanError::Invalid {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let bytes = if path.extension().is_some_and(|e| e == "zst") {
+            zstd::bulk::compress(&json, 9).map_err(io)?
+        } else {
+            json
+        };
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+        tmp.write_all(&bytes).map_err(io)?;
+        tmp.persist(path).map_err(|e| io(e.error))?;
+        Ok(())
+    }
+
+    /// Refuses a plan made for another image.
+    pub fn check_image(&self, path: &Path, image: &Digest) -> Result<(), PlanError> {
+        if self.image_digest.eq_ignore_ascii_case(&image.to_hex()) {
+            Ok(())
+        } else {
+            Err(PlanError::WrongImage {
+                path: path.to_path_buf(),
+                plan: self.image_digest.clone(),
+                image: image.to_hex(),
+            })
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Where image bytes come from: a local file, an HTTP(S) server, or a test double.
+//!
+//! Every request is tagged with why it is made ([`RequestKind`]), so logs, stats and the
+//! server can tell demand misses from prefetch.
+
+mod file;
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+pub use file::FileSource;
+
+use crate::format::RangeRead;
+
+/// Why a range is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RequestKind {
+    /// A program is blocked on these bytes.
+    Demand,
+    /// The prefetch plan asked for them.
+    Prefetch,
+    /// Everything else: metadata at mount, read-ahead, background fill.
+    Background,
+}
+
+impl fmt::Display for RequestKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RequestKind::Demand => "demand",
+            RequestKind::Prefetch => "prefetch",
+            RequestKind::Background => "background",
+        })
+    }
+}
+
+/// Errors from a source. [`SourceError::is_retryable`] tells a transient failure from a
+/// permanent one.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// A local or network I/O error.
+    #[error("{source_name}: {error}")]
+    Io {
+        /// The source, as [`Source::describe`] gives it.
+        source_name: String,
+        /// What failed.
+        error: io::Error,
+    },
+    /// The server answered with an unexpected status.
+    #[error("{source_name}: HTTP status {status} for bytes {offset}..{end}")]
+    Status {
+        /// The source.
+        source_name: String,
+        /// The status code.
+        status: u16,
+        /// First byte asked for.
+        offset: u64,
+        /// End of the range asked for.
+        end: u64,
+    },
+    /// The answer had the wrong length.
+    #[error("{source_name}: got {got} bytes for a range of {want}")]
+    Short {
+        /// The source.
+        source_name: String,
+        /// Bytes received.
+        got: u64,
+        /// Bytes asked for.
+        want: u64,
+    },
+    /// The range lies past the end of the image.
+    #[error("{source_name}: range {offset}+{len} is past the end ({total} bytes)")]
+    OutOfRange {
+        /// The source.
+        source_name: String,
+        /// First byte asked for.
+        offset: u64,
+        /// Bytes asked for.
+        len: u64,
+        /// Length of the image.
+        total: u64,
+    },
+    /// The source cannot be used at all (bad URL, unsupported scheme).
+    #[error("{0}")]
+    Unusable(String),
+}
+
+impl SourceError {
+    /// True when trying again may succeed (network errors, 5xx, short bodies).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SourceError::Io { .. } | SourceError::Short { .. } => true,
+            SourceError::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
+            SourceError::OutOfRange { .. } | SourceError::Unusable(_) => false,
+        }
+    }
+}
+
+/// Random access to an image's bytes. Implementations are shared between threads.
+pub trait Source: Send + Sync {
+    /// Reads exactly `len` bytes at `offset`.
+    fn read_range(&self, offset: u64, len: u64, kind: RequestKind) -> Result<Vec<u8>, SourceError>;
+
+    /// Total length of the image.
+    fn total_len(&self) -> Result<u64, SourceError>;
+
+    /// A short description for messages, e.g. the path or URL.
+    fn describe(&self) -> String;
+}
+
+impl<S: Source + ?Sized> Source for Arc<S> {
+    fn read_range(&self, offset: u64, len: u64, kind: RequestKind) -> Result<Vec<u8>, SourceError> {
+        (**self).read_range(offset, len, kind)
+    }
+    fn total_len(&self) -> Result<u64, SourceError> {
+        (**self).total_len()
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
+/// Lets the format layer read an image's metadata through any source (as background
+/// requests).
+pub struct MetaReader<'a, S: ?Sized>(pub &'a S);
+
+impl<S: Source + ?Sized> RangeRead for MetaReader<'_, S> {
+    fn read_range(&self, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        self.0
+            .read_range(offset, len, RequestKind::Background)
+            .map_err(io::Error::other)
+    }
+
+    fn total_len(&self) -> io::Result<u64> {
+        self.0.total_len().map_err(io::Error::other)
+    }
+}
+
+/// Opens a source from what a user typed: a path, a `file://` URL, or an `http(s)://` URL.
+pub fn open(spec: &str) -> Result<Arc<dyn Source>, SourceError> {
+    if let Some(path) = spec.strip_prefix("file://") {
+        return Ok(Arc::new(FileSource::open(path.as_ref())?));
+    }
+    if spec.starts_with("http://") || spec.starts_with("https://") {
+        return Err(SourceError::Unusable(format!(
+            "{spec}: HTTP sources are not built into this incfs yet"
+        )));
+    }
+    if let Some((scheme, _)) = spec.split_once("://") {
+        return Err(SourceError::Unusable(format!(
+            "{spec}: unsupported scheme {scheme:?} (use a path, file://, http:// or https://)"
+        )));
+    }
+    Ok(Arc::new(FileSource::open(spec.as_ref())?))
+}

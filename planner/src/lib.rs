@@ -1,0 +1,2 @@
+//! Traces in, prefetch manifest out.
+#![deny(missing_docs)]
