@@ -1,1 +1,4 @@
-//! Workloads for incfs tests and benchmarks.
+//! Workloads for incfs tests and benchmarks: recipes that build trees, and the checks that
+//! privileged tests run before they start.
+
+pub mod require;
