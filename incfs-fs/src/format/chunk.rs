@@ -1,12 +1,50 @@
 //! Encoding and decoding of one chunk.
 
+use std::cell::RefCell;
+
 use super::{ChunkEntry, Digest, FormatError};
+
+thread_local! {
+    /// One zstd compression context per thread and level: creating one per chunk costs more
+    /// than compressing a 4 KiB chunk.
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { RefCell::new(None) };
+    /// One zstd decompression context per thread, for the same reason.
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+}
+
+fn compress(raw: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        match c.as_mut() {
+            Some((_, comp)) => comp.compress(raw),
+            None => zstd::bulk::compress(raw, level),
+        }
+    })
+}
+
+fn decompress(stored: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match d.as_mut() {
+            Some(dec) => dec.decompress(stored, capacity),
+            None => zstd::bulk::decompress(stored, capacity),
+        }
+    })
+}
 
 /// Compresses `raw` at `level`; returns the bytes to store (zstd when strictly smaller, else
 /// `raw` itself) and the digest of `raw`.
 pub fn encode_chunk(raw: &[u8], level: i32) -> Result<(Vec<u8>, Digest), FormatError> {
     let digest = Digest::of(raw);
-    let packed = zstd::bulk::compress(raw, level)?;
+    let packed = compress(raw, level)?;
     if packed.len() < raw.len() {
         Ok((packed, digest))
     } else {
@@ -26,7 +64,7 @@ pub fn decode_chunk(slot: u64, entry: &ChunkEntry, stored: &[u8]) -> Result<Vec<
         )));
     }
     let raw = if entry.is_compressed() {
-        zstd::bulk::decompress(stored, entry.raw_len as usize)
+        decompress(stored, entry.raw_len as usize)
             .map_err(|e| corrupt(format!("zstd: {e}")))?
     } else {
         stored.to_vec()
