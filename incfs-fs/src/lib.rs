@@ -6,5 +6,7 @@
 //! then [`source`] (local file, HTTP, test doubles).
 
 pub mod format;
+pub mod link;
 pub mod plan;
+pub mod serve;
 pub mod source;

@@ -4,12 +4,15 @@
 //! server can tell demand misses from prefetch.
 
 mod file;
+mod http;
 
 use std::fmt;
 use std::io;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 pub use file::FileSource;
+pub use http::{HttpConfig, HttpSource, REQUEST_KIND_HEADER};
 
 use crate::format::RangeRead;
 
@@ -106,6 +109,28 @@ pub trait Source: Send + Sync {
 
     /// A short description for messages, e.g. the path or URL.
     fn describe(&self) -> String;
+
+    /// Reads `len` bytes at `offset`, handing them to `on_piece` in order as they arrive, so
+    /// a caller can verify and store the start of a long range before its end has come.
+    ///
+    /// The pieces, concatenated, are exactly the range; their sizes are up to the source.
+    /// When `on_piece` returns [`ControlFlow::Break`] the read stops and returns `Ok`. On an
+    /// error, the pieces already handed over were correct as far as the source can tell
+    /// (digests still decide), but the rest of the range did not come.
+    ///
+    /// The default reads the whole range with [`Source::read_range`] and hands it over as
+    /// one piece; network sources override it.
+    fn read_range_streaming(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: RequestKind,
+        on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        let data = self.read_range(offset, len, kind)?;
+        let _ = on_piece(&data);
+        Ok(())
+    }
 }
 
 impl<S: Source + ?Sized> Source for Arc<S> {
@@ -117,6 +142,15 @@ impl<S: Source + ?Sized> Source for Arc<S> {
     }
     fn describe(&self) -> String {
         (**self).describe()
+    }
+    fn read_range_streaming(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: RequestKind,
+        on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        (**self).read_range_streaming(offset, len, kind, on_piece)
     }
 }
 
@@ -142,9 +176,7 @@ pub fn open(spec: &str) -> Result<Arc<dyn Source>, SourceError> {
         return Ok(Arc::new(FileSource::open(path.as_ref())?));
     }
     if spec.starts_with("http://") || spec.starts_with("https://") {
-        return Err(SourceError::Unusable(format!(
-            "{spec}: HTTP sources are not built into this incfs yet"
-        )));
+        return Ok(Arc::new(HttpSource::open(spec, &HttpConfig::default())?));
     }
     if let Some((scheme, _)) = spec.split_once("://") {
         return Err(SourceError::Unusable(format!(

@@ -1,0 +1,445 @@
+//! An image behind an HTTP(S) URL, read with Range requests.
+//!
+//! Works against any static server that honours single ranges (nginx, S3/GCS presigned or
+//! public URLs, CDNs, `incfs serve`). One [`reqwest`] client with rustls keeps connections
+//! alive and reuses them (HTTP/1.1 keep-alive, HTTP/2 when the server offers it by ALPN).
+//!
+//! Answers are checked strictly, because a confused proxy or a changed file must not turn
+//! into bytes at the wrong offset: a range must come back as `206` with a `Content-Range`
+//! naming exactly that range and the image length seen at open, and with exactly that many
+//! bytes. A `200` is accepted only when the range is the whole image. Anything else is a
+//! [`SourceError`]: `5xx`, `429`, `408`, network errors and short bodies are retryable,
+//! other statuses are not.
+//!
+//! The client is async; [`HttpSource`] owns a small tokio runtime and its blocking methods
+//! run each request on the calling thread with [`tokio::runtime::Runtime::block_on`], so
+//! many threads can have requests in flight at once. They must not be called from inside an
+//! async runtime (they return an error instead of blocking it).
+
+use std::error::Error as _;
+use std::io;
+use std::ops::ControlFlow;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, HeaderMap, RANGE};
+use tracing::{debug, trace};
+
+use super::{RequestKind, Source, SourceError};
+
+/// Header telling the server why a range is read (`demand`, `prefetch`, `background`);
+/// `incfs serve` counts requests and bytes by it, other servers ignore it.
+pub const REQUEST_KIND_HEADER: &str = "x-incfs-request";
+
+/// Worker threads of the runtime that drives connections. Requests run on the callers'
+/// threads; the workers only move bytes between sockets and them, and two keep up with
+/// loopback on this kind of machine.
+const RUNTIME_WORKERS: usize = 2;
+
+/// How an [`HttpSource`] talks to its server.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Longest wait for a TCP (and TLS) connection (default 10 s).
+    pub connect_timeout: Duration,
+    /// Longest silence while waiting for a response head or for the next bytes of its body
+    /// (default 30 s). A stalled server fails the request after this long.
+    pub read_timeout: Duration,
+    /// Extra trusted certificate authorities, PEM encoded, besides the system's roots
+    /// (default none). For test servers with their own CA.
+    pub extra_root_certs_pem: Vec<Vec<u8>>,
+    /// Speak HTTP/1.1 only, even when the server offers HTTP/2 (default false).
+    pub http1_only: bool,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(30),
+            extra_root_certs_pem: Vec::new(),
+            http1_only: false,
+        }
+    }
+}
+
+/// An image served over HTTP(S), read with Range requests. Cheap to share between threads.
+#[derive(Debug)]
+pub struct HttpSource {
+    url: reqwest::Url,
+    /// The URL without its query (which may hold credentials), for messages.
+    name: String,
+    client: reqwest::Client,
+    /// Always `Some` until drop, which shuts it down without blocking.
+    runtime: Option<tokio::runtime::Runtime>,
+    len: u64,
+}
+
+impl HttpSource {
+    /// Opens `url`: checks it, connects, and learns the image length from a `HEAD` (or, when
+    /// that is refused or has no length, from a `bytes=0-0` range's `Content-Range`).
+    pub fn open(url: &str, config: &HttpConfig) -> Result<Self, SourceError> {
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|e| SourceError::Unusable(format!("{url}: not a valid URL: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(SourceError::Unusable(format!(
+                "{url}: only http:// and https:// URLs are HTTP sources"
+            )));
+        }
+        let mut name = parsed.clone();
+        if name.query().is_some() {
+            name.set_query(Some("…"));
+        }
+        let name = name.to_string();
+        let unusable = |what: &str, e: &dyn std::error::Error| {
+            SourceError::Unusable(format!("{name}: {what}: {}", error_chain(e)))
+        };
+
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.read_timeout)
+            .tcp_nodelay(true)
+            .http2_adaptive_window(true)
+            .user_agent(concat!("incfs/", env!("CARGO_PKG_VERSION")));
+        if config.http1_only {
+            builder = builder.http1_only();
+        }
+        for pem in &config.extra_root_certs_pem {
+            let cert = reqwest::Certificate::from_pem(pem)
+                .map_err(|e| unusable("bad extra root certificate", &e))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| unusable("cannot build an HTTP client", &e))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(RUNTIME_WORKERS)
+            .thread_name("incfs-http")
+            .enable_all()
+            .build()
+            .map_err(|e| SourceError::Io {
+                source_name: name.clone(),
+                error: io::Error::new(e.kind(), format!("cannot start the HTTP runtime: {e}")),
+            })?;
+        let mut source = HttpSource {
+            url: parsed,
+            name,
+            client,
+            runtime: Some(runtime),
+            len: 0,
+        };
+        source.len = source.block_on(source.probe_len())?;
+        debug!(url = %source.name, len = source.len, "opened HTTP source");
+        Ok(source)
+    }
+
+    /// The image length, learnt at open.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when the image is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn block_on<T>(
+        &self,
+        fut: impl Future<Output = Result<T, SourceError>>,
+    ) -> Result<T, SourceError> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(SourceError::Unusable(format!(
+                "{}: HttpSource called from inside an async runtime; call it from a plain \
+                 thread (e.g. tokio::task::spawn_blocking)",
+                self.name
+            )));
+        }
+        match &self.runtime {
+            Some(rt) => rt.block_on(fut),
+            None => Err(SourceError::Unusable(format!(
+                "{}: the HTTP runtime is shut down",
+                self.name
+            ))),
+        }
+    }
+
+    fn net_error(&self, e: &reqwest::Error) -> SourceError {
+        let kind = if e.is_timeout() {
+            io::ErrorKind::TimedOut
+        } else {
+            io_kind(e).unwrap_or(io::ErrorKind::Other)
+        };
+        SourceError::Io {
+            source_name: self.name.clone(),
+            error: io::Error::new(kind, error_chain(e)),
+        }
+    }
+
+    fn bad_answer(&self, what: String) -> SourceError {
+        SourceError::Io {
+            source_name: self.name.clone(),
+            error: io::Error::new(io::ErrorKind::InvalidData, what),
+        }
+    }
+
+    async fn probe_len(&self) -> Result<u64, SourceError> {
+        let head = self
+            .client
+            .head(self.url.clone())
+            .header(REQUEST_KIND_HEADER, RequestKind::Background.to_string())
+            .send()
+            .await
+            .map_err(|e| self.net_error(&e))?;
+        let status = head.status();
+        if status.is_server_error() || status.as_u16() == 429 {
+            return Err(SourceError::Status {
+                source_name: self.name.clone(),
+                status: status.as_u16(),
+                offset: 0,
+                end: 0,
+            });
+        }
+        if status == StatusCode::OK
+            && let Some(len) = header_u64(head.headers(), CONTENT_LENGTH)
+        {
+            return Ok(len);
+        }
+        // HEAD refused (a presigned GET URL answers 403 to HEAD) or without a length: ask
+        // for the first byte and read the length from Content-Range.
+        debug!(url = %self.name, %status, "HEAD gave no length; probing with bytes=0-0");
+        let resp = self
+            .client
+            .get(self.url.clone())
+            .header(RANGE, "bytes=0-0")
+            .header(REQUEST_KIND_HEADER, RequestKind::Background.to_string())
+            .send()
+            .await
+            .map_err(|e| self.net_error(&e))?;
+        match resp.status().as_u16() {
+            206 => {
+                let cr = header_str(resp.headers(), CONTENT_RANGE).unwrap_or_default();
+                match parse_content_range(&cr) {
+                    Some((0, 0, Some(total))) => Ok(total),
+                    _ => Err(self.bad_answer(format!(
+                        "probe of bytes=0-0 answered with Content-Range {cr:?}; cannot tell the \
+                         image length"
+                    ))),
+                }
+            }
+            // Empty files cannot satisfy bytes=0-0.
+            416 if header_str(resp.headers(), CONTENT_RANGE).as_deref() == Some("bytes */0") => {
+                Ok(0)
+            }
+            s => Err(SourceError::Status {
+                source_name: self.name.clone(),
+                status: s,
+                offset: 0,
+                end: 1,
+            }),
+        }
+    }
+
+    async fn fetch(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: RequestKind,
+        on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        let last = offset + len - 1;
+        trace!(offset, len, %kind, "http range request");
+        let mut resp = self
+            .client
+            .get(self.url.clone())
+            .header(RANGE, format!("bytes={offset}-{last}"))
+            .header(REQUEST_KIND_HEADER, kind.to_string())
+            .send()
+            .await
+            .map_err(|e| self.net_error(&e))?;
+        let status = resp.status().as_u16();
+        match status {
+            206 => {
+                let cr = header_str(resp.headers(), CONTENT_RANGE).unwrap_or_default();
+                match parse_content_range(&cr) {
+                    Some((a, b, total))
+                        if a == offset && b == last && total.is_none_or(|t| t == self.len) => {}
+                    _ => {
+                        return Err(self.bad_answer(format!(
+                            "asked for bytes {offset}-{last} of {}, got Content-Range {cr:?}",
+                            self.len
+                        )));
+                    }
+                }
+            }
+            200 if offset == 0 && len == self.len => {}
+            _ => {
+                return Err(SourceError::Status {
+                    source_name: self.name.clone(),
+                    status,
+                    offset,
+                    end: offset + len,
+                });
+            }
+        }
+        if let Some(cl) = header_u64(resp.headers(), CONTENT_LENGTH)
+            && cl != len
+        {
+            return Err(SourceError::Short {
+                source_name: self.name.clone(),
+                got: cl,
+                want: len,
+            });
+        }
+        let mut got = 0u64;
+        while let Some(piece) = resp.chunk().await.map_err(|e| self.net_error(&e))? {
+            let n = piece.len() as u64;
+            if n > len - got {
+                return Err(SourceError::Short {
+                    source_name: self.name.clone(),
+                    got: got + n,
+                    want: len,
+                });
+            }
+            got += n;
+            if on_piece(&piece).is_break() {
+                return Ok(());
+            }
+        }
+        if got != len {
+            return Err(SourceError::Short {
+                source_name: self.name.clone(),
+                got,
+                want: len,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), SourceError> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(SourceError::OutOfRange {
+                source_name: self.name.clone(),
+                offset,
+                len,
+                total: self.len,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Source for HttpSource {
+    fn read_range(&self, offset: u64, len: u64, kind: RequestKind) -> Result<Vec<u8>, SourceError> {
+        self.check_range(offset, len)?;
+        let cap = usize::try_from(len).map_err(|_| SourceError::OutOfRange {
+            source_name: self.name.clone(),
+            offset,
+            len,
+            total: self.len,
+        })?;
+        let mut buf = Vec::with_capacity(cap);
+        self.read_range_streaming(offset, len, kind, &mut |piece| {
+            buf.extend_from_slice(piece);
+            ControlFlow::Continue(())
+        })?;
+        Ok(buf)
+    }
+
+    fn total_len(&self) -> Result<u64, SourceError> {
+        Ok(self.len)
+    }
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    fn read_range_streaming(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: RequestKind,
+        on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.block_on(self.fetch(offset, len, kind, on_piece))
+    }
+}
+
+impl Drop for HttpSource {
+    fn drop(&mut self) {
+        // Never blocks, so dropping a source inside an async context is fine too.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Parses `bytes A-B/TOTAL` (TOTAL may be `*`) into `(A, B, Some(TOTAL))`.
+fn parse_content_range(s: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = s.trim().strip_prefix("bytes")?.trim_start();
+    let (range, total) = rest.split_once('/')?;
+    let (a, b) = range.trim().split_once('-')?;
+    let a: u64 = a.trim().parse().ok()?;
+    let b: u64 = b.trim().parse().ok()?;
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    (a <= b && total.is_none_or(|t| b < t)).then_some((a, b, total))
+}
+
+fn header_str(h: &HeaderMap, name: reqwest::header::HeaderName) -> Option<String> {
+    h.get(name)?.to_str().ok().map(str::to_string)
+}
+
+fn header_u64(h: &HeaderMap, name: reqwest::header::HeaderName) -> Option<u64> {
+    header_str(h, name)?.trim().parse().ok()
+}
+
+/// "outer: inner: innermost", since reqwest's Display shows only the outer layer.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = inner.source();
+    }
+    s
+}
+
+fn io_kind(e: &reqwest::Error) -> Option<io::ErrorKind> {
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        if let Some(io) = inner.downcast_ref::<io::Error>() {
+            return Some(io.kind());
+        }
+        cur = inner.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_content_range;
+
+    #[test]
+    fn content_range_parsing() {
+        assert_eq!(
+            parse_content_range("bytes 0-9/100"),
+            Some((0, 9, Some(100)))
+        );
+        assert_eq!(parse_content_range("bytes 5-5/*"), Some((5, 5, None)));
+        assert_eq!(parse_content_range("bytes 9-0/100"), None);
+        assert_eq!(parse_content_range("bytes 0-100/100"), None);
+        assert_eq!(parse_content_range("bytes */100"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+        assert_eq!(parse_content_range(""), None);
+    }
+}
