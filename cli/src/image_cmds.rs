@@ -6,7 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use incfs_fs::format::{Digest, Image, InodeKind, PackOptions, pack_dir};
+use incfs_fs::format::{
+    Digest, Image, InodeKind, PackOptions, pack_dir, relayout as relayout_image,
+};
+use incfs_fs::plan::PrefetchPlan;
 use serde::Serialize;
 
 use crate::progress::{PackBar, bytes_bar};
@@ -56,14 +59,37 @@ pub struct VerifyArgs {
     json: bool,
 }
 
+/// Arguments of `incfs relayout`.
+#[derive(Args)]
+pub struct RelayoutArgs {
+    /// Image to rewrite.
+    image: PathBuf,
+    /// Prefetch plan whose chunks go first, in plan order.
+    #[arg(long)]
+    plan: PathBuf,
+    /// Image file to write.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Where to write the plan bound to the new image (default: OUTPUT.plan.json).
+    #[arg(long)]
+    plan_out: Option<PathBuf>,
+}
+
 /// Parses `65536`, `64K`, `64KiB`, `1M`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let lower = t.to_ascii_lowercase();
-    let (num, mult) = [("kib", 1u64 << 10), ("k", 1 << 10), ("mib", 1 << 20), ("m", 1 << 20), ("gib", 1 << 30), ("g", 1 << 30)]
-        .iter()
-        .find_map(|(suf, m)| lower.strip_suffix(suf).map(|n| (n.to_string(), *m)))
-        .unwrap_or((lower.clone(), 1));
+    let (num, mult) = [
+        ("kib", 1u64 << 10),
+        ("k", 1 << 10),
+        ("mib", 1 << 20),
+        ("m", 1 << 20),
+        ("gib", 1 << 30),
+        ("g", 1 << 30),
+    ]
+    .iter()
+    .find_map(|(suf, m)| lower.strip_suffix(suf).map(|n| (n.to_string(), *m)))
+    .unwrap_or((lower.clone(), 1));
     num.trim()
         .parse::<u64>()
         .ok()
@@ -107,7 +133,11 @@ pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
             dirs: s.dirs,
             symlinks: s.symlinks,
             hardlinks: s.hardlinks,
-            skipped: s.skipped.iter().map(|(p, w)| format!("{}: {w}", p.display())).collect(),
+            skipped: s
+                .skipped
+                .iter()
+                .map(|(p, w)| format!("{}: {w}", p.display()))
+                .collect(),
             raw_bytes: s.raw_bytes,
             stored_bytes: s.stored_bytes,
             image_bytes: s.image_bytes,
@@ -192,7 +222,9 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
     let (mut files, mut dirs, mut symlinks, mut raw) = (0u64, 1u64, 0u64, 0u64);
     let mut seen = HashSet::new();
     for (path, ino) in img.walk() {
-        let Some(inode) = img.inode(ino) else { continue };
+        let Some(inode) = img.inode(ino) else {
+            continue;
+        };
         let first = seen.insert(ino);
         let (kind, size, chunks, stored, target) = match &inode.kind {
             InodeKind::Dir { .. } => {
@@ -213,7 +245,13 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
             }
             InodeKind::Symlink { target } => {
                 symlinks += 1;
-                ("symlink", 0, 0, 0, Some(String::from_utf8_lossy(target).into_owned()))
+                (
+                    "symlink",
+                    0,
+                    0,
+                    0,
+                    Some(String::from_utf8_lossy(target).into_owned()),
+                )
             }
         };
         entries.push(EntryJson {
@@ -257,7 +295,10 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
         human(j.chunk_table_bytes),
         human(j.stored_bytes)
     );
-    println!("  tree         {} files, {} dirs, {} symlinks", j.files, j.dirs, j.symlinks);
+    println!(
+        "  tree         {} files, {} dirs, {} symlinks",
+        j.files, j.dirs, j.symlinks
+    );
     println!(
         "  data         {} -> {} stored (ratio {:.2})",
         human(j.raw_bytes),
@@ -275,7 +316,12 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
     biggest.sort_by(|x, y| y.size.cmp(&x.size));
     println!("  largest files:");
     for e in biggest.iter().take(if a.tree { 0 } else { 10 }) {
-        println!("    {:>10}  {:>10} stored  {}", human(e.size), human(e.stored_bytes), e.path);
+        println!(
+            "    {:>10}  {:>10} stored  {}",
+            human(e.size),
+            human(e.stored_bytes),
+            e.path
+        );
     }
     if a.tree {
         for e in &j.entries {
@@ -320,7 +366,12 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let img = Image::open_path(&a.image, expected.as_ref())
         .with_context(|| format!("verifying image {}", a.image.display()))?;
     let bar = bytes_bar("verifying");
-    let raw_total: u64 = img.table().entries().iter().map(|e| u64::from(e.raw_len)).sum();
+    let raw_total: u64 = img
+        .table()
+        .entries()
+        .iter()
+        .map(|e| u64::from(e.raw_len))
+        .sum();
     bar.set_length(raw_total);
     let report = img.verify(&|n| bar.inc(n));
     bar.finish_and_clear();
@@ -370,7 +421,43 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         );
         println!("root digest {}", img.root_digest());
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+pub fn relayout(a: RelayoutArgs) -> anyhow::Result<ExitCode> {
+    let img = Image::open_path(&a.image, None)
+        .with_context(|| format!("opening image {}", a.image.display()))?;
+    let plan = PrefetchPlan::load(&a.plan)?;
+    plan.check_image(&a.plan, &img.root_digest())?;
+    let hot = plan.slots(&a.plan, &img)?;
+    let s = relayout_image(&img, &hot, &a.output).with_context(|| {
+        format!(
+            "relaying out {} into {}",
+            a.image.display(),
+            a.output.display()
+        )
+    })?;
+    let plan_out = a.plan_out.unwrap_or_else(|| {
+        let mut p = a.output.clone().into_os_string();
+        p.push(".plan.json");
+        PathBuf::from(p)
+    });
+    plan.rebind(&s.root_digest).save(&plan_out)?;
+    println!(
+        "wrote {}: {} hot chunks first ({}), {} distinct chunks, image {}",
+        a.output.display(),
+        s.hot_chunks,
+        human(s.hot_bytes),
+        s.unique_chunks,
+        human(s.image_bytes)
+    );
+    println!("plan for it: {}", plan_out.display());
+    println!("root digest {}", s.root_digest);
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Bytes as B, KiB, MiB or GiB.
@@ -390,5 +477,9 @@ pub fn human(n: u64) -> String {
 }
 
 fn ratio(raw: u64, stored: u64) -> f64 {
-    if stored == 0 { 1.0 } else { raw as f64 / stored as f64 }
+    if stored == 0 {
+        1.0
+    } else {
+        raw as f64 / stored as f64
+    }
 }

@@ -4,6 +4,7 @@
 //! lives in the library crates.
 
 mod image_cmds;
+mod mount_cmds;
 mod progress;
 
 use std::io::Write;
@@ -26,6 +27,14 @@ enum Command {
     Inspect(image_cmds::InspectArgs),
     /// Check every chunk of an image against its digest.
     Verify(image_cmds::VerifyArgs),
+    /// Mount an image (local or http(s)://) read-only; chunks are fetched and verified lazily.
+    Mount(mount_cmds::MountArgs),
+    /// Unmount an incfs mount and wait for its daemon to save its cache.
+    Umount(mount_cmds::UmountArgs),
+    /// Show a mount's counters (bytes fetched, chunks local, misses).
+    Stats(mount_cmds::StatsArgs),
+    /// Inspect or clear a cache directory (`incfs cache stat|clear DIR`).
+    Cache(mount_cmds::CacheArgs),
 }
 
 fn run() -> anyhow::Result<ExitCode> {
@@ -34,6 +43,10 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Pack(a) => image_cmds::pack(a),
         Command::Inspect(a) => image_cmds::inspect(a),
         Command::Verify(a) => image_cmds::verify(a),
+        Command::Mount(a) => mount_cmds::mount(a),
+        Command::Umount(a) => mount_cmds::umount(a),
+        Command::Stats(a) => mount_cmds::stats(a),
+        Command::Cache(a) => mount_cmds::cache(a),
     }
 }
 

@@ -3,9 +3,14 @@
 //! The crate is layered, each layer importing only those below it:
 //! [`format`] (image header, manifest, chunk table, digests, `pack`) at the ground floor, and
 //! [`plan`] (the prefetch manifest that the planner writes and the mount reads) beside it,
-//! then [`source`] (local file, HTTP, test doubles).
+//! then [`source`] (local file, HTTP, test doubles) and [`cache`] (verified chunks on disk),
+//! [`fetch`] (the scheduler that fills the cache from a source) and [`fs`] (the file system
+//! core and its FUSE adapter, `fs::fuse`).
 
+pub mod cache;
+pub mod fetch;
 pub mod format;
+pub mod fs;
 pub mod link;
 pub mod plan;
 pub mod serve;

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::format::Digest;
+use std::collections::HashMap;
+
+use crate::format::{Digest, Image, RangeRead};
 
 /// The version of the prefetch manifest this build writes and reads.
 pub const PLAN_VERSION: u32 = 1;
@@ -130,11 +132,61 @@ impl PrefetchPlan {
         } else {
             json
         };
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
         tmp.write_all(&bytes).map_err(io)?;
         tmp.persist(path).map_err(|e| io(e.error))?;
         Ok(())
+    }
+
+    /// The chunk slots the plan fetches, in plan order, found through the image's file
+    /// paths. Fails, naming the plan file, when an entry names a file the image lacks or
+    /// chunks past its end, or when the chunk sizes differ.
+    pub fn slots<R: RangeRead>(&self, path: &Path, img: &Image<R>) -> Result<Vec<u64>, PlanError> {
+        let invalid = |reason: String| PlanError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if self.chunk_size != img.manifest().chunk_size {
+            return Err(invalid(format!(
+                "chunk size {} but the image's is {}",
+                self.chunk_size,
+                img.manifest().chunk_size
+            )));
+        }
+        let files: HashMap<Vec<u8>, (u64, u64)> = img
+            .files()
+            .into_iter()
+            .map(|f| (f.path, (f.first_chunk, f.chunks)))
+            .collect();
+        let mut out = Vec::new();
+        for e in &self.entries {
+            let &(first, n) = files
+                .get(e.file.as_bytes())
+                .ok_or_else(|| invalid(format!("{}: no such file in the image", e.file)))?;
+            match e.first_chunk.checked_add(e.chunk_count) {
+                Some(end) if end <= n => out.extend(first + e.first_chunk..first + end),
+                _ => {
+                    return Err(invalid(format!(
+                        "{}: chunks {}+{} past its {n} chunks",
+                        e.file, e.first_chunk, e.chunk_count
+                    )));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The same plan for another image of the same tree and chunk size (e.g. the image
+    /// `relayout` wrote).
+    pub fn rebind(&self, image: &Digest) -> Self {
+        PrefetchPlan {
+            image_digest: image.to_hex(),
+            ..self.clone()
+        }
     }
 
     /// Refuses a plan made for another image.

@@ -64,8 +64,7 @@ pub fn decode_chunk(slot: u64, entry: &ChunkEntry, stored: &[u8]) -> Result<Vec<
         )));
     }
     let raw = if entry.is_compressed() {
-        decompress(stored, entry.raw_len as usize)
-            .map_err(|e| corrupt(format!("zstd: {e}")))?
+        decompress(stored, entry.raw_len as usize).map_err(|e| corrupt(format!("zstd: {e}")))?
     } else {
         stored.to_vec()
     };
@@ -100,12 +99,20 @@ mod tests {
         let text = b"hello hello hello hello hello hello hello".repeat(100);
         let (stored, d) = encode_chunk(&text, 3).unwrap();
         assert!(stored.len() < text.len());
-        assert_eq!(decode_chunk(0, &entry(&stored, &text, d), &stored).unwrap(), text);
+        assert_eq!(
+            decode_chunk(0, &entry(&stored, &text, d), &stored).unwrap(),
+            text
+        );
 
-        let noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let noise: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         let (stored, d) = encode_chunk(&noise, 3).unwrap();
         assert!(stored.len() <= noise.len());
-        assert_eq!(decode_chunk(0, &entry(&stored, &noise, d), &stored).unwrap(), noise);
+        assert_eq!(
+            decode_chunk(0, &entry(&stored, &noise, d), &stored).unwrap(),
+            noise
+        );
     }
 
     #[test]

@@ -136,7 +136,12 @@ impl ChunkTable {
     }
 }
 
-fn check_entry(slot: u64, e: &ChunkEntry, chunk_size: u32, data_len: u64) -> Result<(), FormatError> {
+fn check_entry(
+    slot: u64,
+    e: &ChunkEntry,
+    chunk_size: u32,
+    data_len: u64,
+) -> Result<(), FormatError> {
     let bad = |reason: &str| {
         Err(FormatError::EntryInvalid {
             slot,

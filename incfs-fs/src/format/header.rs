@@ -90,10 +90,14 @@ impl Header {
         }
         let flags = u32le(b, 12);
         if flags != 0 {
-            return Err(FormatError::HeaderInvalid(format!("unknown flags {flags:#x}")));
+            return Err(FormatError::HeaderInvalid(format!(
+                "unknown flags {flags:#x}"
+            )));
         }
         if u32le(b, 16) as usize != HEADER_LEN {
-            return Err(FormatError::HeaderInvalid("header length is not 128".into()));
+            return Err(FormatError::HeaderInvalid(
+                "header length is not 128".into(),
+            ));
         }
         let mut root = [0u8; 32];
         root.copy_from_slice(&b[72..104]);
@@ -184,7 +188,10 @@ mod tests {
         for i in 0..HEADER_LEN * 8 {
             let mut b = bytes;
             b[i / 8] ^= 1 << (i % 8);
-            assert!(Header::decode(&b).is_err(), "flip of bit {i} went unnoticed");
+            assert!(
+                Header::decode(&b).is_err(),
+                "flip of bit {i} went unnoticed"
+            );
         }
     }
 

@@ -39,7 +39,8 @@ impl RangeRead for File {
 impl RangeRead for Vec<u8> {
     fn read_range(&self, offset: u64, len: u64) -> io::Result<Vec<u8>> {
         let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
-        let end = usize::try_from(offset.saturating_add(len)).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+        let end = usize::try_from(offset.saturating_add(len))
+            .map_err(|_| io::ErrorKind::UnexpectedEof)?;
         self.get(start..end)
             .map(<[u8]>::to_vec)
             .ok_or_else(|| io::ErrorKind::UnexpectedEof.into())
@@ -85,7 +86,9 @@ pub fn read_meta<R: RangeRead + ?Sized>(
     }
     let section = |offset: u64, len: u64| -> Result<Vec<u8>, FormatError> {
         match offset.checked_add(len) {
-            Some(end) if end <= first.len() as u64 => Ok(first[offset as usize..end as usize].to_vec()),
+            Some(end) if end <= first.len() as u64 => {
+                Ok(first[offset as usize..end as usize].to_vec())
+            }
             _ => Ok(src.read_range(offset, len)?),
         }
     };
@@ -186,6 +189,11 @@ impl<R: RangeRead> Image<R> {
         })
     }
 
+    /// Where the image's bytes come from.
+    pub fn source(&self) -> &R {
+        &self.src
+    }
+
     /// The header.
     pub fn header(&self) -> &Header {
         &self.header
@@ -213,10 +221,13 @@ impl<R: RangeRead> Image<R> {
 
     /// Reads, decodes and verifies the chunk in `slot`.
     pub fn read_chunk(&self, slot: u64) -> Result<Vec<u8>, FormatError> {
-        let entry = self.table.get(slot).ok_or_else(|| FormatError::EntryInvalid {
-            slot,
-            reason: "no such slot".into(),
-        })?;
+        let entry = self
+            .table
+            .get(slot)
+            .ok_or_else(|| FormatError::EntryInvalid {
+                slot,
+                reason: "no such slot".into(),
+            })?;
         let stored = self.src.read_range(
             self.header.data_offset + entry.stored_offset,
             u64::from(entry.stored_len),
@@ -231,7 +242,9 @@ impl<R: RangeRead> Image<R> {
             ..
         }) = self.inode(inode)
         else {
-            return Err(FormatError::ManifestInvalid(format!("inode {inode} is not a file")));
+            return Err(FormatError::ManifestInvalid(format!(
+                "inode {inode} is not a file"
+            )));
         };
         let mut out = Vec::with_capacity(usize::try_from(*size).unwrap_or(0));
         let chunk = u64::from(self.manifest.chunk_size);
@@ -291,7 +304,12 @@ impl<R: RangeRead + Sync> Image<R> {
             .collect();
         let mut report = VerifyReport {
             chunks: self.table.len(),
-            stored_bytes: self.table.entries().iter().map(|e| u64::from(e.stored_len)).sum(),
+            stored_bytes: self
+                .table
+                .entries()
+                .iter()
+                .map(|e| u64::from(e.stored_len))
+                .sum(),
             ..VerifyReport::default()
         };
         let files = self.files();

@@ -115,7 +115,9 @@ impl Manifest {
                     path.push(b'/');
                 }
                 path.extend_from_slice(&e.name);
-                if let Some(InodeKind::Dir { .. }) = self.inodes.get(e.inode as usize).map(|i| &i.kind) {
+                if let Some(InodeKind::Dir { .. }) =
+                    self.inodes.get(e.inode as usize).map(|i| &i.kind)
+                {
                     subdirs.push((path.clone(), e.inode));
                 }
                 out.push((path, e.inode));
@@ -146,7 +148,9 @@ impl Manifest {
             });
         }
         if stored.len() < 8 {
-            return Err(FormatError::ManifestDecode("shorter than its length prefix".into()));
+            return Err(FormatError::ManifestDecode(
+                "shorter than its length prefix".into(),
+            ));
         }
         let mut len = [0u8; 8];
         len.copy_from_slice(&stored[..8]);
@@ -159,7 +163,9 @@ impl Manifest {
         let raw = zstd::bulk::decompress(&stored[8..], raw_len as usize)
             .map_err(|e| FormatError::ManifestDecode(format!("zstd: {e}")))?;
         if raw.len() as u64 != raw_len {
-            return Err(FormatError::ManifestDecode("decompressed size differs".into()));
+            return Err(FormatError::ManifestDecode(
+                "decompressed size differs".into(),
+            ));
         }
         let m: Manifest = postcard::from_bytes(&raw)
             .map_err(|e| FormatError::ManifestDecode(format!("postcard: {e}")))?;
@@ -207,7 +213,10 @@ impl Manifest {
                             return bad(format!("inode {i}: entries not sorted or duplicated"));
                         }
                         let Some(target) = self.inodes.get(e.inode as usize) else {
-                            return bad(format!("inode {i}: entry names missing inode {}", e.inode));
+                            return bad(format!(
+                                "inode {i}: entry names missing inode {}",
+                                e.inode
+                            ));
                         };
                         if matches!(target.kind, InodeKind::Dir { .. }) {
                             dir_refs[e.inode as usize] += 1;

@@ -23,6 +23,7 @@ mod header;
 mod image;
 mod manifest;
 mod pack;
+mod relayout;
 
 pub use chunk::{decode_chunk, encode_chunk};
 pub use chunk_table::{CHUNK_ENTRY_LEN, ChunkEntry, ChunkTable, SEGMENT_ENTRIES};
@@ -30,6 +31,7 @@ pub use header::{HEADER_LEN, Header, MAGIC, VERSION};
 pub use image::{FileRef, INITIAL_READ, Image, RangeRead, VerifyFailure, VerifyReport, read_meta};
 pub use manifest::{DirEntry, Inode, InodeKind, Manifest, ROOT_INODE, Xattr};
 pub use pack::{PackError, PackOptions, PackProgress, PackSummary, pack_dir};
+pub use relayout::{RelayoutSummary, relayout};
 
 use std::fmt;
 
@@ -43,7 +45,9 @@ pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
 
 /// A BLAKE3 digest: of a chunk's uncompressed bytes, of a chunk-table segment, or of the
 /// manifest (the image's root digest).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct Digest(pub [u8; 32]);
 
 impl Digest {

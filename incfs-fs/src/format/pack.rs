@@ -133,14 +133,19 @@ pub fn pack_dir(
     progress: &dyn PackProgress,
 ) -> Result<PackSummary, PackError> {
     let started = Instant::now();
-    if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&opts.chunk_size) || !opts.chunk_size.is_power_of_two() {
+    if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&opts.chunk_size)
+        || !opts.chunk_size.is_power_of_two()
+    {
         return Err(PackError::Option(format!(
             "chunk size {} is not a power of two from 4 KiB to 1 MiB",
             opts.chunk_size
         )));
     }
     if !(1..=22).contains(&opts.level) {
-        return Err(PackError::Option(format!("zstd level {} is not in 1..=22", opts.level)));
+        return Err(PackError::Option(format!(
+            "zstd level {} is not in 1..=22",
+            opts.level
+        )));
     }
     let root_meta = fs::metadata(dir).map_err(|source| PackError::Root {
         path: dir.to_path_buf(),
@@ -175,15 +180,17 @@ pub fn pack_dir(
         inodes: walk.inodes,
     };
     let order = file_order(&manifest);
-    let total: u64 = order.iter().map(|&i| file_size(&manifest.inodes[i as usize])).sum();
+    let total: u64 = order
+        .iter()
+        .map(|&i| file_size(&manifest.inodes[i as usize]))
+        .sum();
     progress.start(total);
 
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let werr = |source: io::Error| PackError::Write {
         path: out.to_path_buf(),
         source,
     };
-    let mut data = tempfile::tempfile_in(parent).map_err(werr)?;
+    let mut data = tempfile::tempfile_in(parent_dir(out)).map_err(werr)?;
     let mut writer = ChunkWriter::new(&mut data);
     let mut batch = Batch::new(opts);
     for &inode in &order {
@@ -203,15 +210,22 @@ pub fn pack_dir(
             let n = left.min(u64::from(opts.chunk_size)) as usize;
             let mut buf = vec![0u8; n];
             file.read_exact(&mut buf).map_err(|e| {
-                rerr(io::Error::new(e.kind(), format!("file changed while packing: {e}")))
+                rerr(io::Error::new(
+                    e.kind(),
+                    format!("file changed while packing: {e}"),
+                ))
             })?;
             left -= n as u64;
             if batch.push(buf) {
-                writer.write_batch(batch.compress()?, progress).map_err(werr)?;
+                writer
+                    .write_batch(batch.compress()?, progress)
+                    .map_err(werr)?;
             }
         }
     }
-    writer.write_batch(batch.compress()?, progress).map_err(werr)?;
+    writer
+        .write_batch(batch.compress()?, progress)
+        .map_err(werr)?;
     let ChunkWriter {
         entries,
         data_len,
@@ -221,34 +235,7 @@ pub fn pack_dir(
     } = writer;
 
     let table = ChunkTable::new(entries);
-    let (table_bytes, segment_digests) = table.encode();
-    manifest.chunk_count = table.len();
-    manifest.data_len = data_len;
-    manifest.segment_digests = segment_digests;
-    manifest.validate()?;
-    let stored_manifest = manifest.encode(MANIFEST_LEVEL)?;
-    let header = Header {
-        chunk_size: opts.chunk_size,
-        manifest_offset: HEADER_LEN as u64,
-        manifest_len: stored_manifest.len() as u64,
-        chunk_table_offset: HEADER_LEN as u64 + stored_manifest.len() as u64,
-        chunk_table_len: table_bytes.len() as u64,
-        data_offset: HEADER_LEN as u64 + stored_manifest.len() as u64 + table_bytes.len() as u64,
-        data_len,
-        root_digest: Digest::of(&stored_manifest),
-    };
-
-    let mut tmp = tempfile::NamedTempFile::new_in(parent).map_err(werr)?;
-    {
-        let f = tmp.as_file_mut();
-        f.write_all(&header.encode()).map_err(werr)?;
-        f.write_all(&stored_manifest).map_err(werr)?;
-        f.write_all(&table_bytes).map_err(werr)?;
-        data.seek(SeekFrom::Start(0)).map_err(werr)?;
-        io::copy(&mut data, f).map_err(werr)?;
-        f.sync_all().map_err(werr)?;
-    }
-    tmp.persist(out).map_err(|e| werr(e.error))?;
+    let header = write_image(out, manifest, &table, &mut data, data_len)?;
 
     Ok(PackSummary {
         files: walk.counts.files,
@@ -272,6 +259,60 @@ fn file_size(inode: &Inode) -> u64 {
         InodeKind::File { size, .. } => size,
         _ => 0,
     }
+}
+
+/// Writes an image at `out` from its parts: fills in the manifest's chunk count, data length
+/// and segment digests from `table`, then writes header, manifest, chunk table and the
+/// `data_len` bytes of `data` (read from its start) to a temporary file that is synced and
+/// renamed over `out`. Returns the header, which holds the root digest.
+pub(crate) fn write_image(
+    out: &Path,
+    mut manifest: Manifest,
+    table: &ChunkTable,
+    data: &mut File,
+    data_len: u64,
+) -> Result<Header, PackError> {
+    let werr = |source: io::Error| PackError::Write {
+        path: out.to_path_buf(),
+        source,
+    };
+    let (table_bytes, segment_digests) = table.encode();
+    manifest.chunk_count = table.len();
+    manifest.data_len = data_len;
+    manifest.segment_digests = segment_digests;
+    manifest.validate()?;
+    let stored_manifest = manifest.encode(MANIFEST_LEVEL)?;
+    let manifest_len = stored_manifest.len() as u64;
+    let header = Header {
+        chunk_size: manifest.chunk_size,
+        manifest_offset: HEADER_LEN as u64,
+        manifest_len,
+        chunk_table_offset: HEADER_LEN as u64 + manifest_len,
+        chunk_table_len: table_bytes.len() as u64,
+        data_offset: HEADER_LEN as u64 + manifest_len + table_bytes.len() as u64,
+        data_len,
+        root_digest: Digest::of(&stored_manifest),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(parent_dir(out)).map_err(werr)?;
+    let f = tmp.as_file_mut();
+    f.write_all(&header.encode()).map_err(werr)?;
+    f.write_all(&stored_manifest).map_err(werr)?;
+    f.write_all(&table_bytes).map_err(werr)?;
+    data.seek(SeekFrom::Start(0)).map_err(werr)?;
+    let copied = io::copy(&mut data.take(data_len), f).map_err(werr)?;
+    if copied != data_len {
+        return Err(werr(io::Error::other("data section shorter than written")));
+    }
+    f.sync_all().map_err(werr)?;
+    tmp.persist(out).map_err(|e| werr(e.error))?;
+    Ok(header)
+}
+
+/// The directory `out` is written in (for its temporary files).
+pub(crate) fn parent_dir(out: &Path) -> &Path {
+    out.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 /// Regular-file inodes in walk order, each once.
@@ -328,7 +369,13 @@ impl Walk<'_> {
     }
 
     fn add_dir(&mut self, path: &Path, meta: &fs::Metadata) -> io::Result<u32> {
-        let me = self.push(InodeKind::Dir { entries: Vec::new() }, meta, path);
+        let me = self.push(
+            InodeKind::Dir {
+                entries: Vec::new(),
+            },
+            meta,
+            path,
+        );
         self.counts.dirs += 1;
         let mut names: Vec<OsString> = fs::read_dir(path)?
             .filter_map(|e| match e {

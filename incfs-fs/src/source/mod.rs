@@ -3,16 +3,22 @@
 //! Every request is tagged with why it is made ([`RequestKind`]), so logs, stats and the
 //! server can tell demand misses from prefetch.
 
+mod failing;
 mod file;
 mod http;
+mod mock;
+mod throttled;
 
 use std::fmt;
 use std::io;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
+pub use failing::{FailingSource, FailureKind, FailurePlan};
 pub use file::FileSource;
 pub use http::{HttpConfig, HttpSource, REQUEST_KIND_HEADER};
+pub use mock::{MockRequest, MockSource};
+pub use throttled::ThrottledSource;
 
 use crate::format::RangeRead;
 
@@ -93,7 +99,9 @@ impl SourceError {
     pub fn is_retryable(&self) -> bool {
         match self {
             SourceError::Io { .. } | SourceError::Short { .. } => true,
-            SourceError::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
+            SourceError::Status { status, .. } => {
+                *status >= 500 || *status == 429 || *status == 408
+            }
             SourceError::OutOfRange { .. } | SourceError::Unusable(_) => false,
         }
     }

@@ -1,0 +1,423 @@
+//! `mount`, `umount`, `stats` and `cache stat|clear`.
+//!
+//! `incfs mount` without `--foreground` starts itself again in the background (a new
+//! process group, stderr to a log file) and waits until that daemon reports the mount ready
+//! or failed on its stdout, so a source that cannot be reached is a non-zero exit with the
+//! reason, not a silent dead daemon.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use incfs_fs::format::Digest;
+use incfs_fs::fs::fuse::{MountOptions, new_session};
+use incfs_fs::fs::{CONTROL_DIR, FsConfig, IncFs, STATS_FILE};
+
+/// The line a background daemon prints on stdout once it is mounted.
+const READY_LINE: &str = "incfs-ready";
+
+/// Arguments of `incfs mount`.
+#[derive(Args)]
+pub struct MountArgs {
+    /// The image: a path, file://PATH, or an http(s):// URL.
+    source: String,
+    /// Where to mount it (an existing directory).
+    mountpoint: PathBuf,
+    /// Cache directory (default: $INCFS_CACHE, else $XDG_CACHE_HOME/incfs, else ~/.cache/incfs).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Stay in the foreground (logs to stderr; Ctrl-C unmounts).
+    #[arg(long)]
+    foreground: bool,
+    /// Refuse the image unless its root digest is this (64 hex digits).
+    #[arg(long)]
+    expect_digest: Option<String>,
+    /// FUSE request threads.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+    /// Fetch worker threads.
+    #[arg(long, default_value_t = 4)]
+    fetch_workers: usize,
+    /// Give up on a chunk after retrying for this many seconds (then reads fail with EIO).
+    #[arg(long, default_value_t = 30)]
+    retry_timeout: u64,
+    /// Never use FUSE passthrough.
+    #[arg(long)]
+    no_passthrough: bool,
+    /// Let other users access the mount.
+    #[arg(long)]
+    allow_other: bool,
+    /// Daemon log file (default: CACHE/daemon.log).
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// Internal: print a ready line on stdout once mounted (used by the background start).
+    #[arg(long, hide = true)]
+    notify_ready: bool,
+}
+
+/// Arguments of `incfs umount`.
+#[derive(Args)]
+pub struct UmountArgs {
+    /// The mount point.
+    mountpoint: PathBuf,
+}
+
+/// Arguments of `incfs stats`.
+#[derive(Args)]
+pub struct StatsArgs {
+    /// The mount point.
+    mountpoint: PathBuf,
+    /// Print the raw JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `incfs cache`.
+#[derive(Args)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    command: CacheCommand,
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Show the image caches under DIR.
+    Stat {
+        /// Cache directory.
+        dir: PathBuf,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the image caches under DIR that no mount is using.
+    Clear {
+        /// Cache directory.
+        dir: PathBuf,
+    },
+}
+
+fn default_cache() -> PathBuf {
+    if let Some(d) = std::env::var_os("INCFS_CACHE") {
+        return d.into();
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("incfs");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".cache/incfs"),
+        None => PathBuf::from("/var/tmp/incfs"),
+    }
+}
+
+/// `incfs mount`.
+pub fn mount(a: MountArgs) -> anyhow::Result<ExitCode> {
+    let cache = a.cache.clone().unwrap_or_else(default_cache);
+    std::fs::create_dir_all(&cache)
+        .with_context(|| format!("creating the cache directory {}", cache.display()))?;
+    let cache = cache
+        .canonicalize()
+        .with_context(|| format!("resolving {}", cache.display()))?;
+    if !a.mountpoint.is_dir() {
+        bail!(
+            "{}: not a directory (create the mount point first)",
+            a.mountpoint.display()
+        );
+    }
+    if a.foreground {
+        let notify = a.notify_ready;
+        return match serve(&a, &cache) {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e) if notify => {
+                println!("error: {e:#}");
+                Err(e)
+            }
+            Err(e) => Err(e),
+        };
+    }
+    daemonize(&a, &cache)
+}
+
+/// Starts `incfs mount --foreground --notify-ready …` in the background and waits for it.
+fn daemonize(a: &MountArgs, cache: &Path) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe().context("finding the incfs executable")?;
+    let log = a.log.clone().unwrap_or_else(|| cache.join("daemon.log"));
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("opening the daemon log {}", log.display()))?;
+    let mountpoint = a
+        .mountpoint
+        .canonicalize()
+        .with_context(|| format!("resolving {}", a.mountpoint.display()))?;
+    // The daemon runs in /, so a relative image path is made absolute first.
+    let source = if a.source.contains("://") {
+        a.source.clone()
+    } else {
+        Path::new(&a.source)
+            .canonicalize()
+            .with_context(|| format!("opening the source {} (check the path)", a.source))?
+            .to_string_lossy()
+            .into_owned()
+    };
+    let mut cmd = Command::new(exe);
+    cmd.arg("mount")
+        .arg(&source)
+        .arg(&mountpoint)
+        .arg("--foreground")
+        .arg("--notify-ready")
+        .arg("--cache")
+        .arg(cache)
+        .arg("--threads")
+        .arg(a.threads.to_string())
+        .arg("--fetch-workers")
+        .arg(a.fetch_workers.to_string())
+        .arg("--retry-timeout")
+        .arg(a.retry_timeout.to_string());
+    if let Some(d) = &a.expect_digest {
+        cmd.arg("--expect-digest").arg(d);
+    }
+    if a.no_passthrough {
+        cmd.arg("--no-passthrough");
+    }
+    if a.allow_other {
+        cmd.arg("--allow-other");
+    }
+    let mut child = cmd
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log_file))
+        .process_group(0)
+        .spawn()
+        .context("starting the mount daemon")?;
+    let stdout = child.stdout.take().context("no pipe to the mount daemon")?;
+    let mut lines = BufReader::new(stdout).lines();
+    match lines.next() {
+        Some(Ok(line)) if line == READY_LINE => {
+            eprintln!(
+                "incfs: mounted {} at {} (daemon pid {}, log {})",
+                a.source,
+                mountpoint.display(),
+                child.id(),
+                log.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Ok(line)) => {
+            let _ = child.wait();
+            bail!("{}", line.strip_prefix("error: ").unwrap_or(&line))
+        }
+        _ => {
+            let status = child.wait().context("waiting for the mount daemon")?;
+            bail!(
+                "the mount daemon exited ({status}) before mounting; see {}",
+                log.display()
+            )
+        }
+    }
+}
+
+/// Mounts in this process and serves until unmounted or signalled.
+fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
+    let expect_digest = a
+        .expect_digest
+        .as_deref()
+        .map(Digest::from_hex)
+        .transpose()
+        .context("--expect-digest")?;
+    let signals = block_signals();
+    let source = incfs_fs::source::open(&a.source)
+        .with_context(|| format!("opening the source {} (check the path or URL)", a.source))?;
+    let mut config = FsConfig::new(cache.to_path_buf());
+    config.expect_digest = expect_digest;
+    config.passthrough = !a.no_passthrough;
+    config.fetch.workers = a.fetch_workers.max(2);
+    config.fetch.retry_timeout = Duration::from_secs(a.retry_timeout);
+    let fs = Arc::new(
+        IncFs::new(source, &config)
+            .with_context(|| format!("cannot mount {}: the image is not usable", a.source))?,
+    );
+    let opts = MountOptions {
+        threads: a.threads.max(1),
+        allow_other: a.allow_other,
+    };
+    let mut session = new_session(Arc::clone(&fs), &a.mountpoint, &opts)?;
+    let mut unmounter = session.unmount_callable();
+    drop(fs);
+    let runner = std::thread::Builder::new()
+        .name("incfs-session".into())
+        .spawn(move || {
+            let r = session.run();
+            // Wake the main thread, which waits for signals.
+            // SAFETY: kill with our own pid and a valid signal number has no preconditions.
+            unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) };
+            r
+        })
+        .context("starting the FUSE session thread")?;
+    tracing::info!(source = %a.source, mountpoint = %a.mountpoint.display(), "mounted");
+    if a.notify_ready {
+        let mut out = std::io::stdout();
+        writeln!(out, "{READY_LINE}")?;
+        out.flush()?;
+    }
+    let sig = wait_signal(&signals);
+    if sig != libc::SIGUSR1 {
+        tracing::info!(signal = sig, "unmounting on signal");
+        if let Err(e) = unmounter.unmount() {
+            tracing::warn!(error = %e, "unmount failed; trying lazy unmount");
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&a.mountpoint)
+                .status();
+        }
+    }
+    match runner.join() {
+        Ok(r) => r.context("the FUSE session failed"),
+        Err(_) => bail!("the FUSE session thread panicked"),
+    }
+}
+
+/// Blocks SIGINT, SIGTERM, SIGHUP and SIGUSR1 in this thread and the threads it starts, so
+/// that [`wait_signal`] receives them.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initializes it before use, and
+    // pthread_sigmask only reads the set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: `set` was initialized by block_signals and `sig` is a valid out pointer.
+    while unsafe { libc::sigwait(set, &mut sig) } != 0 {}
+    sig
+}
+
+fn read_stats(mountpoint: &Path) -> anyhow::Result<serde_json::Value> {
+    let path = mountpoint.join(CONTROL_DIR).join(STATS_FILE);
+    let text = std::fs::read(&path).with_context(|| {
+        format!(
+            "reading {} (is an incfs image mounted there?)",
+            path.display()
+        )
+    })?;
+    serde_json::from_slice(&text).with_context(|| format!("{}: not valid JSON", path.display()))
+}
+
+/// `incfs umount`.
+pub fn umount(a: UmountArgs) -> anyhow::Result<ExitCode> {
+    let pid = read_stats(&a.mountpoint)
+        .ok()
+        .and_then(|v| v.get("pid").and_then(serde_json::Value::as_u64));
+    let status = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&a.mountpoint)
+        .status()
+        .context("running fusermount3 (apt-get install fuse3)")?;
+    if !status.success() {
+        let again = Command::new("umount").arg(&a.mountpoint).status();
+        if !again.is_ok_and(|s| s.success()) {
+            bail!(
+                "could not unmount {} (is it busy? close the programs using it, or run fusermount3 -u -z)",
+                a.mountpoint.display()
+            );
+        }
+    }
+    // Wait for the daemon to record its cache and exit, so a remount finds it clean.
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `incfs stats`.
+pub fn stats(a: StatsArgs) -> anyhow::Result<ExitCode> {
+    let v = read_stats(&a.mountpoint)?;
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(map) = v.as_object() else {
+        bail!("stats of {} are not a JSON object", a.mountpoint.display());
+    };
+    let width = map.keys().map(String::len).max().unwrap_or(0);
+    for (k, val) in map {
+        let shown = match (k.as_str(), val.as_u64()) {
+            ("bytes_fetched" | "bytes_used", Some(n)) => format!("{n} ({})", human_bytes(n)),
+            (_, _) => match val {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            },
+        };
+        writeln!(out, "{k:<width$}  {shown}")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+/// `incfs cache`.
+pub fn cache(a: CacheArgs) -> anyhow::Result<ExitCode> {
+    match a.command {
+        CacheCommand::Stat { dir, json } => {
+            let infos = incfs_fs::cache::stat_dir(&dir)?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&infos)?)?;
+            } else if infos.is_empty() {
+                writeln!(out, "no image caches under {}", dir.display())?;
+            } else {
+                for i in infos {
+                    writeln!(
+                        out,
+                        "{}  {}/{} chunks  {} on disk  {}{}",
+                        i.root,
+                        i.chunks_recorded,
+                        i.chunks_total,
+                        human_bytes(i.bytes_on_disk),
+                        if i.clean { "clean" } else { "unclean" },
+                        if i.in_use { "  in use" } else { "" }
+                    )?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CacheCommand::Clear { dir } => {
+            let removed = incfs_fs::cache::clear_dir(&dir)?;
+            eprintln!(
+                "incfs: removed {} image cache(s) under {}",
+                removed.len(),
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

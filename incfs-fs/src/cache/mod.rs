@@ -1,0 +1,712 @@
+//! The backing cache: verified, decompressed chunks on a local file system.
+//!
+//! Like Android incfs's backing file, every regular file of the image gets one sparse file
+//! (`data/<inode>`) holding its decompressed bytes at their own offsets, so a file whose
+//! chunks are all local can be handed to the kernel for FUSE passthrough as it is. Beside the
+//! data, a persistent record (`record`, see [`record`]) has one bit per chunk slot.
+//!
+//! The cache of one image lives in `CACHE_DIR/<root digest>/`, so two images never mix.
+//!
+//! **Ordering.** [`ChunkCache::store`] writes a verified chunk into its backing file and marks
+//! it local in memory at once (the bytes are in the page cache, so reads may use them). The
+//! record catches up in batches ([`ChunkCache::flush`], run by a background thread): first
+//! the touched backing files (and the `data/` directory when files were created) are
+//! fdatasync'ed, only then are the record's bits written and synced. So the record never
+//! claims a chunk whose bytes are not durable.
+//!
+//! **Crash recovery.** The record's header carries a clean-shutdown flag, cleared when a mount
+//! opens the cache and set by [`ChunkCache::close`]. When a mount finds it cleared, the
+//! previous one stopped uncleanly, and every recorded chunk is read back and checked against
+//! its digest before use; chunks that fail are forgotten (and fetched again when needed).
+//!
+//! A lock file (`flock`) keeps two mounts from sharing one image cache.
+
+pub mod record;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::format::{ChunkTable, Digest, InodeKind, Manifest};
+
+use record::Record;
+
+/// How long stored chunks may wait before the background flush makes them durable and
+/// records them: short enough that a crash loses little, long enough to batch fdatasyncs.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+/// Pending chunks that trigger a flush before [`FLUSH_INTERVAL`] has passed.
+const FLUSH_BATCH: usize = 512;
+
+/// Errors of the backing cache. Each names the file and what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// A file operation failed.
+    #[error("{what}: {}: {error}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        error: io::Error,
+    },
+    /// Another process holds this image's cache.
+    #[error("{}: the cache is in use by another incfs mount (unmount it or use another --cache)", path.display())]
+    InUse {
+        /// The image cache directory.
+        path: PathBuf,
+    },
+    /// A chunk slot that belongs to no file.
+    #[error("chunk slot {slot} belongs to no file of the image")]
+    NoOwner {
+        /// The slot.
+        slot: u64,
+    },
+}
+
+/// One regular file of the image, as the cache sees it.
+#[derive(Debug, Clone, Copy)]
+struct FileSlots {
+    inode: u32,
+    size: u64,
+    first_chunk: u64,
+    chunks: u64,
+}
+
+struct Pending {
+    slots: Vec<u64>,
+    files: HashSet<u32>,
+    created: bool,
+}
+
+/// What the record holds durably, plus the batch not yet recorded.
+struct Durable {
+    record: Record,
+    words: Vec<u64>,
+    pending: Pending,
+}
+
+struct Shared {
+    dir: PathBuf,
+    data_dir: PathBuf,
+    chunk_size: u64,
+    table: Arc<ChunkTable>,
+    /// Files sorted by first chunk slot.
+    files: Vec<FileSlots>,
+    /// Index into `files` by inode.
+    by_inode: HashMap<u32, usize>,
+    /// Verified and written (readable), one bit per slot.
+    local: Vec<AtomicU64>,
+    /// Local chunks per entry of `files`.
+    file_local: Vec<AtomicU64>,
+    local_chunks: AtomicU64,
+    local_bytes: AtomicU64,
+    durable_chunks: AtomicU64,
+    handles: Mutex<HashMap<u32, Arc<File>>>,
+    durable: Mutex<Durable>,
+    wake: Condvar,
+    stop: AtomicBool,
+    closed: AtomicBool,
+    recovered: RecoveryReport,
+    _lock: File,
+}
+
+/// What opening the cache found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// True when the previous user did not shut down cleanly.
+    pub unclean: bool,
+    /// Chunks the record claimed.
+    pub recorded: u64,
+    /// Recorded chunks whose bytes no longer matched their digest (forgotten).
+    pub dropped: u64,
+}
+
+/// The verified-chunk cache of one image. Cheap to clone; shared by the fetch workers and
+/// the file system.
+#[derive(Clone)]
+pub struct ChunkCache {
+    shared: Arc<Shared>,
+    flusher: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+/// The directory that holds the cache of the image with root digest `root`.
+pub fn image_dir(cache_dir: &Path, root: &Digest) -> PathBuf {
+    cache_dir.join(root.to_hex())
+}
+
+impl ChunkCache {
+    /// Opens (creating if needed) the cache of the image with `root`, `manifest` and `table`
+    /// under `cache_dir`, recovering after an unclean stop, and starts the background flush.
+    pub fn open(
+        cache_dir: &Path,
+        root: &Digest,
+        manifest: &Manifest,
+        table: Arc<ChunkTable>,
+    ) -> Result<Self, CacheError> {
+        let dir = image_dir(cache_dir, root);
+        let data_dir = dir.join("data");
+        let io_err = |path: &Path, what: &'static str| {
+            let path = path.to_path_buf();
+            move |error| CacheError::Io { path, what, error }
+        };
+        fs::create_dir_all(&data_dir).map_err(io_err(&data_dir, "creating the cache directory"))?;
+        let lock_path = dir.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path, "opening the cache lock"))?;
+        if !try_lock(&lock) {
+            return Err(CacheError::InUse { path: dir });
+        }
+
+        let mut files: Vec<FileSlots> = manifest
+            .inodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, ino)| match ino.kind {
+                InodeKind::File { size, first_chunk } if size > 0 => Some(FileSlots {
+                    inode: i as u32,
+                    size,
+                    first_chunk,
+                    chunks: manifest.chunks_for(size),
+                }),
+                _ => None,
+            })
+            .collect();
+        files.sort_by_key(|f| f.first_chunk);
+        let by_inode = files
+            .iter()
+            .enumerate()
+            .map(|(k, f)| (f.inode, k))
+            .collect();
+
+        let chunk_count = table.len();
+        let (mut record, mut words) = Record::open(&dir.join("record"), chunk_count, *root)?;
+        let recorded = words.iter().map(|w| u64::from(w.count_ones())).sum();
+        let mut report = RecoveryReport {
+            unclean: !record.header().clean && recorded > 0,
+            recorded,
+            dropped: 0,
+        };
+
+        let data_path = |inode: u32| data_dir.join(inode.to_string());
+        // Check recorded chunks after an unclean stop; forget the ones that fail.
+        if report.unclean && report.recorded > 0 {
+            for (wi, word) in words.iter_mut().enumerate() {
+                let mut bits = *word;
+                while bits != 0 {
+                    let b = bits.trailing_zeros() as u64;
+                    bits &= bits - 1;
+                    let slot = wi as u64 * 64 + b;
+                    if !check_stored(
+                        &files,
+                        &table,
+                        u64::from(manifest.chunk_size),
+                        &data_path,
+                        slot,
+                    ) {
+                        *word &= !(1u64 << b);
+                        report.dropped += 1;
+                    }
+                }
+            }
+            if report.dropped > 0 {
+                for (wi, word) in words.iter().enumerate() {
+                    record.write_word(wi, *word)?;
+                }
+                record.sync()?;
+                tracing::warn!(
+                    dir = %dir.display(),
+                    dropped = report.dropped,
+                    "recorded chunks did not match their digests after an unclean stop; they will be fetched again"
+                );
+            }
+        }
+        record.set_clean(false)?;
+
+        let shared = Shared {
+            dir: dir.clone(),
+            data_dir: data_dir.clone(),
+            chunk_size: u64::from(manifest.chunk_size),
+            table,
+            file_local: files.iter().map(|_| AtomicU64::new(0)).collect(),
+            files,
+            by_inode,
+            local: (0..record::words_for(chunk_count))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            local_chunks: AtomicU64::new(0),
+            local_bytes: AtomicU64::new(0),
+            durable_chunks: AtomicU64::new(0),
+            handles: Mutex::new(HashMap::new()),
+            durable: Mutex::new(Durable {
+                record,
+                words: words.clone(),
+                pending: Pending {
+                    slots: Vec::new(),
+                    files: HashSet::new(),
+                    created: false,
+                },
+            }),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            recovered: report,
+            _lock: lock,
+        };
+        for (wi, word) in words.iter().enumerate() {
+            let mut bits = *word;
+            while bits != 0 {
+                let b = bits.trailing_zeros() as u64;
+                bits &= bits - 1;
+                shared.mark_local(wi as u64 * 64 + b);
+            }
+        }
+        shared.durable_chunks.store(
+            shared.local_chunks.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        let shared = Arc::new(shared);
+        let bg = Arc::clone(&shared);
+        let flusher = std::thread::Builder::new()
+            .name("incfs-flush".into())
+            .spawn(move || bg.flush_loop())
+            .map_err(io_err(&dir, "starting the cache flush thread"))?;
+        Ok(ChunkCache {
+            shared,
+            flusher: Arc::new(Mutex::new(Some(flusher))),
+        })
+    }
+
+    /// What opening found (unclean stop, chunks dropped by re-verification).
+    pub fn recovery(&self) -> RecoveryReport {
+        self.shared.recovered
+    }
+
+    /// The directory of this image's cache.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// True when `slot` is verified and readable from its backing file.
+    pub fn is_local(&self, slot: u64) -> bool {
+        self.shared.is_local(slot)
+    }
+
+    /// True when every chunk of the file `inode` is local (empty files always are).
+    pub fn file_complete(&self, inode: u32) -> bool {
+        match self.shared.by_inode.get(&inode) {
+            Some(&k) => {
+                self.shared.file_local[k].load(Ordering::Acquire) == self.shared.files[k].chunks
+            }
+            None => true,
+        }
+    }
+
+    /// Chunks local now.
+    pub fn local_chunks(&self) -> u64 {
+        self.shared.local_chunks.load(Ordering::Relaxed)
+    }
+
+    /// Chunks the durable record claims.
+    pub fn durable_chunks(&self) -> u64 {
+        self.shared.durable_chunks.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of file data held locally.
+    pub fn local_bytes(&self) -> u64 {
+        self.shared.local_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Stores the verified, decompressed bytes of `slot` in its backing file and marks the
+    /// chunk local. The caller has checked `data` against the chunk's digest.
+    pub fn store(&self, slot: u64, data: &[u8]) -> Result<(), CacheError> {
+        let sh = &self.shared;
+        if sh.is_local(slot) {
+            return Ok(());
+        }
+        let k = sh.owner(slot).ok_or(CacheError::NoOwner { slot })?;
+        let f = sh.files[k];
+        let (file, created) = sh.handle(f.inode, f.size)?;
+        let offset = (slot - f.first_chunk) * sh.chunk_size;
+        file.write_all_at(data, offset)
+            .map_err(|error| CacheError::Io {
+                path: sh.data_path(f.inode),
+                what: "writing a chunk to the backing file",
+                error,
+            })?;
+        if sh.mark_local(slot) {
+            let mut d = sh.durable.lock();
+            d.pending.slots.push(slot);
+            d.pending.files.insert(f.inode);
+            d.pending.created |= created;
+            if d.pending.slots.len() >= FLUSH_BATCH {
+                sh.wake.notify_one();
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes of file `inode` at `offset` from its backing file. The caller
+    /// makes sure the chunks under the range are local.
+    pub fn read(&self, inode: u32, offset: u64, buf: &mut [u8]) -> Result<(), CacheError> {
+        let sh = &self.shared;
+        let k = *sh
+            .by_inode
+            .get(&inode)
+            .ok_or(CacheError::NoOwner { slot: u64::MAX })?;
+        let (file, _) = sh.handle(inode, sh.files[k].size)?;
+        file.read_exact_at(buf, offset)
+            .map_err(|error| CacheError::Io {
+                path: sh.data_path(inode),
+                what: "reading the backing file",
+                error,
+            })
+    }
+
+    /// Opens the backing file of `inode` read-only, for passthrough.
+    pub fn open_backing(&self, inode: u32) -> Result<File, CacheError> {
+        let path = self.shared.data_path(inode);
+        File::open(&path).map_err(|error| CacheError::Io {
+            path,
+            what: "opening the backing file for passthrough",
+            error,
+        })
+    }
+
+    /// Makes every stored chunk durable and recorded now.
+    pub fn flush(&self) -> Result<(), CacheError> {
+        self.shared.flush()
+    }
+
+    /// Stops the background flush, records everything, and marks the record clean. Called
+    /// on unmount; a cache that is dropped without it counts as stopped uncleanly.
+    pub fn close(&self) -> Result<(), CacheError> {
+        if self.shared.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake.notify_all();
+        if let Some(h) = self.flusher.lock().take() {
+            let _ = h.join();
+        }
+        self.shared.flush()?;
+        self.shared.durable.lock().record.set_clean(true)
+    }
+}
+
+impl Shared {
+    fn is_local(&self, slot: u64) -> bool {
+        self.local
+            .get((slot / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (slot % 64)) != 0)
+    }
+
+    /// Sets the local bit; true when it was not set before.
+    fn mark_local(&self, slot: u64) -> bool {
+        let Some(w) = self.local.get((slot / 64) as usize) else {
+            return false;
+        };
+        let bit = 1u64 << (slot % 64);
+        if w.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
+            return false;
+        }
+        if let Some(k) = self.owner(slot) {
+            self.file_local[k].fetch_add(1, Ordering::AcqRel);
+        }
+        self.local_chunks.fetch_add(1, Ordering::Relaxed);
+        let raw = self.table.get(slot).map_or(0, |e| u64::from(e.raw_len));
+        self.local_bytes.fetch_add(raw, Ordering::Relaxed);
+        true
+    }
+
+    fn owner(&self, slot: u64) -> Option<usize> {
+        let k = self
+            .files
+            .partition_point(|f| f.first_chunk <= slot)
+            .checked_sub(1)?;
+        let f = &self.files[k];
+        (slot < f.first_chunk + f.chunks).then_some(k)
+    }
+
+    fn data_path(&self, inode: u32) -> PathBuf {
+        self.data_dir.join(inode.to_string())
+    }
+
+    /// The open backing file of `inode`, created (sparse, full length) on first use.
+    fn handle(&self, inode: u32, size: u64) -> Result<(Arc<File>, bool), CacheError> {
+        let mut h = self.handles.lock();
+        if let Some(f) = h.get(&inode) {
+            return Ok((Arc::clone(f), false));
+        }
+        let path = self.data_path(inode);
+        let existed = path.exists();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .and_then(|f| {
+                if f.metadata()?.len() != size {
+                    f.set_len(size)?;
+                }
+                Ok(f)
+            })
+            .map_err(|error| CacheError::Io {
+                path: path.clone(),
+                what: "opening the backing file",
+                error,
+            })?;
+        let file = Arc::new(file);
+        h.insert(inode, Arc::clone(&file));
+        Ok((file, !existed))
+    }
+
+    fn flush_loop(&self) {
+        loop {
+            {
+                let mut d = self.durable.lock();
+                if !self.stop.load(Ordering::Acquire) && d.pending.slots.len() < FLUSH_BATCH {
+                    self.wake.wait_for(&mut d, FLUSH_INTERVAL);
+                }
+            }
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            if let Err(e) = self.flush() {
+                tracing::error!(error = %e, "flushing the chunk cache failed; will retry");
+            }
+        }
+    }
+
+    fn flush(&self) -> Result<(), CacheError> {
+        let (slots, files, created) = {
+            let mut d = self.durable.lock();
+            if d.pending.slots.is_empty() {
+                return Ok(());
+            }
+            let p = std::mem::replace(
+                &mut d.pending,
+                Pending {
+                    slots: Vec::new(),
+                    files: HashSet::new(),
+                    created: false,
+                },
+            );
+            (p.slots, p.files, p.created)
+        };
+        let result = self.make_durable(&files, created);
+        let mut d = self.durable.lock();
+        if let Err(e) = result {
+            // Put the batch back: it is recorded by a later flush or never.
+            d.pending.slots.extend(slots);
+            d.pending.files.extend(files);
+            d.pending.created |= created;
+            return Err(e);
+        }
+        let mut touched: Vec<usize> = Vec::with_capacity(slots.len());
+        for slot in &slots {
+            let wi = (*slot / 64) as usize;
+            if let Some(w) = d.words.get_mut(wi) {
+                *w |= 1 << (slot % 64);
+                touched.push(wi);
+            }
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for wi in touched {
+            let word = d.words[wi];
+            d.record.write_word(wi, word)?;
+        }
+        d.record.sync()?;
+        self.durable_chunks
+            .fetch_add(slots.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn make_durable(&self, files: &HashSet<u32>, created: bool) -> Result<(), CacheError> {
+        for inode in files {
+            let f = self.handles.lock().get(inode).cloned();
+            if let Some(f) = f {
+                f.sync_data().map_err(|error| CacheError::Io {
+                    path: self.data_path(*inode),
+                    what: "syncing the backing file",
+                    error,
+                })?;
+            }
+        }
+        if created {
+            record::sync_dir(&self.data_dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads back a recorded chunk and checks its digest.
+fn check_stored(
+    files: &[FileSlots],
+    table: &ChunkTable,
+    chunk_size: u64,
+    data_path: &dyn Fn(u32) -> PathBuf,
+    slot: u64,
+) -> bool {
+    let Some(k) = files
+        .partition_point(|f| f.first_chunk <= slot)
+        .checked_sub(1)
+    else {
+        return false;
+    };
+    let f = files[k];
+    let Some(entry) = table.get(slot) else {
+        return false;
+    };
+    if slot >= f.first_chunk + f.chunks {
+        return false;
+    }
+    let Ok(file) = File::open(data_path(f.inode)) else {
+        return false;
+    };
+    let mut buf = vec![0u8; entry.raw_len as usize];
+    file.read_exact_at(&mut buf, (slot - f.first_chunk) * chunk_size)
+        .is_ok()
+        && Digest::of(&buf) == entry.digest
+}
+
+fn try_lock(f: &File) -> bool {
+    // SAFETY: `f` is an open file descriptor for the duration of the call; flock has no
+    // other preconditions.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// One image cache found under a cache directory.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CacheInfo {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// The root digest it is keyed by (the directory name).
+    pub root: String,
+    /// Chunk slots of the image, from the record (0 when the record is unreadable).
+    pub chunks_total: u64,
+    /// Chunks the record claims.
+    pub chunks_recorded: u64,
+    /// Bytes the cache occupies on disk.
+    pub bytes_on_disk: u64,
+    /// True when the last mount shut down cleanly.
+    pub clean: bool,
+    /// True when a mount holds it now.
+    pub in_use: bool,
+}
+
+/// Lists the image caches under `cache_dir`.
+pub fn stat_dir(cache_dir: &Path) -> Result<Vec<CacheInfo>, CacheError> {
+    let io_err = |error| CacheError::Io {
+        path: cache_dir.to_path_buf(),
+        what: "listing the cache directory",
+        error,
+    };
+    let mut out = Vec::new();
+    for e in fs::read_dir(cache_dir).map_err(io_err)? {
+        let e = e.map_err(io_err)?;
+        let dir = e.path();
+        let rec = dir.join("record");
+        if !rec.is_file() {
+            continue;
+        }
+        let bytes = fs::read(&rec).unwrap_or_default();
+        let header = record::RecordHeader::decode(&bytes);
+        let recorded = bytes
+            .get(record::RECORD_HEADER_LEN as usize..)
+            .unwrap_or_default()
+            .chunks_exact(8)
+            .map(|w| w.iter().map(|b| b.count_ones() as u64).sum::<u64>())
+            .sum();
+        let in_use = OpenOptions::new()
+            .write(true)
+            .open(dir.join("lock"))
+            .map(|f| !try_lock(&f))
+            .unwrap_or(false);
+        out.push(CacheInfo {
+            root: e.file_name().to_string_lossy().into_owned(),
+            chunks_total: header.map_or(0, |h| h.chunk_count),
+            chunks_recorded: recorded,
+            bytes_on_disk: disk_usage(&dir),
+            clean: header.is_some_and(|h| h.clean),
+            in_use,
+            dir,
+        });
+    }
+    out.sort_by(|a, b| a.root.cmp(&b.root));
+    Ok(out)
+}
+
+/// Removes every image cache under `cache_dir` that no mount is using; returns the removed
+/// directories. Caches in use are left alone and reported as an error after the rest are
+/// removed.
+pub fn clear_dir(cache_dir: &Path) -> Result<Vec<PathBuf>, CacheError> {
+    let mut removed = Vec::new();
+    let mut busy = None;
+    for info in stat_dir(cache_dir)? {
+        if info.in_use {
+            busy = Some(info.dir);
+            continue;
+        }
+        fs::remove_dir_all(&info.dir).map_err(|error| CacheError::Io {
+            path: info.dir.clone(),
+            what: "removing the image cache",
+            error,
+        })?;
+        removed.push(info.dir);
+    }
+    match busy {
+        Some(path) => Err(CacheError::InUse { path }),
+        None => Ok(removed),
+    }
+}
+
+fn disk_usage(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += m.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+impl Drop for ChunkCache {
+    /// The last handle stops the background flush and records what is durable, but leaves
+    /// the record marked unclean unless [`ChunkCache::close`] ran.
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.flusher) != 1 {
+            return;
+        }
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake.notify_all();
+        if let Some(h) = self.flusher.lock().take() {
+            let _ = h.join();
+        }
+        if let Err(e) = self.shared.flush() {
+            tracing::error!(error = %e, "flushing the chunk cache on drop failed");
+        }
+    }
+}

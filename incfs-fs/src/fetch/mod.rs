@@ -1,0 +1,505 @@
+//! The fetch scheduler: brings chunks from the source into the cache, verified.
+//!
+//! One scheduler per mount, with three queues in strict priority order: demand (a reader is
+//! blocked), prefetch (the plan asked), background (everything else). Callers
+//! [`Fetcher::submit`] slots at a priority (a later prefetcher uses this) or
+//! [`Fetcher::fetch`] them and block until they are local.
+//!
+//! Worker threads take the first slot of the highest non-empty queue and extend it with the
+//! queued slots that follow it in the image's data section (any priority), up to
+//! [`FetchConfig::max_request_bytes`], so adjacent missing chunks travel as one range
+//! request. Worker 0 serves only demand, so a miss never waits behind a prefetch.
+//!
+//! A slot is queued or in flight at most once: concurrent readers of one chunk cause one
+//! fetch. Every chunk is decoded and checked against its digest ([`decode_chunk`]) before
+//! it is stored; bytes that do not match are never stored or returned. Failed requests and
+//! chunks that do not verify are retried with exponential backoff, up to
+//! [`FetchConfig::max_attempts`] and [`FetchConfig::retry_timeout`]; then the slot fails
+//! and its waiters get a [`FetchError`].
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::cache::ChunkCache;
+use crate::format::{ChunkTable, decode_chunk};
+use crate::source::{RequestKind, Source};
+
+/// Tunables of the scheduler.
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    /// Worker threads (at least 2: worker 0 serves demand only). Default 4: requests are
+    /// I/O-bound, and four in flight keep a loopback or LAN link busy on two cores.
+    pub workers: usize,
+    /// Largest range request, in stored bytes. Default 4 MiB: large enough that a request's
+    /// fixed cost (one round trip) is small next to its transfer on a 100 Mbit link, small
+    /// enough that a demand read never waits long behind one.
+    pub max_request_bytes: u64,
+    /// Attempts per chunk before it fails. Default 5.
+    pub max_attempts: u32,
+    /// Wait before the first retry; doubles each time. Default 50 ms.
+    pub initial_backoff: Duration,
+    /// Longest wait between retries. Default 2 s.
+    pub max_backoff: Duration,
+    /// Longest time spent retrying one request before its chunks fail. Default 30 s.
+    pub retry_timeout: Duration,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            workers: 4,
+            max_request_bytes: 4 * 1024 * 1024,
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+            retry_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why a chunk is wanted, highest priority first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    /// A reader is blocked on it.
+    Demand = 0,
+    /// The prefetch plan names it.
+    Prefetch = 1,
+    /// Anything else (background fill).
+    Background = 2,
+}
+
+impl Priority {
+    fn kind(self) -> RequestKind {
+        match self {
+            Priority::Demand => RequestKind::Demand,
+            Priority::Prefetch => RequestKind::Prefetch,
+            Priority::Background => RequestKind::Background,
+        }
+    }
+}
+
+/// A chunk could not be brought in.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("chunk slot {slot}: {reason}")]
+pub struct FetchError {
+    /// The slot.
+    pub slot: u64,
+    /// The last error seen.
+    pub reason: Arc<str>,
+}
+
+/// Counters of the scheduler.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FetchStats {
+    /// Bytes received from the source.
+    pub bytes_fetched: u64,
+    /// Range requests sent (retries included).
+    pub requests: u64,
+    /// Chunks fetched, verified and stored.
+    pub chunks_fetched: u64,
+    /// Failed requests plus chunks that did not verify.
+    pub fetch_errors: u64,
+    /// Chunks given up on after retries.
+    pub chunks_failed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Queued(Priority),
+    InFlight,
+}
+
+#[derive(Default)]
+struct State {
+    slots: HashMap<u64, SlotState>,
+    queues: [VecDeque<u64>; 3],
+    failed: HashMap<u64, Arc<str>>,
+}
+
+struct Inner {
+    source: Arc<dyn Source>,
+    data_offset: u64,
+    table: Arc<ChunkTable>,
+    cache: ChunkCache,
+    config: FetchConfig,
+    state: Mutex<State>,
+    /// Wakes workers when work is queued.
+    work: Condvar,
+    /// Wakes waiters when slots finish.
+    done: Condvar,
+    shutdown: AtomicBool,
+    bytes_fetched: AtomicU64,
+    requests: AtomicU64,
+    chunks_fetched: AtomicU64,
+    fetch_errors: AtomicU64,
+    chunks_failed: AtomicU64,
+}
+
+/// The scheduler. Dropping it stops the workers.
+pub struct Fetcher {
+    inner: Arc<Inner>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Fetcher {
+    /// Starts a scheduler that reads chunks of `table` (whose data section starts at
+    /// `data_offset`) from `source` into `cache`.
+    pub fn new(
+        source: Arc<dyn Source>,
+        data_offset: u64,
+        table: Arc<ChunkTable>,
+        cache: ChunkCache,
+        config: FetchConfig,
+    ) -> std::io::Result<Self> {
+        let n = config.workers.max(2);
+        let inner = Arc::new(Inner {
+            source,
+            data_offset,
+            table,
+            cache,
+            config,
+            state: Mutex::new(State::default()),
+            work: Condvar::new(),
+            done: Condvar::new(),
+            shutdown: AtomicBool::new(false),
+            bytes_fetched: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            chunks_fetched: AtomicU64::new(0),
+            fetch_errors: AtomicU64::new(0),
+            chunks_failed: AtomicU64::new(0),
+        });
+        let mut workers = Vec::with_capacity(n);
+        for i in 0..n {
+            let inner = Arc::clone(&inner);
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("incfs-fetch-{i}"))
+                    .spawn(move || inner.worker(i == 0))?,
+            );
+        }
+        Ok(Fetcher { inner, workers })
+    }
+
+    /// Queues the slots that are not local at `priority` (raising the priority of slots
+    /// already queued lower) and returns at once.
+    pub fn submit(&self, slots: &[u64], priority: Priority) {
+        let inner = &self.inner;
+        let mut st = inner.state.lock();
+        let mut added = false;
+        for &slot in slots {
+            if inner.cache.is_local(slot) || slot >= inner.table.len() {
+                continue;
+            }
+            st.failed.remove(&slot);
+            match st.slots.get(&slot) {
+                Some(SlotState::InFlight) => continue,
+                Some(SlotState::Queued(p)) if *p <= priority => continue,
+                _ => {}
+            }
+            st.slots.insert(slot, SlotState::Queued(priority));
+            st.queues[priority as usize].push_back(slot);
+            added = true;
+        }
+        if added {
+            inner.work.notify_all();
+        }
+    }
+
+    /// Fetches the slots that are not local at `priority` and blocks until all are local,
+    /// or returns the first failure.
+    pub fn fetch(&self, slots: &[u64], priority: Priority) -> Result<(), FetchError> {
+        self.submit(slots, priority);
+        let inner = &self.inner;
+        let mut st = inner.state.lock();
+        loop {
+            let mut all_local = true;
+            for &slot in slots {
+                if inner.cache.is_local(slot) {
+                    continue;
+                }
+                if let Some(reason) = st.failed.get(&slot) {
+                    return Err(FetchError {
+                        slot,
+                        reason: Arc::clone(reason),
+                    });
+                }
+                if slot >= inner.table.len() {
+                    return Err(FetchError {
+                        slot,
+                        reason: "no such chunk slot".into(),
+                    });
+                }
+                if let std::collections::hash_map::Entry::Vacant(e) = st.slots.entry(slot) {
+                    // Finished without becoming local and without a recorded failure (the
+                    // failure was cleared by another submit): queue it again.
+                    e.insert(SlotState::Queued(priority));
+                    st.queues[priority as usize].push_back(slot);
+                    inner.work.notify_all();
+                }
+                all_local = false;
+            }
+            if all_local {
+                return Ok(());
+            }
+            if inner.shutdown.load(Ordering::Acquire) {
+                return Err(FetchError {
+                    slot: slots.first().copied().unwrap_or(0),
+                    reason: "the file system is shutting down".into(),
+                });
+            }
+            inner.done.wait(&mut st);
+        }
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> FetchStats {
+        let i = &self.inner;
+        FetchStats {
+            bytes_fetched: i.bytes_fetched.load(Ordering::Relaxed),
+            requests: i.requests.load(Ordering::Relaxed),
+            chunks_fetched: i.chunks_fetched.load(Ordering::Relaxed),
+            fetch_errors: i.fetch_errors.load(Ordering::Relaxed),
+            chunks_failed: i.chunks_failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Slots queued or in flight now.
+    pub fn pending(&self) -> usize {
+        self.inner.state.lock().slots.len()
+    }
+
+    /// The cache this scheduler fills.
+    pub fn cache(&self) -> &ChunkCache {
+        &self.inner.cache
+    }
+}
+
+impl Drop for Fetcher {
+    fn drop(&mut self) {
+        self.inner.shutdown.store(true, Ordering::Release);
+        {
+            let _st = self.inner.state.lock();
+            self.inner.work.notify_all();
+            self.inner.done.notify_all();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Inner {
+    fn worker(&self, demand_only: bool) {
+        loop {
+            let (batch, priority) = {
+                let mut st = self.state.lock();
+                loop {
+                    if self.shutdown.load(Ordering::Acquire) {
+                        return;
+                    }
+                    if let Some(b) = self.pick(&mut st, demand_only) {
+                        break b;
+                    }
+                    self.work.wait(&mut st);
+                }
+            };
+            self.run(batch, priority);
+        }
+    }
+
+    /// Takes the next run of stored-adjacent queued slots, marking them in flight.
+    fn pick(&self, st: &mut State, demand_only: bool) -> Option<(Vec<u64>, Priority)> {
+        let prios: &[Priority] = if demand_only {
+            &[Priority::Demand]
+        } else {
+            &[Priority::Demand, Priority::Prefetch, Priority::Background]
+        };
+        for &p in prios {
+            while let Some(first) = st.queues[p as usize].pop_front() {
+                if st.slots.get(&first) != Some(&SlotState::Queued(p)) {
+                    continue; // stale entry: raised, in flight or done
+                }
+                if self.cache.is_local(first) {
+                    st.slots.remove(&first);
+                    continue;
+                }
+                st.slots.insert(first, SlotState::InFlight);
+                let mut batch = vec![first];
+                let Some(mut prev) = self.table.get(first).copied() else {
+                    continue;
+                };
+                let mut bytes = u64::from(prev.stored_len);
+                let mut next = first + 1;
+                while let Some(e) = self.table.get(next) {
+                    let adjacent =
+                        e.stored_offset == prev.stored_offset + u64::from(prev.stored_len);
+                    let queued = matches!(st.slots.get(&next), Some(SlotState::Queued(_)));
+                    if !adjacent
+                        || !queued
+                        || bytes + u64::from(e.stored_len) > self.config.max_request_bytes
+                    {
+                        break;
+                    }
+                    st.slots.insert(next, SlotState::InFlight);
+                    batch.push(next);
+                    bytes += u64::from(e.stored_len);
+                    prev = *e;
+                    next += 1;
+                }
+                return Some((batch, p));
+            }
+        }
+        None
+    }
+
+    /// Fetches, verifies and stores `batch`, retrying what fails; then releases the slots.
+    fn run(&self, batch: Vec<u64>, priority: Priority) {
+        let started = Instant::now();
+        let mut remaining = batch;
+        let mut backoff = self.config.initial_backoff;
+        let mut attempt = 1;
+        loop {
+            let mut retry = Vec::new();
+            let mut last_error = String::new();
+            for run in contiguous_runs(&self.table, &remaining) {
+                match self.fetch_run(&run, priority) {
+                    Ok(bad) => {
+                        for (slot, why) in bad {
+                            last_error = why;
+                            retry.push(slot);
+                        }
+                    }
+                    Err((why, retryable)) => {
+                        last_error = why;
+                        if retryable {
+                            retry.extend(run);
+                        } else {
+                            self.fail(&run, &last_error);
+                        }
+                    }
+                }
+            }
+            if retry.is_empty() {
+                return;
+            }
+            if attempt >= self.config.max_attempts
+                || started.elapsed() + backoff > self.config.retry_timeout
+                || self.shutdown.load(Ordering::Acquire)
+            {
+                self.fail(
+                    &retry,
+                    &format!("gave up after {attempt} attempts: {last_error}"),
+                );
+                return;
+            }
+            tracing::debug!(attempt, slots = retry.len(), error = %last_error, "retrying chunks");
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(self.config.max_backoff);
+            attempt += 1;
+            remaining = retry;
+        }
+    }
+
+    /// One range request for `run`. Returns the chunks that did not verify (to retry), or
+    /// the request's error and whether it is worth retrying.
+    fn fetch_run(
+        &self,
+        run: &[u64],
+        priority: Priority,
+    ) -> Result<Vec<(u64, String)>, (String, bool)> {
+        let (Some(first), Some(last)) = (
+            run.first().and_then(|s| self.table.get(*s)),
+            run.last().and_then(|s| self.table.get(*s)),
+        ) else {
+            return Err(("empty run".into(), false));
+        };
+        let start = first.stored_offset;
+        let len = last.stored_offset + u64::from(last.stored_len) - start;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let bytes = match self
+            .source
+            .read_range(self.data_offset + start, len, priority.kind())
+        {
+            Ok(b) => b,
+            Err(e) => {
+                self.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(source = %self.source.describe(), offset = start, len, error = %e, "range request failed");
+                return Err((e.to_string(), e.is_retryable()));
+            }
+        };
+        self.bytes_fetched
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        if bytes.len() as u64 != len {
+            self.fetch_errors.fetch_add(1, Ordering::Relaxed);
+            return Err((
+                format!("source returned {} bytes for a range of {len}", bytes.len()),
+                true,
+            ));
+        }
+        let mut bad = Vec::new();
+        let mut done = Vec::with_capacity(run.len());
+        for &slot in run {
+            let Some(e) = self.table.get(slot) else {
+                continue;
+            };
+            let at = (e.stored_offset - start) as usize;
+            let stored = &bytes[at..at + e.stored_len as usize];
+            match decode_chunk(slot, e, stored) {
+                Ok(raw) => match self.cache.store(slot, &raw) {
+                    Ok(()) => {
+                        self.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+                        done.push(slot);
+                    }
+                    Err(err) => {
+                        tracing::error!(slot, error = %err, "storing a verified chunk failed");
+                        self.fail(&[slot], &err.to_string());
+                    }
+                },
+                Err(err) => {
+                    self.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(slot, source = %self.source.describe(), error = %err, "chunk did not verify; not using its bytes");
+                    bad.push((slot, err.to_string()));
+                }
+            }
+        }
+        if !done.is_empty() {
+            let mut st = self.state.lock();
+            for slot in done {
+                st.slots.remove(&slot);
+            }
+            self.done.notify_all();
+        }
+        Ok(bad)
+    }
+
+    fn fail(&self, slots: &[u64], reason: &str) {
+        let reason: Arc<str> = reason.into();
+        let mut st = self.state.lock();
+        for &slot in slots {
+            st.slots.remove(&slot);
+            st.failed.insert(slot, Arc::clone(&reason));
+            self.chunks_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.done.notify_all();
+    }
+}
+
+/// Splits `slots` (ascending) into runs whose stored bytes are adjacent.
+fn contiguous_runs(table: &ChunkTable, slots: &[u64]) -> Vec<Vec<u64>> {
+    let mut out: Vec<Vec<u64>> = Vec::new();
+    let mut end = None;
+    for &slot in slots {
+        let Some(e) = table.get(slot) else { continue };
+        match (out.last_mut(), end) {
+            (Some(run), Some(prev_end)) if e.stored_offset == prev_end => run.push(slot),
+            _ => out.push(vec![slot]),
+        }
+        end = Some(e.stored_offset + u64::from(e.stored_len));
+    }
+    out
+}

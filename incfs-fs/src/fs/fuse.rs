@@ -1,0 +1,393 @@
+//! The FUSE adapter: a thin [`fuser::Filesystem`] over [`IncFs`].
+//!
+//! Each handler is one span, one call into [`IncFs`], one reply; errors become errnos in one
+//! place ([`ToErrno`]). The session runs several event-loop threads (fuser's `n_threads`,
+//! each with its own cloned `/dev/fuse` fd), so one read blocked on a miss does not stall
+//! the others. Regular files are opened with `FOPEN_KEEP_CACHE` (content never changes),
+//! or with passthrough when [`IncFs::open`] says so; the backing id of a passthrough inode is
+//! shared by all its live opens, as the kernel requires.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use fuser::{
+    BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    SessionACL,
+};
+use parking_lot::Mutex;
+use tracing::instrument;
+
+use super::{Attr, FsError, IncFs, NodeKind, OpenMode};
+
+/// How long the kernel may cache attributes and entries: the tree never changes.
+const TTL: Duration = Duration::from_secs(3600);
+/// Readahead asked of the kernel: 1 MiB, so sequential reads arrive in large requests.
+const MAX_READAHEAD: u32 = 1024 * 1024;
+
+/// Maps an error of the core to the errno a reader sees.
+pub trait ToErrno {
+    /// The errno.
+    fn to_errno(&self) -> Errno;
+}
+
+impl ToErrno for FsError {
+    fn to_errno(&self) -> Errno {
+        match self {
+            FsError::NotFound => Errno::ENOENT,
+            FsError::NotDir => Errno::ENOTDIR,
+            FsError::IsDir => Errno::EISDIR,
+            FsError::NotSymlink => Errno::EINVAL,
+            FsError::NoXattr => Errno::NO_XATTR,
+            FsError::BadHandle(_) => Errno::EBADF,
+            FsError::ModeConflict => Errno::EIO,
+            FsError::Fetch { .. } => Errno::EIO,
+            FsError::Cache(_) => Errno::EIO,
+            FsError::Meta { .. } => Errno::EIO,
+            FsError::Thread(_) => Errno::EIO,
+        }
+    }
+}
+
+/// Options of a FUSE mount.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Event-loop threads. Default 4: enough that a few blocked misses leave threads free
+    /// for cached reads on a two-core machine.
+    pub threads: usize,
+    /// Let other users access the mount (`allow_other`). Default off.
+    pub allow_other: bool,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            threads: 4,
+            allow_other: false,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Backings {
+    by_inode: HashMap<u64, Weak<BackingId>>,
+    by_handle: HashMap<u64, Arc<BackingId>>,
+}
+
+/// The [`fuser::Filesystem`] over an [`IncFs`].
+pub struct FuseFs {
+    fs: Arc<IncFs>,
+    backings: Mutex<Backings>,
+}
+
+impl FuseFs {
+    /// Wraps `fs`.
+    pub fn new(fs: Arc<IncFs>) -> Self {
+        FuseFs {
+            fs,
+            backings: Mutex::new(Backings::default()),
+        }
+    }
+}
+
+/// The fuser session configuration incfs mounts with: read-only, named after the source,
+/// several event loops with cloned fds.
+pub fn session_config(source: &str, opts: &MountOptions) -> Config {
+    let mut cfg = Config::default();
+    cfg.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(format!("incfs:{source}").replace(',', "_")),
+        MountOption::Subtype("incfs".into()),
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::DefaultPermissions,
+    ];
+    if opts.allow_other {
+        cfg.acl = SessionACL::All;
+    }
+    cfg.n_threads = Some(opts.threads.max(1));
+    cfg.clone_fd = true;
+    cfg
+}
+
+/// Mounts `fs` at `mountpoint`; the caller runs the returned session
+/// ([`fuser::Session::run`] in the foreground, or `spawn`).
+pub fn new_session(
+    fs: Arc<IncFs>,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> io::Result<fuser::Session<FuseFs>> {
+    let cfg = session_config(&fs.source_name, opts);
+    fuser::Session::new(FuseFs::new(fs), mountpoint, &cfg).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("mounting FUSE at {}: {e}", mountpoint.display()),
+        )
+    })
+}
+
+/// Mounts `fs` at `mountpoint` and serves it on background threads until the returned
+/// session is dropped or unmounted.
+pub fn spawn_mount(
+    fs: Arc<IncFs>,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> io::Result<fuser::BackgroundSession> {
+    new_session(fs, mountpoint, opts)?.spawn()
+}
+
+fn file_type(k: NodeKind) -> FileType {
+    match k {
+        NodeKind::Dir => FileType::Directory,
+        NodeKind::File => FileType::RegularFile,
+        NodeKind::Symlink => FileType::Symlink,
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.mtime,
+        crtime: a.mtime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn reply_xattr(value: &[u8], size: u32, reply: ReplyXattr) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if value.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(value);
+    }
+}
+
+impl Filesystem for FuseFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        if config
+            .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
+            .is_err()
+            || config.set_max_stack_depth(1).is_err()
+        {
+            tracing::warn!(
+                "the kernel offers no FUSE passthrough; local files are served through incfs"
+            );
+            self.fs.disable_passthrough();
+        }
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS | InitFlags::FUSE_PARALLEL_DIROPS);
+        if let Err(max) = config.set_max_readahead(MAX_READAHEAD) {
+            let _ = config.set_max_readahead(max);
+        }
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Err(e) = self.fs.shutdown() {
+            tracing::error!(error = %e, "closing the cache on unmount failed");
+        }
+    }
+
+    #[instrument(skip_all, fields(req = req.unique().0, ino = parent.0))]
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.fs.lookup(parent.0, name.as_bytes()) {
+            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            Err(e) => reply.error(e.to_errno()),
+        }
+    }
+
+    #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0))]
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Err(e) => reply.error(e.to_errno()),
+        }
+    }
+
+    #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0))]
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(ino.0) {
+            Ok(t) => reply.data(t),
+            Err(e) => reply.error(e.to_errno()),
+        }
+    }
+
+    #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0))]
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            reply.error(Errno::EROFS);
+            return;
+        }
+        let (fh, mode) = match self.fs.open(ino.0) {
+            Ok(x) => x,
+            Err(e) => return reply.error(e.to_errno()),
+        };
+        match mode {
+            OpenMode::Cached => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            OpenMode::Direct => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+            OpenMode::Passthrough(file) => {
+                let mut b = self.backings.lock();
+                let id = match b.by_inode.get(&ino.0).and_then(Weak::upgrade) {
+                    Some(id) => Ok(id),
+                    None => reply.open_backing(&file).map(Arc::new),
+                };
+                match id {
+                    Ok(id) => {
+                        b.by_inode.insert(ino.0, Arc::downgrade(&id));
+                        b.by_handle.insert(fh, Arc::clone(&id));
+                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "registering a passthrough backing file failed; serving it cached");
+                        match self.fs.passthrough_failed(fh) {
+                            Ok(()) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                            Err(e) => {
+                                self.fs.release(fh);
+                                reply.error(e.to_errno());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0, offset, size))]
+    fn read(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.fs.read(ino.0, fh.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e.to_errno()),
+        }
+    }
+
+    #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0))]
+    fn flush(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0))]
+    fn release(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(fh.0);
+        let mut b = self.backings.lock();
+        if b.by_handle.remove(&fh.0).is_some()
+            && b.by_inode
+                .get(&ino.0)
+                .is_some_and(|w| w.strong_count() == 0)
+        {
+            b.by_inode.remove(&ino.0);
+        }
+        reply.ok();
+    }
+
+    #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0))]
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.getattr(ino.0) {
+            Ok(a) if a.kind == NodeKind::Dir => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR)
+            }
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(e.to_errno()),
+        }
+    }
+
+    #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0, offset))]
+    fn readdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        match self.fs.readdir(ino.0, offset) {
+            Ok(items) => {
+                for it in items {
+                    if reply.add(
+                        INodeNo(it.ino),
+                        it.next_offset,
+                        file_type(it.kind),
+                        OsStr::from_bytes(&it.name),
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(e.to_errno()),
+        }
+    }
+
+    #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0))]
+    fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let (blocks, files) = self.fs.statfs();
+        reply.statfs(blocks, 0, 0, files, 0, 4096, 255, 4096);
+    }
+
+    #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0))]
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.fs.getxattr(ino.0, name.as_bytes()) {
+            Ok(v) => reply_xattr(v, size, reply),
+            Err(e) => reply.error(e.to_errno()),
+        }
+    }
+
+    #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0))]
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.fs.listxattr(ino.0) {
+            Ok(v) => reply_xattr(&v, size, reply),
+            Err(e) => reply.error(e.to_errno()),
+        }
+    }
+
+    #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0))]
+    fn access(&self, req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        match self.fs.getattr(ino.0) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e.to_errno()),
+        }
+    }
+}

@@ -1,0 +1,823 @@
+//! The file system core: what the FUSE adapter ([`fuse`]) asks, answered without a mount.
+//!
+//! [`IncFs`] serves all metadata (lookup, getattr, readdir, readlink, statfs, xattrs) from
+//! the manifest, with no round trip to the source after mount. A read works out which chunk
+//! slots it covers, asks the [`Fetcher`] for the missing ones (demand priority, blocking),
+//! and then reads the bytes from the backing cache. An open decides between a cached open
+//! and FUSE passthrough (see [`IncFs::open`]).
+//!
+//! Inode numbers: manifest inode `i` is FUSE inode `i + 1` (so the root is 1). The control
+//! directory `.incfs` in the root and its files `stats` and `read-log` take the three
+//! numbers after the last manifest inode. `stats` is JSON ([`Stats`]); `read-log` is one JSON
+//! object per line, `{"ns":…,"path":"rel/path","offset":…,"len":…,"result":"hit"|"miss"}`,
+//! one per read that reached the file system (`ns`: nanoseconds since the Unix epoch).
+
+pub mod fuse;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+
+use crate::cache::{CacheError, ChunkCache, RecoveryReport};
+use crate::fetch::{FetchConfig, FetchError, FetchStats, Fetcher, Priority};
+use crate::format::{
+    ChunkTable, Digest, FormatError, Header, Inode, InodeKind, Manifest, ROOT_INODE, read_meta,
+};
+use crate::source::{MetaReader, Source};
+
+/// Name of the control directory in the root.
+pub const CONTROL_DIR: &str = ".incfs";
+/// Name of the stats file in the control directory.
+pub const STATS_FILE: &str = "stats";
+/// Name of the read log in the control directory.
+pub const READ_LOG_FILE: &str = "read-log";
+/// Read-log entries kept in memory; older ones are dropped (and counted) beyond this. At
+/// ~100 bytes an entry this bounds the log at ~50 MB, far more than a program start needs.
+pub const READ_LOG_CAPACITY: usize = 500_000;
+
+/// Errors of the core; the FUSE adapter maps each to an errno in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// No such inode or name.
+    #[error("no such file or directory")]
+    NotFound,
+    /// The inode is not a directory.
+    #[error("not a directory")]
+    NotDir,
+    /// The inode is a directory.
+    #[error("is a directory")]
+    IsDir,
+    /// The inode is not a symlink.
+    #[error("not a symbolic link")]
+    NotSymlink,
+    /// No such extended attribute.
+    #[error("no such extended attribute")]
+    NoXattr,
+    /// The file handle is unknown.
+    #[error("bad file handle {0}")]
+    BadHandle(u64),
+    /// A passthrough open could not be downgraded because other passthrough opens are live.
+    #[error("cannot mix passthrough and cached opens of one file")]
+    ModeConflict,
+    /// A chunk could not be fetched (after retries) or did not verify.
+    #[error("{path}: chunk {chunk_index}: {error}")]
+    Fetch {
+        /// The file.
+        path: String,
+        /// The chunk's index in the file.
+        chunk_index: u64,
+        /// What went wrong.
+        error: FetchError,
+    },
+    /// The backing cache failed.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    /// The image's metadata could not be read or did not verify.
+    #[error("reading the image metadata from {source_name}: {error}")]
+    Meta {
+        /// The source.
+        source_name: String,
+        /// What is wrong.
+        error: FormatError,
+    },
+    /// Starting a thread failed.
+    #[error("starting the fetch workers: {0}")]
+    Thread(std::io::Error),
+}
+
+/// What kind of node an inode is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    /// A directory.
+    Dir,
+    /// A regular file.
+    File,
+    /// A symbolic link.
+    Symlink,
+}
+
+/// Attributes of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    /// FUSE inode number.
+    pub ino: u64,
+    /// Kind.
+    pub kind: NodeKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// Permission bits.
+    pub perm: u16,
+    /// Link count.
+    pub nlink: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time.
+    pub mtime: SystemTime,
+}
+
+/// One directory entry as `readdir` returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirItem {
+    /// FUSE inode number.
+    pub ino: u64,
+    /// Offset of the entry after this one (pass it back to continue).
+    pub next_offset: u64,
+    /// Kind.
+    pub kind: NodeKind,
+    /// Name.
+    pub name: Vec<u8>,
+}
+
+/// How an open file is to be served.
+#[derive(Debug)]
+pub enum OpenMode {
+    /// Reads come to [`IncFs::read`]; the page cache is kept across opens.
+    Cached,
+    /// A control file: reads come to [`IncFs::read`] and bypass the page cache (its size is
+    /// not known in advance).
+    Direct,
+    /// The whole file is local: hand this backing file to the kernel (FUSE passthrough).
+    /// If the kernel refuses, call [`IncFs::passthrough_failed`] and serve it cached.
+    Passthrough(File),
+}
+
+/// Tunables of a mount.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// The cache directory (the image's cache is a subdirectory named by its root digest).
+    pub cache_dir: PathBuf,
+    /// Refuse the image unless its root digest is this.
+    pub expect_digest: Option<Digest>,
+    /// The fetch scheduler's tunables.
+    pub fetch: FetchConfig,
+    /// Offer passthrough for fully local files.
+    pub passthrough: bool,
+}
+
+impl FsConfig {
+    /// Defaults with the given cache directory.
+    pub fn new(cache_dir: PathBuf) -> Self {
+        FsConfig {
+            cache_dir,
+            expect_digest: None,
+            fetch: FetchConfig::default(),
+            passthrough: true,
+        }
+    }
+}
+
+/// The counters of `.incfs/stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stats {
+    /// The image's root digest.
+    pub root_digest: String,
+    /// The source, as it describes itself.
+    pub source: String,
+    /// Process id of the daemon serving the mount.
+    pub pid: u32,
+    /// Bytes received from the source since mount.
+    pub bytes_fetched: u64,
+    /// Range requests sent since mount (retries included).
+    pub requests: u64,
+    /// Chunks fetched and verified since mount.
+    pub chunks_fetched: u64,
+    /// Chunk slots local and verified.
+    pub chunks_local: u64,
+    /// Chunk slots the durable record claims (lags `chunks_local` by at most one flush).
+    pub chunks_durable: u64,
+    /// Chunk slots of the image.
+    pub chunks_total: u64,
+    /// Bytes of file data held in the cache.
+    pub bytes_used: u64,
+    /// Reads that found at least one chunk missing.
+    pub demand_misses: u64,
+    /// Reads that waited for the source.
+    pub blocked_reads: u64,
+    /// Total time reads waited for the source, in milliseconds.
+    pub blocked_ms: u64,
+    /// Failed requests plus chunks that did not verify.
+    pub fetch_errors: u64,
+    /// Reads that failed with EIO.
+    pub read_errors: u64,
+    /// Reads served by the file system (passthrough and page-cache hits never arrive).
+    pub reads: u64,
+    /// Opens served with FUSE passthrough.
+    pub passthrough_opens: u64,
+    /// Opens served through the file system.
+    pub cached_opens: u64,
+    /// Chunks re-verified and dropped at mount after an unclean stop.
+    pub recovered_dropped: u64,
+    /// True when the previous mount of this cache stopped uncleanly.
+    pub recovered_unclean: bool,
+    /// Read-log entries dropped because the log was full.
+    pub read_log_dropped: u64,
+}
+
+#[derive(Debug, Clone)]
+struct LogEntry {
+    ns: u64,
+    inode: u32,
+    offset: u64,
+    len: u64,
+    hit: bool,
+}
+
+/// One line of `.incfs/read-log`, fields in this order.
+#[derive(serde::Serialize)]
+struct ReadLogLine<'a> {
+    ns: u64,
+    path: &'a str,
+    offset: u64,
+    len: u64,
+    result: &'static str,
+}
+
+/// What a control file open holds: a snapshot taken at open.
+enum Handle {
+    File { inode: u32, passthrough: bool },
+    Control(Arc<Vec<u8>>),
+}
+
+#[derive(Default)]
+struct OpenCounts {
+    cached: u32,
+    passthrough: u32,
+}
+
+#[derive(Default)]
+struct Counters {
+    demand_misses: AtomicU64,
+    blocked_reads: AtomicU64,
+    blocked_us: AtomicU64,
+    read_errors: AtomicU64,
+    reads: AtomicU64,
+    passthrough_opens: AtomicU64,
+    cached_opens: AtomicU64,
+    read_log_dropped: AtomicU64,
+}
+
+/// The file system core over one image.
+pub struct IncFs {
+    header: Header,
+    manifest: Manifest,
+    table: Arc<ChunkTable>,
+    source_name: String,
+    fetcher: Fetcher,
+    cache: ChunkCache,
+    /// Parent of each directory inode (manifest index).
+    parents: Vec<u32>,
+    /// First path of each inode (lossy UTF-8), for logs and the read log.
+    paths: Vec<Arc<str>>,
+    passthrough: AtomicBool,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    opens: Mutex<HashMap<u32, OpenCounts>>,
+    read_log: Mutex<Vec<LogEntry>>,
+    counters: Counters,
+    mount_time: SystemTime,
+}
+
+impl IncFs {
+    /// Reads and verifies the image's metadata from `source`, opens its cache and starts the
+    /// fetch workers. Fails when the source is unreachable or the image does not verify.
+    pub fn new(source: Arc<dyn Source>, config: &FsConfig) -> Result<Self, FsError> {
+        let source_name = source.describe();
+        let (header, manifest, table) =
+            read_meta(&MetaReader(&*source), config.expect_digest.as_ref()).map_err(|error| {
+                FsError::Meta {
+                    source_name: source_name.clone(),
+                    error,
+                }
+            })?;
+        let table = Arc::new(table);
+        let cache = ChunkCache::open(
+            &config.cache_dir,
+            &header.root_digest,
+            &manifest,
+            Arc::clone(&table),
+        )?;
+        let fetcher = Fetcher::new(
+            source,
+            header.data_offset,
+            Arc::clone(&table),
+            cache.clone(),
+            config.fetch.clone(),
+        )
+        .map_err(FsError::Thread)?;
+        let n = manifest.inodes.len();
+        let mut parents = vec![ROOT_INODE; n];
+        let mut paths: Vec<Arc<str>> = vec![Arc::from(""); n];
+        let mut named = vec![false; n];
+        for (path, inode) in manifest.walk() {
+            if let Some(InodeKind::Dir { entries }) =
+                manifest.inodes.get(inode as usize).map(|i| &i.kind)
+            {
+                for e in entries {
+                    if let Some(p) = parents.get_mut(e.inode as usize) {
+                        *p = inode;
+                    }
+                }
+            }
+            if !std::mem::replace(&mut named[inode as usize], true) {
+                paths[inode as usize] = Arc::from(String::from_utf8_lossy(&path).as_ref());
+            }
+        }
+        if let Some(InodeKind::Dir { entries }) = manifest.inodes.first().map(|i| &i.kind) {
+            for e in entries {
+                if let (Some(p), Some(InodeKind::Dir { .. })) = (
+                    parents.get_mut(e.inode as usize),
+                    manifest.inodes.get(e.inode as usize).map(|i| &i.kind),
+                ) {
+                    *p = ROOT_INODE;
+                }
+            }
+        }
+        tracing::info!(
+            root = %header.root_digest,
+            source = %source_name,
+            cache = %cache.dir().display(),
+            inodes = n,
+            chunks = table.len(),
+            local = cache.local_chunks(),
+            "image opened"
+        );
+        Ok(IncFs {
+            header,
+            manifest,
+            table,
+            source_name,
+            fetcher,
+            cache,
+            parents,
+            paths,
+            passthrough: AtomicBool::new(config.passthrough),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            opens: Mutex::new(HashMap::new()),
+            read_log: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+            mount_time: SystemTime::now(),
+        })
+    }
+
+    /// The image's root digest.
+    pub fn root_digest(&self) -> Digest {
+        self.header.root_digest
+    }
+
+    /// The fetch scheduler (for a prefetcher to [`Fetcher::submit`] to).
+    pub fn fetcher(&self) -> &Fetcher {
+        &self.fetcher
+    }
+
+    /// The backing cache.
+    pub fn cache(&self) -> &ChunkCache {
+        &self.cache
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Turns passthrough off (the kernel does not offer it).
+    pub fn disable_passthrough(&self) {
+        self.passthrough.store(false, Ordering::Relaxed);
+    }
+
+    /// Records everything in the cache and marks it cleanly shut down (on unmount).
+    pub fn shutdown(&self) -> Result<(), FsError> {
+        self.cache.close()?;
+        Ok(())
+    }
+
+    fn control_ino(&self) -> u64 {
+        self.manifest.inodes.len() as u64 + 1
+    }
+    fn stats_ino(&self) -> u64 {
+        self.control_ino() + 1
+    }
+    fn read_log_ino(&self) -> u64 {
+        self.control_ino() + 2
+    }
+
+    fn inode(&self, ino: u64) -> Result<(u32, &Inode), FsError> {
+        let idx = ino
+            .checked_sub(1)
+            .and_then(|i| u32::try_from(i).ok())
+            .ok_or(FsError::NotFound)?;
+        self.manifest
+            .inodes
+            .get(idx as usize)
+            .map(|i| (idx, i))
+            .ok_or(FsError::NotFound)
+    }
+
+    fn control_attr(&self, ino: u64) -> Attr {
+        let dir = ino == self.control_ino();
+        Attr {
+            ino,
+            kind: if dir { NodeKind::Dir } else { NodeKind::File },
+            size: 0,
+            perm: if dir { 0o555 } else { 0o444 },
+            nlink: if dir { 2 } else { 1 },
+            uid: 0,
+            gid: 0,
+            mtime: self.mount_time,
+        }
+    }
+
+    /// Attributes of `ino`.
+    pub fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        if (self.control_ino()..=self.read_log_ino()).contains(&ino) {
+            return Ok(self.control_attr(ino));
+        }
+        let (_, inode) = self.inode(ino)?;
+        let (kind, size) = match &inode.kind {
+            InodeKind::Dir { entries } => (NodeKind::Dir, entries.len() as u64),
+            InodeKind::File { size, .. } => (NodeKind::File, *size),
+            InodeKind::Symlink { target } => (NodeKind::Symlink, target.len() as u64),
+        };
+        let mtime = if inode.mtime_sec >= 0 {
+            UNIX_EPOCH + Duration::new(inode.mtime_sec as u64, inode.mtime_nsec.min(999_999_999))
+        } else {
+            UNIX_EPOCH - Duration::from_secs(inode.mtime_sec.unsigned_abs())
+        };
+        Ok(Attr {
+            ino,
+            kind,
+            size,
+            perm: (inode.perm & 0o7777) as u16,
+            nlink: inode.nlink.max(1),
+            uid: inode.uid,
+            gid: inode.gid,
+            mtime,
+        })
+    }
+
+    /// Looks `name` up in directory `parent`.
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, FsError> {
+        if parent == self.control_ino() {
+            return match name {
+                b"stats" => Ok(self.control_attr(self.stats_ino())),
+                b"read-log" => Ok(self.control_attr(self.read_log_ino())),
+                _ => Err(FsError::NotFound),
+            };
+        }
+        if parent == 1 && name == CONTROL_DIR.as_bytes() {
+            return Ok(self.control_attr(self.control_ino()));
+        }
+        let (_, inode) = self.inode(parent)?;
+        let InodeKind::Dir { entries } = &inode.kind else {
+            return Err(FsError::NotDir);
+        };
+        let e = entries
+            .binary_search_by(|e| e.name.as_slice().cmp(name))
+            .map_err(|_| FsError::NotFound)?;
+        self.getattr(u64::from(entries[e].inode) + 1)
+    }
+
+    /// Entries of directory `ino` from `offset` (0 to start): `.`, `..`, then the entries
+    /// (and `.incfs` in the root).
+    pub fn readdir(&self, ino: u64, offset: u64) -> Result<Vec<DirItem>, FsError> {
+        let mut all: Vec<(u64, NodeKind, Vec<u8>)> = Vec::new();
+        if ino == self.control_ino() {
+            all.push((ino, NodeKind::Dir, b".".to_vec()));
+            all.push((1, NodeKind::Dir, b"..".to_vec()));
+            all.push((self.stats_ino(), NodeKind::File, STATS_FILE.into()));
+            all.push((self.read_log_ino(), NodeKind::File, READ_LOG_FILE.into()));
+        } else {
+            let (idx, inode) = self.inode(ino)?;
+            let InodeKind::Dir { entries } = &inode.kind else {
+                return Err(FsError::NotDir);
+            };
+            all.push((ino, NodeKind::Dir, b".".to_vec()));
+            all.push((
+                u64::from(self.parents[idx as usize]) + 1,
+                NodeKind::Dir,
+                b"..".to_vec(),
+            ));
+            if idx == ROOT_INODE {
+                all.push((self.control_ino(), NodeKind::Dir, CONTROL_DIR.into()));
+            }
+            for e in entries {
+                let kind = match self.manifest.inodes.get(e.inode as usize).map(|i| &i.kind) {
+                    Some(InodeKind::Dir { .. }) => NodeKind::Dir,
+                    Some(InodeKind::Symlink { .. }) => NodeKind::Symlink,
+                    _ => NodeKind::File,
+                };
+                all.push((u64::from(e.inode) + 1, kind, e.name.clone()));
+            }
+        }
+        Ok(all
+            .into_iter()
+            .enumerate()
+            .skip(offset as usize)
+            .map(|(i, (ino, kind, name))| DirItem {
+                ino,
+                next_offset: i as u64 + 1,
+                kind,
+                name,
+            })
+            .collect())
+    }
+
+    /// The target of symlink `ino`.
+    pub fn readlink(&self, ino: u64) -> Result<&[u8], FsError> {
+        match &self.inode(ino)?.1.kind {
+            InodeKind::Symlink { target } => Ok(target),
+            _ => Err(FsError::NotSymlink),
+        }
+    }
+
+    /// The value of extended attribute `name` of `ino`.
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<&[u8], FsError> {
+        if ino > self.manifest.inodes.len() as u64 {
+            return Err(FsError::NoXattr);
+        }
+        let (_, inode) = self.inode(ino)?;
+        inode
+            .xattrs
+            .iter()
+            .find(|x| x.name == name)
+            .map(|x| x.value.as_slice())
+            .ok_or(FsError::NoXattr)
+    }
+
+    /// The names of `ino`'s extended attributes, each followed by a NUL.
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>, FsError> {
+        if ino > self.manifest.inodes.len() as u64 {
+            return Ok(Vec::new());
+        }
+        let (_, inode) = self.inode(ino)?;
+        let mut out = Vec::new();
+        for x in &inode.xattrs {
+            out.extend_from_slice(&x.name);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    /// File system totals for statfs: (blocks of 4 KiB holding the file data, inodes).
+    pub fn statfs(&self) -> (u64, u64) {
+        let bytes: u64 = self
+            .manifest
+            .inodes
+            .iter()
+            .map(|i| match i.kind {
+                InodeKind::File { size, .. } => size,
+                _ => 0,
+            })
+            .sum();
+        (bytes.div_ceil(4096), self.manifest.inodes.len() as u64)
+    }
+
+    /// Opens `ino` for reading. Passthrough is chosen only when it is enabled, the whole
+    /// file is local and verified, and no cached open of the inode is live (the kernel fails
+    /// opens whose io modes disagree); a file already open in passthrough mode stays so.
+    /// Returns the file handle and the mode.
+    pub fn open(&self, ino: u64) -> Result<(u64, OpenMode), FsError> {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        if ino == self.stats_ino() || ino == self.read_log_ino() {
+            let content = if ino == self.stats_ino() {
+                let mut s = serde_json::to_vec_pretty(&self.stats()).unwrap_or_default();
+                s.push(b'\n');
+                s
+            } else {
+                self.read_log_ndjson()
+            };
+            self.handles
+                .lock()
+                .insert(fh, Handle::Control(Arc::new(content)));
+            return Ok((fh, OpenMode::Direct));
+        }
+        let (idx, inode) = self.inode(ino)?;
+        match inode.kind {
+            InodeKind::File { .. } => {}
+            InodeKind::Dir { .. } => return Err(FsError::IsDir),
+            InodeKind::Symlink { .. } => return Err(FsError::NotFound),
+        }
+        let mut opens = self.opens.lock();
+        let c = opens.entry(idx).or_default();
+        let want_pt = c.passthrough > 0
+            || (c.cached == 0
+                && self.passthrough.load(Ordering::Relaxed)
+                && self.cache.file_complete(idx));
+        let mode = if want_pt && self.file_size(idx) > 0 {
+            match self.cache.open_backing(idx) {
+                Ok(f) => OpenMode::Passthrough(f),
+                Err(e) if c.passthrough == 0 => {
+                    tracing::warn!(error = %e, "passthrough unavailable; serving the file cached");
+                    OpenMode::Cached
+                }
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            OpenMode::Cached
+        };
+        let passthrough = matches!(mode, OpenMode::Passthrough(_));
+        if passthrough {
+            c.passthrough += 1;
+            self.counters
+                .passthrough_opens
+                .fetch_add(1, Ordering::Relaxed);
+        } else {
+            c.cached += 1;
+            self.counters.cached_opens.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(opens);
+        self.handles.lock().insert(
+            fh,
+            Handle::File {
+                inode: idx,
+                passthrough,
+            },
+        );
+        Ok((fh, mode))
+    }
+
+    /// The kernel refused passthrough for handle `fh`: serve it cached instead, if no other
+    /// passthrough open of the inode is live.
+    pub fn passthrough_failed(&self, fh: u64) -> Result<(), FsError> {
+        let mut handles = self.handles.lock();
+        let Some(Handle::File { inode, passthrough }) = handles.get_mut(&fh) else {
+            return Err(FsError::BadHandle(fh));
+        };
+        let mut opens = self.opens.lock();
+        let c = opens.entry(*inode).or_default();
+        if *passthrough {
+            if c.passthrough > 1 {
+                return Err(FsError::ModeConflict);
+            }
+            c.passthrough -= 1;
+            c.cached += 1;
+            *passthrough = false;
+            self.counters
+                .passthrough_opens
+                .fetch_sub(1, Ordering::Relaxed);
+            self.counters.cached_opens.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Closes handle `fh`.
+    pub fn release(&self, fh: u64) {
+        if let Some(Handle::File { inode, passthrough }) = self.handles.lock().remove(&fh) {
+            let mut opens = self.opens.lock();
+            if let Some(c) = opens.get_mut(&inode) {
+                if passthrough {
+                    c.passthrough = c.passthrough.saturating_sub(1);
+                } else {
+                    c.cached = c.cached.saturating_sub(1);
+                }
+                if c.passthrough == 0 && c.cached == 0 {
+                    opens.remove(&inode);
+                }
+            }
+        }
+    }
+
+    fn file_size(&self, idx: u32) -> u64 {
+        match self.manifest.inodes.get(idx as usize).map(|i| &i.kind) {
+            Some(InodeKind::File { size, .. }) => *size,
+            _ => 0,
+        }
+    }
+
+    /// Reads up to `size` bytes at `offset` of the file open as `fh` (inode `ino`), fetching
+    /// and verifying missing chunks first. Never returns unverified bytes.
+    pub fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        let control = match self.handles.lock().get(&fh) {
+            Some(Handle::Control(c)) => Some(Arc::clone(c)),
+            Some(Handle::File { .. }) => None,
+            None if ino == self.stats_ino() || ino == self.read_log_ino() => {
+                return Err(FsError::BadHandle(fh));
+            }
+            None => None,
+        };
+        if let Some(c) = control {
+            let start = (offset as usize).min(c.len());
+            let end = start.saturating_add(size as usize).min(c.len());
+            return Ok(c[start..end].to_vec());
+        }
+        let (idx, inode) = self.inode(ino)?;
+        let InodeKind::File {
+            size: fsize,
+            first_chunk,
+        } = inode.kind
+        else {
+            return Err(FsError::IsDir);
+        };
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        if offset >= fsize || size == 0 {
+            return Ok(Vec::new());
+        }
+        let end = offset.saturating_add(u64::from(size)).min(fsize);
+        let cs = u64::from(self.manifest.chunk_size);
+        let first = first_chunk + offset / cs;
+        let last = first_chunk + (end - 1) / cs;
+        let missing: Vec<u64> = (first..=last)
+            .filter(|s| !self.cache.is_local(*s))
+            .collect();
+        let hit = missing.is_empty();
+        self.log_read(idx, offset, end - offset, hit);
+        if !hit {
+            self.counters.demand_misses.fetch_add(1, Ordering::Relaxed);
+            self.counters.blocked_reads.fetch_add(1, Ordering::Relaxed);
+            let t = Instant::now();
+            let r = self.fetcher.fetch(&missing, Priority::Demand);
+            self.counters
+                .blocked_us
+                .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+            if let Err(error) = r {
+                self.counters.read_errors.fetch_add(1, Ordering::Relaxed);
+                let err = FsError::Fetch {
+                    path: self.paths[idx as usize].to_string(),
+                    chunk_index: error.slot.saturating_sub(first_chunk),
+                    error,
+                };
+                tracing::error!(error = %err, "read failed");
+                return Err(err);
+            }
+        }
+        let mut buf = vec![0u8; (end - offset) as usize];
+        self.cache.read(idx, offset, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn log_read(&self, inode: u32, offset: u64, len: u64, hit: bool) {
+        let ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let mut log = self.read_log.lock();
+        if log.len() >= READ_LOG_CAPACITY {
+            self.counters
+                .read_log_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        log.push(LogEntry {
+            ns,
+            inode,
+            offset,
+            len,
+            hit,
+        });
+    }
+
+    /// The read log as NDJSON.
+    pub fn read_log_ndjson(&self) -> Vec<u8> {
+        let log = self.read_log.lock().clone();
+        let mut out = Vec::with_capacity(log.len() * 96);
+        for e in log {
+            let line = ReadLogLine {
+                ns: e.ns,
+                path: &self.paths[e.inode as usize],
+                offset: e.offset,
+                len: e.len,
+                result: if e.hit { "hit" } else { "miss" },
+            };
+            if serde_json::to_writer(&mut out, &line).is_ok() {
+                out.push(b'\n');
+            }
+        }
+        out
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> Stats {
+        let f: FetchStats = self.fetcher.stats();
+        let c = &self.counters;
+        let rec: RecoveryReport = self.cache.recovery();
+        Stats {
+            root_digest: self.header.root_digest.to_hex(),
+            source: self.source_name.clone(),
+            pid: std::process::id(),
+            bytes_fetched: f.bytes_fetched,
+            requests: f.requests,
+            chunks_fetched: f.chunks_fetched,
+            chunks_local: self.cache.local_chunks(),
+            chunks_durable: self.cache.durable_chunks(),
+            chunks_total: self.table.len(),
+            bytes_used: self.cache.local_bytes(),
+            demand_misses: c.demand_misses.load(Ordering::Relaxed),
+            blocked_reads: c.blocked_reads.load(Ordering::Relaxed),
+            blocked_ms: c.blocked_us.load(Ordering::Relaxed) / 1000,
+            fetch_errors: f.fetch_errors,
+            read_errors: c.read_errors.load(Ordering::Relaxed),
+            reads: c.reads.load(Ordering::Relaxed),
+            passthrough_opens: c.passthrough_opens.load(Ordering::Relaxed),
+            cached_opens: c.cached_opens.load(Ordering::Relaxed),
+            recovered_dropped: rec.dropped,
+            recovered_unclean: rec.unclean,
+            read_log_dropped: c.read_log_dropped.load(Ordering::Relaxed),
+        }
+    }
+}
