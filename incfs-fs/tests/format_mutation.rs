@@ -94,7 +94,12 @@ fn check(mutations: &[Mutation]) {
             // A mutation may rename (splice) but never change bytes: a file that reads
             // must match the original file of that path.
             let want = contents.get(&path);
-            assert_eq!(Some(&data), want, "wrong bytes for {:?}", String::from_utf8_lossy(&path));
+            assert_eq!(
+                Some(&data),
+                want,
+                "wrong bytes for {:?}",
+                String::from_utf8_lossy(&path)
+            );
         }
     }
     let _ = img.verify(&|_| {});

@@ -26,10 +26,18 @@ fn odd_tree_round_trips_at_4k_64k_and_1m_chunks() {
         common::odd_tree(&tree, chunk as usize);
         let img_path = tmp.path().join("t.img");
         let s = pack(&tree, &img_path, chunk);
-        assert_eq!(s.skipped.len(), 1, "only the fifo is skipped: {:?}", s.skipped);
+        assert_eq!(
+            s.skipped.len(),
+            1,
+            "only the fifo is skipped: {:?}",
+            s.skipped
+        );
         assert!(s.skipped[0].0.ends_with("a-fifo"));
         assert_eq!(s.hardlinks, 1);
-        assert!(s.dedupe_saved >= u64::from(chunk) * 3, "identical chunks stored once");
+        assert!(
+            s.dedupe_saved >= u64::from(chunk) * 3,
+            "identical chunks stored once"
+        );
         let img = Image::open_path(&img_path, Some(&s.root_digest)).unwrap();
         let files = common::assert_image_matches(&img, &tree);
         assert!(files >= 14, "compared {files} files");
@@ -106,9 +114,18 @@ fn bad_options_and_roots_are_errors() {
             chunk_size: chunk,
             ..PackOptions::default()
         };
-        assert!(pack_dir(tmp.path(), &out, &opts, &()).is_err(), "chunk {chunk}");
+        assert!(
+            pack_dir(tmp.path(), &out, &opts, &()).is_err(),
+            "chunk {chunk}"
+        );
     }
-    let err = pack_dir(&tmp.path().join("missing"), &out, &PackOptions::default(), &()).unwrap_err();
+    let err = pack_dir(
+        &tmp.path().join("missing"),
+        &out,
+        &PackOptions::default(),
+        &(),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("missing"), "{err}");
     assert!(!out.exists(), "no partial output");
 }
@@ -126,7 +143,12 @@ fn clang_tree_round_trips_byte_for_byte() {
     let img_path = tmp.path().join("clang.img");
     let s = pack(&tree, &img_path, 65536);
     assert!(s.raw_bytes > 150_000_000, "tree is {} bytes", s.raw_bytes);
-    assert!(s.stored_bytes < s.raw_bytes / 2, "compressed {} -> {}", s.raw_bytes, s.stored_bytes);
+    assert!(
+        s.stored_bytes < s.raw_bytes / 2,
+        "compressed {} -> {}",
+        s.raw_bytes,
+        s.stored_bytes
+    );
     let img = Image::open_path(&img_path, Some(&s.root_digest)).unwrap();
     let files = common::assert_image_matches(&img, &tree);
     assert!(files > 100, "compared {files} files");

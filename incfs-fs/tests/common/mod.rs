@@ -45,7 +45,11 @@ pub fn odd_tree(root: &Path, chunk: usize) {
     symlink("sub/hardlink-a", root.join("rel-link")).unwrap();
     symlink("/etc/passwd", root.join("abs-link-out-of-tree")).unwrap();
     symlink("../../nowhere", root.join("sub/dangling")).unwrap();
-    fs::write(root.join(OsStr::from_bytes(b"non-utf8-\xff\xfe")), b"bytes name").unwrap();
+    fs::write(
+        root.join(OsStr::from_bytes(b"non-utf8-\xff\xfe")),
+        b"bytes name",
+    )
+    .unwrap();
     fs::write(root.join("name with spaces\nand newline"), b"odd").unwrap();
     fs::write(root.join("ünïcødé"), b"unicode").unwrap();
     let mut deep = root.join("deep");
@@ -60,7 +64,11 @@ pub fn odd_tree(root: &Path, chunk: usize) {
     // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
     xattr::set(root.join("text"), "user.incfs.test", b"value-1").unwrap();
-    fs::set_permissions(root.join("one-byte"), std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+    fs::set_permissions(
+        root.join("one-byte"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o640),
+    )
+    .unwrap();
 }
 
 /// Every path under `root` (not following symlinks), relative, as bytes.
@@ -94,10 +102,15 @@ pub fn assert_image_matches<R: RangeRead>(img: &Image<R>, root: &Path) -> usize 
         let key = rel.as_os_str().as_bytes().to_vec();
         let ft = meta.file_type();
         if !(ft.is_file() || ft.is_dir() || ft.is_symlink()) {
-            assert!(!entries.contains_key(&key), "special file {rel:?} was packed");
+            assert!(
+                !entries.contains_key(&key),
+                "special file {rel:?} was packed"
+            );
             continue;
         }
-        let ino = *entries.get(&key).unwrap_or_else(|| panic!("{rel:?} missing from image"));
+        let ino = *entries
+            .get(&key)
+            .unwrap_or_else(|| panic!("{rel:?} missing from image"));
         let inode = img.inode(ino).unwrap();
         assert_eq!(inode.perm, meta.mode() & 0o7777, "{rel:?} perm");
         assert_eq!(inode.mtime_sec, meta.mtime(), "{rel:?} mtime");
@@ -105,16 +118,28 @@ pub fn assert_image_matches<R: RangeRead>(img: &Image<R>, root: &Path) -> usize 
             InodeKind::File { size, .. } => {
                 assert!(ft.is_file(), "{rel:?} kind");
                 assert_eq!(*size, meta.len());
-                assert_eq!(img.read_file(ino).unwrap(), fs::read(&path).unwrap(), "{rel:?} bytes");
+                assert_eq!(
+                    img.read_file(ino).unwrap(),
+                    fs::read(&path).unwrap(),
+                    "{rel:?} bytes"
+                );
                 if let Some(prev) = by_source_inode.insert(meta.ino(), ino) {
                     assert_eq!(prev, ino, "{rel:?}: hard links must share one inode");
                 }
                 let want: Vec<(Vec<u8>, Vec<u8>)> = xattr::list(&path)
                     .unwrap()
-                    .map(|n| (n.as_bytes().to_vec(), xattr::get(&path, &n).unwrap().unwrap()))
+                    .map(|n| {
+                        (
+                            n.as_bytes().to_vec(),
+                            xattr::get(&path, &n).unwrap().unwrap(),
+                        )
+                    })
                     .collect();
-                let got: Vec<(Vec<u8>, Vec<u8>)> =
-                    inode.xattrs.iter().map(|x| (x.name.clone(), x.value.clone())).collect();
+                let got: Vec<(Vec<u8>, Vec<u8>)> = inode
+                    .xattrs
+                    .iter()
+                    .map(|x| (x.name.clone(), x.value.clone()))
+                    .collect();
                 assert_eq!(got.len(), want.len(), "{rel:?} xattrs");
                 for w in want {
                     assert!(got.contains(&w), "{rel:?} lacks xattr {w:?}");
@@ -123,7 +148,10 @@ pub fn assert_image_matches<R: RangeRead>(img: &Image<R>, root: &Path) -> usize 
             }
             InodeKind::Symlink { target } => {
                 assert!(ft.is_symlink(), "{rel:?} kind");
-                assert_eq!(target.as_slice(), fs::read_link(&path).unwrap().as_os_str().as_bytes());
+                assert_eq!(
+                    target.as_slice(),
+                    fs::read_link(&path).unwrap().as_os_str().as_bytes()
+                );
             }
             InodeKind::Dir { entries } => {
                 assert!(ft.is_dir(), "{rel:?} kind");
