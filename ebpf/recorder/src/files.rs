@@ -14,23 +14,42 @@ use std::path::{Path, PathBuf};
 /// A file's identity, as userspace `stat` reports it.
 pub(crate) type FileId = (u64, u64);
 
+/// A name an open or exec used, resolved.
+#[derive(Debug, Clone)]
+pub(crate) struct KnownName {
+    /// The file it leads to.
+    pub id: FileId,
+    /// Its real path (every symlink resolved).
+    pub real: PathBuf,
+    /// Its directory resolved but its last component kept, which names a symlink when the
+    /// name was one.
+    pub link: PathBuf,
+}
+
 /// Resolves `wanted` (dev, ino) pairs to absolute paths under `roots`.
 ///
-/// `known` are (id, path) pairs already found (opened names that lie under a root); their
-/// directories are listed first.
+/// A file is named by a regular-file path under a root when it has one; otherwise by a
+/// symlink under a root that leads to it (e.g. `/usr/lib/llvm-22/lib/libLLVM.so.22.1`,
+/// which points into `/usr/lib/x86_64-linux-gnu`). `known` are names the trace opened or
+/// executed; their directories are listed first.
 pub(crate) fn resolve(
     roots: &[PathBuf],
     wanted: &HashSet<FileId>,
-    known: &[(FileId, PathBuf)],
+    known: &[KnownName],
 ) -> HashMap<FileId, String> {
     let mut found: HashMap<FileId, String> = HashMap::new();
+    let mut via_links: HashMap<FileId, String> = HashMap::new();
     let mut dirs: Vec<PathBuf> = Vec::new();
-    for (id, path) in known {
-        if !under_roots(roots, path) {
+    for k in known {
+        let (path, map) = if under_roots(roots, &k.real) {
+            (&k.real, &mut found)
+        } else if under_roots(roots, &k.link) {
+            (&k.link, &mut via_links)
+        } else {
             continue;
-        }
+        };
         if let Some(s) = path.to_str() {
-            found.entry(*id).or_insert_with(|| s.to_owned());
+            map.entry(k.id).or_insert_with(|| s.to_owned());
         }
         if let Some(parent) = path.parent()
             && !dirs.iter().any(|d| d == parent)
@@ -39,11 +58,15 @@ pub(crate) fn resolve(
         }
     }
     let mut remaining = Pending::new(wanted.iter().filter(|id| !found.contains_key(id)));
+    let mut out = Found {
+        files: found,
+        links: via_links,
+    };
     for dir in &dirs {
         if remaining.is_empty() {
             break;
         }
-        list_dir(dir, &mut remaining, &mut found, None);
+        list_dir(dir, &mut remaining, &mut out, None);
     }
     for root in roots {
         if remaining.is_empty() {
@@ -54,7 +77,16 @@ pub(crate) fn resolve(
             if remaining.is_empty() {
                 break;
             }
-            list_dir(&dir, &mut remaining, &mut found, Some(&mut stack));
+            list_dir(&dir, &mut remaining, &mut out, Some(&mut stack));
+        }
+    }
+    let Found {
+        files: mut found,
+        links,
+    } = out;
+    for (id, path) in links {
+        if remaining.remove(&id) {
+            found.insert(id, path);
         }
     }
     tracing::debug!(
@@ -67,10 +99,16 @@ pub(crate) fn resolve(
 
 /// Lists `dir`: matches its regular files against `remaining`, and pushes its
 /// subdirectories on `stack` when given.
+/// What a walk found: regular files, and symlinks leading to wanted files.
+struct Found {
+    files: HashMap<FileId, String>,
+    links: HashMap<FileId, String>,
+}
+
 fn list_dir(
     dir: &Path,
     remaining: &mut Pending,
-    found: &mut HashMap<FileId, String>,
+    found: &mut Found,
     stack: Option<&mut Vec<PathBuf>>,
 ) {
     let Ok(meta) = std::fs::symlink_metadata(dir) else {
@@ -99,9 +137,23 @@ fn list_dir(
                 let path = entry.path();
                 match path.to_str() {
                     Some(s) => {
-                        found.insert(id, s.to_owned());
+                        found.files.insert(id, s.to_owned());
                     }
                     None => tracing::debug!(path = %path.display(), "path is not UTF-8"),
+                }
+            }
+        } else if kind.is_symlink() {
+            // One stat per symlink (few of them): where does it lead?
+            let path = entry.path();
+            if let Ok(meta) = std::fs::metadata(&path)
+                && meta.is_file()
+            {
+                let id = (meta.dev(), meta.ino());
+                if remaining.ids.contains(&id)
+                    && !found.links.contains_key(&id)
+                    && let Some(s) = path.to_str()
+                {
+                    found.links.insert(id, s.to_owned());
                 }
             }
         }
@@ -162,7 +214,8 @@ pub struct Evicted {
     pub failed: u64,
 }
 
-/// Evicts every regular file under `roots` from the page cache (`POSIX_FADV_DONTNEED`).
+/// Evicts every regular file under `roots`, and every regular file a symlink under them
+/// leads to, from the page cache (`POSIX_FADV_DONTNEED`).
 ///
 /// Pages that are mapped by a running process or dirty stay cached; the kernel decides.
 pub(crate) fn evict(roots: &[PathBuf]) -> Evicted {
@@ -180,8 +233,13 @@ pub(crate) fn evict(roots: &[PathBuf]) -> Evicted {
                 };
                 if kind.is_dir() {
                     stack.push(entry.path());
-                } else if kind.is_file() {
+                } else if kind.is_file() || kind.is_symlink() {
+                    // Symlinks count when they lead to a regular file: the program loads
+                    // what they point to (libLLVM under /usr/lib/llvm-22/lib, for one).
                     let path = entry.path();
+                    if kind.is_symlink() && !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+                        continue;
+                    }
                     match evict_file(&path) {
                         Ok((id, size)) => {
                             if seen.insert(id) {
@@ -238,7 +296,11 @@ mod tests {
             .map(|f| id(&root.join(f)))
             .chain([(u64::MAX, 1)])
             .collect();
-        let known = vec![(id(&root.join("z")), root.join("z"))];
+        let known = vec![KnownName {
+            id: id(&root.join("z")),
+            real: root.join("z"),
+            link: root.join("z"),
+        }];
         let found = resolve(std::slice::from_ref(&root), &wanted, &known);
         assert_eq!(found.len(), 3);
         assert_eq!(
@@ -259,8 +321,37 @@ mod tests {
         std::fs::write(root.join("out"), "x").unwrap();
         let out = id(&root.join("out"));
         let wanted: HashSet<FileId> = [out].into_iter().collect();
-        let found = resolve(&[root.join("in")], &wanted, &[(out, root.join("out"))]);
+        let known = [KnownName {
+            id: out,
+            real: root.join("out"),
+            link: root.join("out"),
+        }];
+        let found = resolve(&[root.join("in")], &wanted, &known);
         assert!(found.is_empty());
+    }
+
+    #[test]
+    fn symlinks_under_a_root_name_files_outside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(base.join("root/lib")).unwrap();
+        std::fs::create_dir_all(base.join("elsewhere")).unwrap();
+        std::fs::write(base.join("elsewhere/libx.so.1"), "x").unwrap();
+        std::os::unix::fs::symlink("../../elsewhere/libx.so.1", base.join("root/lib/libx.so.1"))
+            .unwrap();
+        std::fs::write(base.join("root/inside"), "y").unwrap();
+        let x = id(&base.join("elsewhere/libx.so.1"));
+        let inside = id(&base.join("root/inside"));
+        let wanted: HashSet<FileId> = [x, inside].into_iter().collect();
+        let found = resolve(&[base.join("root")], &wanted, &[]);
+        assert_eq!(found[&x], base.join("root/lib/libx.so.1").to_str().unwrap());
+        assert_eq!(found[&inside], base.join("root/inside").to_str().unwrap());
+        // With the whole tree as root, the regular file wins over the symlink.
+        let found = resolve(std::slice::from_ref(&base), &wanted, &[]);
+        assert_eq!(
+            found[&x],
+            base.join("elsewhere/libx.so.1").to_str().unwrap()
+        );
     }
 
     #[test]

@@ -394,26 +394,26 @@ fn collect(
 ) -> (Vec<TraceEvent>, RecordStats) {
     let mut stats = RecordStats::default();
     // Named events: resolve each distinct (name, cwd) once.
-    let mut names: HashMap<PathBuf, Option<(files::FileId, PathBuf)>> = HashMap::new();
-    let mut named_ids: Vec<Option<(files::FileId, PathBuf)>> =
-        Vec::with_capacity(drained.named.len());
+    let mut names: HashMap<PathBuf, Option<files::KnownName>> = HashMap::new();
+    let mut named_ids: Vec<Option<files::FileId>> = Vec::with_capacity(drained.named.len());
     for e in &drained.named {
         let path = absolute_name(e, &drained.cwds);
         let id = path.and_then(|p| {
             names
                 .entry(p.clone())
                 .or_insert_with(|| stat_regular(&p))
-                .clone()
+                .as_ref()
+                .map(|k| k.id)
         });
         named_ids.push(id);
     }
-    let known: Vec<(files::FileId, PathBuf)> = names.values().flatten().cloned().collect();
+    let known: Vec<files::KnownName> = names.values().flatten().cloned().collect();
     let mut wanted: HashSet<files::FileId> = drained
         .pages
         .iter()
         .map(|e| (user_dev(e.kernel_dev), e.ino))
         .collect();
-    wanted.extend(known.iter().map(|(id, _)| *id));
+    wanted.extend(known.iter().map(|k| k.id));
     let search_roots: Vec<PathBuf> = if roots.is_empty() {
         vec![PathBuf::from("/")]
     } else {
@@ -446,7 +446,7 @@ fn collect(
         let Some(kind) = Kind::from_u32(e.event.kind).and_then(event_kind) else {
             continue;
         };
-        let Some((id, _)) = id else {
+        let Some(id) = id else {
             stats.dropped_names += 1;
             continue;
         };
@@ -496,14 +496,24 @@ fn absolute_name(e: &NamedEvent, cwds: &HashMap<u32, PathBuf>) -> Option<PathBuf
     cwds.get(&e.event.pid).map(|cwd| cwd.join(name))
 }
 
-/// (dev, ino) and the real path of `path` when it is a regular file.
-fn stat_regular(path: &Path) -> Option<(files::FileId, PathBuf)> {
+/// What `path` leads to, when it is a regular file.
+fn stat_regular(path: &Path) -> Option<files::KnownName> {
     let meta = std::fs::metadata(path).ok()?;
     if !meta.is_file() {
         return None;
     }
     let real = std::fs::canonicalize(path).ok()?;
-    Some(((meta.dev(), meta.ino()), real))
+    let link = match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir)
+            .map(|d| d.join(name))
+            .unwrap_or_else(|_| real.clone()),
+        _ => real.clone(),
+    };
+    Some(files::KnownName {
+        id: (meta.dev(), meta.ino()),
+        real,
+        link,
+    })
 }
 
 /// The kernel's internal `dev_t` (`major << 20 | minor`) as userspace `st_dev`.
