@@ -11,21 +11,12 @@
 use crate::trace::EventKind;
 
 /// The set of event kinds that count as touches. The default is fault + get_pages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TouchKinds {
     /// Count `map_pages` (fault-around) events.
     pub map_pages: bool,
     /// Count `add_to_cache` events.
     pub add_to_cache: bool,
-}
-
-impl Default for TouchKinds {
-    fn default() -> Self {
-        TouchKinds {
-            map_pages: false,
-            add_to_cache: false,
-        }
-    }
 }
 
 impl TouchKinds {
