@@ -6,6 +6,7 @@
 mod image_cmds;
 mod mount_cmds;
 mod progress;
+mod serve_cmd;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -27,6 +28,8 @@ enum Command {
     Inspect(image_cmds::InspectArgs),
     /// Check every chunk of an image against its digest.
     Verify(image_cmds::VerifyArgs),
+    /// Serve an image (or a directory of them) over HTTP, with optional link emulation.
+    Serve(serve_cmd::ServeArgs),
     /// Mount an image (local or http(s)://) read-only; chunks are fetched and verified lazily.
     Mount(mount_cmds::MountArgs),
     /// Unmount an incfs mount and wait for its daemon to save its cache.
@@ -43,6 +46,7 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Pack(a) => image_cmds::pack(a),
         Command::Inspect(a) => image_cmds::inspect(a),
         Command::Verify(a) => image_cmds::verify(a),
+        Command::Serve(a) => serve_cmd::serve(a),
         Command::Mount(a) => mount_cmds::mount(a),
         Command::Umount(a) => mount_cmds::umount(a),
         Command::Stats(a) => mount_cmds::stats(a),

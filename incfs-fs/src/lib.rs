@@ -13,5 +13,6 @@ pub mod format;
 pub mod fs;
 pub mod link;
 pub mod plan;
+pub mod prefetch;
 pub mod serve;
 pub mod source;

@@ -376,9 +376,15 @@ mod tests {
         let db: Vec<_> = (0..4000).map(|_| b.draw(1000)).collect();
         assert_eq!(da, db);
         let hits = da.iter().flatten().count();
-        assert!((800..1200).contains(&hits), "{hits} faults in 4000 at rate 0.25");
+        assert!(
+            (800..1200).contains(&hits),
+            "{hits} faults in 4000 at rate 0.25"
+        );
         for kind in FaultKind::ALL {
-            assert!(da.iter().flatten().any(|f| f.kind == kind), "{kind} never drawn");
+            assert!(
+                da.iter().flatten().any(|f| f.kind == kind),
+                "{kind} never drawn"
+            );
         }
         for f in da.iter().flatten() {
             if let Some(at) = f.at {

@@ -228,12 +228,11 @@ impl Server {
                 "neither a regular file nor a directory",
             )));
         };
-        let listener = std::net::TcpListener::bind(config.listen).map_err(|error| {
-            ServeError::Bind {
+        let listener =
+            std::net::TcpListener::bind(config.listen).map_err(|error| ServeError::Bind {
                 addr: config.listen,
                 error,
-            }
-        })?;
+            })?;
         let bind_err = |error| ServeError::Bind {
             addr: config.listen,
             error,
@@ -403,7 +402,11 @@ async fn handle(
         let json = {
             let mut stats = state.stats();
             let json = serde_json::to_vec(&*stats).unwrap_or_default();
-            if req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "reset")) {
+            if req
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|p| p == "reset"))
+            {
                 *stats = Stats::default();
             }
             json
@@ -455,7 +458,8 @@ async fn handle(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/html; charset=utf-8"),
             );
-            r.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(html.len()));
+            r.headers_mut()
+                .insert(CONTENT_LENGTH, HeaderValue::from(html.len()));
             return Ok(r);
         }
         Target::File(file, len) => (Arc::new(file), len),
@@ -471,10 +475,8 @@ async fn handle(
         RangeAsk::Unsatisfiable => {
             state.stats().unsatisfiable += 1;
             let mut r = empty(StatusCode::RANGE_NOT_SATISFIABLE);
-            r.headers_mut().insert(
-                CONTENT_RANGE,
-                header_value(format!("bytes */{file_len}")),
-            );
+            r.headers_mut()
+                .insert(CONTENT_RANGE, header_value(format!("bytes */{file_len}")));
             r.headers_mut()
                 .insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
             r.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(0));
@@ -488,19 +490,21 @@ async fn handle(
         state.faults.as_ref().and_then(|f| f.draw(len))
     };
     if let Some(f) = fault {
-        *state.stats().faults.entry(f.kind.name().to_string()).or_default() += 1;
+        *state
+            .stats()
+            .faults
+            .entry(f.kind.name().to_string())
+            .or_default() += 1;
         debug!(path, start, len, fault = ?f, "injecting a fault");
         match (f.kind, f.at) {
             (FaultKind::Reset, None) => return Err(DropConnection),
             (FaultKind::Stall, None) => {
-                tokio::time::sleep(std::time::Duration::from_millis(
-                    state.link.faults.stall_ms,
-                ))
-                .await;
+                tokio::time::sleep(std::time::Duration::from_millis(state.link.faults.stall_ms))
+                    .await;
             }
             (FaultKind::ServerError, _) => {
-                let status = StatusCode::from_u16(f.status())
-                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                let status =
+                    StatusCode::from_u16(f.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
                 return Ok(text(status, "injected fault\n"));
             }
             _ => {}
@@ -534,7 +538,15 @@ async fn handle(
     } else {
         let (tx, rx) = mpsc::channel(2);
         let body_fault = fault.filter(|f| f.at.is_some());
-        tokio::spawn(produce(state.clone(), file, start, len, body_fault, kind, tx));
+        tokio::spawn(produce(
+            state.clone(),
+            file,
+            start,
+            len,
+            body_fault,
+            kind,
+            tx,
+        ));
         Body::Stream { rx, len }
     };
     let mut r = Response::new(body);
@@ -600,10 +612,8 @@ async fn produce(
                         .await;
                     return;
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(
-                    state.link.faults.stall_ms,
-                ))
-                .await;
+                tokio::time::sleep(std::time::Duration::from_millis(state.link.faults.stall_ms))
+                    .await;
                 continue;
             }
         }

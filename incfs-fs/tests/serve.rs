@@ -38,7 +38,9 @@ impl Answer {
 /// Sends one request on `conn` and reads one answer (framed by Content-Length).
 fn exchange(conn: &mut BufReader<TcpStream>, method: &str, path: &str, extra: &str) -> Answer {
     let req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n{extra}\r\n");
-    conn.get_mut().write_all(req.as_bytes()).expect("send request");
+    conn.get_mut()
+        .write_all(req.as_bytes())
+        .expect("send request");
     let mut line = String::new();
     conn.read_line(&mut line).expect("status line");
     let status: u16 = line
@@ -76,7 +78,8 @@ fn exchange(conn: &mut BufReader<TcpStream>, method: &str, path: &str, extra: &s
 
 fn connect(addr: SocketAddr) -> BufReader<TcpStream> {
     let s = TcpStream::connect(addr).expect("connect to the server");
-    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
     BufReader::new(s)
 }
 
@@ -150,7 +153,10 @@ fn single_ranges_get_206_416_head_and_whole_files() {
     let mut conn = connect(addr);
     let head = exchange(&mut conn, "HEAD", "/image.incfs", "");
     assert_eq!(head.status, 200);
-    assert_eq!(head.header("content-length"), Some(len.to_string().as_str()));
+    assert_eq!(
+        head.header("content-length"),
+        Some(len.to_string().as_str())
+    );
     assert_eq!(head.header("accept-ranges"), Some("bytes"));
     let head = exchange(&mut conn, "HEAD", "/", "Range: bytes=5-9\r\n");
     assert_eq!(head.status, 206);
@@ -160,7 +166,10 @@ fn single_ranges_get_206_416_head_and_whole_files() {
     assert!(next.body == data[5..10]);
 
     assert_eq!(get(addr, "/other", "").status, 404);
-    assert_eq!(exchange(&mut connect(addr), "POST", "/", "Content-Length: 0\r\n").status, 405);
+    assert_eq!(
+        exchange(&mut connect(addr), "POST", "/", "Content-Length: 0\r\n").status,
+        405
+    );
 }
 
 #[test]
@@ -173,9 +182,17 @@ fn keep_alive_answers_many_requests_on_one_connection() {
     for i in 0..50usize {
         let a = i * 5_000;
         let b = a + 4_095;
-        let ans = exchange(&mut conn, "GET", "/img", &format!("Range: bytes={a}-{b}\r\n"));
+        let ans = exchange(
+            &mut conn,
+            "GET",
+            "/img",
+            &format!("Range: bytes={a}-{b}\r\n"),
+        );
         assert_eq!(ans.status, 206);
-        assert!(ans.body == data[a..=b], "request {i} on the kept connection");
+        assert!(
+            ans.body == data[a..=b],
+            "request {i} on the kept connection"
+        );
     }
     let stats = server.stats();
     assert_eq!(stats.requests, 50);
@@ -210,9 +227,17 @@ fn directories_are_listed_and_never_escaped() {
     assert_eq!(ans.status, 206);
     assert!(ans.body == a[65_536..70_000]);
     assert!(get(addr, "/sub%20dir/b.incfs", "").body == b);
-    assert!(get(addr, "/alias", "").body == a, "symlinks inside the tree are followed");
+    assert!(
+        get(addr, "/alias", "").body == a,
+        "symlinks inside the tree are followed"
+    );
 
-    for path in ["/escape", "/../secret", "/sub%20dir/../../secret", "/%2e%2e/secret"] {
+    for path in [
+        "/escape",
+        "/../secret",
+        "/sub%20dir/../../secret",
+        "/%2e%2e/secret",
+    ] {
         assert_eq!(get(addr, path, "").status, 404, "{path}");
     }
 }
@@ -224,8 +249,16 @@ fn stats_count_requests_bytes_kinds_and_ranges() {
     let img = write_file(dir.path(), "img", &data);
     let server = Server::start(ServeConfig::new(&img)).expect("start server");
     let addr = server.addr();
-    get(addr, "/img", "Range: bytes=0-999\r\nX-Incfs-Request: demand\r\n");
-    get(addr, "/img", "Range: bytes=1000-2999\r\nX-Incfs-Request: prefetch\r\n");
+    get(
+        addr,
+        "/img",
+        "Range: bytes=0-999\r\nX-Incfs-Request: demand\r\n",
+    );
+    get(
+        addr,
+        "/img",
+        "Range: bytes=1000-2999\r\nX-Incfs-Request: prefetch\r\n",
+    );
     get(addr, "/img", "Range: bytes=-500\r\n");
     exchange(&mut connect(addr), "HEAD", "/img", "");
 
@@ -248,7 +281,11 @@ fn stats_count_requests_bytes_kinds_and_ranges() {
         .collect();
     assert_eq!(
         ranges,
-        [(0, 1000, "demand"), (1000, 2000, "prefetch"), (99_500, 500, "unknown")]
+        [
+            (0, 1000, "demand"),
+            (1000, 2000, "prefetch"),
+            (99_500, 500, "unknown")
+        ]
     );
 
     get(addr, &format!("{STATS_PATH}?reset"), "");
@@ -271,7 +308,11 @@ fn latency_delays_every_request() {
         let ans = exchange(&mut conn, "GET", "/", "Range: bytes=0-99\r\n");
         assert_eq!(ans.status, 206);
         // A lower bound only: the delay is added, never taken away.
-        assert!(t.elapsed() >= Duration::from_millis(200), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
     }
 }
 

@@ -127,6 +127,8 @@ struct Inner {
     table: Arc<ChunkTable>,
     cache: ChunkCache,
     config: FetchConfig,
+    /// Slots by the offset of their stored bytes, to coalesce in stored order.
+    by_offset: HashMap<u64, Vec<u64>>,
     state: Mutex<State>,
     /// Wakes workers when work is queued.
     work: Condvar,
@@ -157,12 +159,14 @@ impl Fetcher {
         config: FetchConfig,
     ) -> std::io::Result<Self> {
         let n = config.workers.max(2);
+        let by_offset = index_by_offset(&table);
         let inner = Arc::new(Inner {
             source,
             data_offset,
             table,
             cache,
             config,
+            by_offset,
             state: Mutex::new(State::default()),
             work: Condvar::new(),
             done: Condvar::new(),
@@ -330,26 +334,43 @@ impl Inner {
                 }
                 st.slots.insert(first, SlotState::InFlight);
                 let mut batch = vec![first];
-                let Some(mut prev) = self.table.get(first).copied() else {
+                let Some(first_entry) = self.table.get(first).copied() else {
                     continue;
                 };
-                let mut bytes = u64::from(prev.stored_len);
-                let mut next = first + 1;
-                while let Some(e) = self.table.get(next) {
-                    let adjacent =
-                        e.stored_offset == prev.stored_offset + u64::from(prev.stored_len);
-                    let queued = matches!(st.slots.get(&next), Some(SlotState::Queued(_)));
-                    if !adjacent
-                        || !queued
-                        || bytes + u64::from(e.stored_len) > self.config.max_request_bytes
-                    {
+                // Extend with queued slots whose stored bytes come next in the data section
+                // (and with queued slots sharing a stored chunk), whatever their slot numbers:
+                // a hot-first image stores planned chunks back to back in plan order.
+                let mut at = first_entry.stored_offset;
+                let mut bytes = 0u64;
+                loop {
+                    let queued: Vec<u64> = self
+                        .by_offset
+                        .get(&at)
+                        .into_iter()
+                        .flatten()
+                        .copied()
+                        .filter(|s| {
+                            *s == first || matches!(st.slots.get(s), Some(SlotState::Queued(_)))
+                        })
+                        .collect();
+                    let Some(len) = queued
+                        .first()
+                        .and_then(|s| self.table.get(*s))
+                        .map(|e| u64::from(e.stored_len))
+                    else {
+                        break;
+                    };
+                    if bytes > 0 && bytes + len > self.config.max_request_bytes {
                         break;
                     }
-                    st.slots.insert(next, SlotState::InFlight);
-                    batch.push(next);
-                    bytes += u64::from(e.stored_len);
-                    prev = *e;
-                    next += 1;
+                    for s in queued {
+                        if s != first {
+                            st.slots.insert(s, SlotState::InFlight);
+                            batch.push(s);
+                        }
+                    }
+                    bytes += len;
+                    at += len;
                 }
                 return Some((batch, p));
             }
@@ -492,14 +513,30 @@ impl Inner {
 /// Splits `slots` (ascending) into runs whose stored bytes are adjacent.
 fn contiguous_runs(table: &ChunkTable, slots: &[u64]) -> Vec<Vec<u64>> {
     let mut out: Vec<Vec<u64>> = Vec::new();
-    let mut end = None;
+    // (start, end) of the last stored chunk added.
+    let mut prev: Option<(u64, u64)> = None;
     for &slot in slots {
         let Some(e) = table.get(slot) else { continue };
-        match (out.last_mut(), end) {
-            (Some(run), Some(prev_end)) if e.stored_offset == prev_end => run.push(slot),
+        match (out.last_mut(), prev) {
+            // The next chunk, or another slot sharing the same stored chunk.
+            (Some(run), Some((start, end)))
+                if e.stored_offset == end || e.stored_offset == start =>
+            {
+                run.push(slot)
+            }
             _ => out.push(vec![slot]),
         }
-        end = Some(e.stored_offset + u64::from(e.stored_len));
+        prev = Some((e.stored_offset, e.stored_offset + u64::from(e.stored_len)));
     }
     out
+}
+
+/// The slots whose stored bytes start at each offset of the data section (several when
+/// identical chunks are stored once).
+fn index_by_offset(table: &ChunkTable) -> HashMap<u64, Vec<u64>> {
+    let mut map: HashMap<u64, Vec<u64>> = HashMap::with_capacity(table.entries().len());
+    for (slot, e) in table.entries().iter().enumerate() {
+        map.entry(e.stored_offset).or_default().push(slot as u64);
+    }
+    map
 }

@@ -1,0 +1,754 @@
+//! `HttpSource` against `incfs serve`, a real nginx (HTTP/1.1 and HTTPS with HTTP/2), a
+//! scripted misbehaving server, and injected faults.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::ops::ControlFlow;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use incfs_datasets::require::{Need, require};
+use incfs_fs::link::{FaultConfig, FaultKind, LinkConfig};
+use incfs_fs::serve::{ServeConfig, Server};
+use incfs_fs::source::{self, HttpConfig, HttpSource, RequestKind, Source, SourceError};
+
+fn content(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A small deterministic generator for offsets in tests.
+struct Lcg(u64);
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n.max(1)
+    }
+}
+
+struct Served {
+    _dir: tempfile::TempDir,
+    data: Vec<u8>,
+    server: Server,
+}
+
+fn serve(len: usize, link: LinkConfig) -> Served {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = content(len, len as u64);
+    let path = dir.path().join("image.incfs");
+    std::fs::write(&path, &data).expect("write image");
+    let mut config = ServeConfig::new(&path);
+    config.link = link;
+    let server = Server::start(config).expect("start incfs serve");
+    Served {
+        _dir: dir,
+        data,
+        server,
+    }
+}
+
+/// Reads random ranges and checks each against the file.
+fn check_random_ranges(src: &dyn Source, data: &[u8], count: usize, seed: u64) {
+    let mut rng = Lcg(seed);
+    let len = data.len() as u64;
+    for i in 0..count {
+        let n = 1 + rng.below(300_000.min(len));
+        let off = rng.below(len - n + 1);
+        let got = src
+            .read_range(off, n, RequestKind::Demand)
+            .unwrap_or_else(|e| panic!("read {i} ({off}+{n}): {e}"));
+        assert!(
+            got == data[off as usize..(off + n) as usize],
+            "read {i} ({off}+{n}) differs from the file"
+        );
+    }
+}
+
+#[test]
+fn reads_exact_ranges_from_incfs_serve() {
+    let s = serve(3_000_001, LinkConfig::default());
+    let src = HttpSource::open(&s.server.url("image.incfs"), &HttpConfig::default())
+        .expect("open HTTP source");
+    assert_eq!(src.total_len().expect("len"), s.data.len() as u64);
+    check_random_ranges(&src, &s.data, 40, 1);
+
+    // The whole image, the last byte, nothing.
+    let len = s.data.len() as u64;
+    assert!(
+        src.read_range(0, len, RequestKind::Background)
+            .expect("all")
+            == s.data
+    );
+    assert_eq!(
+        src.read_range(len - 1, 1, RequestKind::Demand)
+            .expect("last"),
+        [s.data[s.data.len() - 1]]
+    );
+    assert!(
+        src.read_range(5, 0, RequestKind::Demand)
+            .expect("empty")
+            .is_empty()
+    );
+    // Past the end: refused before any request.
+    let err = src
+        .read_range(len - 10, 11, RequestKind::Demand)
+        .unwrap_err();
+    assert!(matches!(err, SourceError::OutOfRange { .. }), "{err}");
+    assert!(!err.is_retryable());
+
+    // Streaming hands over pieces that add up to the range, and stops when told.
+    let mut streamed = Vec::new();
+    let mut pieces = 0;
+    src.read_range_streaming(1_000, 2_000_000, RequestKind::Prefetch, &mut |p| {
+        streamed.extend_from_slice(p);
+        pieces += 1;
+        ControlFlow::Continue(())
+    })
+    .expect("streamed read");
+    assert!(streamed == s.data[1_000..2_001_000]);
+    assert!(pieces > 1, "a 2 MB range arrived in {pieces} piece(s)");
+    let mut first = 0;
+    src.read_range_streaming(0, 2_000_000, RequestKind::Prefetch, &mut |p| {
+        first += p.len();
+        ControlFlow::Break(())
+    })
+    .expect("stopped read");
+    assert!(first > 0 && first < 2_000_000);
+    // The source still works after a read was cut short.
+    check_random_ranges(&src, &s.data, 3, 2);
+
+    let stats = s.server.stats();
+    assert!(stats.by_kind["demand"].requests >= 40);
+    assert_eq!(stats.by_kind["prefetch"].requests, 2);
+    assert_eq!(
+        stats.by_kind["background"].requests, 2,
+        "HEAD and the whole read"
+    );
+}
+
+#[test]
+fn open_spec_accepts_http_urls_and_shares_across_threads() {
+    let s = serve(500_000, LinkConfig::default());
+    let src = source::open(&s.server.url("")).expect("open by spec");
+    assert_eq!(src.total_len().expect("len"), 500_000);
+    assert!(src.describe().starts_with("http://127.0.0.1:"));
+    std::thread::scope(|scope| {
+        for t in 0..4 {
+            let (src, data) = (&src, &s.data);
+            scope.spawn(move || check_random_ranges(&**src, data, 20, 10 + t));
+        }
+    });
+}
+
+#[test]
+fn errors_5xx_short_bodies_and_resets_are_retryable() {
+    for (kind, what) in [
+        (FaultKind::ServerError, "5xx"),
+        (FaultKind::ShortBody, "short body"),
+        (FaultKind::Reset, "reset"),
+    ] {
+        let s = serve(
+            400_000,
+            LinkConfig {
+                faults: FaultConfig {
+                    rate: 1.0,
+                    kinds: vec![kind],
+                    ..FaultConfig::default()
+                },
+                ..LinkConfig::default()
+            },
+        );
+        // HEAD is never faulted, so open works.
+        let src =
+            HttpSource::open(&s.server.url("image.incfs"), &HttpConfig::default()).expect("open");
+        for i in 0..10 {
+            let err = src
+                .read_range(i * 1_000, 300_000, RequestKind::Demand)
+                .expect_err(what);
+            assert!(err.is_retryable(), "{what}: {err}");
+            if kind == FaultKind::ServerError {
+                assert!(
+                    matches!(
+                        err,
+                        SourceError::Status {
+                            status: 500..=599,
+                            ..
+                        }
+                    ),
+                    "{what}: {err}"
+                );
+            }
+            assert!(err.to_string().contains("http://127.0.0.1:"), "{err}");
+        }
+    }
+}
+
+#[test]
+fn a_stall_longer_than_the_read_timeout_fails_the_read() {
+    let s = serve(
+        100_000,
+        LinkConfig {
+            faults: FaultConfig {
+                rate: 1.0,
+                kinds: vec![FaultKind::Stall],
+                stall_ms: 3_000,
+                ..FaultConfig::default()
+            },
+            ..LinkConfig::default()
+        },
+    );
+    let config = HttpConfig {
+        read_timeout: Duration::from_millis(300),
+        ..HttpConfig::default()
+    };
+    let src = HttpSource::open(&s.server.url(""), &config).expect("open");
+    let t = Instant::now();
+    let err = src
+        .read_range(0, 100_000, RequestKind::Demand)
+        .expect_err("stalled read");
+    assert!(err.is_retryable(), "{err}");
+    assert!(t.elapsed() >= Duration::from_millis(300));
+}
+
+#[test]
+fn connection_refused_is_a_clear_error() {
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let url = format!("http://127.0.0.1:{port}/image.incfs");
+    let err = HttpSource::open(&url, &HttpConfig::default()).expect_err("nobody listens");
+    let msg = err.to_string();
+    assert!(msg.contains(&url), "{msg}");
+    assert!(
+        matches!(&err, SourceError::Io { error, .. } if error.kind() == std::io::ErrorKind::ConnectionRefused),
+        "{err:?}"
+    );
+    match source::open("ftp://example.invalid/x") {
+        Err(err) => assert!(!err.is_retryable(), "{err}"),
+        Ok(_) => panic!("ftp:// accepted"),
+    }
+}
+
+/// A server that answers every request from a script and closes the connection.
+struct Scripted {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Scripted {
+    /// `answer(method, range header)` gives the raw response bytes.
+    fn start(answer: impl Fn(&str, Option<&str>) -> Vec<u8> + Send + 'static) -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok((stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut r = BufReader::new(stream);
+                let mut line = String::new();
+                if r.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let method = line.split_whitespace().next().unwrap_or("").to_string();
+                let mut range = None;
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).is_err() || h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = h.split_once(':')
+                        && k.eq_ignore_ascii_case("range")
+                    {
+                        range = Some(v.trim().to_string());
+                    }
+                }
+                let _ = r.get_mut().write_all(&answer(&method, range.as_deref()));
+            }
+        });
+        Scripted {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/img", self.addr)
+    }
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn response(status: &str, headers: &[(&str, String)], body: &[u8]) -> Vec<u8> {
+    let mut r = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        r.push_str(&format!("{k}: {v}\r\n"));
+    }
+    r.push_str("\r\n");
+    let mut r = r.into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+#[test]
+fn wrong_answers_to_ranges_are_errors() {
+    let data = content(1_000, 9);
+    // HEAD is refused (as a presigned GET URL does), so the length comes from a probe; then
+    // every range is answered with the wrong bytes in some way.
+    let d = data.clone();
+    let server = Scripted::start(move |method, range| {
+        if method == "HEAD" {
+            return response("403 Forbidden", &[("Content-Length", "0".into())], b"");
+        }
+        match range {
+            Some("bytes=0-0") => response(
+                "206 Partial Content",
+                &[
+                    ("Content-Range", "bytes 0-0/1000".into()),
+                    ("Content-Length", "1".into()),
+                ],
+                &d[..1],
+            ),
+            // Wrong start.
+            Some("bytes=100-109") => response(
+                "206 Partial Content",
+                &[
+                    ("Content-Range", "bytes 0-9/1000".into()),
+                    ("Content-Length", "10".into()),
+                ],
+                &d[..10],
+            ),
+            // Right range, wrong total (the file changed).
+            Some("bytes=200-209") => response(
+                "206 Partial Content",
+                &[
+                    ("Content-Range", "bytes 200-209/2000".into()),
+                    ("Content-Length", "10".into()),
+                ],
+                &d[200..210],
+            ),
+            // Range ignored: the whole file with 200.
+            Some("bytes=300-309") => response("200 OK", &[("Content-Length", "1000".into())], &d),
+            // Announces 10 bytes, sends 5 and closes.
+            Some("bytes=400-409") => response(
+                "206 Partial Content",
+                &[
+                    ("Content-Range", "bytes 400-409/1000".into()),
+                    ("Content-Length", "10".into()),
+                ],
+                &d[400..405],
+            ),
+            // No Content-Length, body longer than the range, ended by close.
+            Some("bytes=500-509") => response(
+                "206 Partial Content",
+                &[("Content-Range", "bytes 500-509/1000".into())],
+                &d[500..520],
+            ),
+            // 404.
+            Some("bytes=600-609") => {
+                response("404 Not Found", &[("Content-Length", "0".into())], b"")
+            }
+            // A correct answer.
+            Some("bytes=700-709") => response(
+                "206 Partial Content",
+                &[
+                    ("Content-Range", "bytes 700-709/1000".into()),
+                    ("Content-Length", "10".into()),
+                ],
+                &d[700..710],
+            ),
+            _ => response(
+                "500 Internal Server Error",
+                &[("Content-Length", "0".into())],
+                b"",
+            ),
+        }
+    });
+    let src = HttpSource::open(&server.url(), &HttpConfig::default()).expect("open via probe");
+    assert_eq!(src.len(), 1_000);
+    let read = |off| src.read_range(off, 10, RequestKind::Demand);
+    assert_eq!(read(700).expect("the correct answer"), data[700..710]);
+    for off in [100, 200, 400, 500] {
+        let err = read(off).expect_err("wrong answer accepted");
+        assert!(err.is_retryable(), "{off}: {err}");
+    }
+    for (off, status) in [(300, 200), (600, 404)] {
+        let err = read(off).expect_err("wrong status accepted");
+        assert!(
+            matches!(err, SourceError::Status { status: s, .. } if s == status),
+            "{off}: {err}"
+        );
+        assert!(!err.is_retryable(), "{off}: {err}");
+    }
+}
+
+#[test]
+fn injected_faults_give_only_errors_or_correct_bytes() {
+    let kinds = vec![
+        FaultKind::Reset,
+        FaultKind::Stall,
+        FaultKind::ServerError,
+        FaultKind::ShortBody,
+    ];
+    let s = serve(
+        2_000_000,
+        LinkConfig {
+            faults: FaultConfig {
+                rate: 0.3,
+                seed: 7,
+                kinds,
+                stall_ms: 200,
+            },
+            ..LinkConfig::default()
+        },
+    );
+    let src = HttpSource::open(&s.server.url(""), &HttpConfig::default()).expect("open");
+    let mut rng = Lcg(3);
+    let (mut ok, mut failed) = (0, 0);
+    for _ in 0..150 {
+        let n = 1 + rng.below(200_000);
+        let off = rng.below(s.data.len() as u64 - n + 1);
+        match src.read_range(off, n, RequestKind::Demand) {
+            Ok(got) => {
+                assert!(
+                    got == s.data[off as usize..(off + n) as usize],
+                    "a read at {off}+{n} returned wrong bytes"
+                );
+                ok += 1;
+            }
+            Err(e) => {
+                assert!(e.is_retryable(), "{e}");
+                failed += 1;
+            }
+        }
+    }
+    let stats = s.server.stats();
+    let injected: u64 = stats.faults.values().sum();
+    assert!(ok > 50 && failed > 10, "{ok} ok, {failed} failed");
+    assert!(
+        injected >= failed,
+        "{injected} faults injected, {failed} reads failed"
+    );
+    // Stalls of 200 ms are shorter than the read timeout: they delay, they do not fail.
+    assert!(stats.faults.get("stall").copied().unwrap_or(0) > 0);
+}
+
+#[test]
+fn bit_flips_get_through_http_so_digests_must_catch_them() {
+    let s = serve(
+        300_000,
+        LinkConfig {
+            faults: FaultConfig {
+                rate: 1.0,
+                kinds: vec![FaultKind::BitFlip],
+                ..FaultConfig::default()
+            },
+            ..LinkConfig::default()
+        },
+    );
+    let src = HttpSource::open(&s.server.url(""), &HttpConfig::default()).expect("open");
+    for i in 0..10u64 {
+        let (off, n) = (i * 20_000, 50_000);
+        let got = src
+            .read_range(off, n, RequestKind::Demand)
+            .expect("flipped read");
+        let want = &s.data[off as usize..(off + n) as usize];
+        let flipped: u32 = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a ^ b).count_ones())
+            .sum();
+        assert_eq!(flipped, 1, "read {i}: exactly one bit flipped");
+    }
+}
+
+// --- nginx -------------------------------------------------------------------------------
+
+/// An nginx on loopback serving `www`, plain on one port and TLS + HTTP/2 on another;
+/// killed on drop.
+struct Nginx {
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+    tls_port: u16,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn nginx_binary() -> PathBuf {
+    let sbin = PathBuf::from("/usr/sbin/nginx");
+    if sbin.exists() {
+        sbin
+    } else {
+        PathBuf::from("nginx")
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and a server certificate for 127.0.0.1, made with the openssl command.
+fn make_certs(dir: &Path) {
+    let p = |n: &str| dir.join(n);
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=incfs test CA",
+            "-keyout",
+        ])
+        .arg(p("ca.key"))
+        .arg("-out")
+        .arg(p("ca.crt")));
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-subj", "/CN=127.0.0.1", "-keyout"])
+        .arg(p("server.key"))
+        .arg("-out")
+        .arg(p("server.csr")));
+    std::fs::write(
+        p("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("write ext.cnf");
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-in"])
+        .arg(p("server.csr"))
+        .arg("-CA")
+        .arg(p("ca.crt"))
+        .arg("-CAkey")
+        .arg(p("ca.key"))
+        .arg("-CAcreateserial")
+        .arg("-extfile")
+        .arg(p("ext.cnf"))
+        .arg("-out")
+        .arg(p("server.crt")));
+}
+
+fn start_nginx(www: &Path) -> Nginx {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    make_certs(d);
+    let (port, tls_port) = (free_port(), free_port());
+    let conf = format!(
+        r#"
+worker_processes 1;
+error_log {d}/error.log warn;
+pid {d}/nginx.pid;
+events {{ worker_connections 64; }}
+http {{
+    log_format t '$server_protocol $connection $connection_requests $status $http_range';
+    access_log {d}/access.log t;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    keepalive_requests 100000;
+    server {{
+        listen 127.0.0.1:{port};
+        root {www};
+    }}
+    server {{
+        listen 127.0.0.1:{tls_port} ssl http2;
+        root {www};
+        ssl_certificate {d}/server.crt;
+        ssl_certificate_key {d}/server.key;
+    }}
+}}
+"#,
+        d = d.display(),
+        www = www.display(),
+    );
+    std::fs::write(d.join("nginx.conf"), conf).expect("write nginx.conf");
+    let child = Command::new(nginx_binary())
+        .arg("-p")
+        .arg(d)
+        .arg("-c")
+        .arg(d.join("nginx.conf"))
+        .args(["-g", "daemon off;"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nginx");
+    let mut nginx = Nginx {
+        child,
+        dir,
+        port,
+        tls_port,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let up = [port, tls_port]
+            .iter()
+            .all(|p| TcpStream::connect(("127.0.0.1", *p)).is_ok());
+        if up {
+            return nginx;
+        }
+        let exited = nginx.child.try_wait().ok().flatten();
+        if exited.is_some() || Instant::now() > deadline {
+            let log =
+                std::fs::read_to_string(nginx.dir.path().join("error.log")).unwrap_or_default();
+            panic!("nginx did not start ({exited:?}): {log}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The access log's lines, once at least `want` are written.
+fn access_log(nginx: &Nginx, want: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = std::fs::read_to_string(nginx.dir.path().join("access.log")).unwrap_or_default();
+        let lines: Vec<String> = log.lines().map(str::to_string).collect();
+        if lines.len() >= want || Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn reads_from_nginx_over_http1_and_https_with_http2() {
+    if !require(
+        "reads_from_nginx_over_http1_and_https_with_http2",
+        &[Need::Nginx],
+    ) {
+        return;
+    }
+    let www = tempfile::tempdir().expect("tempdir");
+    // nginx's workers may run as another user: let them in.
+    std::fs::set_permissions(www.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let data = content(2_500_000, 11);
+    std::fs::write(www.path().join("image.incfs"), &data).expect("write image");
+    std::fs::write(www.path().join("empty"), b"").expect("write empty");
+    let nginx = start_nginx(www.path());
+
+    // Plain HTTP/1.1 with keep-alive.
+    let url = format!("http://127.0.0.1:{}/image.incfs", nginx.port);
+    let src = source::open(&url).expect("open nginx URL");
+    assert_eq!(src.total_len().expect("len"), data.len() as u64);
+    check_random_ranges(&*src, &data, 30, 5);
+    assert!(
+        src.read_range(0, data.len() as u64, RequestKind::Background)
+            .expect("all")
+            == data
+    );
+    let missing = source::open(&format!("http://127.0.0.1:{}/nothing", nginx.port));
+    match missing {
+        Err(SourceError::Status { status: 404, .. }) => {}
+        Err(e) => panic!("a missing file gave {e}"),
+        Ok(_) => panic!("a missing file opened"),
+    }
+    let empty = source::open(&format!("http://127.0.0.1:{}/empty", nginx.port)).expect("empty");
+    assert_eq!(empty.total_len().expect("len"), 0);
+    drop((src, empty));
+
+    // HTTPS (rustls, trusting the test CA) negotiates HTTP/2 by ALPN.
+    let config = HttpConfig {
+        extra_root_certs_pem: vec![
+            std::fs::read(nginx.dir.path().join("ca.crt")).expect("read CA certificate"),
+        ],
+        ..HttpConfig::default()
+    };
+    let tls_url = format!("https://127.0.0.1:{}/image.incfs", nginx.tls_port);
+    let tls = HttpSource::open(&tls_url, &config).expect("open HTTPS URL");
+    assert_eq!(tls.len(), data.len() as u64);
+    std::thread::scope(|scope| {
+        for t in 0..4 {
+            let (tls, data) = (&tls, &data);
+            scope.spawn(move || check_random_ranges(tls, data, 10, 20 + t));
+        }
+    });
+    // Without the CA the server is not trusted.
+    let err = HttpSource::open(&tls_url, &HttpConfig::default()).expect_err("untrusted");
+    assert!(err.to_string().contains("127.0.0.1"), "{err}");
+
+    // 1 HEAD + 30 ranges + 1 whole + 1 HEAD 404 + 1 HEAD empty (+ probe) on HTTP/1.1; at
+    // least 1 HEAD + 40 ranges over HTTP/2.
+    let lines = access_log(&nginx, 75);
+    let h1: Vec<&String> = lines.iter().filter(|l| l.starts_with("HTTP/1.1")).collect();
+    let h2: Vec<&String> = lines.iter().filter(|l| l.starts_with("HTTP/2.0")).collect();
+    assert!(
+        h2.len() >= 41,
+        "HTTPS requests did not use HTTP/2: {lines:#?}"
+    );
+    assert!(h1.len() >= 33, "{lines:#?}");
+    let connections: std::collections::BTreeSet<&str> = h1
+        .iter()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert!(
+        connections.len() <= 3,
+        "{} HTTP/1.1 requests used {} connections: keep-alive is not reused",
+        h1.len(),
+        connections.len()
+    );
+}

@@ -1,0 +1,184 @@
+//! The prefetcher over the fetch scheduler and a mock source: it walks the plan before any
+//! read, a hot-first image's plan travels in a few long requests, demand misses overtake
+//! queued prefetch, and the window jumps forward when the program does.
+
+mod common;
+
+use std::fs;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use incfs_fs::cache::ChunkCache;
+use incfs_fs::fetch::{FetchConfig, Fetcher, Priority};
+use incfs_fs::format::{Image, PackOptions, pack_dir, read_meta, relayout};
+use incfs_fs::prefetch::{PrefetchConfig, Prefetcher};
+use incfs_fs::source::{MetaReader, MockSource, RequestKind, Source};
+
+const CHUNK: u64 = 4096;
+
+/// An image of one 400-chunk file of incompressible bytes (so stored = raw = 4 KiB).
+fn image(dir: &std::path::Path) -> Vec<u8> {
+    let tree = dir.join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("big"), common::noise(400 * CHUNK as usize, 7)).unwrap();
+    let out = dir.join("a.img");
+    let opts = PackOptions {
+        chunk_size: CHUNK as u32,
+        ..PackOptions::default()
+    };
+    pack_dir(&tree, &out, &opts, &()).unwrap();
+    fs::read(out).unwrap()
+}
+
+struct Rig {
+    source: Arc<MockSource>,
+    fetcher: Arc<Fetcher>,
+    table: Arc<incfs_fs::format::ChunkTable>,
+    _cache_dir: tempfile::TempDir,
+}
+
+fn rig(bytes: Vec<u8>) -> Rig {
+    let source = Arc::new(MockSource::new(bytes));
+    let (header, manifest, table) = read_meta(&MetaReader(&*source), None).unwrap();
+    let table = Arc::new(table);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = ChunkCache::open(
+        cache_dir.path(),
+        &header.root_digest,
+        &manifest,
+        Arc::clone(&table),
+    )
+    .unwrap();
+    source.clear_requests();
+    let dyn_source: Arc<dyn Source> = source.clone();
+    let fetcher = Fetcher::new(
+        dyn_source,
+        header.data_offset,
+        Arc::clone(&table),
+        cache,
+        FetchConfig::default(),
+    )
+    .unwrap();
+    Rig {
+        source,
+        fetcher: Arc::new(fetcher),
+        table,
+        _cache_dir: cache_dir,
+    }
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn a_hot_first_plan_is_fetched_before_any_read_in_few_requests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = image(tmp.path());
+    // Plan: 100 scattered chunks, in a scrambled order.
+    let plan: Vec<u64> = (0..100u64).map(|i| (i * 37) % 400).collect();
+    // Relay the image so the plan's chunks lead the data section, in plan order.
+    let img = Image::open(bytes, None).unwrap();
+    let out = tmp.path().join("hot.img");
+    relayout(&img, &plan, &out).unwrap();
+    let r = rig(fs::read(&out).unwrap());
+    let p = Prefetcher::start(
+        Arc::clone(&r.fetcher),
+        Arc::clone(&r.table),
+        &plan,
+        PrefetchConfig::default(),
+    )
+    .unwrap();
+    wait_until("the plan to be local", || p.stats().planned_local == 100);
+    let reqs = r.source.requests();
+    assert!(reqs.iter().all(|q| q.kind == RequestKind::Prefetch));
+    assert!(
+        reqs.len() <= 3,
+        "{} requests for a hot-first plan: {reqs:?}",
+        reqs.len()
+    );
+    assert_eq!(reqs.iter().map(|q| q.len).sum::<u64>(), 100 * CHUNK);
+    // Nothing outside the plan was fetched.
+    assert_eq!(r.fetcher.cache().local_chunks(), 100);
+}
+
+#[test]
+fn a_demand_miss_overtakes_queued_prefetch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = rig(image(tmp.path()));
+    r.source.set_delay(Duration::from_millis(30));
+    // A scattered plan: 150 separate requests, far more than the workers can carry at once.
+    let plan: Vec<u64> = (0..150u64).map(|i| i * 2).collect();
+    let cfg = PrefetchConfig {
+        window_bytes: u64::MAX,
+        ..PrefetchConfig::default()
+    };
+    let p = Prefetcher::start(Arc::clone(&r.fetcher), Arc::clone(&r.table), &plan, cfg).unwrap();
+    wait_until("prefetch to start", || !r.source.requests().is_empty());
+    r.fetcher.fetch(&[399], Priority::Demand).unwrap();
+    let reqs = r.source.requests();
+    let demand_at = reqs
+        .iter()
+        .position(|q| q.kind == RequestKind::Demand)
+        .unwrap();
+    assert!(
+        demand_at < 10,
+        "the demand request was #{demand_at} of {}",
+        reqs.len()
+    );
+    wait_until("the plan to be local", || p.stats().planned_local == 150);
+}
+
+#[test]
+fn the_window_jumps_forward_with_the_program() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = rig(image(tmp.path()));
+    r.source.set_delay(Duration::from_millis(20));
+    let plan: Vec<u64> = (0..400u64).step_by(2).collect(); // 200 non-adjacent chunks
+    let cfg = PrefetchConfig {
+        window_bytes: 8 * CHUNK,
+        readahead_chunks: 0,
+        fetch_all: false,
+    };
+    let p = Prefetcher::start(Arc::clone(&r.fetcher), Arc::clone(&r.table), &plan, cfg).unwrap();
+    wait_until("prefetch to start", || !r.source.requests().is_empty());
+    // The program reads plan entry 150 (slot 300): the window jumps there.
+    p.on_read(0, 0, 300, 300, false);
+    r.fetcher.fetch(&[300], Priority::Demand).unwrap();
+    wait_until("the rest of the plan", || {
+        (150..200).all(|i| r.fetcher.cache().is_local(plan[i]))
+    });
+    let s = p.stats();
+    assert_eq!(s.skips, 1);
+    assert_eq!(s.prefetch_misses, 1);
+    // Entries between the first window and the jump were skipped, not fetched.
+    let skipped_local = (20..150)
+        .filter(|&i| r.fetcher.cache().is_local(plan[i]))
+        .count();
+    assert_eq!(
+        skipped_local, 0,
+        "the prefetcher filled in chunks the program went past"
+    );
+}
+
+#[test]
+fn sequential_reads_outside_the_plan_get_read_ahead() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = rig(image(tmp.path()));
+    let cfg = PrefetchConfig {
+        readahead_chunks: 4,
+        ..PrefetchConfig::default()
+    };
+    let p = Prefetcher::start(Arc::clone(&r.fetcher), Arc::clone(&r.table), &[], cfg).unwrap();
+    p.on_read(0, 0, 10, 10, false);
+    p.on_read(0, 0, 11, 11, false);
+    wait_until("read-ahead", || {
+        (12..16).all(|s| r.fetcher.cache().is_local(s))
+    });
+    assert_eq!(p.stats().readahead_chunks, 4);
+    assert!(!r.fetcher.cache().is_local(16));
+}
