@@ -49,7 +49,8 @@ pub enum FailurePlan {
 }
 
 /// Wraps a source and makes chosen requests fail in a chosen way. Metadata reads
-/// ([`RequestKind::Background`]) are failed only with [`FailurePlan::Always`].
+/// ([`RequestKind::Background`]) are failed only with [`FailurePlan::Always`], and are not
+/// counted by [`FailurePlan::Countdown`].
 pub struct FailingSource<S> {
     inner: S,
     plan: Mutex<FailurePlan>,
@@ -87,11 +88,11 @@ impl<S: Source> FailingSource<S> {
     }
 
     fn should_fail(&self, offset: u64, len: u64, kind: RequestKind) -> bool {
-        let n = self.seen.fetch_add(1, Ordering::Relaxed);
         let plan = *self.plan.lock();
         if kind == RequestKind::Background && plan != FailurePlan::Always {
             return false;
         }
+        let n = self.seen.fetch_add(1, Ordering::Relaxed);
         match plan {
             FailurePlan::Countdown { pass, fail } => n >= pass && n < pass + fail,
             FailurePlan::Range { start, end } => offset < end && offset + len > start,

@@ -1,0 +1,652 @@
+//! The file system core ([`IncFs`]) driven without a mount, over in-memory and faulty
+//! sources: metadata, lazy verified reads, coalescing, one fetch for concurrent readers,
+//! retries and EIO, cache crash recovery, priorities, control files, passthrough decisions.
+
+mod common;
+
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use incfs_fs::fetch::{FetchConfig, Priority};
+use incfs_fs::format::{Image, InodeKind, PackOptions, pack_dir};
+use incfs_fs::fs::{FsConfig, FsError, IncFs, NodeKind, OpenMode, Stats};
+use incfs_fs::source::{FailingSource, FailureKind, FailurePlan, MockSource, RequestKind, Source};
+use proptest::prelude::*;
+
+const CHUNK: u32 = 4096;
+
+/// A packed test image: the tree, the image bytes, the opened image.
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    tree: PathBuf,
+    bytes: Vec<u8>,
+    img: Image<Vec<u8>>,
+}
+
+fn fixture(build: impl FnOnce(&Path)) -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    build(&tree);
+    let out = tmp.path().join("img");
+    let opts = PackOptions {
+        chunk_size: CHUNK,
+        ..PackOptions::default()
+    };
+    pack_dir(&tree, &out, &opts, &()).unwrap();
+    let bytes = fs::read(&out).unwrap();
+    let img = Image::open(bytes.clone(), None).unwrap();
+    Fixture {
+        _tmp: tmp,
+        tree,
+        bytes,
+        img,
+    }
+}
+
+fn odd() -> Fixture {
+    fixture(|t| common::odd_tree(t, CHUNK as usize))
+}
+
+/// A tree with one big incompressible file.
+fn big(len: usize) -> Fixture {
+    fixture(|t| {
+        fs::create_dir_all(t).unwrap();
+        fs::write(t.join("big"), common::noise(len, 42)).unwrap();
+    })
+}
+
+fn quick_fetch() -> FetchConfig {
+    FetchConfig {
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(5),
+        max_attempts: 3,
+        ..FetchConfig::default()
+    }
+}
+
+fn mount(src: Arc<dyn Source>, cache: &Path) -> IncFs {
+    let mut cfg = FsConfig::new(cache.to_path_buf());
+    cfg.fetch = quick_fetch();
+    IncFs::new(src, &cfg).unwrap()
+}
+
+/// Resolves a relative path (bytes) to a FUSE inode number.
+fn resolve(fs: &IncFs, path: &[u8]) -> u64 {
+    let mut ino = 1;
+    for comp in path.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
+        ino = fs.lookup(ino, comp).unwrap().ino;
+    }
+    ino
+}
+
+/// Reads a whole file through the core in `piece`-byte reads.
+fn read_all(fs: &IncFs, ino: u64, piece: u32) -> Result<Vec<u8>, FsError> {
+    let (fh, _) = fs.open(ino)?;
+    let size = fs.getattr(ino)?.size;
+    let mut out = Vec::new();
+    let r = (|| {
+        while (out.len() as u64) < size {
+            let b = fs.read(ino, fh, out.len() as u64, piece)?;
+            assert!(!b.is_empty(), "short read at {}", out.len());
+            out.extend_from_slice(&b);
+        }
+        Ok(())
+    })();
+    fs.release(fh);
+    r.map(|()| out)
+}
+
+fn read_control(fs: &IncFs, name: &str) -> Vec<u8> {
+    let dir = fs.lookup(1, b".incfs").unwrap().ino;
+    let ino = fs.lookup(dir, name.as_bytes()).unwrap().ino;
+    let (fh, mode) = fs.open(ino).unwrap();
+    assert!(matches!(mode, OpenMode::Direct));
+    let mut out = Vec::new();
+    loop {
+        let b = fs.read(ino, fh, out.len() as u64, 7).unwrap();
+        if b.is_empty() {
+            break;
+        }
+        out.extend_from_slice(&b);
+    }
+    fs.release(fh);
+    out
+}
+
+fn stats(fs: &IncFs) -> Stats {
+    serde_json::from_slice(&read_control(fs, "stats")).unwrap()
+}
+
+#[test]
+fn metadata_and_every_file_match_the_tree() {
+    let fx = odd();
+    let cache = tempfile::tempdir().unwrap();
+    let src = Arc::new(MockSource::new(fx.bytes.clone()));
+    let fs = mount(src.clone(), cache.path());
+    let after_mount = src.requests().len();
+    let mut files = 0;
+    for (path, inode) in fx.img.walk() {
+        let disk = fx.tree.join(std::ffi::OsStr::from_bytes(&path));
+        let meta = fs::symlink_metadata(&disk).unwrap();
+        let ino = resolve(&fs, &path);
+        assert_eq!(ino, u64::from(inode) + 1);
+        let a = fs.getattr(ino).unwrap();
+        match &fx.img.inode(inode).unwrap().kind {
+            InodeKind::File { .. } => {
+                assert_eq!(a.kind, NodeKind::File);
+                assert_eq!(a.size, meta.len());
+                assert_eq!(
+                    u32::from(a.perm),
+                    std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777
+                );
+                files += 1;
+            }
+            InodeKind::Dir { entries } => {
+                assert_eq!(a.kind, NodeKind::Dir);
+                let names: Vec<Vec<u8>> = fs
+                    .readdir(ino, 0)
+                    .unwrap()
+                    .into_iter()
+                    .map(|d| d.name)
+                    .collect();
+                assert_eq!(names.len(), entries.len() + 2);
+                let mut want: Vec<Vec<u8>> = fs::read_dir(&disk)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().as_bytes().to_vec())
+                    .filter(|n| n.as_slice() != b"a-fifo")
+                    .collect();
+                want.sort();
+                assert_eq!(&names[2..], &want[..]);
+            }
+            InodeKind::Symlink { .. } => {
+                assert_eq!(a.kind, NodeKind::Symlink);
+                assert_eq!(
+                    fs.readlink(ino).unwrap(),
+                    fs::read_link(&disk).unwrap().as_os_str().as_bytes()
+                );
+            }
+        }
+    }
+    assert!(files > 10);
+    // Metadata came from the manifest: no request after mount.
+    assert_eq!(src.requests().len(), after_mount);
+
+    // Data: every file, read in odd-sized pieces, equals the tree.
+    for f in fx.img.files() {
+        let disk = fx.tree.join(std::ffi::OsStr::from_bytes(&f.path));
+        let got = read_all(&fs, u64::from(f.inode) + 1, 5000).unwrap();
+        assert_eq!(got, fs::read(&disk).unwrap(), "{}", f.display_path());
+    }
+    // Xattrs.
+    let text = resolve(&fs, b"text");
+    assert_eq!(fs.getxattr(text, b"user.incfs.test").unwrap(), b"value-1");
+    assert!(
+        fs.listxattr(text)
+            .unwrap()
+            .starts_with(b"user.incfs.test\0")
+    );
+    assert!(matches!(
+        fs.getxattr(text, b"user.none"),
+        Err(FsError::NoXattr)
+    ));
+    // Hard links share an inode.
+    assert_eq!(resolve(&fs, b"hardlink-b"), resolve(&fs, b"sub/hardlink-a"));
+    assert!(matches!(fs.lookup(1, b"missing"), Err(FsError::NotFound)));
+    assert!(matches!(fs.readlink(text), Err(FsError::NotSymlink)));
+    // Reads past the end are empty.
+    let (fh, _) = fs.open(text).unwrap();
+    assert!(fs.read(text, fh, 1 << 40, 100).unwrap().is_empty());
+    fs.release(fh);
+    fs.shutdown().unwrap();
+}
+
+#[test]
+fn adjacent_missing_chunks_coalesce_into_one_request() {
+    let fx = big(64 * CHUNK as usize);
+    let cache = tempfile::tempdir().unwrap();
+    let src = Arc::new(MockSource::new(fx.bytes.clone()));
+    let fs = mount(src.clone(), cache.path());
+    src.clear_requests();
+    let ino = resolve(&fs, b"big");
+    let (fh, _) = fs.open(ino).unwrap();
+    // One read of 16 chunks: one demand request with exactly their stored bytes.
+    let got = fs.read(ino, fh, 0, 16 * CHUNK).unwrap();
+    assert_eq!(
+        got,
+        fs::read(fx.tree.join("big")).unwrap()[..16 * CHUNK as usize]
+    );
+    let reqs = src.requests();
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    assert_eq!(reqs[0].kind, RequestKind::Demand);
+    let stored: u64 = fx.img.table().entries()[..16]
+        .iter()
+        .map(|e| u64::from(e.stored_len))
+        .sum();
+    assert_eq!(reqs[0].len, stored);
+    // Reading them again is a hit: no request.
+    fs.read(ino, fh, 100, 1000).unwrap();
+    assert_eq!(src.requests().len(), 1);
+    fs.release(fh);
+    fs.shutdown().unwrap();
+}
+
+#[test]
+fn requests_are_capped_at_max_request_bytes() {
+    let fx = big(64 * CHUNK as usize);
+    let cache = tempfile::tempdir().unwrap();
+    let src = Arc::new(MockSource::new(fx.bytes.clone()));
+    let mut cfg = FsConfig::new(cache.path().to_path_buf());
+    cfg.fetch = quick_fetch();
+    cfg.fetch.max_request_bytes = 10 * u64::from(CHUNK);
+    let fs = IncFs::new(src.clone(), &cfg).unwrap();
+    src.clear_requests();
+    let ino = resolve(&fs, b"big");
+    let got = read_all(&fs, ino, 64 * CHUNK).unwrap();
+    assert_eq!(got, fs::read(fx.tree.join("big")).unwrap());
+    let reqs = src.requests();
+    assert!(
+        reqs.iter().all(|r| r.len <= 10 * u64::from(CHUNK)),
+        "{reqs:?}"
+    );
+    assert!(reqs.len() >= 7, "{} requests", reqs.len());
+    fs.shutdown().unwrap();
+}
+
+#[test]
+fn concurrent_readers_of_one_chunk_cause_one_fetch() {
+    let fx = big(8 * CHUNK as usize);
+    let cache = tempfile::tempdir().unwrap();
+    let src = Arc::new(MockSource::new(fx.bytes.clone()));
+    let fs = Arc::new(mount(src.clone(), cache.path()));
+    src.clear_requests();
+    // Hold each request long enough that all readers arrive while it is in flight.
+    src.set_delay(Duration::from_millis(300));
+    let ino = resolve(&fs, b"big");
+    let want = fs::read(fx.tree.join("big")).unwrap();
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let fs = Arc::clone(&fs);
+            std::thread::spawn(move || {
+                let (fh, _) = fs.open(ino).unwrap();
+                let r = fs
+                    .read(ino, fh, 3 * u64::from(CHUNK) + i * 100, 50)
+                    .unwrap();
+                fs.release(fh);
+                r
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let off = 3 * CHUNK as usize + i * 100;
+        assert_eq!(h.join().unwrap(), want[off..off + 50]);
+    }
+    let reqs = src.requests();
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    let s = stats(&fs);
+    assert_eq!(s.chunks_fetched, 1);
+    assert_eq!(s.demand_misses, 8);
+}
+
+#[test]
+fn transient_failures_are_retried() {
+    let fx = big(8 * CHUNK as usize);
+    let cache = tempfile::tempdir().unwrap();
+    for kind in [
+        FailureKind::Error,
+        FailureKind::Unavailable,
+        FailureKind::Short,
+        FailureKind::Corrupt,
+    ] {
+        let src = Arc::new(FailingSource::new(
+            MockSource::new(fx.bytes.clone()),
+            FailurePlan::Countdown { pass: 0, fail: 2 },
+            kind,
+        ));
+        let cache = cache.path().join(format!("{kind:?}"));
+        let fs = mount(src.clone(), &cache);
+        let got = read_all(&fs, resolve(&fs, b"big"), 1 << 20).unwrap();
+        assert_eq!(got, fs::read(fx.tree.join("big")).unwrap(), "{kind:?}");
+        assert_eq!(src.failures(), 2, "{kind:?} {:?}", fs.fetcher().stats());
+        assert!(stats(&fs).fetch_errors >= 2, "{kind:?}");
+        fs.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn bytes_that_never_verify_are_eio_and_local_chunks_keep_working() {
+    let fx = fixture(|t| {
+        fs::create_dir_all(t).unwrap();
+        fs::write(t.join("a"), common::noise(4 * CHUNK as usize, 1)).unwrap();
+        fs::write(t.join("b"), common::noise(4 * CHUNK as usize, 2)).unwrap();
+    });
+    let cache = tempfile::tempdir().unwrap();
+    let src = Arc::new(FailingSource::new(
+        MockSource::new(fx.bytes.clone()),
+        FailurePlan::Countdown {
+            pass: u64::MAX,
+            fail: 0,
+        },
+        FailureKind::Corrupt,
+    ));
+    let fs = mount(src.clone(), cache.path());
+    let a = resolve(&fs, b"a");
+    let b = resolve(&fs, b"b");
+    let want_a = fs::read(fx.tree.join("a")).unwrap();
+    assert_eq!(read_all(&fs, a, 1 << 20).unwrap(), want_a);
+    // From now on the source serves corrupted bytes for everything.
+    src.set_plan(FailurePlan::Countdown {
+        pass: 0,
+        fail: u64::MAX,
+    });
+    let err = read_all(&fs, b, 1 << 20).unwrap_err();
+    match &err {
+        FsError::Fetch { path, .. } => assert_eq!(path, "b"),
+        other => panic!("expected a fetch error, got {other:?}"),
+    }
+    assert!(err.to_string().contains("b: chunk"), "{err}");
+    // Local data keeps working.
+    assert_eq!(read_all(&fs, a, 1 << 20).unwrap(), want_a);
+    let s = stats(&fs);
+    assert!(s.fetch_errors >= 3 && s.read_errors >= 1, "{s:?}");
+    // The source heals: the same read now succeeds.
+    src.set_plan(FailurePlan::Countdown {
+        pass: u64::MAX,
+        fail: 0,
+    });
+    assert_eq!(
+        read_all(&fs, b, 1 << 20).unwrap(),
+        fs::read(fx.tree.join("b")).unwrap()
+    );
+    fs.shutdown().unwrap();
+}
+
+#[test]
+fn unreachable_or_wrong_image_fails_at_open() {
+    let fx = odd();
+    let cache = tempfile::tempdir().unwrap();
+    let src = Arc::new(FailingSource::new(
+        MockSource::new(fx.bytes.clone()),
+        FailurePlan::Always,
+        FailureKind::Error,
+    ));
+    let cfg = FsConfig::new(cache.path().to_path_buf());
+    assert!(matches!(IncFs::new(src, &cfg), Err(FsError::Meta { .. })));
+    let mut cfg = FsConfig::new(cache.path().to_path_buf());
+    cfg.expect_digest = Some(incfs_fs::format::Digest([9; 32]));
+    let err = IncFs::new(Arc::new(MockSource::new(fx.bytes.clone())), &cfg)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("root digest"), "{err}");
+}
+
+#[test]
+fn clean_restart_fetches_nothing_again() {
+    let fx = odd();
+    let cache = tempfile::tempdir().unwrap();
+    let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), cache.path());
+    for f in fx.img.files() {
+        read_all(&fs, u64::from(f.inode) + 1, 1 << 20).unwrap();
+    }
+    fs.shutdown().unwrap();
+    drop(fs);
+    let src = Arc::new(MockSource::new(fx.bytes.clone()));
+    let fs = mount(src.clone(), cache.path());
+    let before = src.requests().len();
+    for f in fx.img.files() {
+        let disk = fx.tree.join(std::ffi::OsStr::from_bytes(&f.path));
+        assert_eq!(
+            read_all(&fs, u64::from(f.inode) + 1, 1 << 20).unwrap(),
+            fs::read(disk).unwrap()
+        );
+    }
+    assert_eq!(src.requests().len(), before);
+    let s = stats(&fs);
+    assert_eq!(s.bytes_fetched, 0);
+    assert!(!s.recovered_unclean);
+    assert_eq!(s.chunks_local, s.chunks_total);
+}
+
+/// The single image cache directory under `cache`.
+fn image_cache(cache: &Path) -> PathBuf {
+    let dirs: Vec<PathBuf> = fs::read_dir(cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs[0].clone()
+}
+
+#[test]
+fn unclean_stop_rechecks_recorded_chunks() {
+    let fx = big(8 * CHUNK as usize);
+    let want = fs::read(fx.tree.join("big")).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), cache.path());
+    let ino = resolve(&fs, b"big");
+    // Read chunks 0..4 only, make them durable, then stop without a clean shutdown.
+    let (fh, _) = fs.open(ino).unwrap();
+    fs.read(ino, fh, 0, 4 * CHUNK).unwrap();
+    fs.release(fh);
+    fs.cache().flush().unwrap();
+    drop(fs);
+
+    // Torn state: chunk 1's bytes damaged on disk, and the record claiming chunk 6, whose
+    // bytes never arrived (a hole of zeros).
+    let dir = image_cache(cache.path());
+    let data = fs::read_dir(dir.join("data"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .unwrap()
+        .write_all_at(b"garbage", u64::from(CHUNK) + 10)
+        .unwrap();
+    let rec = dir.join("record");
+    let mut bytes = fs::read(&rec).unwrap();
+    bytes[64] |= 1 << 6;
+    fs::write(&rec, &bytes).unwrap();
+
+    let src = Arc::new(MockSource::new(fx.bytes.clone()));
+    let fs = mount(src.clone(), cache.path());
+    let r = fs.cache().recovery();
+    assert!(r.unclean);
+    assert_eq!(r.recorded, 5);
+    assert_eq!(r.dropped, 2);
+    assert_eq!(read_all(&fs, ino, 1 << 20).unwrap(), want);
+    // Only the dropped chunks and the never-read ones were fetched: 0, 2, 3 were kept.
+    let s = stats(&fs);
+    assert_eq!(s.chunks_fetched, 5, "{s:?}");
+    fs.shutdown().unwrap();
+}
+
+#[test]
+fn a_damaged_record_header_starts_empty() {
+    let fx = big(4 * CHUNK as usize);
+    let cache = tempfile::tempdir().unwrap();
+    let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), cache.path());
+    read_all(&fs, resolve(&fs, b"big"), 1 << 20).unwrap();
+    fs.shutdown().unwrap();
+    drop(fs);
+    let rec = image_cache(cache.path()).join("record");
+    let mut bytes = fs::read(&rec).unwrap();
+    bytes[20] ^= 0xff;
+    fs::write(&rec, &bytes).unwrap();
+    let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), cache.path());
+    assert_eq!(fs.cache().local_chunks(), 0);
+    assert_eq!(
+        read_all(&fs, resolve(&fs, b"big"), 1 << 20).unwrap(),
+        fs::read(fx.tree.join("big")).unwrap()
+    );
+    fs.shutdown().unwrap();
+}
+
+#[test]
+fn two_images_never_share_a_cache_and_one_cache_has_one_user() {
+    let a = big(4 * CHUNK as usize);
+    let b = odd();
+    let cache = tempfile::tempdir().unwrap();
+    let fa = mount(Arc::new(MockSource::new(a.bytes.clone())), cache.path());
+    let fb = mount(Arc::new(MockSource::new(b.bytes.clone())), cache.path());
+    assert_ne!(fa.cache().dir(), fb.cache().dir());
+    let cfg = FsConfig::new(cache.path().to_path_buf());
+    let err = IncFs::new(Arc::new(MockSource::new(a.bytes.clone())), &cfg)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("in use"), "{err}");
+    let infos = incfs_fs::cache::stat_dir(cache.path()).unwrap();
+    assert_eq!(infos.len(), 2);
+    assert!(infos.iter().all(|i| i.in_use));
+    fa.shutdown().unwrap();
+    fb.shutdown().unwrap();
+    drop(fa);
+    drop(fb);
+    let removed = incfs_fs::cache::clear_dir(cache.path()).unwrap();
+    assert_eq!(removed.len(), 2);
+}
+
+#[test]
+fn demand_is_served_before_queued_prefetch() {
+    let fx = big(64 * CHUNK as usize);
+    let cache = tempfile::tempdir().unwrap();
+    let src = Arc::new(MockSource::new(fx.bytes.clone()));
+    let mut cfg = FsConfig::new(cache.path().to_path_buf());
+    cfg.fetch = quick_fetch();
+    cfg.fetch.workers = 2;
+    cfg.fetch.max_request_bytes = 1; // one chunk per request
+    let fs = IncFs::new(src.clone(), &cfg).unwrap();
+    src.clear_requests();
+    src.set_delay(Duration::from_millis(20));
+    // Queue 40 chunks of prefetch, then demand the last chunk of the file.
+    let slots: Vec<u64> = (0..40).collect();
+    fs.fetcher().submit(&slots, Priority::Prefetch);
+    let ino = resolve(&fs, b"big");
+    let (fh, _) = fs.open(ino).unwrap();
+    fs.read(ino, fh, 63 * u64::from(CHUNK), 10).unwrap();
+    fs.release(fh);
+    fs.fetcher().fetch(&slots, Priority::Prefetch).unwrap();
+    let reqs = src.requests();
+    assert_eq!(reqs.len(), 41);
+    let demand_at = reqs
+        .iter()
+        .position(|r| r.kind == RequestKind::Demand)
+        .unwrap();
+    // The demand went out while most of the prefetch was still queued (one prefetch worker
+    // takes 40 x 20 ms; the demand worker picks the miss up at once).
+    assert!(
+        demand_at < 20,
+        "demand was request {demand_at} of {}",
+        reqs.len()
+    );
+    fs.shutdown().unwrap();
+}
+
+#[test]
+fn control_files_report_stats_and_read_log() {
+    let fx = big(8 * CHUNK as usize);
+    let cache = tempfile::tempdir().unwrap();
+    let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), cache.path());
+    let ino = resolve(&fs, b"big");
+    let (fh, _) = fs.open(ino).unwrap();
+    fs.read(ino, fh, 0, 100).unwrap();
+    fs.read(ino, fh, 50, 100).unwrap();
+    fs.release(fh);
+    let s = stats(&fs);
+    assert_eq!((s.demand_misses, s.blocked_reads, s.reads), (1, 1, 2));
+    assert_eq!(s.chunks_total, 8);
+    assert_eq!(s.chunks_local, 1);
+    assert_eq!(s.bytes_used, u64::from(CHUNK));
+    assert!(s.bytes_fetched > 0 && s.requests == 1);
+    let log = String::from_utf8(read_control(&fs, "read-log")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["path"], "big");
+    assert_eq!(lines[0]["offset"], 0);
+    assert_eq!(lines[0]["len"], 100);
+    assert_eq!(lines[0]["result"], "miss");
+    assert_eq!(lines[1]["result"], "hit");
+    assert!(lines[1]["ns"].as_u64().unwrap() >= lines[0]["ns"].as_u64().unwrap());
+    assert!(log.starts_with("{\"ns\":"), "{log}");
+    // The control dir is listed in the root.
+    assert!(
+        fs.readdir(1, 0)
+            .unwrap()
+            .iter()
+            .any(|d| d.name == b".incfs")
+    );
+}
+
+#[test]
+fn passthrough_only_for_complete_files_without_cached_opens() {
+    let fx = big(4 * CHUNK as usize);
+    let cache = tempfile::tempdir().unwrap();
+    let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), cache.path());
+    let ino = resolve(&fs, b"big");
+    let (fh1, m1) = fs.open(ino).unwrap();
+    assert!(matches!(m1, OpenMode::Cached));
+    let mut got = Vec::new();
+    while got.len() < 4 * CHUNK as usize {
+        got.extend(fs.read(ino, fh1, got.len() as u64, CHUNK).unwrap());
+    }
+    // Complete now, but a cached open is live: the next open must be cached too.
+    let (fh2, m2) = fs.open(ino).unwrap();
+    assert!(matches!(m2, OpenMode::Cached));
+    fs.release(fh1);
+    fs.release(fh2);
+    let (fh3, m3) = fs.open(ino).unwrap();
+    let OpenMode::Passthrough(file) = m3 else {
+        panic!("expected passthrough");
+    };
+    let mut buf = vec![0u8; 4 * CHUNK as usize];
+    file.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, fs::read(fx.tree.join("big")).unwrap());
+    // While a passthrough open is live, further opens are passthrough too.
+    let (fh4, m4) = fs.open(ino).unwrap();
+    assert!(matches!(m4, OpenMode::Passthrough(_)));
+    // The kernel refused one: it is downgraded only if it is the only passthrough open.
+    assert!(matches!(
+        fs.passthrough_failed(fh4),
+        Err(FsError::ModeConflict)
+    ));
+    fs.release(fh4);
+    fs.passthrough_failed(fh3).unwrap();
+    fs.release(fh3);
+    let s = stats(&fs);
+    assert_eq!(s.passthrough_opens, 1);
+    fs.disable_passthrough();
+    assert!(matches!(fs.open(ino).unwrap().1, OpenMode::Cached));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Reference model: any sequence of reads returns exactly the file's bytes at that
+    /// range, whatever is local already.
+    #[test]
+    fn reads_match_the_reference(reads in prop::collection::vec((0u64..70_000, 1u32..20_000), 1..12)) {
+        let fx = big(16 * CHUNK as usize + 123);
+        let want = fs::read(fx.tree.join("big")).unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), cache.path());
+        let ino = resolve(&fs, b"big");
+        let (fh, _) = fs.open(ino).unwrap();
+        for (off, len) in reads {
+            let got = fs.read(ino, fh, off, len).unwrap();
+            let start = (off as usize).min(want.len());
+            let end = (off as usize + len as usize).min(want.len());
+            prop_assert_eq!(&got[..], &want[start..end]);
+        }
+        fs.release(fh);
+        fs.shutdown().unwrap();
+    }
+}
