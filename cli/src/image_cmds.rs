@@ -313,7 +313,7 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
         j.compressed_chunks
     );
     let mut biggest: Vec<&EntryJson> = j.entries.iter().filter(|e| e.kind == "file").collect();
-    biggest.sort_by(|x, y| y.size.cmp(&x.size));
+    biggest.sort_by_key(|e| std::cmp::Reverse(e.size));
     println!("  largest files:");
     for e in biggest.iter().take(if a.tree { 0 } else { 10 }) {
         println!(

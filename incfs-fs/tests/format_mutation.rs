@@ -10,9 +10,12 @@ use std::sync::OnceLock;
 use incfs_fs::format::{Image, InodeKind, PackOptions, pack_dir};
 use proptest::prelude::*;
 
+/// An image's bytes, and each of its files' content by path.
+type Pristine = (Vec<u8>, HashMap<Vec<u8>, Vec<u8>>);
+
 /// The pristine image and each file's content by path.
-fn pristine() -> &'static (Vec<u8>, HashMap<Vec<u8>, Vec<u8>>) {
-    static IMG: OnceLock<(Vec<u8>, HashMap<Vec<u8>, Vec<u8>>)> = OnceLock::new();
+fn pristine() -> &'static Pristine {
+    static IMG: OnceLock<Pristine> = OnceLock::new();
     IMG.get_or_init(|| {
         let tmp = tempfile::tempdir().unwrap();
         let tree = tmp.path().join("tree");

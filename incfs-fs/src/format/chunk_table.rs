@@ -107,7 +107,7 @@ impl ChunkTable {
         chunk_size: u32,
         data_len: u64,
     ) -> Result<Self, FormatError> {
-        if bytes.len() % CHUNK_ENTRY_LEN != 0 {
+        if !bytes.len().is_multiple_of(CHUNK_ENTRY_LEN) {
             return Err(FormatError::ManifestInvalid(format!(
                 "chunk table length {} is not a multiple of {CHUNK_ENTRY_LEN}",
                 bytes.len()
