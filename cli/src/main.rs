@@ -30,6 +30,8 @@ enum Command {
     Verify(image_cmds::VerifyArgs),
     /// Serve an image (or a directory of them) over HTTP, with optional link emulation.
     Serve(serve_cmd::ServeArgs),
+    /// Rewrite an image with a plan's chunks first (hot-first layout) and rebind the plan.
+    Relayout(image_cmds::RelayoutArgs),
     /// Mount an image (local or http(s)://) read-only; chunks are fetched and verified lazily.
     Mount(mount_cmds::MountArgs),
     /// Unmount an incfs mount and wait for its daemon to save its cache.
@@ -46,6 +48,7 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Pack(a) => image_cmds::pack(a),
         Command::Inspect(a) => image_cmds::inspect(a),
         Command::Verify(a) => image_cmds::verify(a),
+        Command::Relayout(a) => image_cmds::relayout(a),
         Command::Serve(a) => serve_cmd::serve(a),
         Command::Mount(a) => mount_cmds::mount(a),
         Command::Umount(a) => mount_cmds::umount(a),

@@ -4,7 +4,8 @@
 //! [`format`] (image header, manifest, chunk table, digests, `pack`) at the ground floor, and
 //! [`plan`] (the prefetch manifest that the planner writes and the mount reads) beside it,
 //! then [`source`] (local file, HTTP, test doubles) and [`cache`] (verified chunks on disk),
-//! [`fetch`] (the scheduler that fills the cache from a source) and [`fs`] (the file system
+//! [`fetch`] (the scheduler that fills the cache from a source), [`prefetch`] (walks a plan
+//! ahead of the program through the scheduler) and [`fs`] (the file system
 //! core and its FUSE adapter, `fs::fuse`).
 
 pub mod cache;
