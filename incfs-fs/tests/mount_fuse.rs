@@ -1,0 +1,660 @@
+//! Real FUSE mounts (root, /dev/fuse): trees read back identical through the mount from a
+//! local image, from `incfs serve` and from nginx; concurrent random readers; kill -9 and
+//! remount with the same cache; a corrupting source gives EIO; passthrough once local.
+//!
+//! Each mount is served by a child process: this test binary started again to run the
+//! ignored test `daemon_child`, configured by environment variables, so a test can kill -9
+//! the daemon like a real one. Every mount is unmounted by a drop guard, also on failure.
+
+mod common;
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use incfs_datasets::require::{Need, require};
+use incfs_fs::fetch::FetchConfig;
+use incfs_fs::format::{Image, PackOptions, pack_dir};
+use incfs_fs::fs::fuse::{MountOptions, new_session};
+use incfs_fs::fs::{FsConfig, IncFs, Stats};
+use incfs_fs::serve::{ServeConfig, Server};
+use incfs_fs::source::{FailingSource, FailureKind, FailurePlan, FileSource, Source};
+
+const ENV_SOURCE: &str = "INCFS_TEST_DAEMON_SOURCE";
+const ENV_MNT: &str = "INCFS_TEST_DAEMON_MNT";
+const ENV_CACHE: &str = "INCFS_TEST_DAEMON_CACHE";
+const ENV_CORRUPT: &str = "INCFS_TEST_DAEMON_CORRUPT";
+
+/// The daemon: does nothing unless started by [`Daemon::start`].
+#[test]
+#[ignore = "helper: run by the mount tests as their FUSE daemon"]
+fn daemon_child() {
+    let (Ok(spec), Ok(mnt), Ok(cache)) = (
+        std::env::var(ENV_SOURCE),
+        std::env::var(ENV_MNT),
+        std::env::var(ENV_CACHE),
+    ) else {
+        return;
+    };
+    let base: Arc<dyn Source> = if spec.contains("://") {
+        incfs_fs::source::open(&spec).expect("open source")
+    } else {
+        Arc::new(FileSource::open(Path::new(&spec)).expect("open image"))
+    };
+    let source: Arc<dyn Source> = match std::env::var(ENV_CORRUPT) {
+        Ok(range) => {
+            let (s, e) = range.split_once(':').expect("START:END");
+            Arc::new(FailingSource::new(
+                base,
+                FailurePlan::Range {
+                    start: s.parse().unwrap(),
+                    end: e.parse().unwrap(),
+                },
+                FailureKind::Corrupt,
+            ))
+        }
+        Err(_) => base,
+    };
+    let mut cfg = FsConfig::new(cache.into());
+    cfg.fetch = FetchConfig {
+        initial_backoff: Duration::from_millis(5),
+        max_attempts: 3,
+        ..FetchConfig::default()
+    };
+    let fs = Arc::new(IncFs::new(source, &cfg).expect("open image"));
+    let session = new_session(fs, Path::new(&mnt), &MountOptions::default()).expect("mount");
+    session.run().expect("serve");
+}
+
+/// A mount served by a child process; unmounted (lazily if need be) and reaped on drop.
+struct Daemon {
+    child: Child,
+    mnt: PathBuf,
+}
+
+impl Daemon {
+    fn start(source: &str, mnt: &Path, cache: &Path, corrupt: Option<(u64, u64)>) -> Daemon {
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = Command::new(exe);
+        cmd.args([
+            "daemon_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ENV_SOURCE, source)
+        .env(ENV_MNT, mnt)
+        .env(ENV_CACHE, cache)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+        if let Some((s, e)) = corrupt {
+            cmd.env(ENV_CORRUPT, format!("{s}:{e}"));
+        }
+        let child = cmd.spawn().unwrap();
+        let mut d = Daemon {
+            child,
+            mnt: mnt.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while fs::metadata(mnt.join(".incfs/stats")).is_err() {
+            if let Ok(Some(st)) = d.child.try_wait() {
+                panic!("the daemon exited before mounting: {st}");
+            }
+            assert!(Instant::now() < deadline, "the mount did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn stats(&self) -> Stats {
+        serde_json::from_slice(&fs::read(self.mnt.join(".incfs/stats")).unwrap()).unwrap()
+    }
+
+    /// Unmounts and waits for the daemon to record its cache and exit.
+    fn unmount(mut self) {
+        let st = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.mnt)
+            .status()
+            .unwrap();
+        assert!(st.success(), "fusermount3 -u failed");
+        let st = self.child.wait().unwrap();
+        assert!(st.success(), "daemon exited with {st}");
+    }
+
+    /// kill -9 of the daemon, then a lazy unmount of the dead mount.
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.mnt)
+            .status();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&self.mnt)
+                .status();
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.mnt)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn privileged(name: &str) -> bool {
+    require(name, &[Need::Root, Need::Fuse])
+}
+
+fn pack(tree: &Path, out: &Path, chunk_size: u32) {
+    let opts = PackOptions {
+        chunk_size,
+        ..PackOptions::default()
+    };
+    pack_dir(tree, out, &opts, &()).unwrap();
+}
+
+/// Checks that every entry under `tree` looks the same under `mnt`: kind, size, mode,
+/// symlink target, xattrs, hard links, directory listings, and file contents (BLAKE3).
+/// Returns the bytes of file data compared.
+fn assert_same_tree(tree: &Path, mnt: &Path) -> u64 {
+    let mut bytes = 0;
+    let mut inodes: HashMap<u64, u64> = HashMap::new();
+    for rel in common::list(tree) {
+        let a = tree.join(&rel);
+        let b = mnt.join(&rel);
+        let ma = fs::symlink_metadata(&a).unwrap();
+        if ma.file_type().is_fifo_like() {
+            assert!(
+                fs::symlink_metadata(&b).is_err(),
+                "{}: fifo should be skipped",
+                rel.display()
+            );
+            continue;
+        }
+        let mb = fs::symlink_metadata(&b).unwrap_or_else(|e| panic!("{}: {e}", rel.display()));
+        assert_eq!(ma.file_type(), mb.file_type(), "{}", rel.display());
+        assert_eq!(ma.mode() & 0o7777, mb.mode() & 0o7777, "{}", rel.display());
+        if ma.is_file() {
+            assert_eq!(ma.len(), mb.len(), "{}", rel.display());
+            assert_eq!(digest_file(&a), digest_file(&b), "{}", rel.display());
+            bytes += ma.len();
+            if ma.nlink() > 1 {
+                // Names of one inode on disk are names of one inode on the mount.
+                let prev = inodes.insert(ma.ino(), mb.ino());
+                assert!(
+                    prev.is_none_or(|p| p == mb.ino()),
+                    "{}: hard link split",
+                    rel.display()
+                );
+            }
+            let mut xa: Vec<_> = xattr::list(&a).unwrap().collect();
+            let mut xb: Vec<_> = xattr::list(&b).unwrap().collect();
+            xa.sort();
+            xb.sort();
+            assert_eq!(xa, xb, "{}", rel.display());
+            for n in xa {
+                assert_eq!(xattr::get(&a, &n).unwrap(), xattr::get(&b, &n).unwrap());
+            }
+        } else if ma.file_type().is_symlink() {
+            assert_eq!(fs::read_link(&a).unwrap(), fs::read_link(&b).unwrap());
+        } else if ma.is_dir() {
+            let names = |d: &Path| {
+                let mut v: Vec<Vec<u8>> = fs::read_dir(d)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().as_bytes().to_vec())
+                    .filter(|n| n.as_slice() != b"a-fifo" && n.as_slice() != b".incfs")
+                    .collect();
+                v.sort();
+                v
+            };
+            assert_eq!(names(&a), names(&b), "{}", rel.display());
+        }
+    }
+    bytes
+}
+
+trait FifoLike {
+    fn is_fifo_like(&self) -> bool;
+}
+impl FifoLike for fs::FileType {
+    fn is_fifo_like(&self) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        self.is_fifo() || self.is_socket() || self.is_char_device() || self.is_block_device()
+    }
+}
+
+fn digest_file(p: &Path) -> blake3::Hash {
+    let mut f = fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    h.finalize()
+}
+
+/// The small tree with every odd shape plus one 8 MiB incompressible file.
+fn small_tree(root: &Path) {
+    common::odd_tree(root, 16 * 1024);
+    fs::write(root.join("big-noise"), common::noise(8 << 20, 77)).unwrap();
+}
+
+struct Work {
+    dir: tempfile::TempDir,
+}
+
+impl Work {
+    fn new() -> Work {
+        Work {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        if !name.contains('.')
+            && !p.exists()
+            && matches!(name, "mnt" | "mnt2" | "cache" | "cache2" | "www")
+        {
+            fs::create_dir_all(&p).unwrap();
+        }
+        p
+    }
+}
+
+#[test]
+fn mount_small_tree_from_a_local_image() {
+    if !privileged("mount_small_tree_from_a_local_image") {
+        return;
+    }
+    let w = Work::new();
+    small_tree(&w.path("tree"));
+    pack(&w.path("tree"), &w.path("img"), 16 * 1024);
+    let d = Daemon::start(
+        w.path("img").to_str().unwrap(),
+        &w.path("mnt"),
+        &w.path("cache"),
+        None,
+    );
+    let n = assert_same_tree(&w.path("tree"), &w.path("mnt"));
+    assert!(n > 8 << 20);
+    let s = d.stats();
+    assert_eq!(s.chunks_local, s.chunks_total);
+    assert!(s.demand_misses > 0 && s.fetch_errors == 0, "{s:?}");
+    // The read log names what was read.
+    let log = fs::read_to_string(w.path("mnt").join(".incfs/read-log")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"path\":\"big-noise\"") && l.contains("\"result\":\"miss\""))
+    );
+    d.unmount();
+}
+
+#[test]
+fn mount_small_tree_from_incfs_serve() {
+    if !privileged("mount_small_tree_from_incfs_serve") {
+        return;
+    }
+    let w = Work::new();
+    small_tree(&w.path("tree"));
+    pack(&w.path("tree"), &w.path("img"), 16 * 1024);
+    let server = Server::start(ServeConfig::new(w.path("img"))).unwrap();
+    let d = Daemon::start(&server.url("img"), &w.path("mnt"), &w.path("cache"), None);
+    assert_same_tree(&w.path("tree"), &w.path("mnt"));
+    assert!(d.stats().requests > 0);
+    d.unmount();
+    server.shutdown();
+}
+
+#[test]
+fn mount_small_tree_from_nginx() {
+    if !require(
+        "mount_small_tree_from_nginx",
+        &[Need::Root, Need::Fuse, Need::Nginx],
+    ) {
+        return;
+    }
+    let w = Work::new();
+    small_tree(&w.path("tree"));
+    pack(&w.path("tree"), &w.path("www").join("img"), 16 * 1024);
+    let nginx = Nginx::start(&w.path("www"));
+    let d = Daemon::start(
+        &format!("http://127.0.0.1:{}/img", nginx.port),
+        &w.path("mnt"),
+        &w.path("cache"),
+        None,
+    );
+    assert_same_tree(&w.path("tree"), &w.path("mnt"));
+    d.unmount();
+}
+
+#[test]
+fn mount_clang_tree_reads_back_identical_then_passthrough() {
+    if !require(
+        "mount_clang_tree_reads_back_identical_then_passthrough",
+        &[Need::Root, Need::Fuse, Need::Clang],
+    ) {
+        return;
+    }
+    let w = Work::new();
+    let tree = w.path("clang");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../datasets/clang/build-tree.sh");
+    let st = Command::new("bash")
+        .arg(&script)
+        .arg(&tree)
+        .status()
+        .unwrap();
+    assert!(st.success(), "build-tree.sh failed");
+    pack(&tree, &w.path("img"), 64 * 1024);
+
+    let mut sources = vec![("file", w.path("img").to_string_lossy().into_owned(), None)];
+    let nginx = if require("mount_clang_tree (nginx part)", &[Need::Nginx]) {
+        fs::create_dir_all(w.path("www")).unwrap();
+        fs::rename(w.path("img"), w.path("www").join("img")).unwrap();
+        sources[0].1 = w.path("www").join("img").to_string_lossy().into_owned();
+        let n = Nginx::start(&w.path("www"));
+        sources.push((
+            "nginx",
+            format!("http://127.0.0.1:{}/img", n.port),
+            Some(()),
+        ));
+        Some(n)
+    } else {
+        None
+    };
+    for (name, spec, _) in &sources {
+        let mnt = w.path("mnt");
+        let cache = w.path(&format!("cache-{name}"));
+        fs::create_dir_all(&cache).unwrap();
+        let d = Daemon::start(spec, &mnt, &cache, None);
+        // Cold: everything is fetched lazily and verified.
+        let n = assert_same_tree(&tree, &mnt);
+        assert!(n > 150 << 20, "{name}: only {n} bytes compared");
+        let s = d.stats();
+        assert_eq!(s.chunks_local, s.chunks_total, "{name}");
+        // Warm: every file is local now, so new opens are passthrough. Drop the page cache
+        // so the reads really go through the backing files.
+        drop_caches();
+        let before = d.stats().passthrough_opens;
+        assert_same_tree(&tree, &mnt);
+        let after = d.stats();
+        assert!(
+            after.passthrough_opens > before,
+            "{name}: no passthrough opens: {after:?}"
+        );
+        assert_eq!(
+            after.bytes_fetched, s.bytes_fetched,
+            "{name}: warm reads fetched"
+        );
+        // And the compiler runs from the mount.
+        let out = w.path(&format!("hello-{name}.o"));
+        let st = Command::new(mnt.join("bin/clang"))
+            .arg("-c")
+            .arg(mnt.join("hello.c"))
+            .arg("-o")
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{name}: clang from the mount failed");
+        assert!(fs::metadata(&out).unwrap().len() > 0);
+        d.unmount();
+    }
+    drop(nginx);
+}
+
+fn drop_caches() {
+    // Best effort: needs root, which the caller has.
+    let _ = Command::new("sync").status();
+    let _ = fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+#[test]
+fn mount_concurrent_random_readers_get_correct_bytes() {
+    if !privileged("mount_concurrent_random_readers_get_correct_bytes") {
+        return;
+    }
+    let w = Work::new();
+    small_tree(&w.path("tree"));
+    pack(&w.path("tree"), &w.path("img"), 16 * 1024);
+    let d = Daemon::start(
+        w.path("img").to_str().unwrap(),
+        &w.path("mnt"),
+        &w.path("cache"),
+        None,
+    );
+    let want = Arc::new(fs::read(w.path("tree").join("big-noise")).unwrap());
+    let mnt = w.path("mnt");
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let want = Arc::clone(&want);
+            let path = mnt.join("big-noise");
+            std::thread::spawn(move || {
+                let f = fs::File::open(&path).unwrap();
+                let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t + 1);
+                for _ in 0..300 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let off = (x % want.len() as u64) as usize;
+                    let len = ((x >> 40) % 200_000) as usize + 1;
+                    let end = (off + len).min(want.len());
+                    let mut buf = vec![0u8; end - off];
+                    f.read_exact_at(&mut buf, off as u64).unwrap();
+                    assert!(
+                        buf == want[off..end],
+                        "thread {t}: wrong bytes at {off}+{len}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // Sequential reads with seeks on one more handle, for good measure.
+    let mut f = fs::File::open(mnt.join("big-noise")).unwrap();
+    f.seek(SeekFrom::Start(12345)).unwrap();
+    let mut buf = vec![0u8; 100_000];
+    f.read_exact(&mut buf).unwrap();
+    assert!(buf == want[12345..112_345]);
+    drop(f);
+    assert_eq!(d.stats().fetch_errors, 0);
+    d.unmount();
+}
+
+#[test]
+fn mount_kill9_then_remount_fetches_nothing_again() {
+    if !privileged("mount_kill9_then_remount_fetches_nothing_again") {
+        return;
+    }
+    let w = Work::new();
+    small_tree(&w.path("tree"));
+    pack(&w.path("tree"), &w.path("img"), 16 * 1024);
+    let img = w.path("img").to_string_lossy().into_owned();
+    let d = Daemon::start(&img, &w.path("mnt"), &w.path("cache"), None);
+    // Read half of the big file and all the small ones.
+    let want = fs::read(w.path("tree").join("big-noise")).unwrap();
+    let mut half = vec![0u8; want.len() / 2];
+    fs::File::open(w.path("mnt").join("big-noise"))
+        .unwrap()
+        .read_exact_at(&mut half, 0)
+        .unwrap();
+    assert!(half == want[..half.len()]);
+    // Wait until the background flush has made what was read durable.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let s = loop {
+        let s = d.stats();
+        if s.chunks_durable == s.chunks_local {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "chunks never became durable: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(s.chunks_local > 0 && s.chunks_local < s.chunks_total);
+    d.kill9();
+
+    let d = Daemon::start(&img, &w.path("mnt"), &w.path("cache"), None);
+    let s2 = d.stats();
+    assert!(s2.recovered_unclean, "{s2:?}");
+    assert_eq!(s2.recovered_dropped, 0);
+    assert_eq!(s2.chunks_local, s.chunks_local);
+    fs::File::open(w.path("mnt").join("big-noise"))
+        .unwrap()
+        .read_exact_at(&mut half, 0)
+        .unwrap();
+    assert!(half == want[..half.len()]);
+    assert_eq!(
+        d.stats().bytes_fetched,
+        0,
+        "already-read data was fetched again"
+    );
+    // The rest still arrives, and the whole tree is right.
+    assert_same_tree(&w.path("tree"), &w.path("mnt"));
+    assert!(d.stats().bytes_fetched > 0);
+    d.unmount();
+}
+
+#[test]
+fn mount_corrupting_source_gives_eio_never_the_bytes() {
+    if !privileged("mount_corrupting_source_gives_eio_never_the_bytes") {
+        return;
+    }
+    let w = Work::new();
+    let tree = w.path("tree");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("good"), common::noise(256 * 1024, 1)).unwrap();
+    fs::write(tree.join("bad"), common::noise(256 * 1024, 2)).unwrap();
+    pack(&tree, &w.path("img"), 16 * 1024);
+    // The stored bytes of `bad`, as image offsets.
+    let img = Image::open_path(&w.path("img"), None).unwrap();
+    let f = img.files().into_iter().find(|f| f.path == b"bad").unwrap();
+    let entries =
+        &img.table().entries()[f.first_chunk as usize..(f.first_chunk + f.chunks) as usize];
+    let start = img.header().data_offset + entries.iter().map(|e| e.stored_offset).min().unwrap();
+    let end = img.header().data_offset
+        + entries
+            .iter()
+            .map(|e| e.stored_offset + u64::from(e.stored_len))
+            .max()
+            .unwrap();
+    let d = Daemon::start(
+        w.path("img").to_str().unwrap(),
+        &w.path("mnt"),
+        &w.path("cache"),
+        Some((start, end)),
+    );
+    let mnt = w.path("mnt");
+    let err = fs::read(mnt.join("bad")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let mut buf = vec![0u8; 100];
+    let err = fs::File::open(mnt.join("bad"))
+        .unwrap()
+        .read_exact_at(&mut buf, 50_000)
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // The other file is fine.
+    assert!(fs::read(mnt.join("good")).unwrap() == fs::read(tree.join("good")).unwrap());
+    let s = d.stats();
+    assert!(s.fetch_errors > 0 && s.read_errors > 0, "{s:?}");
+    assert_eq!(s.chunks_local, 16, "only `good` is local: {s:?}");
+    d.unmount();
+}
+
+// --- nginx -------------------------------------------------------------------------------
+
+/// An nginx on loopback serving a directory over plain HTTP; killed on drop.
+struct Nginx {
+    child: Child,
+    _dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Nginx {
+    fn start(www: &Path) -> Nginx {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = format!(
+            "user root;\nworker_processes 1;\nerror_log {d}/error.log warn;\npid {d}/nginx.pid;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{ access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+             keepalive_requests 100000;\n\
+             server {{ listen 127.0.0.1:{port}; root {www}; }} }}\n",
+            d = d.display(),
+            www = www.display(),
+        );
+        fs::write(d.join("nginx.conf"), conf).unwrap();
+        let bin = if Path::new("/usr/sbin/nginx").exists() {
+            PathBuf::from("/usr/sbin/nginx")
+        } else {
+            PathBuf::from("nginx")
+        };
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(d)
+            .arg("-c")
+            .arg(d.join("nginx.conf"))
+            .args(["-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut n = Nginx {
+            child,
+            _dir: dir,
+            port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(st)) = n.child.try_wait() {
+                panic!("nginx exited: {st}");
+            }
+            assert!(Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        n
+    }
+}
