@@ -388,22 +388,16 @@ impl Inner {
             let mut retry = Vec::new();
             let mut last_error = String::new();
             for run in contiguous_runs(&self.table, &remaining) {
-                match self.fetch_run(&run, priority) {
-                    Ok(bad) => {
-                        for (slot, why) in bad {
-                            last_error = why;
-                            retry.push(slot);
-                        }
-                    }
-                    Err((why, retryable)) => {
+                let (not_done, error) = self.fetch_run(&run, priority);
+                if let Some((why, retryable)) = error {
+                    if !retryable {
+                        self.fail(&not_done, &why);
                         last_error = why;
-                        if retryable {
-                            retry.extend(run);
-                        } else {
-                            self.fail(&run, &last_error);
-                        }
+                        continue;
                     }
+                    last_error = why;
                 }
+                retry.extend(not_done);
             }
             if retry.is_empty() {
                 return;
@@ -426,76 +420,118 @@ impl Inner {
         }
     }
 
-    /// One range request for `run`. Returns the chunks that did not verify (to retry), or
-    /// the request's error and whether it is worth retrying.
-    fn fetch_run(
-        &self,
-        run: &[u64],
-        priority: Priority,
-    ) -> Result<Vec<(u64, String)>, (String, bool)> {
+    /// One range request for `run`, read as a stream: each chunk is decoded, checked and
+    /// stored as soon as its bytes have arrived, and its waiters are woken then. Returns the
+    /// slots not stored (to retry or fail) and the error that stopped the request, with
+    /// whether it is worth retrying.
+    fn fetch_run(&self, run: &[u64], priority: Priority) -> (Vec<u64>, Option<(String, bool)>) {
         let (Some(first), Some(last)) = (
             run.first().and_then(|s| self.table.get(*s)),
             run.last().and_then(|s| self.table.get(*s)),
         ) else {
-            return Err(("empty run".into(), false));
+            return (run.to_vec(), Some(("empty run".into(), false)));
         };
         let start = first.stored_offset;
         let len = last.stored_offset + u64::from(last.stored_len) - start;
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let bytes = match self
-            .source
-            .read_range(self.data_offset + start, len, priority.kind())
-        {
-            Ok(b) => b,
+        let mut buf: Vec<u8> = Vec::with_capacity(len.min(self.config.max_request_bytes) as usize);
+        // Chunks of `run` before `next` are handled; `consumed` bytes of the range precede it.
+        let mut next = 0usize;
+        let mut consumed = 0u64;
+        let mut bad: Vec<(u64, String)> = Vec::new();
+        let mut received = 0u64;
+        let result = self.source.read_range_streaming(
+            self.data_offset + start,
+            len,
+            priority.kind(),
+            &mut |piece: &[u8]| {
+                received += piece.len() as u64;
+                buf.extend_from_slice(piece);
+                let mut done = Vec::new();
+                while let Some(&slot) = run.get(next) {
+                    let Some(e) = self.table.get(slot) else { break };
+                    let at = (e.stored_offset - start - consumed) as usize;
+                    let end = at + e.stored_len as usize;
+                    if end > buf.len() {
+                        break;
+                    }
+                    match self.verify_store(slot, e, &buf[at..end]) {
+                        Ok(()) => done.push(slot),
+                        Err(why) => bad.push((slot, why)),
+                    }
+                    next += 1;
+                    if next < run.len() && end > (1 << 20) {
+                        // Drop what is handled so the buffer stays small.
+                        buf.drain(..end);
+                        consumed += end as u64;
+                    }
+                }
+                self.release(&done);
+                if received > len {
+                    std::ops::ControlFlow::Break(())
+                } else {
+                    std::ops::ControlFlow::Continue(())
+                }
+            },
+        );
+        self.bytes_fetched.fetch_add(received, Ordering::Relaxed);
+        let mut not_done: Vec<u64> = bad.iter().map(|(s, _)| *s).collect();
+        not_done.extend_from_slice(&run[next..]);
+        let error = match result {
             Err(e) => {
                 self.fetch_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(source = %self.source.describe(), offset = start, len, error = %e, "range request failed");
-                return Err((e.to_string(), e.is_retryable()));
+                Some((e.to_string(), e.is_retryable()))
             }
+            Ok(()) if received != len => {
+                self.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                Some((
+                    format!("source returned {received} bytes for a range of {len}"),
+                    true,
+                ))
+            }
+            Ok(()) => bad.last().map(|(_, why)| (why.clone(), true)),
         };
-        self.bytes_fetched
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        if bytes.len() as u64 != len {
-            self.fetch_errors.fetch_add(1, Ordering::Relaxed);
-            return Err((
-                format!("source returned {} bytes for a range of {len}", bytes.len()),
-                true,
-            ));
-        }
-        let mut bad = Vec::new();
-        let mut done = Vec::with_capacity(run.len());
-        for &slot in run {
-            let Some(e) = self.table.get(slot) else {
-                continue;
-            };
-            let at = (e.stored_offset - start) as usize;
-            let stored = &bytes[at..at + e.stored_len as usize];
-            match decode_chunk(slot, e, stored) {
-                Ok(raw) => match self.cache.store(slot, &raw) {
-                    Ok(()) => {
-                        self.chunks_fetched.fetch_add(1, Ordering::Relaxed);
-                        done.push(slot);
-                    }
-                    Err(err) => {
-                        tracing::error!(slot, error = %err, "storing a verified chunk failed");
-                        self.fail(&[slot], &err.to_string());
-                    }
-                },
-                Err(err) => {
-                    self.fetch_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(slot, source = %self.source.describe(), error = %err, "chunk did not verify; not using its bytes");
-                    bad.push((slot, err.to_string()));
+        (not_done, error)
+    }
+
+    /// Decodes and checks one chunk's stored bytes, then stores it. Bytes that do not verify
+    /// are dropped here and never reach the cache.
+    fn verify_store(
+        &self,
+        slot: u64,
+        e: &crate::format::ChunkEntry,
+        stored: &[u8],
+    ) -> Result<(), String> {
+        match decode_chunk(slot, e, stored) {
+            Ok(raw) => match self.cache.store(slot, &raw) {
+                Ok(()) => {
+                    self.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
                 }
+                Err(err) => {
+                    tracing::error!(slot, error = %err, "storing a verified chunk failed");
+                    Err(err.to_string())
+                }
+            },
+            Err(err) => {
+                self.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(slot, source = %self.source.describe(), error = %err, "chunk did not verify; not using its bytes");
+                Err(err.to_string())
             }
         }
-        if !done.is_empty() {
-            let mut st = self.state.lock();
-            for slot in done {
-                st.slots.remove(&slot);
-            }
-            self.done.notify_all();
+    }
+
+    /// Marks stored slots finished and wakes their waiters.
+    fn release(&self, done: &[u64]) {
+        if done.is_empty() {
+            return;
         }
-        Ok(bad)
+        let mut st = self.state.lock();
+        for slot in done {
+            st.slots.remove(slot);
+        }
+        self.done.notify_all();
     }
 
     fn fail(&self, slots: &[u64], reason: &str) {
