@@ -433,7 +433,7 @@ pub fn relayout(a: RelayoutArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("opening image {}", a.image.display()))?;
     let plan = PrefetchPlan::load(&a.plan)?;
     plan.check_image(&a.plan, &img.root_digest())?;
-    let hot = plan.slots(&a.plan, &img)?;
+    let hot = plan.slots(&a.plan, img.manifest())?;
     let s = relayout_image(&img, &hot, &a.output).with_context(|| {
         format!(
             "relaying out {} into {}",

@@ -6,6 +6,7 @@
 mod image_cmds;
 mod mount_cmds;
 mod progress;
+mod run_cmd;
 mod serve_cmd;
 
 use std::io::Write;
@@ -32,6 +33,8 @@ enum Command {
     Serve(serve_cmd::ServeArgs),
     /// Rewrite an image with a plan's chunks first (hot-first layout) and rebind the plan.
     Relayout(image_cmds::RelayoutArgs),
+    /// Mount an image on a temporary directory, prefetch its plan, run a command on it.
+    Run(run_cmd::RunArgs),
     /// Mount an image (local or http(s)://) read-only; chunks are fetched and verified lazily.
     Mount(mount_cmds::MountArgs),
     /// Unmount an incfs mount and wait for its daemon to save its cache.
@@ -49,6 +52,7 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Inspect(a) => image_cmds::inspect(a),
         Command::Verify(a) => image_cmds::verify(a),
         Command::Relayout(a) => image_cmds::relayout(a),
+        Command::Run(a) => run_cmd::run(a),
         Command::Serve(a) => serve_cmd::serve(a),
         Command::Mount(a) => mount_cmds::mount(a),
         Command::Umount(a) => mount_cmds::umount(a),

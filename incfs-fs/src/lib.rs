@@ -15,5 +15,6 @@ pub mod fs;
 pub mod link;
 pub mod plan;
 pub mod prefetch;
+pub mod run;
 pub mod serve;
 pub mod source;

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use std::collections::HashMap;
 
-use crate::format::{Digest, Image, RangeRead};
+use crate::format::{Digest, Manifest};
 
 /// The version of the prefetch manifest this build writes and reads.
 pub const PLAN_VERSION: u32 = 1;
@@ -145,19 +145,18 @@ impl PrefetchPlan {
     /// The chunk slots the plan fetches, in plan order, found through the image's file
     /// paths. Fails, naming the plan file, when an entry names a file the image lacks or
     /// chunks past its end, or when the chunk sizes differ.
-    pub fn slots<R: RangeRead>(&self, path: &Path, img: &Image<R>) -> Result<Vec<u64>, PlanError> {
+    pub fn slots(&self, path: &Path, manifest: &Manifest) -> Result<Vec<u64>, PlanError> {
         let invalid = |reason: String| PlanError::Invalid {
             path: path.to_path_buf(),
             reason,
         };
-        if self.chunk_size != img.manifest().chunk_size {
+        if self.chunk_size != manifest.chunk_size {
             return Err(invalid(format!(
                 "chunk size {} but the image's is {}",
-                self.chunk_size,
-                img.manifest().chunk_size
+                self.chunk_size, manifest.chunk_size
             )));
         }
-        let files: HashMap<Vec<u8>, (u64, u64)> = img
+        let files: HashMap<Vec<u8>, (u64, u64)> = manifest
             .files()
             .into_iter()
             .map(|f| (f.path, (f.first_chunk, f.chunks)))

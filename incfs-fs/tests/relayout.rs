@@ -46,7 +46,7 @@ fn hot_chunks_lead_in_plan_order_and_the_tree_is_unchanged() {
     let plan_path = tmp.path().join("a.plan.json");
     plan.save(&plan_path).unwrap();
     let plan = PrefetchPlan::load(&plan_path).unwrap();
-    let hot = plan.slots(&plan_path, &img).unwrap();
+    let hot = plan.slots(&plan_path, img.manifest()).unwrap();
     assert_eq!(hot.len(), 6);
 
     let out = tmp.path().join("b.img");
@@ -87,7 +87,7 @@ fn hot_chunks_lead_in_plan_order_and_the_tree_is_unchanged() {
         .check_image(&plan_path, &relaid.root_digest())
         .unwrap();
     assert!(plan.check_image(&plan_path, &relaid.root_digest()).is_err());
-    assert_eq!(rebound.slots(&plan_path, &relaid).unwrap(), hot);
+    assert_eq!(rebound.slots(&plan_path, relaid.manifest()).unwrap(), hot);
 }
 
 #[test]
@@ -111,15 +111,15 @@ fn plans_naming_missing_files_or_chunks_are_refused() {
         total_bytes: 0,
         entries,
     };
-    let err = mk(vec![entry("nope", 0, 1)]).slots(&p, &img).unwrap_err();
+    let err = mk(vec![entry("nope", 0, 1)]).slots(&p, img.manifest()).unwrap_err();
     assert!(
         err.to_string().contains("nope") && err.to_string().contains("p.json"),
         "{err}"
     );
-    let err = mk(vec![entry("f", 1, 2)]).slots(&p, &img).unwrap_err();
+    let err = mk(vec![entry("f", 1, 2)]).slots(&p, img.manifest()).unwrap_err();
     assert!(err.to_string().contains("past its 2 chunks"), "{err}");
     let mut wrong = mk(vec![]);
     wrong.chunk_size = 65536;
-    assert!(wrong.slots(&p, &img).is_err());
+    assert!(wrong.slots(&p, img.manifest()).is_err());
     assert!(relayout(&img, &[7], &tmp.path().join("x.img")).is_err());
 }

@@ -267,24 +267,9 @@ impl<R: RangeRead> Image<R> {
         self.manifest.walk()
     }
 
-    /// Every regular file, each inode once (the first path that names it), in walk order.
+    /// Every regular file, each inode once ([`Manifest::files`]).
     pub fn files(&self) -> Vec<FileRef> {
-        let mut seen = vec![false; self.manifest.inodes.len()];
-        let mut out = Vec::new();
-        for (path, inode) in self.walk() {
-            if let Some(InodeKind::File { size, first_chunk }) = self.inode(inode).map(|i| &i.kind)
-                && !std::mem::replace(&mut seen[inode as usize], true)
-            {
-                out.push(FileRef {
-                    path,
-                    inode,
-                    size: *size,
-                    first_chunk: *first_chunk,
-                    chunks: self.manifest.chunks_for(*size),
-                });
-            }
-        }
-        out
+        self.manifest.files()
     }
 }
 

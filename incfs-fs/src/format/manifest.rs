@@ -127,6 +127,27 @@ impl Manifest {
         out
     }
 
+    /// Every regular file, each inode once (the first path that names it), in walk order.
+    pub fn files(&self) -> Vec<super::FileRef> {
+        let mut seen = vec![false; self.inodes.len()];
+        let mut out = Vec::new();
+        for (path, inode) in self.walk() {
+            if let Some(InodeKind::File { size, first_chunk }) =
+                self.inodes.get(inode as usize).map(|i| &i.kind)
+                && !std::mem::replace(&mut seen[inode as usize], true)
+            {
+                out.push(super::FileRef {
+                    path,
+                    inode,
+                    size: *size,
+                    first_chunk: *first_chunk,
+                    chunks: self.chunks_for(*size),
+                });
+            }
+        }
+        out
+    }
+
     /// Serializes and compresses the manifest; returns the stored bytes.
     pub fn encode(&self, level: i32) -> Result<Vec<u8>, FormatError> {
         let raw = postcard::to_stdvec(self)

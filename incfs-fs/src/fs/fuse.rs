@@ -51,6 +51,7 @@ impl ToErrno for FsError {
             FsError::Cache(_) => Errno::EIO,
             FsError::Meta { .. } => Errno::EIO,
             FsError::Thread(_) => Errno::EIO,
+            FsError::Plan(_) => Errno::EINVAL,
         }
     }
 }

@@ -17,7 +17,7 @@ pub mod fuse;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -25,6 +25,8 @@ use parking_lot::Mutex;
 
 use crate::cache::{CacheError, ChunkCache, RecoveryReport};
 use crate::fetch::{FetchConfig, FetchError, FetchStats, Fetcher, Priority};
+use crate::plan::{PlanError, PrefetchPlan};
+use crate::prefetch::{PrefetchConfig, PrefetchStats, Prefetcher};
 use crate::format::{
     ChunkTable, Digest, FormatError, Header, Inode, InodeKind, Manifest, ROOT_INODE, read_meta,
 };
@@ -88,6 +90,9 @@ pub enum FsError {
     /// Starting a thread failed.
     #[error("starting the fetch workers: {0}")]
     Thread(std::io::Error),
+    /// The prefetch plan does not fit the image.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
 }
 
 /// What kind of node an inode is.
@@ -218,6 +223,9 @@ pub struct Stats {
     pub recovered_unclean: bool,
     /// Read-log entries dropped because the log was full.
     pub read_log_dropped: u64,
+    /// The prefetcher's counters (`prefetch_hits` among them), when a plan runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<PrefetchStats>,
 }
 
 #[derive(Debug, Clone)]
@@ -269,7 +277,9 @@ pub struct IncFs {
     manifest: Manifest,
     table: Arc<ChunkTable>,
     source_name: String,
-    fetcher: Fetcher,
+    fetcher: Arc<Fetcher>,
+    /// The plan walker, when a prefetch plan was given.
+    prefetcher: OnceLock<Prefetcher>,
     cache: ChunkCache,
     /// Parent of each directory inode (manifest index).
     parents: Vec<u32>,
@@ -311,6 +321,7 @@ impl IncFs {
             config.fetch.clone(),
         )
         .map_err(FsError::Thread)?;
+        let fetcher = Arc::new(fetcher);
         let n = manifest.inodes.len();
         let mut parents = vec![ROOT_INODE; n];
         let mut paths: Vec<Arc<str>> = vec![Arc::from(""); n];
@@ -354,6 +365,7 @@ impl IncFs {
             table,
             source_name,
             fetcher,
+            prefetcher: OnceLock::new(),
             cache,
             parents,
             paths,
@@ -365,6 +377,32 @@ impl IncFs {
             counters: Counters::default(),
             mount_time: SystemTime::now(),
         })
+    }
+
+    /// Starts walking `plan` (read from `plan_path`, named in errors) ahead of the program.
+    /// Refuses a plan made for another image, or one naming files or chunks the image lacks.
+    /// Call it once, before mounting, so prefetch starts before the program does.
+    pub fn start_prefetch(
+        &self,
+        plan: &PrefetchPlan,
+        plan_path: &std::path::Path,
+        config: PrefetchConfig,
+    ) -> Result<(), FsError> {
+        plan.check_image(plan_path, &self.header.root_digest)?;
+        let slots = plan.slots(plan_path, &self.manifest)?;
+        let p = Prefetcher::start(Arc::clone(&self.fetcher), Arc::clone(&self.table), &slots, config)
+            .map_err(FsError::Thread)?;
+        self.prefetcher
+            .set(p)
+            .map_err(|_| FsError::Plan(PlanError::Invalid {
+                path: plan_path.to_path_buf(),
+                reason: "a prefetch plan is already running on this mount".into(),
+            }))
+    }
+
+    /// The prefetcher's counters, when a plan is running.
+    pub fn prefetch_stats(&self) -> Option<PrefetchStats> {
+        self.prefetcher.get().map(Prefetcher::stats)
     }
 
     /// The image's root digest.
@@ -728,6 +766,9 @@ impl IncFs {
             .collect();
         let hit = missing.is_empty();
         self.log_read(idx, offset, end - offset, hit);
+        if let Some(p) = self.prefetcher.get() {
+            p.on_read(idx, first_chunk, first - first_chunk, last - first_chunk, hit);
+        }
         if !hit {
             self.counters.demand_misses.fetch_add(1, Ordering::Relaxed);
             self.counters.blocked_reads.fetch_add(1, Ordering::Relaxed);
@@ -818,6 +859,7 @@ impl IncFs {
             recovered_dropped: rec.dropped,
             recovered_unclean: rec.unclean,
             read_log_dropped: c.read_log_dropped.load(Ordering::Relaxed),
+            prefetch: self.prefetch_stats(),
         }
     }
 }

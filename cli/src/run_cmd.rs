@@ -1,0 +1,171 @@
+//! `incfs run`: mount, prefetch, run a command on the mount, unmount, summarize.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use incfs_fs::format::Digest;
+use incfs_fs::fs::FsConfig;
+use incfs_fs::fs::fuse::MountOptions;
+use incfs_fs::prefetch::PrefetchConfig;
+use incfs_fs::run::{RunConfig, RunError, run as run_image};
+use serde::Serialize;
+
+use crate::image_cmds::human;
+
+/// Arguments of `incfs run`.
+#[derive(Args)]
+pub struct RunArgs {
+    /// The image: a path, file:// or http(s):// URL.
+    #[arg(long)]
+    image: String,
+    /// Prefetch plan for the image (from `incfs plan` or `incfs relayout`).
+    #[arg(long)]
+    prefetch: Option<PathBuf>,
+    /// Cache directory, kept across runs. Default: a fresh temporary one (a cold start).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Refuse the image unless its root digest is this.
+    #[arg(long)]
+    expect_digest: Option<String>,
+    /// Set an environment variable for the command (`{mnt}` is replaced by the mount point).
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Write the run's figures as JSON to this file.
+    #[arg(long)]
+    stats_json: Option<PathBuf>,
+    /// After the plan, fetch the rest of the image at low priority.
+    #[arg(long)]
+    fetch_all: bool,
+    /// Never open files with FUSE passthrough.
+    #[arg(long)]
+    no_passthrough: bool,
+    /// Fetch worker threads (one serves demand misses only).
+    #[arg(long, default_value_t = 4)]
+    fetch_workers: usize,
+    /// The command and its arguments; `{mnt}` is replaced by the mount point.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("not K=V: {s:?}"))
+}
+
+#[derive(Serialize)]
+struct RunJson {
+    exit_code: Option<i32>,
+    wall_ms: f64,
+    mount_ms: f64,
+    bytes_fetched: u64,
+    requests: u64,
+    bytes_used: u64,
+    demand_misses: u64,
+    blocked_reads: u64,
+    blocked_ms: u64,
+    prefetch_hits: u64,
+    prefetch_misses: u64,
+    stats: incfs_fs::fs::Stats,
+}
+
+/// `incfs run`.
+pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
+    let tmp_cache;
+    let cache = match &a.cache {
+        Some(c) => c.clone(),
+        None => {
+            tmp_cache = tempfile::Builder::new()
+                .prefix("incfs-run-cache-")
+                .tempdir()
+                .context("creating a temporary cache directory")?;
+            tmp_cache.path().to_path_buf()
+        }
+    };
+    std::fs::create_dir_all(&cache)
+        .with_context(|| format!("creating the cache directory {}", cache.display()))?;
+    let mut fs = FsConfig::new(cache);
+    fs.expect_digest = a
+        .expect_digest
+        .as_deref()
+        .map(Digest::from_hex)
+        .transpose()
+        .context("--expect-digest")?;
+    fs.passthrough = !a.no_passthrough;
+    fs.fetch.workers = a.fetch_workers.max(2);
+    let cfg = RunConfig {
+        source: a.image.clone(),
+        plan: a.prefetch.clone(),
+        prefetch: PrefetchConfig {
+            fetch_all: a.fetch_all,
+            ..PrefetchConfig::default()
+        },
+        fs,
+        mount: MountOptions::default(),
+        command: a.command.clone(),
+        env: a.env.clone(),
+    };
+    let report = match run_image(&cfg, &|_| {}) {
+        Ok(r) => r,
+        Err(RunError::Spawn { command, error }) if error.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("incfs: {command}: command not found");
+            return Ok(ExitCode::from(127));
+        }
+        Err(e) => return Err(e).with_context(|| format!("incfs run of {}", a.image)),
+    };
+    let s = &report.stats;
+    let (hits, misses) = s
+        .prefetch
+        .map_or((0, 0), |p| (p.prefetch_hits, p.prefetch_misses));
+    eprintln!(
+        "incfs run: {:.2} s wall ({:.0} ms to mount), {} fetched in {} requests, {} demand misses, {} blocked reads ({} ms){}",
+        report.wall_ms / 1e3,
+        report.mount_ms,
+        human(s.bytes_fetched),
+        s.requests,
+        s.demand_misses,
+        s.blocked_reads,
+        s.blocked_ms,
+        if hits + misses > 0 {
+            format!(
+                ", prefetch hit rate {:.0}% ({hits}/{})",
+                100.0 * hits as f64 / (hits + misses) as f64,
+                hits + misses
+            )
+        } else {
+            String::new()
+        }
+    );
+    if let Some(path) = &a.stats_json {
+        let j = RunJson {
+            exit_code: report.status.code(),
+            wall_ms: report.wall_ms,
+            mount_ms: report.mount_ms,
+            bytes_fetched: s.bytes_fetched,
+            requests: s.requests,
+            bytes_used: s.bytes_used,
+            demand_misses: s.demand_misses,
+            blocked_reads: s.blocked_reads,
+            blocked_ms: s.blocked_ms,
+            prefetch_hits: hits,
+            prefetch_misses: misses,
+            stats: s.clone(),
+        };
+        std::fs::write(path, serde_json::to_vec_pretty(&j)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(exit_code(report.status))
+}
+
+/// The command's status as ours: its code, or 128 + the signal that ended it.
+fn exit_code(status: std::process::ExitStatus) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+        (None, Some(sig)) => ExitCode::from(u8::try_from(128 + sig).unwrap_or(1)),
+        _ => ExitCode::from(1),
+    }
+}

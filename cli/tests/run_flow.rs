@@ -1,0 +1,260 @@
+//! `incfs run` end to end, over `incfs serve` with an emulated link: a synthetic program
+//! reads a known scattered sequence; a plan made from its own read-log cuts its blocked
+//! reads; exit status is propagated; a plan for another image is refused; Ctrl-C leaves no
+//! mount behind.
+
+use std::fs;
+use std::path::Path;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use incfs_datasets::require::{Need, require};
+use incfs_fs::link::LinkConfig;
+use incfs_fs::serve::{ServeConfig, Server};
+
+fn incfs() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_incfs"))
+}
+
+fn ok(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// 16 files of 2 MiB, and a script that, after 0.4 s of "initialisation", reads 160
+/// scattered 4 KiB blocks of them and prints their checksum.
+fn workload(dir: &Path) -> String {
+    let tree = dir.join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    for i in 0..16u64 {
+        fs::write(tree.join(format!("f{i:02}")), noise(2 << 20, i + 1)).unwrap();
+    }
+    let mut script = String::from("sleep 0.4\n");
+    for k in 0..160u64 {
+        let file = (k * 7) % 16;
+        let block = (k * 97) % 512;
+        script.push_str(&format!(
+            "dd if=\"$1/f{file:02}\" bs=4096 skip={block} count=1 status=none\n"
+        ));
+    }
+    let path = dir.join("program.sh");
+    fs::write(&path, script).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+fn stats(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
+}
+
+fn mounts_with(prefix: &str) -> usize {
+    fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(prefix))
+        .count()
+}
+
+#[test]
+fn a_plan_from_the_programs_own_read_log_removes_its_blocked_reads() {
+    if !require(
+        "a_plan_from_the_programs_own_read_log_removes_its_blocked_reads",
+        &[Need::Root, Need::Fuse],
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let program = workload(tmp.path());
+    let img = tmp.path().join("app.img");
+    ok(incfs()
+        .args(["pack", "--chunk-size", "64K", "-o"])
+        .arg(&img)
+        .arg(tmp.path().join("tree"))
+        .output()
+        .unwrap());
+    let mut cfg = ServeConfig::new(&img);
+    cfg.link = LinkConfig {
+        latency_ms: 20,
+        ..LinkConfig::default()
+    };
+    let server = Server::start(cfg).unwrap();
+    let url = server.url("app.img");
+
+    // The expected output, from the tree itself.
+    let want = Command::new("sh")
+        .arg(&program)
+        .arg(tmp.path().join("tree"))
+        .output()
+        .unwrap()
+        .stdout;
+    assert_eq!(want.len(), 160 * 4096);
+
+    // Run 1: no plan. The program's read-log becomes the planner's input.
+    let log = tmp.path().join("read-log.ndjson");
+    let s1 = tmp.path().join("s1.json");
+    let out = ok(incfs()
+        .args(["run", "--image", &url, "--stats-json"])
+        .arg(&s1)
+        .arg("--")
+        .args(["sh", "-c"])
+        .arg(format!(
+            "sh {program} {{mnt}} && cp {{mnt}}/.incfs/read-log {}",
+            log.display()
+        ))
+        .output()
+        .unwrap());
+    assert!(out.stdout == want, "run 1 read wrong bytes");
+    let blocked_1 = stats(&s1)["blocked_reads"].as_u64().unwrap();
+    assert!(blocked_1 >= 40, "run 1 blocked only {blocked_1} times");
+
+    let plan = tmp.path().join("plan.json");
+    ok(incfs()
+        .arg("plan")
+        .arg(&log)
+        .arg("--image")
+        .arg(&img)
+        .arg("-o")
+        .arg(&plan)
+        .output()
+        .unwrap());
+
+    // Run 2: with the plan, prefetched from mount time on.
+    let s2 = tmp.path().join("s2.json");
+    let out = ok(incfs()
+        .args(["run", "--image", &url, "--prefetch"])
+        .arg(&plan)
+        .arg("--stats-json")
+        .arg(&s2)
+        .args(["--", "sh", &program, "{mnt}"])
+        .output()
+        .unwrap());
+    assert!(out.stdout == want, "run 2 read wrong bytes");
+    let j2 = stats(&s2);
+    let blocked_2 = j2["blocked_reads"].as_u64().unwrap();
+    assert!(
+        blocked_2 * 20 <= blocked_1,
+        "with the plan {blocked_2} reads blocked, without it {blocked_1} (want ≤ 5%)"
+    );
+    assert!(j2["prefetch_hits"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn exit_status_is_propagated_and_other_images_plans_are_refused() {
+    if !require(
+        "exit_status_is_propagated_and_other_images_plans_are_refused",
+        &[Need::Root, Need::Fuse],
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["a", "b"] {
+        let tree = tmp.path().join(name);
+        fs::create_dir_all(&tree).unwrap();
+        fs::write(tree.join("file"), format!("content of {name}")).unwrap();
+        ok(incfs()
+            .args(["pack", "-o"])
+            .arg(tmp.path().join(format!("{name}.img")))
+            .arg(&tree)
+            .output()
+            .unwrap());
+    }
+    let a = tmp.path().join("a.img");
+    let out = incfs()
+        .args(["run", "--image"])
+        .arg(&a)
+        .args(["--", "sh", "-c", "cat {mnt}/file; exit 42"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(42));
+    assert_eq!(out.stdout, b"content of a");
+
+    // A plan for image b, used with image a.
+    let log = tmp.path().join("log.ndjson");
+    fs::write(
+        &log,
+        "{\"ns\":1,\"path\":\"file\",\"offset\":0,\"len\":4,\"result\":\"miss\"}\n",
+    )
+    .unwrap();
+    let plan_b = tmp.path().join("b.plan.json");
+    ok(incfs()
+        .arg("plan")
+        .arg(&log)
+        .arg("--image")
+        .arg(tmp.path().join("b.img"))
+        .arg("-o")
+        .arg(&plan_b)
+        .output()
+        .unwrap());
+    let out = incfs()
+        .args(["run", "--image"])
+        .arg(&a)
+        .arg("--prefetch")
+        .arg(&plan_b)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("b.plan.json") && err.contains("the plan is for image"), "{err}");
+
+    let out = incfs()
+        .args(["run", "--image"])
+        .arg(&a)
+        .args(["--", "no-such-command-anywhere"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(127));
+}
+
+#[test]
+fn ctrl_c_leaves_no_mount_behind() {
+    if !require("ctrl_c_leaves_no_mount_behind", &[Need::Root, Need::Fuse]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("t");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("x"), b"x").unwrap();
+    let img = tmp.path().join("t.img");
+    ok(incfs().args(["pack", "-o"]).arg(&img).arg(&tree).output().unwrap());
+    let before = mounts_with("incfs-run-");
+    let mut child = incfs()
+        .args(["run", "--image"])
+        .arg(&img)
+        .args(["--", "sleep", "30"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mounts_with("incfs-run-") == before {
+        assert!(Instant::now() < deadline, "the mount never appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // What a terminal's Ctrl-C does: SIGINT to the whole foreground process group.
+    let pgid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill has no memory preconditions.
+    assert_eq!(unsafe { libc::kill(-pgid, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert_eq!(mounts_with("incfs-run-"), before, "a mount was left behind");
+}
