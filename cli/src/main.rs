@@ -6,6 +6,7 @@
 mod image_cmds;
 mod mount_cmds;
 mod progress;
+mod record_cmds;
 mod run_cmd;
 mod serve_cmd;
 
@@ -43,6 +44,8 @@ enum Command {
     Stats(mount_cmds::StatsArgs),
     /// Inspect or clear a cache directory (`incfs cache stat|clear DIR`).
     Cache(mount_cmds::CacheArgs),
+    /// Run a command under the eBPF recorder and write the pages its process tree touched.
+    RecordTrace(record_cmds::RecordTraceArgs),
 }
 
 fn run() -> anyhow::Result<ExitCode> {
@@ -58,6 +61,7 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Umount(a) => mount_cmds::umount(a),
         Command::Stats(a) => mount_cmds::stats(a),
         Command::Cache(a) => mount_cmds::cache(a),
+        Command::RecordTrace(a) => record_cmds::record_trace(a),
     }
 }
 
