@@ -30,10 +30,11 @@ pub(crate) struct Drained {
     pub malformed: u64,
 }
 
-/// The running drain thread.
+/// The running drain thread. Dropping it without [`Drainer::finish`] (on an error path)
+/// still stops the thread.
 pub(crate) struct Drainer {
     stop: Arc<AtomicBool>,
-    handle: JoinHandle<Drained>,
+    handle: Option<JoinHandle<Drained>>,
 }
 
 type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -51,15 +52,28 @@ impl Drainer {
         let handle = std::thread::Builder::new()
             .name("incfs-drain".into())
             .spawn(move || drain(ring, logger, ignore_pid, &flag))?;
-        Ok(Drainer { stop, handle })
+        Ok(Drainer {
+            stop,
+            handle: Some(handle),
+        })
     }
 
     /// Drains what is left, stops the thread and returns everything it read.
-    pub(crate) fn finish(self) -> Drained {
+    pub(crate) fn finish(mut self) -> Drained {
         self.stop.store(true, Ordering::Release);
-        match self.handle.join() {
-            Ok(drained) => drained,
-            Err(panic) => std::panic::resume_unwind(panic),
+        match self.handle.take().map(JoinHandle::join) {
+            Some(Ok(drained)) => drained,
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            None => Drained::default(),
+        }
+    }
+}
+
+impl Drop for Drainer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
         }
     }
 }

@@ -324,7 +324,7 @@ pub fn record(opts: &RecordOptions) -> Result<Recording, RecordError> {
     let mut child = match spawned {
         Ok(child) => child,
         Err(source) => {
-            drop(drainer.finish());
+            drop(drainer);
             let command = program.to_string_lossy().into_owned();
             return Err(if source.kind() == std::io::ErrorKind::NotFound {
                 RecordError::CommandNotFound { command }

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Recorder benchmarks (root): wall-time overhead of recording `clang-22 -c hello.c`, cold and
+# warm, and the event rate the recorder sustains. Prints one line per measurement; the
+# figures and the machine go to BENCHMARKS.md ("## Recorder").
+#
+#   ebpf/recorder/bench/recorder-bench.sh [overhead|rate|all]
+#
+# Env: INCFS (default target/release/incfs), N (runs per case, default 10).
+set -euo pipefail
+INCFS=$(realpath "${INCFS:-target/release/incfs}")
+N=${N:-10}
+what=${1:-all}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+printf '#include <stdio.h>\nint main(void) { puts("hello"); return 0; }\n' > hello.c
+
+now_us() { echo $(( $(date +%s%N) / 1000 )); }
+
+# Evict clang's tree (files under /usr/lib/llvm-22 and what its symlinks lead to) the same
+# way for both cases: GNU dd's "drop the cache for the whole file".
+evict() {
+  find -L /usr/lib/llvm-22 -type f -print0 2>/dev/null |
+    xargs -0 -n 64 sh -c 'for f; do dd if="$f" iflag=nocache count=0 status=none 2>/dev/null || true; done' sh
+}
+
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
+
+overhead() {
+  local mode=$1
+  : > plain.us; : > cmd.us; : > total.us; : > lost
+  for _ in $(seq "$N"); do
+    [ "$mode" = cold ] && evict
+    t0=$(now_us); clang-22 -c hello.c; t1=$(now_us)
+    echo $((t1 - t0)) >> plain.us
+    [ "$mode" = cold ] && evict
+    t0=$(now_us)
+    "$INCFS" record-trace -o t.parquet --root /usr/lib/llvm-22 -- clang-22 -c hello.c 2> rec.err
+    t1=$(now_us)
+    echo $((t1 - t0)) >> total.us
+    # "incfs: E events, ... in S s; lost_events: L -> t.parquet"
+    sed -n 's/.* in \([0-9.]*\) s.*lost_events: \([0-9]*\).*/\1 \2/p' rec.err > parsed
+    awk '{printf "%d\n", $1 * 1000000}' parsed >> cmd.us
+    awk '{print $2}' parsed >> lost
+    grep -o '^incfs: [0-9]* events' rec.err | awk '{print $2}' > events
+  done
+  p=$(median < plain.us); c=$(median < cmd.us); t=$(median < total.us)
+  echo "$mode: clang plain median ${p} us; under recording: clang ${c} us ($(awk -v p="$p" -v c="$c" 'BEGIN{printf "%+.1f%%", (c-p)*100/p}')), whole incfs run ${t} us; events $(cat events); lost max $(sort -n lost | tail -1); N=$N"
+}
+
+rate() {
+  # 1-byte reads of a cached file: one get_pages event per read(2). Two readers, one per core.
+  head -c $((64 << 20)) /dev/urandom > data
+  cat data > /dev/null
+  local count=${RATE_READS:-4000000}
+  local script="dd if=data of=/dev/null bs=1 count=$count status=none & dd if=data of=/dev/null bs=1 count=$count status=none; wait"
+  t0=$(now_us); sh -c "$script"; t1=$(now_us)
+  echo "rate: plain: 2 x $count one-byte reads in $((t1 - t0)) us"
+  for mib in 64 256; do
+    "$INCFS" record-trace -o rate.parquet --no-opens --ring-buffer-mib "$mib" -- sh -c "$script" 2> rec.err
+    line=$(grep '^incfs: [0-9]* events' rec.err)
+    ev=$(echo "$line" | awk '{print $2}')
+    secs=$(echo "$line" | sed -n 's/.* in \([0-9.]*\) s.*/\1/p')
+    lost=$(echo "$line" | sed -n 's/.*lost_events: \([0-9]*\).*/\1/p')
+    echo "rate: ring ${mib} MiB: $ev events in $secs s = $(awk -v e="$ev" -v s="$secs" 'BEGIN{printf "%.2f", e/s/1e6}') M events/s, lost $lost"
+  done
+}
+
+echo "machine: $(nproc) cores, $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load $(cut -d' ' -f1-3 /proc/loadavg)"
+case $what in
+  overhead) overhead warm; overhead cold ;;
+  rate) rate ;;
+  all) overhead warm; overhead cold; rate ;;
+  *) echo "usage: $0 [overhead|rate|all]" >&2; exit 2 ;;
+esac
