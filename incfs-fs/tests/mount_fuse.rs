@@ -24,13 +24,17 @@ use incfs_fs::fetch::FetchConfig;
 use incfs_fs::format::{Image, PackOptions, pack_dir};
 use incfs_fs::fs::fuse::{MountOptions, new_session};
 use incfs_fs::fs::{FsConfig, IncFs, Stats};
+use incfs_fs::link::LinkConfig;
 use incfs_fs::serve::{ServeConfig, Server};
-use incfs_fs::source::{FailingSource, FailureKind, FailurePlan, FileSource, Source};
+use incfs_fs::source::{
+    FailingSource, FailureKind, FailurePlan, FileSource, Source, ThrottledSource,
+};
 
 const ENV_SOURCE: &str = "INCFS_TEST_DAEMON_SOURCE";
 const ENV_MNT: &str = "INCFS_TEST_DAEMON_MNT";
 const ENV_CACHE: &str = "INCFS_TEST_DAEMON_CACHE";
 const ENV_CORRUPT: &str = "INCFS_TEST_DAEMON_CORRUPT";
+const ENV_LATENCY: &str = "INCFS_TEST_DAEMON_LATENCY_MS";
 
 /// The daemon: does nothing unless started by [`Daemon::start`].
 #[test]
@@ -62,6 +66,16 @@ fn daemon_child() {
         }
         Err(_) => base,
     };
+    let source: Arc<dyn Source> = match std::env::var(ENV_LATENCY) {
+        Ok(ms) => Arc::new(ThrottledSource::new(
+            source,
+            LinkConfig {
+                latency_ms: ms.parse().unwrap(),
+                ..LinkConfig::default()
+            },
+        )),
+        Err(_) => source,
+    };
     let mut cfg = FsConfig::new(cache.into());
     cfg.fetch = FetchConfig {
         initial_backoff: Duration::from_millis(5),
@@ -81,6 +95,16 @@ struct Daemon {
 
 impl Daemon {
     fn start(source: &str, mnt: &Path, cache: &Path, corrupt: Option<(u64, u64)>) -> Daemon {
+        Daemon::start_with(source, mnt, cache, corrupt, &[])
+    }
+
+    fn start_with(
+        source: &str,
+        mnt: &Path,
+        cache: &Path,
+        corrupt: Option<(u64, u64)>,
+        env: &[(&str, String)],
+    ) -> Daemon {
         let exe = std::env::current_exe().unwrap();
         let mut cmd = Command::new(exe);
         cmd.args([
@@ -97,6 +121,9 @@ impl Daemon {
         .stdout(Stdio::null());
         if let Some((s, e)) = corrupt {
             cmd.env(ENV_CORRUPT, format!("{s}:{e}"));
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
         }
         let child = cmd.spawn().unwrap();
         let mut d = Daemon {
@@ -587,6 +614,56 @@ fn mount_corrupting_source_gives_eio_never_the_bytes() {
     let s = d.stats();
     assert!(s.fetch_errors > 0 && s.read_errors > 0, "{s:?}");
     assert_eq!(s.chunks_local, 16, "only `good` is local: {s:?}");
+    d.unmount();
+}
+
+#[test]
+fn mount_a_blocked_miss_does_not_stall_other_requests() {
+    if !privileged("mount_a_blocked_miss_does_not_stall_other_requests") {
+        return;
+    }
+    let w = Work::new();
+    small_tree(&w.path("tree"));
+    pack(&w.path("tree"), &w.path("img"), 16 * 1024);
+    // Every request to the source takes 4 s.
+    let d = Daemon::start_with(
+        w.path("img").to_str().unwrap(),
+        &w.path("mnt"),
+        &w.path("cache"),
+        None,
+        &[(ENV_LATENCY, "4000".into())],
+    );
+    let path = w.path("mnt").join("big-noise");
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1000];
+        fs::File::open(path)
+            .unwrap()
+            .read_exact_at(&mut buf, 0)
+            .unwrap();
+        buf
+    });
+    // Wait until the daemon is blocked on the miss.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while d.stats().blocked_reads == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the read never reached the daemon"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Meanwhile other requests (metadata, control files, directory listings) are answered
+    // while that read is still waiting for the source.
+    for _ in 0..20 {
+        let s = d.stats();
+        assert_eq!(s.chunks_local, 0);
+        assert!(fs::read_dir(w.path("mnt").join("sub")).unwrap().count() > 0);
+    }
+    assert!(
+        !reader.is_finished(),
+        "the blocked read finished before the others were answered"
+    );
+    let want = fs::read(w.path("tree").join("big-noise")).unwrap();
+    assert!(reader.join().unwrap() == want[..1000]);
     d.unmount();
 }
 
