@@ -1,18 +1,12 @@
 #!/usr/bin/env bash
-# The main job on the bundled default workload (clang-22 compiling hello.c):
-# build incfs, build the workload's tree, pack it into an image, inspect and verify it.
+# The main job on the bundled default workload, clang-22 compiling hello.c:
+# build incfs, build the workload's tree, pack it, record two cold starts through an incfs
+# mount (eBPF traces, or the mount's read-log when eBPF is unavailable), plan, relay the
+# image hot-first, serve it over an emulated 20 ms / 100 Mbit/s link, and print one table:
+# local cold start, full download then run, lazy without plan, lazy with plan (both layouts).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${INCFS_DEMO_DIR:-out/demo}
-mkdir -p "$out"
 echo "[demo] building incfs (release)"
-cargo build --release -q -p incfs-cli
-incfs=target/release/incfs
-echo "[demo] building the clang-22 tree in $out/clang-tree"
-datasets/clang/build-tree.sh "$out/clang-tree"
-echo "[demo] packing"
-"$incfs" pack "$out/clang-tree" -o "$out/clang.img"
-echo "[demo] inspecting"
-"$incfs" inspect "$out/clang.img"
-echo "[demo] verifying"
-"$incfs" verify "$out/clang.img"
+cargo build --release -q -p incfs-cli -p incfs-datasets
+exec target/release/incfs-bench --out "$out" --runs "${INCFS_DEMO_RUNS:-1}" "$@"

@@ -35,6 +35,9 @@ pub struct RunArgs {
     /// Write the run's figures as JSON to this file.
     #[arg(long)]
     stats_json: Option<PathBuf>,
+    /// Save the mount's read-log (NDJSON, an input for `incfs plan`) to this file.
+    #[arg(long)]
+    read_log_out: Option<PathBuf>,
     /// After the plan, fetch the rest of the image at low priority.
     #[arg(long)]
     fetch_all: bool,
@@ -107,6 +110,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         mount: MountOptions::default(),
         command: a.command.clone(),
         env: a.env.clone(),
+        read_log_out: a.read_log_out.clone(),
     };
     let report = match run_image(&cfg, &|_| {}) {
         Ok(r) => r,

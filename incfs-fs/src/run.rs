@@ -40,6 +40,8 @@ pub struct RunConfig {
     pub command: Vec<String>,
     /// Extra environment variables; `{mnt}` in values is replaced too.
     pub env: Vec<(String, String)>,
+    /// Where to save the mount's read-log (NDJSON) after the command exits.
+    pub read_log_out: Option<PathBuf>,
 }
 
 /// What a run did.
@@ -72,6 +74,14 @@ pub enum RunError {
     /// The plan file could not be read.
     #[error(transparent)]
     Plan(#[from] PlanError),
+    /// The read-log could not be saved.
+    #[error("saving the read-log to {path}: {error}")]
+    ReadLog {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
     /// The mount point could not be made or mounted.
     #[error("mounting at {path}: {error}")]
     Mount {
@@ -149,6 +159,12 @@ pub fn run(cfg: &RunConfig, on_mounted: &dyn Fn(&Arc<IncFs>)) -> Result<RunRepor
     let wall_ms = started.elapsed().as_secs_f64() * 1e3;
     drop(signals);
     let stats = fs.stats();
+    let saved = cfg.read_log_out.as_ref().map(|path| {
+        std::fs::write(path, fs.read_log_ndjson()).map_err(|error| RunError::ReadLog {
+            path: path.clone(),
+            error,
+        })
+    });
 
     if let Err(e) = session.umount_and_join() {
         tracing::warn!(mountpoint = %mnt.display(), error = %e, "unmount failed; detaching it");
@@ -157,6 +173,7 @@ pub fn run(cfg: &RunConfig, on_mounted: &dyn Fn(&Arc<IncFs>)) -> Result<RunRepor
     if let Err(e) = fs.shutdown() {
         tracing::warn!(error = %e, "saving the cache record failed");
     }
+    saved.transpose()?;
     Ok(RunReport {
         status: status?,
         mount_ms,
