@@ -7,6 +7,9 @@ mod image_cmds;
 mod mount_cmds;
 mod plan_cmds;
 mod progress;
+mod record_cmds;
+mod run_cmd;
+mod serve_cmd;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -28,6 +31,12 @@ enum Command {
     Inspect(image_cmds::InspectArgs),
     /// Check every chunk of an image against its digest.
     Verify(image_cmds::VerifyArgs),
+    /// Serve an image (or a directory of them) over HTTP, with optional link emulation.
+    Serve(serve_cmd::ServeArgs),
+    /// Rewrite an image with a plan's chunks first (hot-first layout) and rebind the plan.
+    Relayout(image_cmds::RelayoutArgs),
+    /// Mount an image on a temporary directory, prefetch its plan, run a command on it.
+    Run(run_cmd::RunArgs),
     /// Mount an image (local or http(s)://) read-only; chunks are fetched and verified lazily.
     Mount(mount_cmds::MountArgs),
     /// Unmount an incfs mount and wait for its daemon to save its cache.
@@ -36,6 +45,8 @@ enum Command {
     Stats(mount_cmds::StatsArgs),
     /// Inspect or clear a cache directory (`incfs cache stat|clear DIR`).
     Cache(mount_cmds::CacheArgs),
+    /// Run a command under the eBPF recorder and write the pages its process tree touched.
+    RecordTrace(record_cmds::RecordTraceArgs),
     /// Look into recorded traces (`incfs trace show TRACE`).
     Trace(plan_cmds::TraceArgs),
     /// Turn traces into a prefetch plan for an image (`incfs plan report` scores one).
@@ -48,10 +59,14 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Pack(a) => image_cmds::pack(a),
         Command::Inspect(a) => image_cmds::inspect(a),
         Command::Verify(a) => image_cmds::verify(a),
+        Command::Relayout(a) => image_cmds::relayout(a),
+        Command::Run(a) => run_cmd::run(a),
+        Command::Serve(a) => serve_cmd::serve(a),
         Command::Mount(a) => mount_cmds::mount(a),
         Command::Umount(a) => mount_cmds::umount(a),
         Command::Stats(a) => mount_cmds::stats(a),
         Command::Cache(a) => mount_cmds::cache(a),
+        Command::RecordTrace(a) => record_cmds::record_trace(a),
         Command::Trace(a) => plan_cmds::trace(a),
         Command::Plan(a) => plan_cmds::plan(a),
     }
