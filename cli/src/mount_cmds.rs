@@ -17,6 +17,8 @@ use clap::{Args, Subcommand};
 use incfs_fs::format::Digest;
 use incfs_fs::fs::fuse::{MountOptions, new_session};
 use incfs_fs::fs::{CONTROL_DIR, FsConfig, IncFs, STATS_FILE};
+use incfs_fs::plan::PrefetchPlan;
+use incfs_fs::prefetch::PrefetchConfig;
 
 /// The line a background daemon prints on stdout once it is mounted.
 const READY_LINE: &str = "incfs-ready";
@@ -52,6 +54,13 @@ pub struct MountArgs {
     /// Let other users access the mount.
     #[arg(long)]
     allow_other: bool,
+    /// Prefetch plan for the image (from `incfs plan` or `incfs relayout`): walked from
+    /// mount time on, ahead of the program.
+    #[arg(long)]
+    prefetch: Option<PathBuf>,
+    /// After the plan, fetch the rest of the image at low priority.
+    #[arg(long)]
+    fetch_all: bool,
     /// Daemon log file (default: CACHE/daemon.log).
     #[arg(long)]
     log: Option<PathBuf>,
@@ -185,6 +194,15 @@ fn daemonize(a: &MountArgs, cache: &Path) -> anyhow::Result<ExitCode> {
     if a.no_passthrough {
         cmd.arg("--no-passthrough");
     }
+    if let Some(p) = &a.prefetch {
+        let p = p
+            .canonicalize()
+            .with_context(|| format!("opening the prefetch plan {}", p.display()))?;
+        cmd.arg("--prefetch").arg(p);
+    }
+    if a.fetch_all {
+        cmd.arg("--fetch-all");
+    }
     if a.allow_other {
         cmd.arg("--allow-other");
     }
@@ -243,6 +261,15 @@ fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
         IncFs::new(source, &config)
             .with_context(|| format!("cannot mount {}: the image is not usable", a.source))?,
     );
+    if let Some(path) = &a.prefetch {
+        let plan = PrefetchPlan::load(path)?;
+        let cfg = PrefetchConfig {
+            fetch_all: a.fetch_all,
+            ..PrefetchConfig::default()
+        };
+        fs.start_prefetch(&plan, path, cfg)
+            .with_context(|| format!("cannot prefetch {} with {}", a.source, path.display()))?;
+    }
     let opts = MountOptions {
         threads: a.threads.max(1),
         allow_other: a.allow_other,
