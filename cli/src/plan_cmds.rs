@@ -61,7 +61,7 @@ struct ReportArgs {
 struct CommonArgs {
     /// The image the plan is for.
     #[arg(long, required = true)]
-    image: PathBuf,
+    image: Option<PathBuf>,
     /// Keep chunks touched by at least this many runs (`2`) or this share of them (`0.5`,
     /// `50%`, rounded up).
     #[arg(long, value_parser = MinRuns::parse, default_value = "50%")]
@@ -105,10 +105,10 @@ impl CommonArgs {
                 ),
             }
         }
-        if !(self.merge_window_ms >= 0.0) {
+        if self.merge_window_ms.is_nan() || self.merge_window_ms < 0.0 {
             anyhow::bail!("--merge-window-ms must be 0 or more");
         }
-        if !(self.bandwidth_mbit > 0.0) {
+        if self.bandwidth_mbit.is_nan() || self.bandwidth_mbit <= 0.0 {
             anyhow::bail!("--bandwidth-mbit must be more than 0");
         }
         Ok(PlanOptions {
@@ -118,6 +118,12 @@ impl CommonArgs {
             touch,
             merge_window_ns: (self.merge_window_ms * 1e6) as u64,
         })
+    }
+
+    fn image(&self) -> anyhow::Result<&Path> {
+        self.image
+            .as_deref()
+            .context("give the image with --image IMG")
     }
 
     fn bandwidth(&self) -> f64 {
@@ -162,7 +168,7 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
     };
     let c = &args.common;
     let opts = c.options()?;
-    let index = ImageIndex::open(&c.image, None)?;
+    let index = ImageIndex::open(c.image()?, None)?;
     let runs = load_runs(&args.inputs, &index, &opts)?;
     let refs: Vec<&MappedRun> = runs.iter().collect();
     let (plan, stats) = plan_runs(&refs, &index, &opts)?;
@@ -206,9 +212,10 @@ fn plan_report(a: ReportArgs) -> anyhow::Result<ExitCode> {
     let c = &a.common;
     let opts = c.options()?;
     let plan = PrefetchPlan::load(&a.plan)?;
-    let index = ImageIndex::open(&c.image, None)?;
+    let image = c.image()?;
+    let index = ImageIndex::open(image, None)?;
     plan.check_image(&a.plan, &index.digest)
-        .with_context(|| format!("is {} the image the plan was made for?", c.image.display()))?;
+        .with_context(|| format!("is {} the image the plan was made for?", image.display()))?;
     let runs = load_runs(&a.inputs, &index, &opts)?;
     let r = report(&plan, &index, &runs, &opts, c.bandwidth())?;
     if let Some(svg) = &c.timeline {
@@ -290,7 +297,11 @@ fn print_plan(
         )?;
     }
     if s.unresolved > 0 {
-        writeln!(out, "unresolved: {} touch events had no path", s.unresolved)?;
+        writeln!(
+            out,
+            "unresolved: {} touch events had no path (files outside the recorded roots)",
+            s.unresolved
+        )?;
     }
     Ok(())
 }

@@ -13,12 +13,12 @@ pub enum PlannerError {
     #[error(transparent)]
     Trace(#[from] TraceError),
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// An input is neither a trace nor a read-log.
     #[error("{path}: {reason}")]
@@ -39,23 +39,23 @@ pub enum PlannerError {
         reason: String,
     },
     /// The image could not be opened.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Image {
         /// The image file.
         path: PathBuf,
         /// Why.
-        source: incfs_fs::format::FormatError,
+        error: incfs_fs::format::FormatError,
     },
     /// A prefetch manifest could not be read, written or does not fit the image.
     #[error(transparent)]
     Plan(#[from] incfs_fs::plan::PlanError),
     /// polars failed while processing an input.
-    #[error("{what}: {source}")]
+    #[error("{what}: {error}")]
     Polars {
         /// What was being done, naming the file when there is one.
         what: String,
         /// The polars error.
-        source: PolarsError,
+        error: PolarsError,
     },
     /// The options make no sense.
     #[error("{0}")]
@@ -73,5 +73,5 @@ pub enum PlannerError {
 /// Wraps a polars error with what was being done.
 pub(crate) fn polars_err(what: impl Into<String>) -> impl FnOnce(PolarsError) -> PlannerError {
     let what = what.into();
-    move |source| PlannerError::Polars { what, source }
+    move |error| PlannerError::Polars { what, error }
 }

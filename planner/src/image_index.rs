@@ -42,9 +42,9 @@ pub struct ImageIndex {
 impl ImageIndex {
     /// Opens an image file and indexes it, checking its root digest when `expected` is given.
     pub fn open(path: &Path, expected: Option<&Digest>) -> Result<Self, PlannerError> {
-        let image = Image::open_path(path, expected).map_err(|source| PlannerError::Image {
+        let image = Image::open_path(path, expected).map_err(|error| PlannerError::Image {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Ok(Self::new(&image))
     }

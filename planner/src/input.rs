@@ -48,9 +48,9 @@ pub struct RawRun {
 
 /// Tells a trace from a read-log by the first bytes of `path`.
 pub fn detect(path: &Path) -> Result<InputKind, PlannerError> {
-    let io = |source| PlannerError::Io {
+    let io = |error| PlannerError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let mut head = Vec::with_capacity(64);
     std::fs::File::open(path)
@@ -149,9 +149,9 @@ struct ReadLogRecord {
 }
 
 fn load_read_log(path: &Path, chunk_size: u32) -> Result<RawRun, PlannerError> {
-    let io = |source| PlannerError::Io {
+    let io = |error| PlannerError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let file = std::fs::File::open(path).map_err(io)?;
     let cs = u64::from(chunk_size);

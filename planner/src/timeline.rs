@@ -192,9 +192,9 @@ pub fn draw_timeline(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let io = |source| PlannerError::Io {
+    let io = |error| PlannerError::Io {
         path: out.to_path_buf(),
-        source,
+        error,
     };
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
     std::io::Write::write_all(&mut tmp, svg.as_bytes()).map_err(io)?;

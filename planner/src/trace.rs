@@ -151,12 +151,12 @@ const PARQUET_MAGIC: &[u8; 4] = b"PAR1";
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
     /// The file could not be opened, read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The trace file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is empty.
     #[error("{path}: the file is empty, not a trace (was the recording interrupted?)")]
@@ -181,12 +181,12 @@ pub enum TraceError {
         reason: String,
     },
     /// polars failed while writing or reading the data.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Polars {
         /// The trace file.
         path: PathBuf,
         /// The polars error.
-        source: PolarsError,
+        error: PolarsError,
     },
 }
 
@@ -295,13 +295,13 @@ impl TraceMeta {
 /// Writes a trace: Parquet (zstd) with `meta` as key-value metadata, through a temporary file
 /// in the same directory renamed into place.
 pub fn write_trace(path: &Path, meta: &TraceMeta, events: &[TraceEvent]) -> Result<(), TraceError> {
-    let io = |source| TraceError::Io {
+    let io = |error| TraceError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
-    let polars = |source| TraceError::Polars {
+    let polars = |error| TraceError::Polars {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let mut df = events_to_frame(events).map_err(polars)?;
     let dir = path
@@ -351,9 +351,9 @@ fn not_parquet(path: &Path, e: PolarsError) -> TraceError {
 
 /// Opens a trace, reads its footer and checks magic, schema and version.
 fn open_trace(path: &Path) -> Result<(TraceMeta, ParquetReader<File>), TraceError> {
-    let io = |source| TraceError::Io {
+    let io = |error| TraceError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let mut file = File::open(path).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();
