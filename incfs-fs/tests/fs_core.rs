@@ -235,6 +235,47 @@ fn adjacent_missing_chunks_coalesce_into_one_request() {
 }
 
 #[test]
+fn a_sequential_miss_fetches_ahead_in_the_same_request() {
+    let fx = big(64 * CHUNK as usize);
+    let want = fs::read(fx.tree.join("big")).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let src = Arc::new(MockSource::new(fx.bytes.clone()));
+    let mut cfg = FsConfig::new(cache.path().to_path_buf());
+    cfg.fetch = quick_fetch();
+    cfg.seq_readahead = 16 * u64::from(CHUNK);
+    let fs = IncFs::new(src.clone(), &cfg).unwrap();
+    src.clear_requests();
+    let ino = resolve(&fs, b"big");
+    let (fh, _) = fs.open(ino).unwrap();
+    // A first read fetches only what it touches.
+    assert_eq!(fs.read(ino, fh, 0, CHUNK).unwrap(), want[..CHUNK as usize]);
+    // The next read continues where it ended: its chunk and 16 more travel as one range.
+    assert_eq!(
+        fs.read(ino, fh, u64::from(CHUNK), CHUNK).unwrap(),
+        want[CHUNK as usize..2 * CHUNK as usize]
+    );
+    fs.fetcher()
+        .fetch(&(2..18).collect::<Vec<u64>>(), Priority::Background)
+        .unwrap();
+    let reqs = src.requests();
+    let stored = |r: std::ops::Range<usize>| -> u64 {
+        fx.img.table().entries()[r]
+            .iter()
+            .map(|e| u64::from(e.stored_len))
+            .sum()
+    };
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    assert_eq!(reqs[0].len, stored(0..1));
+    assert_eq!(reqs[1].len, stored(1..18));
+    assert_eq!(reqs[1].kind, RequestKind::Demand);
+    // A random read elsewhere fetches only its chunk.
+    fs.read(ino, fh, 40 * u64::from(CHUNK), 10).unwrap();
+    assert_eq!(src.requests()[2].len, stored(40..41));
+    fs.release(fh);
+    fs.shutdown().unwrap();
+}
+
+#[test]
 fn requests_are_capped_at_max_request_bytes() {
     let fx = big(64 * CHUNK as usize);
     let cache = tempfile::tempdir().unwrap();

@@ -192,34 +192,34 @@ impl Fetcher {
     /// Queues the slots that are not local at `priority` (raising the priority of slots
     /// already queued lower) and returns at once.
     pub fn submit(&self, slots: &[u64], priority: Priority) {
-        let inner = &self.inner;
-        let mut st = inner.state.lock();
-        let mut added = false;
-        for &slot in slots {
-            if inner.cache.is_local(slot) || slot >= inner.table.len() {
-                continue;
-            }
-            st.failed.remove(&slot);
-            match st.slots.get(&slot) {
-                Some(SlotState::InFlight) => continue,
-                Some(SlotState::Queued(p)) if *p <= priority => continue,
-                _ => {}
-            }
-            st.slots.insert(slot, SlotState::Queued(priority));
-            st.queues[priority as usize].push_back(slot);
-            added = true;
-        }
-        if added {
-            inner.work.notify_all();
+        let mut st = self.inner.state.lock();
+        if self.inner.queue(&mut st, slots, priority) {
+            self.inner.work.notify_all();
         }
     }
 
     /// Fetches the slots that are not local at `priority` and blocks until all are local,
     /// or returns the first failure.
     pub fn fetch(&self, slots: &[u64], priority: Priority) -> Result<(), FetchError> {
-        self.submit(slots, priority);
+        self.fetch_ahead(slots, priority, &[])
+    }
+
+    /// Like [`Fetcher::fetch`], and queues `ahead` (slots that follow `slots` in the data
+    /// section) at background priority in the same step, so that the request for `slots`
+    /// extends over them; returns once `slots` are local, without waiting for `ahead`.
+    pub fn fetch_ahead(
+        &self,
+        slots: &[u64],
+        priority: Priority,
+        ahead: &[u64],
+    ) -> Result<(), FetchError> {
         let inner = &self.inner;
         let mut st = inner.state.lock();
+        let a = inner.queue(&mut st, slots, priority);
+        let b = inner.queue(&mut st, ahead, Priority::Background);
+        if a || b {
+            inner.work.notify_all();
+        }
         loop {
             let mut all_local = true;
             for &slot in slots {
@@ -298,6 +298,26 @@ impl Drop for Fetcher {
 }
 
 impl Inner {
+    /// Queues the slots that are not local at `priority`; true when any was added.
+    fn queue(&self, st: &mut State, slots: &[u64], priority: Priority) -> bool {
+        let mut added = false;
+        for &slot in slots {
+            if self.cache.is_local(slot) || slot >= self.table.len() {
+                continue;
+            }
+            st.failed.remove(&slot);
+            match st.slots.get(&slot) {
+                Some(SlotState::InFlight) => continue,
+                Some(SlotState::Queued(p)) if *p <= priority => continue,
+                _ => {}
+            }
+            st.slots.insert(slot, SlotState::Queued(priority));
+            st.queues[priority as usize].push_back(slot);
+            added = true;
+        }
+        added
+    }
+
     fn worker(&self, demand_only: bool) {
         loop {
             let (batch, priority) = {

@@ -17,19 +17,19 @@ pub mod fuse;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
 use crate::cache::{CacheError, ChunkCache, RecoveryReport};
 use crate::fetch::{FetchConfig, FetchError, FetchStats, Fetcher, Priority};
-use crate::plan::{PlanError, PrefetchPlan};
-use crate::prefetch::{PrefetchConfig, PrefetchStats, Prefetcher};
 use crate::format::{
     ChunkTable, Digest, FormatError, Header, Inode, InodeKind, Manifest, ROOT_INODE, read_meta,
 };
+use crate::plan::{PlanError, PrefetchPlan};
+use crate::prefetch::{PrefetchConfig, PrefetchStats, Prefetcher};
 use crate::source::{MetaReader, Source};
 
 /// Name of the control directory in the root.
@@ -164,6 +164,11 @@ pub struct FsConfig {
     pub fetch: FetchConfig,
     /// Offer passthrough for fully local files.
     pub passthrough: bool,
+    /// Bytes fetched ahead of a sequential reader's miss, in the same request. Default
+    /// 2 MiB: a `cat` or `cp` then moves in ranges of megabytes instead of the kernel's
+    /// 128 KiB reads; random and first reads (page faults, headers) fetch only what they
+    /// touch.
+    pub seq_readahead: u64,
 }
 
 impl FsConfig {
@@ -174,6 +179,7 @@ impl FsConfig {
             expect_digest: None,
             fetch: FetchConfig::default(),
             passthrough: true,
+            seq_readahead: 2 * 1024 * 1024,
         }
     }
 }
@@ -249,7 +255,12 @@ struct ReadLogLine<'a> {
 
 /// What a control file open holds: a snapshot taken at open.
 enum Handle {
-    File { inode: u32, passthrough: bool },
+    File {
+        inode: u32,
+        passthrough: bool,
+        /// Where the next read starts if this handle reads sequentially.
+        next: u64,
+    },
     Control(Arc<Vec<u8>>),
 }
 
@@ -286,6 +297,7 @@ pub struct IncFs {
     /// First path of each inode (lossy UTF-8), for logs and the read log.
     paths: Vec<Arc<str>>,
     passthrough: AtomicBool,
+    seq_readahead: u64,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     opens: Mutex<HashMap<u32, OpenCounts>>,
@@ -370,6 +382,7 @@ impl IncFs {
             parents,
             paths,
             passthrough: AtomicBool::new(config.passthrough),
+            seq_readahead: config.seq_readahead,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             opens: Mutex::new(HashMap::new()),
@@ -390,14 +403,19 @@ impl IncFs {
     ) -> Result<(), FsError> {
         plan.check_image(plan_path, &self.header.root_digest)?;
         let slots = plan.slots(plan_path, &self.manifest)?;
-        let p = Prefetcher::start(Arc::clone(&self.fetcher), Arc::clone(&self.table), &slots, config)
-            .map_err(FsError::Thread)?;
-        self.prefetcher
-            .set(p)
-            .map_err(|_| FsError::Plan(PlanError::Invalid {
+        let p = Prefetcher::start(
+            Arc::clone(&self.fetcher),
+            Arc::clone(&self.table),
+            &slots,
+            config,
+        )
+        .map_err(FsError::Thread)?;
+        self.prefetcher.set(p).map_err(|_| {
+            FsError::Plan(PlanError::Invalid {
                 path: plan_path.to_path_buf(),
                 reason: "a prefetch plan is already running on this mount".into(),
-            }))
+            })
+        })
     }
 
     /// The prefetcher's counters, when a plan is running.
@@ -676,6 +694,7 @@ impl IncFs {
             Handle::File {
                 inode: idx,
                 passthrough,
+                next: 0,
             },
         );
         Ok((fh, mode))
@@ -685,7 +704,10 @@ impl IncFs {
     /// passthrough open of the inode is live.
     pub fn passthrough_failed(&self, fh: u64) -> Result<(), FsError> {
         let mut handles = self.handles.lock();
-        let Some(Handle::File { inode, passthrough }) = handles.get_mut(&fh) else {
+        let Some(Handle::File {
+            inode, passthrough, ..
+        }) = handles.get_mut(&fh)
+        else {
             return Err(FsError::BadHandle(fh));
         };
         let mut opens = self.opens.lock();
@@ -707,7 +729,10 @@ impl IncFs {
 
     /// Closes handle `fh`.
     pub fn release(&self, fh: u64) {
-        if let Some(Handle::File { inode, passthrough }) = self.handles.lock().remove(&fh) {
+        if let Some(Handle::File {
+            inode, passthrough, ..
+        }) = self.handles.lock().remove(&fh)
+        {
             let mut opens = self.opens.lock();
             if let Some(c) = opens.get_mut(&inode) {
                 if passthrough {
@@ -732,9 +757,15 @@ impl IncFs {
     /// Reads up to `size` bytes at `offset` of the file open as `fh` (inode `ino`), fetching
     /// and verifying missing chunks first. Never returns unverified bytes.
     pub fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
-        let control = match self.handles.lock().get(&fh) {
+        let end_hint = offset.saturating_add(u64::from(size));
+        let mut sequential = false;
+        let control = match self.handles.lock().get_mut(&fh) {
             Some(Handle::Control(c)) => Some(Arc::clone(c)),
-            Some(Handle::File { .. }) => None,
+            Some(Handle::File { next, .. }) => {
+                sequential = offset > 0 && *next == offset;
+                *next = end_hint;
+                None
+            }
             None if ino == self.stats_ino() || ino == self.read_log_ino() => {
                 return Err(FsError::BadHandle(fh));
             }
@@ -767,13 +798,31 @@ impl IncFs {
         let hit = missing.is_empty();
         self.log_read(idx, offset, end - offset, hit);
         if let Some(p) = self.prefetcher.get() {
-            p.on_read(idx, first_chunk, first - first_chunk, last - first_chunk, hit);
+            p.on_read(
+                idx,
+                first_chunk,
+                first - first_chunk,
+                last - first_chunk,
+                hit,
+            );
         }
         if !hit {
             self.counters.demand_misses.fetch_add(1, Ordering::Relaxed);
             self.counters.blocked_reads.fetch_add(1, Ordering::Relaxed);
+            // A sequential reader will want what follows: queue it with the miss, so the
+            // demand request extends over it (one larger range; chunks are verified and handed
+            // out as they stream in, so the demand does not wait for the rest).
+            let ahead: Vec<u64> = if sequential && self.seq_readahead > 0 {
+                let n = self.manifest.chunks_for(fsize);
+                let ahead_end = (last + 1 + self.seq_readahead.div_ceil(cs)).min(first_chunk + n);
+                (last + 1..ahead_end)
+                    .filter(|s| !self.cache.is_local(*s))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let t = Instant::now();
-            let r = self.fetcher.fetch(&missing, Priority::Demand);
+            let r = self.fetcher.fetch_ahead(&missing, Priority::Demand, &ahead);
             self.counters
                 .blocked_us
                 .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
