@@ -5,7 +5,8 @@
 //! read-log's first non-blank byte is `{`. A read-log (written by the mount at
 //! `MOUNTPOINT/.incfs/read-log`) has one JSON object per line:
 //! `{"ns":u64,"path":"rel/path","offset":u64,"len":u64,"result":"hit"|"miss"}`; every read
-//! counts as a touch, hit or miss.
+//! counts as a touch, hit or miss. Its clock starts when the mount does, so times are taken
+//! relative to its first read (the program's start, as in a trace).
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -186,6 +187,11 @@ fn load_read_log(path: &Path, chunk_size: u32) -> Result<RawRun, PlannerError> {
         firsts.push(rec.offset / cs);
         lasts.push(rec.offset.saturating_add(rec.len - 1) / cs);
         times.push(rec.ns);
+    }
+    // The mount's clock starts at mount time; the run starts at its first read.
+    let start = times.iter().copied().min().unwrap_or(0);
+    for t in &mut times {
+        *t -= start;
     }
     let what = || format!("{}: reducing the read-log", path.display());
     let n = paths.len();
