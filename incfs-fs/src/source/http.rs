@@ -11,10 +11,14 @@
 //! [`SourceError`]: `5xx`, `429`, `408`, network errors and short bodies are retryable,
 //! other statuses are not.
 //!
-//! The client is async; [`HttpSource`] owns a small tokio runtime and its blocking methods
-//! run each request on the calling thread with [`tokio::runtime::Runtime::block_on`], so
-//! many threads can have requests in flight at once. They must not be called from inside an
-//! async runtime (they return an error instead of blocking it).
+//! The client is async; [`HttpSource`] owns a current-thread tokio runtime and its blocking
+//! methods run each request with [`tokio::runtime::Runtime::block_on`] on the calling thread.
+//! Many threads may have requests in flight at once: whichever of them holds the runtime
+//! drives every connection, the others poll their own request when woken. Nothing hops to a
+//! worker thread, and a connection is back in the pool before the next request looks for one
+//! (with a worker pool, about a third of back-to-back requests to nginx opened a new
+//! connection, which over TLS costs a handshake). The methods must not be called from inside
+//! an async runtime (they return an error instead of blocking it).
 
 use std::error::Error as _;
 use std::io;
@@ -30,11 +34,6 @@ use super::{RequestKind, Source, SourceError};
 /// Header telling the server why a range is read (`demand`, `prefetch`, `background`);
 /// `incfs serve` counts requests and bytes by it, other servers ignore it.
 pub const REQUEST_KIND_HEADER: &str = "x-incfs-request";
-
-/// Worker threads of the runtime that drives connections. Requests run on the callers'
-/// threads; the workers only move bytes between sockets and them, and two keep up with
-/// loopback on this kind of machine.
-const RUNTIME_WORKERS: usize = 2;
 
 /// How an [`HttpSource`] talks to its server.
 #[derive(Debug, Clone)]
@@ -112,9 +111,7 @@ impl HttpSource {
         let client = builder
             .build()
             .map_err(|e| unusable("cannot build an HTTP client", &e))?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(RUNTIME_WORKERS)
-            .thread_name("incfs-http")
+        let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| SourceError::Io {
