@@ -12,7 +12,7 @@ fi
 
 # Debian packages: fuse3 (fusermount3), llvm-22 (bpf-linker), clang-22 (the default workload),
 # nginx-light (tests serve images through a real static server), pkg-config.
-APT_PACKAGES=(fuse3 libfuse3-dev llvm-22-dev libpolly-22-dev clang-22 pkg-config nginx-light procps)
+APT_PACKAGES=(fuse3 libfuse3-dev llvm-22-dev libpolly-22-dev clang-22 pkg-config nginx-light openssl procps)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
