@@ -61,6 +61,10 @@ pub struct MountArgs {
     /// After the plan, fetch the rest of the image at low priority.
     #[arg(long)]
     fetch_all: bool,
+    /// Kernel readahead for files not yet local, in bytes (readahead of a lazy file fetches
+    /// chunks nobody asked for).
+    #[arg(long, default_value_t = 0)]
+    max_readahead: u32,
     /// Daemon log file (default: CACHE/daemon.log).
     #[arg(long)]
     log: Option<PathBuf>,
@@ -203,6 +207,7 @@ fn daemonize(a: &MountArgs, cache: &Path) -> anyhow::Result<ExitCode> {
     if a.fetch_all {
         cmd.arg("--fetch-all");
     }
+    cmd.arg("--max-readahead").arg(a.max_readahead.to_string());
     if a.allow_other {
         cmd.arg("--allow-other");
     }
@@ -273,6 +278,7 @@ fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     let opts = MountOptions {
         threads: a.threads.max(1),
         allow_other: a.allow_other,
+        max_readahead: a.max_readahead,
     };
     let mut session = new_session(Arc::clone(&fs), &a.mountpoint, &opts)?;
     let mut unmounter = session.unmount_callable();

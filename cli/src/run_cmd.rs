@@ -44,6 +44,10 @@ pub struct RunArgs {
     /// Never open files with FUSE passthrough.
     #[arg(long)]
     no_passthrough: bool,
+    /// Kernel readahead for files not yet local, in bytes (readahead of a lazy file fetches
+    /// chunks nobody asked for).
+    #[arg(long, default_value_t = 0)]
+    max_readahead: u32,
     /// Fetch worker threads (one serves demand misses only).
     #[arg(long, default_value_t = 4)]
     fetch_workers: usize,
@@ -107,7 +111,10 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             ..PrefetchConfig::default()
         },
         fs,
-        mount: MountOptions::default(),
+        mount: MountOptions {
+            max_readahead: a.max_readahead,
+            ..MountOptions::default()
+        },
         command: a.command.clone(),
         env: a.env.clone(),
         read_log_out: a.read_log_out.clone(),
