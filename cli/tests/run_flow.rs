@@ -10,6 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use incfs_datasets::require::{Need, require};
+use incfs_datasets::synth::noise;
 use incfs_fs::link::LinkConfig;
 use incfs_fs::serve::{ServeConfig, Server};
 
@@ -26,18 +27,6 @@ fn ok(out: Output) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// 16 files of 2 MiB, and a script that, after 0.4 s of "initialisation", reads 160

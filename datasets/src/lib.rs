@@ -2,3 +2,4 @@
 //! privileged tests run before they start.
 
 pub mod require;
+pub mod synth;

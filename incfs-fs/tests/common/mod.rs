@@ -11,18 +11,7 @@ use std::path::{Path, PathBuf};
 
 use incfs_fs::format::{Image, InodeKind, RangeRead};
 
-/// Deterministic pseudo-random bytes (xorshift), incompressible.
-pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+pub use incfs_datasets::synth::noise;
 
 /// Builds a tree with odd shapes: empty files, sizes around chunk boundaries, duplicate
 /// content, symlinks (relative, absolute, dangling), hard links, non-UTF-8 and odd names,

@@ -1,0 +1,27 @@
+//! Synthetic data for tests and benchmarks.
+
+/// `len` deterministic pseudo-random bytes from `seed` (xorshift64): incompressible, and the
+/// same on every machine, so a test can rebuild what it wrote.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn noise_is_deterministic_and_incompressible_looking() {
+        let a = super::noise(4096, 7);
+        assert_eq!(a, super::noise(4096, 7));
+        assert_ne!(a, super::noise(4096, 8));
+        let distinct: std::collections::HashSet<u8> = a.iter().copied().collect();
+        assert!(distinct.len() > 200);
+    }
+}
