@@ -87,7 +87,8 @@ impl LinkConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FaultKind {
-    /// The connection is dropped: before the response head, or part way through the body.
+    /// The connection is reset (TCP RST: `SO_LINGER` 0, then close) before the response head
+    /// or part way through the body; the client sees "connection reset by peer".
     Reset,
     /// The response stops for [`FaultConfig::stall_ms`] (before the head or part way through
     /// the body), then goes on correctly.

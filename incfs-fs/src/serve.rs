@@ -29,6 +29,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -42,6 +43,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tracing::{debug, info, trace, warn};
 
@@ -328,8 +330,13 @@ async fn accept_loop(listener: tokio::net::TcpListener, state: Arc<State>) {
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
+        let reset = Arc::new(AtomicBool::new(false));
+        let stream = ResettableStream {
+            inner: stream,
+            reset: reset.clone(),
+        };
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(state.clone(), req));
+            let service = service_fn(move |req| handle(state.clone(), reset.clone(), req));
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service)
@@ -338,6 +345,62 @@ async fn accept_loop(listener: tokio::net::TcpListener, state: Arc<State>) {
                 debug!(%peer, error = %e, "connection ended with an error");
             }
         });
+    }
+}
+
+/// A connection's socket that can be told to end with a TCP reset: dropped with its flag
+/// set, it sets `SO_LINGER` to zero first, so closing it sends RST instead of FIN and the
+/// client sees "connection reset by peer", as from a crashed server or a middlebox.
+struct ResettableStream {
+    inner: tokio::net::TcpStream,
+    reset: Arc<AtomicBool>,
+}
+
+impl Drop for ResettableStream {
+    fn drop(&mut self) {
+        if self.reset.load(Ordering::Relaxed) {
+            let _ = self.inner.set_zero_linger();
+        }
+    }
+}
+
+impl AsyncRead for ResettableStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ResettableStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -395,6 +458,7 @@ fn empty(status: StatusCode) -> Response<Body> {
 
 async fn handle(
     state: Arc<State>,
+    reset: Arc<AtomicBool>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, DropConnection> {
     let path = req.uri().path().to_string();
@@ -497,7 +561,10 @@ async fn handle(
             .or_default() += 1;
         debug!(path, start, len, fault = ?f, "injecting a fault");
         match (f.kind, f.at) {
-            (FaultKind::Reset, None) => return Err(DropConnection),
+            (FaultKind::Reset, None) => {
+                reset.store(true, Ordering::Relaxed);
+                return Err(DropConnection);
+            }
             (FaultKind::Stall, None) => {
                 tokio::time::sleep(std::time::Duration::from_millis(state.link.faults.stall_ms))
                     .await;
@@ -538,15 +605,16 @@ async fn handle(
     } else {
         let (tx, rx) = mpsc::channel(2);
         let body_fault = fault.filter(|f| f.at.is_some());
-        tokio::spawn(produce(
-            state.clone(),
+        let job = Produce {
+            state: state.clone(),
             file,
             start,
             len,
-            body_fault,
+            fault: body_fault,
             kind,
-            tx,
-        ));
+            reset,
+        };
+        tokio::spawn(job.run(tx));
         Body::Stream { rx, len }
     };
     let mut r = Response::new(body);
@@ -567,94 +635,113 @@ async fn handle(
     Ok(r)
 }
 
-/// Reads `len` bytes at `start` piece by piece, paced by the link, and sends them to the
-/// body; applies a body fault on the way.
-async fn produce(
+/// What a producer task needs to send one body.
+struct Produce {
     state: Arc<State>,
     file: Arc<File>,
     start: u64,
     len: u64,
+    /// A fault striking inside the body.
     fault: Option<Fault>,
     kind: String,
-    tx: mpsc::Sender<io::Result<Bytes>>,
-) {
-    let piece = if state.bucket.is_some() {
-        SHAPED_PIECE
-    } else {
-        PIECE
-    };
-    let mut fault = fault;
-    // A short body stops at the fault point; the rest of the announced length never comes.
-    let stop = match fault {
-        Some(Fault {
-            kind: FaultKind::ShortBody,
-            at: Some(at),
-            ..
-        }) => at,
-        _ => len,
-    };
-    let mut sent = 0u64;
-    while sent < stop {
-        let mut n = piece.min(stop - sent);
-        if let Some(f) = fault
-            && matches!(f.kind, FaultKind::Reset | FaultKind::Stall)
-            && let Some(at) = f.at
-            && at < sent + n
-        {
-            if at > sent {
-                // Send up to the fault point first.
-                n = at - sent;
-            } else {
-                fault = None;
-                if f.kind == FaultKind::Reset {
-                    let _ = tx
-                        .send(Err(io::Error::other("connection reset by fault injection")))
-                        .await;
+    /// Set to end the connection with a TCP reset.
+    reset: Arc<AtomicBool>,
+}
+
+impl Produce {
+    /// Reads the range piece by piece, paced by the link, and sends the pieces to the body;
+    /// applies the body fault on the way.
+    async fn run(self, tx: mpsc::Sender<io::Result<Bytes>>) {
+        let Produce {
+            state,
+            file,
+            start,
+            len,
+            fault,
+            kind,
+            reset,
+        } = self;
+        let piece = if state.bucket.is_some() {
+            SHAPED_PIECE
+        } else {
+            PIECE
+        };
+        let mut fault = fault;
+        // A short body stops at the fault point; the rest of the announced length never comes.
+        let stop = match fault {
+            Some(Fault {
+                kind: FaultKind::ShortBody,
+                at: Some(at),
+                ..
+            }) => at,
+            _ => len,
+        };
+        let mut sent = 0u64;
+        while sent < stop {
+            let mut n = piece.min(stop - sent);
+            if let Some(f) = fault
+                && matches!(f.kind, FaultKind::Reset | FaultKind::Stall)
+                && let Some(at) = f.at
+                && at < sent + n
+            {
+                if at > sent {
+                    // Send up to the fault point first.
+                    n = at - sent;
+                } else {
+                    fault = None;
+                    if f.kind == FaultKind::Reset {
+                        reset.store(true, Ordering::Relaxed);
+                        let _ = tx
+                            .send(Err(io::Error::other("connection reset by fault injection")))
+                            .await;
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(
+                        state.link.faults.stall_ms,
+                    ))
+                    .await;
+                    continue;
+                }
+            }
+            if let Some(bucket) = &state.bucket {
+                let wait = bucket.reserve(n);
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            let read = {
+                let file = file.clone();
+                let offset = start + sent;
+                tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; n as usize];
+                    file.read_exact_at(&mut buf, offset).map(|()| buf)
+                })
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)))
+            };
+            let mut data = match read {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(error = %e, offset = start + sent, "read failed while serving");
+                    let _ = tx.send(Err(e)).await;
                     return;
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(state.link.faults.stall_ms))
-                    .await;
-                continue;
+            };
+            if let Some(f) = fault
+                && f.kind == FaultKind::BitFlip
+                && let Some(at) = f.at
+                && (sent..sent + n).contains(&at)
+            {
+                data[(at - sent) as usize] ^= 1 << (f.detail % 8);
             }
-        }
-        if let Some(bucket) = &state.bucket {
-            let wait = bucket.reserve(n);
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
+            if tx.send(Ok(Bytes::from(data))).await.is_err() {
+                return; // the client went away
             }
+            sent += n;
+            let mut stats = state.stats();
+            stats.bytes_sent += n;
+            stats.by_kind.entry(kind.clone()).or_default().bytes += n;
         }
-        let read = {
-            let file = file.clone();
-            let offset = start + sent;
-            tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; n as usize];
-                file.read_exact_at(&mut buf, offset).map(|()| buf)
-            })
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(e)))
-        };
-        let mut data = match read {
-            Ok(d) => d,
-            Err(e) => {
-                warn!(error = %e, offset = start + sent, "read failed while serving");
-                let _ = tx.send(Err(e)).await;
-                return;
-            }
-        };
-        if let Some(f) = fault
-            && f.kind == FaultKind::BitFlip
-            && let Some(at) = f.at
-            && (sent..sent + n).contains(&at)
-        {
-            data[(at - sent) as usize] ^= 1 << (f.detail % 8);
-        }
-        if tx.send(Ok(Bytes::from(data))).await.is_err() {
-            return; // the client went away
-        }
-        sent += n;
-        let mut stats = state.stats();
-        stats.bytes_sent += n;
-        stats.by_kind.entry(kind.clone()).or_default().bytes += n;
     }
 }
 

@@ -181,6 +181,14 @@ fn errors_5xx_short_bodies_and_resets_are_retryable() {
                 .read_range(i * 1_000, 300_000, RequestKind::Demand)
                 .expect_err(what);
             assert!(err.is_retryable(), "{what}: {err}");
+            if kind == FaultKind::Reset {
+                // A real TCP reset, before the head or part way through the body.
+                assert!(
+                    matches!(&err, SourceError::Io { error, .. }
+                        if error.kind() == std::io::ErrorKind::ConnectionReset),
+                    "{what}: {err:?}"
+                );
+            }
             if kind == FaultKind::ServerError {
                 assert!(
                     matches!(
