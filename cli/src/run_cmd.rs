@@ -119,7 +119,35 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         env: a.env.clone(),
         read_log_out: a.read_log_out.clone(),
     };
-    let report = match run_image(&cfg, &|_| {}) {
+    let bar = crate::progress::bytes_bar("prefetch");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut ticker = None;
+    let mut on_mounted = |fs: &std::sync::Arc<incfs_fs::fs::IncFs>| {
+        if bar.is_hidden() || fs.prefetch_stats().is_none() {
+            return;
+        }
+        let (fs, bar, stop) = (
+            std::sync::Arc::clone(fs),
+            bar.clone(),
+            std::sync::Arc::clone(&stop),
+        );
+        ticker = Some(std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(p) = fs.prefetch_stats() {
+                    bar.set_length(p.planned_chunks);
+                    bar.set_position(p.planned_local);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }));
+    };
+    let result = run_image(&cfg, &mut on_mounted);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(t) = ticker.take() {
+        let _ = t.join();
+    }
+    bar.finish_and_clear();
+    let report = match result {
         Ok(r) => r,
         Err(RunError::Spawn { command, error }) if error.kind() == std::io::ErrorKind::NotFound => {
             eprintln!("incfs: {command}: command not found");

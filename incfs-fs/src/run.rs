@@ -110,7 +110,10 @@ pub fn substitute(s: &str, mnt: &Path) -> String {
 
 /// Mounts, prefetches, runs the command, unmounts. `on_mounted` is called with the file
 /// system once it is mounted and before the command starts (for progress display).
-pub fn run(cfg: &RunConfig, on_mounted: &dyn Fn(&Arc<IncFs>)) -> Result<RunReport, RunError> {
+pub fn run(
+    cfg: &RunConfig,
+    on_mounted: &mut dyn FnMut(&Arc<IncFs>),
+) -> Result<RunReport, RunError> {
     let (program, args) = cfg.command.split_first().ok_or(RunError::NoCommand)?;
     let mount_start = Instant::now();
     let src = source::open(&cfg.source).map_err(|error| RunError::Source {
