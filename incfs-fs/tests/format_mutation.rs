@@ -53,6 +53,9 @@ enum Mutation {
 
 fn apply(bytes: &mut Vec<u8>, m: &Mutation) {
     let n = bytes.len();
+    if n == 0 {
+        return;
+    }
     match *m {
         Mutation::Truncate(at) => bytes.truncate(at % n),
         Mutation::Flip(at, bit) => bytes[at % n] ^= 1 << (bit % 8),
@@ -106,6 +109,12 @@ fn check(mutations: &[Mutation]) {
         }
     }
     let _ = img.verify(&|_| {});
+}
+
+/// Found by the proptest: truncating to nothing, then mutating again.
+#[test]
+fn regression_truncate_to_empty_then_mutate() {
+    check(&[Mutation::Truncate(0), Mutation::Flip(3, 1), Mutation::Truncate(5)]);
 }
 
 proptest! {
