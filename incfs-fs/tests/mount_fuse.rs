@@ -24,7 +24,7 @@ use incfs_fs::fetch::FetchConfig;
 use incfs_fs::format::{Image, PackOptions, pack_dir};
 use incfs_fs::fs::fuse::{MountOptions, new_session};
 use incfs_fs::fs::{FsConfig, IncFs, Stats};
-use incfs_fs::link::LinkConfig;
+use incfs_fs::link::{FaultConfig, FaultKind, LinkConfig};
 use incfs_fs::serve::{ServeConfig, Server};
 use incfs_fs::source::{
     FailingSource, FailureKind, FailurePlan, FileSource, Source, ThrottledSource,
@@ -664,6 +664,89 @@ fn mount_a_blocked_miss_does_not_stall_other_requests() {
     );
     let want = fs::read(w.path("tree").join("big-noise")).unwrap();
     assert!(reader.join().unwrap() == want[..1000]);
+    d.unmount();
+}
+
+#[test]
+fn mount_over_a_faulty_server_returns_right_bytes_or_eio() {
+    if !privileged("mount_over_a_faulty_server_returns_right_bytes_or_eio") {
+        return;
+    }
+    let w = Work::new();
+    small_tree(&w.path("tree"));
+    pack(&w.path("tree"), &w.path("img"), 16 * 1024);
+    // A third of the responses reset, fail with 5xx, come short or have a bit flipped.
+    let mut cfg = ServeConfig::new(w.path("img"));
+    cfg.link.faults = FaultConfig {
+        rate: 0.3,
+        seed: 7,
+        kinds: vec![
+            FaultKind::Reset,
+            FaultKind::ServerError,
+            FaultKind::ShortBody,
+            FaultKind::BitFlip,
+        ],
+        ..FaultConfig::default()
+    };
+    let server = Server::start(cfg).unwrap();
+    let d = Daemon::start(&server.url("img"), &w.path("mnt"), &w.path("cache"), None);
+    let (mut ok, mut eio) = (0, 0);
+    for rel in common::list(&w.path("tree")) {
+        let a = w.path("tree").join(&rel);
+        if !fs::symlink_metadata(&a).unwrap().is_file() || rel.as_os_str() == "a-fifo" {
+            continue;
+        }
+        match fs::read(w.path("mnt").join(&rel)) {
+            Ok(b) => {
+                assert!(b == fs::read(&a).unwrap(), "{}: wrong bytes", rel.display());
+                ok += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "{}: {e}", rel.display());
+                eio += 1;
+            }
+        }
+    }
+    let s = d.stats();
+    assert!(s.fetch_errors > 0, "no fault reached the mount: {s:?}");
+    // Retries make most reads succeed; none returned wrong bytes.
+    assert!(ok > eio, "{ok} files read, {eio} EIO");
+    d.unmount();
+    server.shutdown();
+}
+
+#[test]
+fn mount_kill9_in_the_middle_of_fetching_serves_only_verified_bytes() {
+    if !privileged("mount_kill9_in_the_middle_of_fetching_serves_only_verified_bytes") {
+        return;
+    }
+    let w = Work::new();
+    small_tree(&w.path("tree"));
+    pack(&w.path("tree"), &w.path("img"), 16 * 1024);
+    let img = w.path("img").to_string_lossy().into_owned();
+    for round in 0..3 {
+        let d = Daemon::start(&img, &w.path("mnt"), &w.path("cache"), None);
+        let path = w.path("mnt").join("big-noise");
+        let reader = std::thread::spawn(move || {
+            let _ = fs::read(path);
+        });
+        // Kill while chunks are arriving: some recorded, more stored but not yet recorded.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = d.stats();
+            if s.chunks_durable > round * 40 || s.chunks_local == s.chunks_total {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no progress: {s:?}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        d.kill9();
+        let _ = reader.join();
+    }
+    let d = Daemon::start(&img, &w.path("mnt"), &w.path("cache"), None);
+    let s = d.stats();
+    assert!(s.recovered_unclean && s.chunks_local > 0, "{s:?}");
+    assert_same_tree(&w.path("tree"), &w.path("mnt"));
     d.unmount();
 }
 

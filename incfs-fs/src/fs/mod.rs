@@ -42,6 +42,28 @@ pub const READ_LOG_FILE: &str = "read-log";
 /// ~100 bytes an entry this bounds the log at ~50 MB, far more than a program start needs.
 pub const READ_LOG_CAPACITY: usize = 500_000;
 
+/// Tries at reading an image's metadata at mount before giving up.
+const META_ATTEMPTS: u32 = 4;
+
+/// True when reading the metadata again may succeed: transient I/O errors and bytes that
+/// did not check out (a flip in transit), but not a source that cannot be used at all (an
+/// HTTP 404, a range past the end).
+fn retry_meta(error: &FormatError) -> bool {
+    match error {
+        FormatError::Io(e) => match e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<crate::source::SourceError>())
+        {
+            Some(se) => se.is_retryable(),
+            None => true,
+        },
+        FormatError::BadDigestText(_) => false,
+        // Includes a root digest mismatch: a flipped bit in the manifest looks the same as
+        // a wrong image, and a wrong image only costs a few retries.
+        _ => true,
+    }
+}
+
 /// Errors of the core; the FUSE adapter maps each to an errno in one place.
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -311,13 +333,27 @@ impl IncFs {
     /// fetch workers. Fails when the source is unreachable or the image does not verify.
     pub fn new(source: Arc<dyn Source>, config: &FsConfig) -> Result<Self, FsError> {
         let source_name = source.describe();
-        let (header, manifest, table) =
-            read_meta(&MetaReader(&*source), config.expect_digest.as_ref()).map_err(|error| {
-                FsError::Meta {
-                    source_name: source_name.clone(),
-                    error,
+        // The metadata is read a few times if need be: a reset connection or a flipped bit
+        // in transit should not fail a mount. A source that is down fails after the last try.
+        let mut attempt = 1;
+        let mut backoff = config.fetch.initial_backoff;
+        let (header, manifest, table) = loop {
+            match read_meta(&MetaReader(&*source), config.expect_digest.as_ref()) {
+                Ok(meta) => break meta,
+                Err(error) if attempt < META_ATTEMPTS && retry_meta(&error) => {
+                    tracing::warn!(source = %source_name, attempt, error = %error, "reading the image metadata failed; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(config.fetch.max_backoff);
+                    attempt += 1;
                 }
-            })?;
+                Err(error) => {
+                    return Err(FsError::Meta {
+                        source_name: source_name.clone(),
+                        error,
+                    });
+                }
+            }
+        };
         let table = Arc::new(table);
         let cache = ChunkCache::open(
             &config.cache_dir,
