@@ -75,6 +75,26 @@ pub struct RelayoutArgs {
     plan_out: Option<PathBuf>,
 }
 
+/// Arguments of `incfs keygen`.
+#[derive(Args)]
+pub struct KeygenArgs {
+    /// Where to write the secret key (the public key goes to KEY.pub).
+    key: PathBuf,
+}
+
+/// Arguments of `incfs sign`.
+#[derive(Args)]
+pub struct SignArgs {
+    /// Image to sign.
+    image: PathBuf,
+    /// Secret key (from `incfs keygen`).
+    #[arg(long)]
+    key: PathBuf,
+    /// Signature file to write (default: IMAGE.sig, where `--trust` looks for it).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+}
+
 /// Parses `65536`, `64K`, `64KiB`, `1M`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -458,6 +478,58 @@ pub fn relayout(a: RelayoutArgs) -> anyhow::Result<ExitCode> {
     println!("plan for it: {}", plan_out.display());
     println!("root digest {}", s.root_digest);
     Ok(ExitCode::SUCCESS)
+}
+
+pub fn keygen(a: KeygenArgs) -> anyhow::Result<ExitCode> {
+    let public = incfs_fs::trust::keygen(&a.key)?;
+    println!("secret key {} (keep it private)", a.key.display());
+    println!(
+        "public key {} (give it to readers: --trust)",
+        public.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn sign(a: SignArgs) -> anyhow::Result<ExitCode> {
+    let img = Image::open_path(&a.image, None)
+        .with_context(|| format!("opening image {}", a.image.display()))?;
+    let sig = incfs_fs::trust::sign(&img.root_digest(), &a.key)?;
+    let out = a.output.unwrap_or_else(|| {
+        PathBuf::from(incfs_fs::trust::signature_spec(&a.image.to_string_lossy()))
+    });
+    std::fs::write(&out, serde_json::to_vec_pretty(&sig)?)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "signed root digest {} -> {}",
+        sig.root_digest,
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The root digest a mount must insist on: `--expect-digest`, the digest signed in
+/// `SOURCE.sig` by the `--trust` key, or both (which must then agree).
+pub fn required_digest(
+    source: &str,
+    expect: Option<&str>,
+    trust: Option<&str>,
+) -> anyhow::Result<Option<Digest>> {
+    let expected = expect
+        .map(Digest::from_hex)
+        .transpose()
+        .context("--expect-digest")?;
+    let Some(trust) = trust else {
+        return Ok(expected);
+    };
+    let key = incfs_fs::trust::load_public_key(trust)?;
+    let signed = incfs_fs::trust::trusted_digest(source, &key)
+        .with_context(|| format!("checking the signature of {source}"))?;
+    if let Some(e) = expected
+        && e != signed
+    {
+        anyhow::bail!("--expect-digest {e} differs from the signed root digest {signed}");
+    }
+    Ok(Some(signed))
 }
 
 /// Bytes as B, KiB, MiB or GiB.

@@ -17,7 +17,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "incfs", version, about = "Start big programs before their files have arrived")]
+#[command(
+    name = "incfs",
+    version,
+    about = "Start big programs before their files have arrived"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,6 +41,10 @@ enum Command {
     Relayout(image_cmds::RelayoutArgs),
     /// Mount an image on a temporary directory, prefetch its plan, run a command on it.
     Run(run_cmd::RunArgs),
+    /// Make an ed25519 key pair for signing images.
+    Keygen(image_cmds::KeygenArgs),
+    /// Sign an image's root digest (readers check it with `--trust`).
+    Sign(image_cmds::SignArgs),
     /// Mount an image (local or http(s)://) read-only; chunks are fetched and verified lazily.
     Mount(mount_cmds::MountArgs),
     /// Unmount an incfs mount and wait for its daemon to save its cache.
@@ -45,12 +53,12 @@ enum Command {
     Stats(mount_cmds::StatsArgs),
     /// Inspect or clear a cache directory (`incfs cache stat|clear DIR`).
     Cache(mount_cmds::CacheArgs),
-    /// Run a command under the eBPF recorder and write the pages its process tree touched.
-    RecordTrace(record_cmds::RecordTraceArgs),
     /// Look into recorded traces (`incfs trace show TRACE`).
     Trace(plan_cmds::TraceArgs),
     /// Turn traces into a prefetch plan for an image (`incfs plan report` scores one).
     Plan(plan_cmds::PlanArgs),
+    /// Run a command under the eBPF recorder and write the pages its process tree touched.
+    RecordTrace(record_cmds::RecordTraceArgs),
 }
 
 fn run() -> anyhow::Result<ExitCode> {
@@ -59,16 +67,18 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Pack(a) => image_cmds::pack(a),
         Command::Inspect(a) => image_cmds::inspect(a),
         Command::Verify(a) => image_cmds::verify(a),
+        Command::Serve(a) => serve_cmd::serve(a),
         Command::Relayout(a) => image_cmds::relayout(a),
         Command::Run(a) => run_cmd::run(a),
-        Command::Serve(a) => serve_cmd::serve(a),
+        Command::Keygen(a) => image_cmds::keygen(a),
+        Command::Sign(a) => image_cmds::sign(a),
         Command::Mount(a) => mount_cmds::mount(a),
         Command::Umount(a) => mount_cmds::umount(a),
         Command::Stats(a) => mount_cmds::stats(a),
         Command::Cache(a) => mount_cmds::cache(a),
-        Command::RecordTrace(a) => record_cmds::record_trace(a),
         Command::Trace(a) => plan_cmds::trace(a),
         Command::Plan(a) => plan_cmds::plan(a),
+        Command::RecordTrace(a) => record_cmds::record_trace(a),
     }
 }
 

@@ -12,9 +12,9 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::image_cmds::required_digest;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use incfs_fs::format::Digest;
 use incfs_fs::fs::fuse::{MountOptions, new_session};
 use incfs_fs::fs::{CONTROL_DIR, FsConfig, IncFs, STATS_FILE};
 use incfs_fs::plan::PrefetchPlan;
@@ -39,6 +39,10 @@ pub struct MountArgs {
     /// Refuse the image unless its root digest is this (64 hex digits).
     #[arg(long)]
     expect_digest: Option<String>,
+    /// Refuse the image unless SOURCE.sig holds a signature of its root digest by this
+    /// ed25519 public key (a file from `incfs keygen`, or 64 hex digits).
+    #[arg(long, value_name = "PUBKEY")]
+    trust: Option<String>,
     /// FUSE request threads.
     #[arg(long, default_value_t = 4)]
     threads: usize,
@@ -192,8 +196,9 @@ fn daemonize(a: &MountArgs, cache: &Path) -> anyhow::Result<ExitCode> {
         .arg(a.fetch_workers.to_string())
         .arg("--retry-timeout")
         .arg(a.retry_timeout.to_string());
-    if let Some(d) = &a.expect_digest {
-        cmd.arg("--expect-digest").arg(d);
+    // The signature is checked here; the daemon is handed the signed digest to insist on.
+    if let Some(d) = required_digest(&source, a.expect_digest.as_deref(), a.trust.as_deref())? {
+        cmd.arg("--expect-digest").arg(d.to_hex());
     }
     if a.no_passthrough {
         cmd.arg("--no-passthrough");
@@ -248,12 +253,7 @@ fn daemonize(a: &MountArgs, cache: &Path) -> anyhow::Result<ExitCode> {
 
 /// Mounts in this process and serves until unmounted or signalled.
 fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
-    let expect_digest = a
-        .expect_digest
-        .as_deref()
-        .map(Digest::from_hex)
-        .transpose()
-        .context("--expect-digest")?;
+    let expect_digest = required_digest(&a.source, a.expect_digest.as_deref(), a.trust.as_deref())?;
     let signals = block_signals();
     let source = incfs_fs::source::open(&a.source)
         .with_context(|| format!("opening the source {} (check the path or URL)", a.source))?;

@@ -5,14 +5,13 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use incfs_fs::format::Digest;
 use incfs_fs::fs::FsConfig;
 use incfs_fs::fs::fuse::MountOptions;
 use incfs_fs::prefetch::PrefetchConfig;
 use incfs_fs::run::{RunConfig, RunError, run as run_image};
 use serde::Serialize;
 
-use crate::image_cmds::human;
+use crate::image_cmds::{human, required_digest};
 
 /// Arguments of `incfs run`.
 #[derive(Args)]
@@ -29,6 +28,10 @@ pub struct RunArgs {
     /// Refuse the image unless its root digest is this.
     #[arg(long)]
     expect_digest: Option<String>,
+    /// Refuse the image unless IMAGE.sig holds a signature of its root digest by this
+    /// ed25519 public key (a file from `incfs keygen`, or 64 hex digits).
+    #[arg(long, value_name = "PUBKEY")]
+    trust: Option<String>,
     /// Set an environment variable for the command (`{mnt}` is replaced by the mount point).
     #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
     env: Vec<(String, String)>,
@@ -95,12 +98,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&cache)
         .with_context(|| format!("creating the cache directory {}", cache.display()))?;
     let mut fs = FsConfig::new(cache);
-    fs.expect_digest = a
-        .expect_digest
-        .as_deref()
-        .map(Digest::from_hex)
-        .transpose()
-        .context("--expect-digest")?;
+    fs.expect_digest = required_digest(&a.image, a.expect_digest.as_deref(), a.trust.as_deref())?;
     fs.passthrough = !a.no_passthrough;
     fs.fetch.workers = a.fetch_workers.max(2);
     let cfg = RunConfig {

@@ -18,3 +18,4 @@ pub mod prefetch;
 pub mod run;
 pub mod serve;
 pub mod source;
+pub mod trust;

@@ -69,7 +69,7 @@ pub enum RunError {
         error: SourceError,
     },
     /// The image or plan is not usable.
-    #[error("{0}")]
+    #[error(transparent)]
     Fs(#[from] FsError),
     /// The plan file could not be read.
     #[error(transparent)]
@@ -133,12 +133,11 @@ pub fn run(
             error,
         })?;
     let mnt = dir.path().to_path_buf();
-    let session = spawn_mount(Arc::clone(&fs), &mnt, &cfg.mount).map_err(|error| {
-        RunError::Mount {
+    let session =
+        spawn_mount(Arc::clone(&fs), &mnt, &cfg.mount).map_err(|error| RunError::Mount {
             path: mnt.clone(),
             error,
-        }
-    })?;
+        })?;
     let mount_ms = mount_start.elapsed().as_secs_f64() * 1e3;
     on_mounted(&fs);
 
@@ -171,7 +170,11 @@ pub fn run(
 
     if let Err(e) = session.umount_and_join() {
         tracing::warn!(mountpoint = %mnt.display(), error = %e, "unmount failed; detaching it");
-        let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&mnt).status();
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&mnt)
+            .status();
     }
     if let Err(e) = fs.shutdown() {
         tracing::warn!(error = %e, "saving the cache record failed");
