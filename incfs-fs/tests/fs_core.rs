@@ -500,11 +500,52 @@ fn unclean_stop_rechecks_recorded_chunks() {
     let r = fs.cache().recovery();
     assert!(r.unclean);
     assert_eq!(r.recorded, 5);
+    assert_eq!(r.rechecked, 5);
     assert_eq!(r.dropped, 2);
     assert_eq!(read_all(&fs, ino, 1 << 20).unwrap(), want);
     // Only the dropped chunks and the never-read ones were fetched: 0, 2, 3 were kept.
     let s = stats(&fs);
     assert_eq!(s.chunks_fetched, 5, "{s:?}");
+    fs.shutdown().unwrap();
+}
+
+#[test]
+fn recovery_rechecks_only_chunks_recorded_since_the_last_checkpoint() {
+    let fx = big(8 * CHUNK as usize);
+    let want = fs::read(fx.tree.join("big")).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    // A clean mount that read chunks 0..4: its shutdown checkpoints them.
+    let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), cache.path());
+    let ino = resolve(&fs, b"big");
+    let (fh, _) = fs.open(ino).unwrap();
+    fs.read(ino, fh, 0, 4 * CHUNK).unwrap();
+    fs.release(fh);
+    fs.shutdown().unwrap();
+    drop(fs);
+    // A mount that reads 4..8 and stops uncleanly.
+    let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), cache.path());
+    assert!(!fs.cache().recovery().unclean);
+    let (fh, _) = fs.open(ino).unwrap();
+    fs.read(ino, fh, 4 * u64::from(CHUNK), 4 * CHUNK).unwrap();
+    fs.release(fh);
+    fs.cache().flush().unwrap();
+    drop(fs);
+    // Only 4..8 are read back and checked; nothing is fetched again.
+    let src = Arc::new(MockSource::new(fx.bytes.clone()));
+    let fs = mount(src.clone(), cache.path());
+    let r = fs.cache().recovery();
+    assert_eq!(
+        (r.unclean, r.recorded, r.rechecked, r.dropped),
+        (true, 8, 4, 0)
+    );
+    let before = src.requests().len();
+    assert_eq!(read_all(&fs, ino, 1 << 20).unwrap(), want);
+    assert_eq!(src.requests().len(), before);
+    drop(fs);
+    // That recovery was itself a checkpoint: a second unclean stop re-checks nothing.
+    let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), cache.path());
+    let r = fs.cache().recovery();
+    assert_eq!((r.unclean, r.rechecked), (true, 0));
     fs.shutdown().unwrap();
 }
 

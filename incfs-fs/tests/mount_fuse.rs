@@ -554,6 +554,8 @@ fn mount_kill9_then_remount_fetches_nothing_again() {
     let s2 = d.stats();
     assert!(s2.recovered_unclean, "{s2:?}");
     assert_eq!(s2.recovered_dropped, 0);
+    // The first mount never shut down cleanly, so everything it recorded is re-checked.
+    assert_eq!(s2.recovered_rechecked, s.chunks_local);
     assert_eq!(s2.chunks_local, s.chunks_local);
     fs::File::open(w.path("mnt").join("big-noise"))
         .unwrap()

@@ -16,8 +16,10 @@
 //!
 //! **Crash recovery.** The record's header carries a clean-shutdown flag, cleared when a mount
 //! opens the cache and set by [`ChunkCache::close`]. When a mount finds it cleared, the
-//! previous one stopped uncleanly, and every recorded chunk is read back and checked against
-//! its digest before use; chunks that fail are forgotten (and fetched again when needed).
+//! previous one stopped uncleanly, and the chunks recorded since the last checkpoint
+//! (`checkpoint`: the record's bitmap as of the last clean shutdown or recovery) are read back
+//! and checked against their digests before use; chunks that fail are forgotten (and fetched
+//! again when needed).
 //!
 //! A lock file (`flock`) keeps two mounts from sharing one image cache.
 
@@ -96,6 +98,8 @@ struct Durable {
 }
 
 struct Shared {
+    root: Digest,
+    checkpoint_path: PathBuf,
     dir: PathBuf,
     data_dir: PathBuf,
     chunk_size: u64,
@@ -127,6 +131,8 @@ pub struct RecoveryReport {
     pub unclean: bool,
     /// Chunks the record claimed.
     pub recorded: u64,
+    /// Recorded chunks read back and checked (those recorded since the last checkpoint).
+    pub rechecked: u64,
     /// Recorded chunks whose bytes no longer matched their digest (forgotten).
     pub dropped: u64,
 }
@@ -198,14 +204,19 @@ impl ChunkCache {
         let mut report = RecoveryReport {
             unclean: !record.header().clean && recorded > 0,
             recorded,
+            rechecked: 0,
             dropped: 0,
         };
 
         let data_path = |inode: u32| data_dir.join(inode.to_string());
-        // Check recorded chunks after an unclean stop; forget the ones that fail.
+        // After an unclean stop, check the chunks recorded since the last checkpoint (clean
+        // shutdown or recovery); forget the ones that fail.
+        let checkpoint_path = dir.join("checkpoint");
+        let checked = record::read_checkpoint(&checkpoint_path, chunk_count, root);
         if report.unclean && report.recorded > 0 {
             for (wi, word) in words.iter_mut().enumerate() {
-                let mut bits = *word;
+                let mut bits = *word & !checked.get(wi).copied().unwrap_or(0);
+                report.rechecked += u64::from(bits.count_ones());
                 while bits != 0 {
                     let b = bits.trailing_zeros() as u64;
                     bits &= bits - 1;
@@ -234,9 +245,15 @@ impl ChunkCache {
                 );
             }
         }
+        if report.unclean || checked != words {
+            // Everything recorded now is known good: the next recovery starts from here.
+            record::write_checkpoint(&checkpoint_path, chunk_count, root, &words)?;
+        }
         record.set_clean(false)?;
 
         let shared = Shared {
+            root: *root,
+            checkpoint_path,
             dir: dir.clone(),
             data_dir: data_dir.clone(),
             chunk_size: u64::from(manifest.chunk_size),
@@ -403,7 +420,10 @@ impl ChunkCache {
             let _ = h.join();
         }
         self.shared.flush()?;
-        self.shared.durable.lock().record.set_clean(true)
+        let mut d = self.shared.durable.lock();
+        let sh = &self.shared;
+        record::write_checkpoint(&sh.checkpoint_path, sh.table.len(), &sh.root, &d.words)?;
+        d.record.set_clean(true)
     }
 }
 

@@ -218,6 +218,81 @@ impl Record {
     }
 }
 
+/// Magic at the start of a checkpoint file.
+pub const CHECKPOINT_MAGIC: [u8; 8] = *b"INCFSCHK";
+
+/// Reads the checkpoint at `path`: the bitmap of chunks known good at the last clean
+/// shutdown or recovery, for the image with `chunk_count` slots and root `root`. A missing,
+/// foreign or damaged checkpoint is an empty one (everything recorded gets re-checked).
+///
+/// Layout: magic, version u32, pad u32, chunk_count u64, root `[32]`, the bitmap words, and
+/// BLAKE3 (32 bytes) of everything before it.
+pub fn read_checkpoint(path: &Path, chunk_count: u64, root: &Digest) -> Vec<u64> {
+    let words = words_for(chunk_count);
+    let empty = vec![0; words];
+    let Ok(b) = std::fs::read(path) else {
+        return empty;
+    };
+    let body_len = 56 + words * 8;
+    if b.len() != body_len + 32
+        || b[0..8] != CHECKPOINT_MAGIC
+        || b[8..12] != RECORD_VERSION.to_le_bytes()
+        || b[16..24] != chunk_count.to_le_bytes()
+        || b[24..56] != root.0
+        || blake3::hash(&b[..body_len]).as_bytes()[..] != b[body_len..]
+    {
+        return empty;
+    }
+    b[56..body_len]
+        .chunks_exact(8)
+        .map(|w| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(w);
+            u64::from_le_bytes(a)
+        })
+        .collect()
+}
+
+/// Writes the checkpoint (temporary file, fsync, rename, fsync of the directory).
+pub fn write_checkpoint(
+    path: &Path,
+    chunk_count: u64,
+    root: &Digest,
+    words: &[u64],
+) -> Result<(), CacheError> {
+    let mut b = Vec::with_capacity(88 + words.len() * 8);
+    b.extend_from_slice(&CHECKPOINT_MAGIC);
+    b.extend_from_slice(&RECORD_VERSION.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&chunk_count.to_le_bytes());
+    b.extend_from_slice(&root.0);
+    for w in words {
+        b.extend_from_slice(&w.to_le_bytes());
+    }
+    let sum = blake3::hash(&b);
+    b.extend_from_slice(sum.as_bytes());
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let err = |what: &'static str| {
+        let p = path.to_path_buf();
+        move |error: io::Error| CacheError::Io {
+            path: p.clone(),
+            what,
+            error,
+        }
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(err("creating the checkpoint"))?;
+    io::Write::write_all(tmp.as_file_mut(), &b).map_err(err("writing the checkpoint"))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(err("syncing the checkpoint"))?;
+    tmp.persist(path).map_err(|e| CacheError::Io {
+        path: path.to_path_buf(),
+        what: "renaming the checkpoint into place",
+        error: e.error,
+    })?;
+    sync_dir(dir)
+}
+
 /// fsyncs a directory so that the names created in it are durable.
 pub fn sync_dir(dir: &Path) -> Result<(), CacheError> {
     File::open(dir)

@@ -245,6 +245,10 @@ pub struct Stats {
     pub passthrough_opens: u64,
     /// Opens served through the file system.
     pub cached_opens: u64,
+    /// Chunks read back and checked at mount after an unclean stop (those recorded since
+    /// the last checkpoint).
+    #[serde(default)]
+    pub recovered_rechecked: u64,
     /// Chunks re-verified and dropped at mount after an unclean stop.
     pub recovered_dropped: u64,
     /// True when the previous mount of this cache stopped uncleanly.
@@ -941,6 +945,7 @@ impl IncFs {
             reads: c.reads.load(Ordering::Relaxed),
             passthrough_opens: c.passthrough_opens.load(Ordering::Relaxed),
             cached_opens: c.cached_opens.load(Ordering::Relaxed),
+            recovered_rechecked: rec.rechecked,
             recovered_dropped: rec.dropped,
             recovered_unclean: rec.unclean,
             read_log_dropped: c.read_log_dropped.load(Ordering::Relaxed),
