@@ -11,8 +11,9 @@
 //!
 //! The link is `incfs serve`'s emulation (per-request latency + one shared token bucket),
 //! in this process. The ideal is max(local cold, latency + stored demand set / bandwidth), where
-//! the demand set is the chunks the lazy run's reads touched (what FUSE asked for,
-//! kernel readahead included), counted at their stored (compressed) size.
+//! the demand set is the chunks that the reads of a measured run touched (what FUSE asked
+//! for, as the mount's read-log records it whether the chunk was local or not; kernel
+//! readahead is off by default), counted at their stored (compressed) size.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -55,6 +56,9 @@ struct Args {
     /// The incfs binary (default: next to this one).
     #[arg(long)]
     incfs: Option<PathBuf>,
+    /// Leave out the `incfs lazy` method (no plan), the slowest by far.
+    #[arg(long)]
+    skip_lazy: bool,
     /// Write every run and the medians as JSON here (default: OUT/results.json).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -247,6 +251,9 @@ fn main() -> Result<()> {
     let mut demand_set = None;
     for round in 0..a.runs {
         for method in METHODS {
+            if a.skip_lazy && method == "incfs lazy" {
+                continue;
+            }
             drop_caches();
             server.reset_stats();
             let stats_file = out.join("run-stats.json");
@@ -283,13 +290,12 @@ fn main() -> Result<()> {
                     match method {
                         "incfs lazy" => {
                             cmd.args(["--image", &url]);
-                            if demand_set.is_none() {
-                                cmd.arg("--read-log-out")
-                                    .arg(out.join("measured-lazy.read-log"));
-                            }
                         }
                         "incfs + plan" => {
                             cmd.args(["--image", &url, "--prefetch"]).arg(&plan);
+                            if demand_set.is_none() {
+                                cmd.arg("--read-log-out").arg(out.join("measured.read-log"));
+                            }
                         }
                         _ => {
                             cmd.args(["--image", &hot_url, "--prefetch"]).arg(&hot_plan);
@@ -321,11 +327,8 @@ fn main() -> Result<()> {
                 requests: st.requests,
                 blocked_reads: blocked,
             });
-            if method == "incfs lazy" && demand_set.is_none() {
-                demand_set = Some(stored_demand_set(
-                    &img,
-                    &out.join("measured-lazy.read-log"),
-                )?);
+            if method == "incfs + plan" && demand_set.is_none() {
+                demand_set = Some(stored_demand_set(&img, &out.join("measured.read-log"))?);
             }
         }
     }
@@ -348,6 +351,7 @@ fn main() -> Result<()> {
         local.max(a.latency_ms as f64 / 1e3 + demand as f64 * 8.0 / (a.bandwidth_mbit * 1e6));
     let summary: Vec<Summary> = METHODS
         .iter()
+        .filter(|&&m| samples.iter().any(|s| s.method == m))
         .map(|&m| {
             let (med, min, max, bytes, reqs) = median(m);
             Summary {
