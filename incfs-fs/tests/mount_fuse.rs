@@ -464,18 +464,35 @@ fn drop_caches() {
 
 #[test]
 fn mount_concurrent_random_readers_get_correct_bytes() {
-    if !privileged("mount_concurrent_random_readers_get_correct_bytes") {
-        return;
+    if privileged("mount_concurrent_random_readers_get_correct_bytes") {
+        concurrent_random_readers(false);
     }
-    let w = Work::new();
+}
+
+#[test]
+fn mount_concurrent_random_readers_over_incfs_serve() {
+    if privileged("mount_concurrent_random_readers_over_incfs_serve") {
+        concurrent_random_readers(true);
+    }
+}
+
+/// An image of the small tree and where to mount it from: its path, or an `incfs serve`
+/// URL (the server is kept alive by the returned guard).
+fn small_image(w: &Work, http: bool) -> (String, Option<Server>) {
     small_tree(&w.path("tree"));
     pack(&w.path("tree"), &w.path("img"), 16 * 1024);
-    let d = Daemon::start(
-        w.path("img").to_str().unwrap(),
-        &w.path("mnt"),
-        &w.path("cache"),
-        None,
-    );
+    if http {
+        let server = Server::start(ServeConfig::new(w.path("img"))).unwrap();
+        (server.url("img"), Some(server))
+    } else {
+        (w.path("img").to_string_lossy().into_owned(), None)
+    }
+}
+
+fn concurrent_random_readers(http: bool) {
+    let w = Work::new();
+    let (spec, _server) = small_image(&w, http);
+    let d = Daemon::start(&spec, &w.path("mnt"), &w.path("cache"), None);
     let want = Arc::new(fs::read(w.path("tree").join("big-noise")).unwrap());
     let mnt = w.path("mnt");
     let threads: Vec<_> = (0..8u64)
@@ -518,13 +535,21 @@ fn mount_concurrent_random_readers_get_correct_bytes() {
 
 #[test]
 fn mount_kill9_then_remount_fetches_nothing_again() {
-    if !privileged("mount_kill9_then_remount_fetches_nothing_again") {
-        return;
+    if privileged("mount_kill9_then_remount_fetches_nothing_again") {
+        kill9_then_remount(false);
     }
+}
+
+#[test]
+fn mount_kill9_then_remount_over_incfs_serve() {
+    if privileged("mount_kill9_then_remount_over_incfs_serve") {
+        kill9_then_remount(true);
+    }
+}
+
+fn kill9_then_remount(http: bool) {
     let w = Work::new();
-    small_tree(&w.path("tree"));
-    pack(&w.path("tree"), &w.path("img"), 16 * 1024);
-    let img = w.path("img").to_string_lossy().into_owned();
+    let (img, _server) = small_image(&w, http);
     let d = Daemon::start(&img, &w.path("mnt"), &w.path("cache"), None);
     // Read half of the big file and all the small ones.
     let want = fs::read(w.path("tree").join("big-noise")).unwrap();
