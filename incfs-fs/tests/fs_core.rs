@@ -276,6 +276,33 @@ fn a_sequential_miss_fetches_ahead_in_the_same_request() {
 }
 
 #[test]
+fn a_multi_megabyte_range_is_verified_chunk_by_chunk_as_it_streams() {
+    // 48 incompressible chunks of 64 KiB: one 3 MiB request, decoded piecewise.
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    let want = common::noise(48 * 65536 + 1000, 5);
+    fs::write(tree.join("f"), &want).unwrap();
+    let img = tmp.path().join("img");
+    let opts = PackOptions {
+        chunk_size: 65536,
+        ..PackOptions::default()
+    };
+    pack_dir(&tree, &img, &opts, &()).unwrap();
+    let src = Arc::new(MockSource::new(fs::read(&img).unwrap()));
+    let fs = mount(src.clone(), &tmp.path().join("cache"));
+    src.clear_requests();
+    src.set_piece_size(10_000); // pieces that do not line up with chunks
+    let ino = resolve(&fs, b"f");
+    assert_eq!(read_all(&fs, ino, 4 << 20).unwrap(), want);
+    let reqs = src.requests();
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    assert!(reqs[0].len > 3 << 20);
+    assert_eq!(stats(&fs).chunks_fetched, 49);
+    fs.shutdown().unwrap();
+}
+
+#[test]
 fn requests_are_capped_at_max_request_bytes() {
     let fx = big(64 * CHUNK as usize);
     let cache = tempfile::tempdir().unwrap();

@@ -1,5 +1,6 @@
 //! An in-memory source for tests: serves an image held in memory and records every request.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -25,6 +26,7 @@ pub struct MockRequest {
 pub struct MockSource {
     data: Arc<Vec<u8>>,
     delay: Mutex<Duration>,
+    piece: AtomicU64,
     log: Mutex<Vec<MockRequest>>,
     bytes: AtomicU64,
 }
@@ -35,6 +37,7 @@ impl MockSource {
         MockSource {
             data: Arc::new(data),
             delay: Mutex::new(Duration::ZERO),
+            piece: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
             bytes: AtomicU64::new(0),
         }
@@ -43,6 +46,11 @@ impl MockSource {
     /// Sleeps `delay` in every request from now on.
     pub fn set_delay(&self, delay: Duration) {
         *self.delay.lock() = delay;
+    }
+
+    /// Hands streamed reads over in pieces of `bytes` (0, the default: one piece).
+    pub fn set_piece_size(&self, bytes: u64) {
+        self.piece.store(bytes, Ordering::Relaxed);
     }
 
     /// Every request so far, in order.
@@ -85,6 +93,26 @@ impl Source for MockSource {
 
     fn total_len(&self) -> Result<u64, SourceError> {
         Ok(self.data.len() as u64)
+    }
+
+    fn read_range_streaming(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: RequestKind,
+        on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        let data = self.read_range(offset, len, kind)?;
+        let piece = match self.piece.load(Ordering::Relaxed) {
+            0 => data.len().max(1),
+            n => n as usize,
+        };
+        for p in data.chunks(piece) {
+            if on_piece(p).is_break() {
+                break;
+            }
+        }
+        Ok(())
     }
 
     fn describe(&self) -> String {
