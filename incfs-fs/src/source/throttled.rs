@@ -20,7 +20,11 @@ impl<S: Source> ThrottledSource<S> {
     /// Wraps `inner` behind `link`.
     pub fn new(inner: S, link: LinkConfig) -> Self {
         let bucket = link.token_bucket();
-        ThrottledSource { inner, link, bucket }
+        ThrottledSource {
+            inner,
+            link,
+            bucket,
+        }
     }
 }
 
