@@ -767,3 +767,41 @@ fn reads_from_nginx_over_http1_and_https_with_http2() {
         connections.len()
     );
 }
+
+#[test]
+fn a_slow_consumer_does_not_stall_other_threads() {
+    let s = serve(5_000_000, LinkConfig::default());
+    let src = HttpSource::open(&s.server.url(""), &HttpConfig::default()).expect("open");
+    let started = AtomicBool::new(false);
+    let others_done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let slow = scope.spawn(|| {
+            // A prefetch whose consumer takes 100 ms per piece (as if verifying slowly), for up
+            // to 20 pieces: over a second in all.
+            let mut pieces = 0;
+            src.read_range_streaming(0, 4_000_000, RequestKind::Prefetch, &mut |_| {
+                started.store(true, Ordering::SeqCst);
+                pieces += 1;
+                std::thread::sleep(Duration::from_millis(100));
+                if pieces == 20 {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })
+            .expect("slow read");
+            // Checked when the slow read ends.
+            others_done.load(Ordering::SeqCst)
+        });
+        while !started.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Demand reads on another thread go through meanwhile.
+        check_random_ranges(&src, &s.data, 10, 77);
+        others_done.store(true, Ordering::SeqCst);
+        assert!(
+            slow.join().expect("slow reader"),
+            "the demand reads waited for the slow prefetch consumer"
+        );
+    });
+}

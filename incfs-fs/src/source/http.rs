@@ -236,16 +236,16 @@ impl HttpSource {
         }
     }
 
-    async fn fetch(
+    /// Sends the range request and checks the answer's status and headers.
+    async fn start(
         &self,
         offset: u64,
         len: u64,
         kind: RequestKind,
-        on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
-    ) -> Result<(), SourceError> {
+    ) -> Result<reqwest::Response, SourceError> {
         let last = offset + len - 1;
         trace!(offset, len, %kind, "http range request");
-        let mut resp = self
+        let resp = self
             .client
             .get(self.url.clone())
             .header(RANGE, format!("bytes={offset}-{last}"))
@@ -287,8 +287,27 @@ impl HttpSource {
                 want: len,
             });
         }
+        Ok(resp)
+    }
+
+    /// Reads the range and hands its pieces to `on_piece`.
+    ///
+    /// Each piece is awaited in a `block_on` of its own and handed over outside it: while
+    /// `on_piece` runs (the fetcher decompresses, verifies and stores chunks there), this
+    /// thread does not hold the runtime, so another thread's `block_on` drives every other
+    /// connection meanwhile.
+    fn fetch(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: RequestKind,
+        on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        let mut resp = self.block_on(self.start(offset, len, kind))?;
         let mut got = 0u64;
-        while let Some(piece) = resp.chunk().await.map_err(|e| self.net_error(&e))? {
+        while let Some(piece) =
+            self.block_on(async { resp.chunk().await.map_err(|e| self.net_error(&e)) })?
+        {
             let n = piece.len() as u64;
             if n > len - got {
                 return Err(SourceError::Short {
@@ -361,7 +380,7 @@ impl Source for HttpSource {
         if len == 0 {
             return Ok(());
         }
-        self.block_on(self.fetch(offset, len, kind, on_piece))
+        self.fetch(offset, len, kind, on_piece)
     }
 }
 
