@@ -411,14 +411,33 @@ fn wrong_answers_to_ranges_are_errors() {
         let err = read(off).expect_err("wrong answer accepted");
         assert!(err.is_retryable(), "{off}: {err}");
     }
-    for (off, status) in [(300, 200), (600, 404)] {
-        let err = read(off).expect_err("wrong status accepted");
-        assert!(
-            matches!(err, SourceError::Status { status: s, .. } if s == status),
-            "{off}: {err}"
-        );
-        assert!(!err.is_retryable(), "{off}: {err}");
-    }
+    let err = read(300).expect_err("an ignored Range accepted");
+    assert!(
+        matches!(&err, SourceError::Unusable(m) if m.contains("ignored the Range header")),
+        "{err}"
+    );
+    assert!(!err.is_retryable(), "{err}");
+    let err = read(600).expect_err("404 accepted");
+    assert!(
+        matches!(err, SourceError::Status { status: 404, .. }),
+        "{err}"
+    );
+    assert!(!err.is_retryable(), "{err}");
+
+    // A server that says it has no ranges is refused at open, before any read.
+    let no_ranges = Scripted::start(|_, _| {
+        response(
+            "200 OK",
+            &[
+                ("Content-Length", "10".into()),
+                ("Accept-Ranges", "none".into()),
+            ],
+            b"0123456789",
+        )
+    });
+    let err = HttpSource::open(&no_ranges.url(), &HttpConfig::default())
+        .expect_err("a server without ranges opened");
+    assert!(err.to_string().contains("Accept-Ranges: none"), "{err}");
 }
 
 #[test]

@@ -26,7 +26,7 @@ use std::ops::ControlFlow;
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, HeaderMap, RANGE};
+use reqwest::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, HeaderMap, RANGE};
 use tracing::{debug, trace};
 
 use super::{RequestKind, Source, SourceError};
@@ -197,6 +197,15 @@ impl HttpSource {
             });
         }
         if status == StatusCode::OK
+            && header_str(head.headers(), ACCEPT_RANGES).is_some_and(|v| v.trim() == "none")
+        {
+            return Err(SourceError::Unusable(format!(
+                "{}: the server says Accept-Ranges: none, so it cannot serve an image lazily; \
+                 use a server with range support (nginx, S3, incfs serve)",
+                self.name
+            )));
+        }
+        if status == StatusCode::OK
             && let Some(len) = header_u64(head.headers(), CONTENT_LENGTH)
         {
             return Ok(len);
@@ -269,6 +278,14 @@ impl HttpSource {
                 }
             }
             200 if offset == 0 && len == self.len => {}
+            200 => {
+                return Err(SourceError::Unusable(format!(
+                    "{}: the server ignored the Range header (it answered bytes \
+                     {offset}-{last} with 200 and the whole file), so it cannot serve an image \
+                     lazily; use a server with range support (nginx, S3, incfs serve)",
+                    self.name
+                )));
+            }
             _ => {
                 return Err(SourceError::Status {
                     source_name: self.name.clone(),
