@@ -141,13 +141,12 @@ fn the_window_jumps_forward_with_the_program() {
     let plan: Vec<u64> = (0..400u64).step_by(2).collect(); // 200 non-adjacent chunks
     let cfg = PrefetchConfig {
         window_bytes: 8 * CHUNK,
-        readahead_chunks: 0,
         fetch_all: false,
     };
     let p = Prefetcher::start(Arc::clone(&r.fetcher), Arc::clone(&r.table), &plan, cfg).unwrap();
     wait_until("prefetch to start", || !r.source.requests().is_empty());
     // The program reads plan entry 150 (slot 300): the window jumps there.
-    p.on_read(0, 0, 300, 300, false);
+    p.on_read(0, 300, 300, false);
     r.fetcher.fetch(&[300], Priority::Demand).unwrap();
     wait_until("the rest of the plan", || {
         (150..200).all(|i| r.fetcher.cache().is_local(plan[i]))
@@ -163,22 +162,4 @@ fn the_window_jumps_forward_with_the_program() {
         skipped_local, 0,
         "the prefetcher filled in chunks the program went past"
     );
-}
-
-#[test]
-fn sequential_reads_outside_the_plan_get_read_ahead() {
-    let tmp = tempfile::tempdir().unwrap();
-    let r = rig(image(tmp.path()));
-    let cfg = PrefetchConfig {
-        readahead_chunks: 4,
-        ..PrefetchConfig::default()
-    };
-    let p = Prefetcher::start(Arc::clone(&r.fetcher), Arc::clone(&r.table), &[], cfg).unwrap();
-    p.on_read(0, 0, 10, 10, false);
-    p.on_read(0, 0, 11, 11, false);
-    wait_until("read-ahead", || {
-        (12..16).all(|s| r.fetcher.cache().is_local(s))
-    });
-    assert_eq!(p.stats().readahead_chunks, 4);
-    assert!(!r.fetcher.cache().is_local(16));
 }

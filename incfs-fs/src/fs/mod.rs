@@ -838,13 +838,7 @@ impl IncFs {
         let hit = missing.is_empty();
         self.log_read(idx, offset, end - offset, hit);
         if let Some(p) = self.prefetcher.get() {
-            p.on_read(
-                idx,
-                first_chunk,
-                first - first_chunk,
-                last - first_chunk,
-                hit,
-            );
+            p.on_read(first_chunk, first - first_chunk, last - first_chunk, hit);
         }
         if !hit {
             self.counters.demand_misses.fetch_add(1, Ordering::Relaxed);

@@ -8,14 +8,15 @@
 //! before prefetch), adjacent queued chunks travel as one range request, so with a hot-first
 //! image the whole window goes out as a few long requests.
 //!
-//! Three rules keep it useful when the program does not follow the plan exactly:
+//! Two rules keep it useful when the program does not follow the plan exactly:
 //! - **Skip forward**: when the program touches a planned chunk beyond the window's start,
 //!   the window jumps to it, so the prefetcher stays ahead of the program instead of filling
 //!   in chunks this run went past.
-//! - **Sequential read-ahead**: when the program reads chunks of one file in order and they
-//!   are not in the plan, the next [`PrefetchConfig::readahead_chunks`] chunks are queued.
 //! - **Fetch all** (optional): after the plan, every other chunk is queued at
 //!   [`Priority::Background`], so the image becomes wholly local without ever delaying a miss.
+//!
+//! Chunks outside the plan that a program reads sequentially are read ahead by the file
+//! system itself (`FsConfig::seq_readahead`), plan or no plan.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,8 +36,6 @@ pub struct PrefetchConfig {
     /// 100 Mbit/s that is ~2.7 s of transfer, enough to keep every fetch worker busy with
     /// 4 MiB requests, and small enough that skipping forward abandons little.
     pub window_bytes: u64,
-    /// Chunks queued after a sequential run of reads outside the plan. Default 8.
-    pub readahead_chunks: u64,
     /// Queue every remaining chunk at background priority once the plan is done.
     pub fetch_all: bool,
 }
@@ -45,7 +44,6 @@ impl Default for PrefetchConfig {
     fn default() -> Self {
         PrefetchConfig {
             window_bytes: 32 << 20,
-            readahead_chunks: 8,
             fetch_all: false,
         }
     }
@@ -64,8 +62,6 @@ pub struct PrefetchStats {
     pub prefetch_misses: u64,
     /// Times the window jumped forward to follow the program.
     pub skips: u64,
-    /// Chunks queued by sequential read-ahead.
-    pub readahead_chunks: u64,
     /// True once every planned chunk has been queued.
     pub plan_queued: bool,
 }
@@ -80,15 +76,12 @@ struct Shared {
     index: HashMap<u64, usize>,
     /// Plan index the window starts at.
     start: AtomicUsize,
-    /// Last chunk read per file inode (for sequential detection), and the run length.
-    last_read: Mutex<HashMap<u32, (u64, u64)>>,
     wake: Condvar,
     wake_lock: Mutex<bool>,
     stop: AtomicBool,
     hits: AtomicU64,
     misses: AtomicU64,
     skips: AtomicU64,
-    readahead: AtomicU64,
     queued_all: AtomicBool,
 }
 
@@ -121,14 +114,12 @@ impl Prefetcher {
             plan: order,
             index,
             start: AtomicUsize::new(0),
-            last_read: Mutex::new(HashMap::new()),
             wake: Condvar::new(),
             wake_lock: Mutex::new(false),
             stop: AtomicBool::new(false),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             skips: AtomicU64::new(0),
-            readahead: AtomicU64::new(0),
             queued_all: AtomicBool::new(false),
         });
         let s = Arc::clone(&shared);
@@ -142,17 +133,10 @@ impl Prefetcher {
     }
 
     /// Tells the prefetcher that the program read chunks `first..=last` of the file whose
-    /// chunks start at slot `file_first_slot` (inode `inode`); `were_local` says whether they
-    /// were all local when the read arrived. Call it before waiting for a miss, so the
-    /// window can jump ahead of the program.
-    pub fn on_read(
-        &self,
-        inode: u32,
-        file_first_slot: u64,
-        first: u64,
-        last: u64,
-        were_local: bool,
-    ) {
+    /// chunks start at slot `file_first_slot`; `were_local` says whether they were all local
+    /// when the read arrived. Call it before waiting for a miss, so the window can jump
+    /// ahead of the program.
+    pub fn on_read(&self, file_first_slot: u64, first: u64, last: u64, were_local: bool) {
         let s = &self.shared;
         let mut furthest: Option<usize> = None;
         let mut planned = false;
@@ -176,24 +160,6 @@ impl Prefetcher {
                 s.poke();
             }
         }
-        // Sequential read-ahead for chunks the plan does not cover.
-        let run = {
-            let mut last_read = s.last_read.lock();
-            let entry = last_read.entry(inode).or_insert((u64::MAX, 0));
-            let sequential = entry.0 != u64::MAX && (first == entry.0 || first == entry.0 + 1);
-            *entry = (last, if sequential { entry.1 + 1 } else { 0 });
-            entry.1
-        };
-        if run >= 1 && s.config.readahead_chunks > 0 {
-            let ahead: Vec<u64> = (1..=s.config.readahead_chunks)
-                .map(|k| file_first_slot + last + k)
-                .filter(|slot| *slot < s.table.len() && !s.index.contains_key(slot))
-                .collect();
-            if !ahead.is_empty() {
-                s.readahead.fetch_add(ahead.len() as u64, Ordering::Relaxed);
-                s.fetcher.submit(&ahead, Priority::Prefetch);
-            }
-        }
     }
 
     /// True when `slot` is in the plan.
@@ -211,7 +177,6 @@ impl Prefetcher {
             prefetch_hits: s.hits.load(Ordering::Relaxed),
             prefetch_misses: s.misses.load(Ordering::Relaxed),
             skips: s.skips.load(Ordering::Relaxed),
-            readahead_chunks: s.readahead.load(Ordering::Relaxed),
             plan_queued: s.queued_all.load(Ordering::Relaxed),
         }
     }
