@@ -10,7 +10,8 @@
 //! byte once with range requests of one size from several threads, as the fetcher does, and
 //! reports file data per second (MB = 10^6 bytes). `--latency-ms` and `--bandwidth-mbit`
 //! emulate a link on the in-process server (to check the emulation itself). "Cold" is the client's side: nothing is
-//! cached by it; the server reads from the page cache. Prints one JSON object per case.
+//! cached by it; the server reads from the page cache. Prints one JSON object per case, then
+//! the round-trip cost of 4 KiB requests made one after another.
 
 use std::error::Error;
 use std::fs::File;
@@ -123,5 +124,20 @@ fn main() -> Result<(), Box<dyn Error>> {
             );
         }
     }
+    // Round trips: one thread, 4 KiB ranges at scattered offsets, one after another (what a
+    // single blocked demand miss costs beyond the link).
+    let count = 5_000u64;
+    let t = Instant::now();
+    for i in 0..count {
+        let off = (i * 7_919 * 4096) % (total - 4096);
+        src.read_range(off, 4096, RequestKind::Demand)?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "{{\"range_bytes\":4096,\"threads\":1,\"requests\":{count},\"seconds\":{secs:.4},\
+         \"requests_per_s\":{:.0},\"us_per_request\":{:.1}}}",
+        count as f64 / secs,
+        secs * 1e6 / count as f64
+    );
     Ok(())
 }
