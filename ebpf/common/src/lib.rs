@@ -159,6 +159,10 @@ pub struct Config {
     pub openat_filename: u32,
     /// Nonzero: emit [`Kind::Open`] events.
     pub trace_opens: u32,
+    /// Wake the recorder only when at least this many bytes wait in the ring buffer; below
+    /// that, events are submitted without a wake-up and the recorder finds them on its next
+    /// timed poll. (A wake-up per event costs the traced program a context switch.)
+    pub wakeup_bytes: u32,
 }
 
 impl Config {
@@ -191,6 +195,7 @@ impl Config {
             openat_dfd: 16,
             openat_filename: 24,
             trace_opens: 1,
+            wakeup_bytes: 1 << 20,
         }
     }
 }
@@ -208,4 +213,4 @@ mod user {
 // No implicit padding: the sizes are the sums of the fields.
 const _: () = assert!(size_of::<Event>() == 64);
 const _: () = assert!(size_of::<NamedEvent>() == 64 + NAME_LEN);
-const _: () = assert!(size_of::<Config>() == 22 * 4);
+const _: () = assert!(size_of::<Config>() == 23 * 4);

@@ -24,6 +24,7 @@ fn main() {}
 mod probe {
     use aya_ebpf::{
         Global,
+        bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
         helpers::{
             bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
             bpf_probe_read_user_str_bytes, generated,
@@ -71,6 +72,18 @@ mod probe {
         }
     }
 
+    /// Submit flags: wake the recorder only once enough data waits (see
+    /// [`Config::wakeup_bytes`]).
+    #[inline(always)]
+    fn submit_flags() -> u64 {
+        let threshold = u64::from(CONFIG.load().wakeup_bytes);
+        if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+            BPF_RB_FORCE_WAKEUP as u64
+        } else {
+            BPF_RB_NO_WAKEUP as u64
+        }
+    }
+
     /// Fills the common part of an event in place.
     ///
     /// # Safety
@@ -111,7 +124,7 @@ mod probe {
             (*e).index = index;
             (*e).nr_pages = nr;
         }
-        entry.submit(0);
+        entry.submit(submit_flags());
     }
 
     /// Reads a field of the tracepoint record at `offset` (from the format file).
@@ -303,7 +316,7 @@ mod probe {
                 (*e).name[0] = 0;
             }
         }
-        entry.submit(0);
+        entry.submit(submit_flags());
         Ok(())
     }
 
@@ -338,7 +351,7 @@ mod probe {
                 (*e).name[0] = 0;
             }
         }
-        entry.submit(0);
+        entry.submit(submit_flags());
         Ok(())
     }
 

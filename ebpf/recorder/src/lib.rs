@@ -272,7 +272,9 @@ pub fn record(opts: &RecordOptions) -> Result<Recording, RecordError> {
     let roots = canonical_roots(&opts.roots)?;
     check_privileges()?;
     let tracefs = tracefs::ensure_mounted()?;
-    let config = tracefs::probe_config(&tracefs, opts.trace_opens)?;
+    // Wake the drain thread early when an eighth of the ring is used; otherwise it reads
+    // on its timed poll.
+    let config = tracefs::probe_config(&tracefs, opts.trace_opens, ring / 8)?;
 
     let evicted = opts.cold.then(|| {
         let done = files::evict(&roots);
@@ -344,7 +346,14 @@ pub fn record(opts: &RecordOptions) -> Result<Recording, RecordError> {
     })?;
     let lost_events = probe.counter(Counter::Lost)?;
     let untracked_forks = probe.counter(Counter::TrackFailed)?;
+    probe.log_run_stats();
     drop(probe);
+    tracing::info!(
+        records = drained.records,
+        busy_ms = drained.busy.as_secs_f64() * 1e3,
+        mrecords_per_s = drained.records as f64 / drained.busy.as_secs_f64().max(1e-9) / 1e6,
+        "drain thread"
+    );
     if drained.malformed > 0 {
         tracing::warn!(
             records = drained.malformed,

@@ -30,7 +30,7 @@ const PROGRAMS: &[(&str, &str, &str)] = &[
 /// The loaded, attached probe. Dropping it detaches every program.
 pub(crate) struct Probe {
     // Holds the attached programs; detached on drop.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     /// Tracked thread group ids.
     pub tracked: HashMap<MapData, u32, u32>,
     /// The probe's per-CPU counters.
@@ -78,7 +78,7 @@ impl Probe {
         let counters = take_map(&mut ebpf, COUNTERS_MAP, PerCpuArray::try_from)?;
         let events = take_map(&mut ebpf, EVENTS_MAP, RingBuf::try_from)?;
         Ok(Probe {
-            _ebpf: ebpf,
+            ebpf,
             tracked,
             counters,
             events: Some(events),
@@ -96,6 +96,30 @@ impl Probe {
                     source: Box::new(source),
                 })?;
         Ok(values.iter().sum())
+    }
+
+    /// Logs (info) each program's run count and mean run time, when the kernel keeps
+    /// them (`sysctl kernel.bpf_stats_enabled=1`): the probe's cost per event, which runs
+    /// in the traced processes.
+    pub(crate) fn log_run_stats(&self) {
+        let enabled = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+            .is_ok_and(|v| v.trim() == "1");
+        if !enabled {
+            return;
+        }
+        for &(name, _, _) in PROGRAMS {
+            let Some(Ok(info)) = self.ebpf.program(name).map(|p| p.info()) else {
+                continue;
+            };
+            let runs = info.run_count();
+            let ns = info.run_time().as_nanos() as f64;
+            tracing::info!(
+                program = name,
+                runs,
+                mean_ns = if runs > 0 { ns / runs as f64 } else { 0.0 },
+                "probe program cost"
+            );
+        }
     }
 
     /// Starts following `tgid` and everything it forks from now on.

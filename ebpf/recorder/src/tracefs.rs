@@ -145,7 +145,11 @@ fn parse_field(line: &str) -> Option<Field> {
 }
 
 /// The probe's configuration for this kernel, read from the format files.
-pub(crate) fn probe_config(tracefs: &Path, trace_opens: bool) -> Result<Config, RecordError> {
+pub(crate) fn probe_config(
+    tracefs: &Path,
+    trace_opens: bool,
+    wakeup_bytes: u32,
+) -> Result<Config, RecordError> {
     const U64: &[u32] = &[8];
     const U32: &[u32] = &[4];
     const U8: &[u32] = &[1];
@@ -180,6 +184,7 @@ pub(crate) fn probe_config(tracefs: &Path, trace_opens: bool) -> Result<Config, 
         openat_dfd: openat.offset("dfd", U64)?,
         openat_filename: openat.offset("filename", U64)?,
         trace_opens: u32::from(trace_opens),
+        wakeup_bytes,
     })
 }
 
