@@ -47,7 +47,7 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     plan_runs: usize,
     /// Chunk size of the image.
-    #[arg(long, default_value = "64K")]
+    #[arg(long, default_value = "16K")]
     chunk_size: String,
     /// Where the plan's input comes from: eBPF traces, the mount's read-log, or eBPF when
     /// it works and the read-log otherwise.

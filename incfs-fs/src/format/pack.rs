@@ -32,7 +32,8 @@ const MANIFEST_LEVEL: i32 = 19;
 /// How to pack.
 #[derive(Debug, Clone)]
 pub struct PackOptions {
-    /// Logical chunk size: a power of two from 4 KiB to 1 MiB. Default 64 KiB.
+    /// Logical chunk size: a power of two from 4 KiB to 1 MiB. Default
+    /// [`DEFAULT_CHUNK_SIZE`](super::DEFAULT_CHUNK_SIZE).
     pub chunk_size: u32,
     /// zstd level for chunks (1..=22). Default 3, which packs at well over 100 MB/s a core.
     pub level: i32,
