@@ -7,10 +7,10 @@
 //! itself with `--plan-only DIR` so the peak RSS (`VmHWM`) is that of planning alone.
 //!
 //! Synthetic workload: 12 files of 16 MiB (192 MiB, 4 KiB chunks = 49,152 slots, so the
-//! chunk-level aggregation is as large as a 4 KiB-chunk clang image). Each run touches a hot
-//! set shared by all runs (70 % of its page events) plus run-specific noise, in time order
-//! over one simulated second; events are 60 % fault, 20 % map_pages (16 pages), 10 %
-//! get_pages (1..32 pages), 10 % add_to_cache, and 5 % name paths outside the image.
+//! chunk-level aggregation is as large as a 4 KiB-chunk clang image). Each run walks a hot
+//! set shared by all runs (5 % of the pages, 99.5 % of its page events, in the same order
+//! with jitter) plus 0.5 % uniform noise, over one simulated second; events are 60 % fault, 20 % map_pages (16 pages), 10 %
+//! get_pages (1..4 pages), 10 % add_to_cache, and 5 % name paths outside the image.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -72,9 +72,10 @@ fn generate(dir: &Path, traces: usize, events: usize) -> anyhow::Result<()> {
         "packed 192 MiB at 4 KiB chunks in {:.1} s",
         t.elapsed().as_secs_f64()
     );
+    std::fs::remove_dir_all(&tree)?;
     let per = events / traces;
-    // The hot set: (file, page) pairs every run touches, in a fixed order.
-    let hot: Vec<(usize, u64)> = (0..per / 2)
+    // The hot set: 5 % of the image's pages, which every run touches, in a fixed order.
+    let hot: Vec<(usize, u64)> = (0..(FILES as u64 * PAGES_PER_FILE / 20))
         .map(|_| (rng.below(FILES as u64) as usize, rng.below(PAGES_PER_FILE)))
         .collect();
     for r in 0..traces {
@@ -83,8 +84,9 @@ fn generate(dir: &Path, traces: usize, events: usize) -> anyhow::Result<()> {
         let mut evs = Vec::with_capacity(per);
         for i in 0..per {
             let ts_ns = (i as u64 * 1_000_000_000) / per as u64 + rng.below(2_000_000);
-            let (file, page) = if rng.below(10) < 7 {
-                hot[(i + rng.below(64) as usize) % hot.len()]
+            // Walk the hot set in order (each page many times), with 0.5 % noise.
+            let (file, page) = if rng.below(200) != 0 {
+                hot[(i * hot.len() / per + rng.below(64) as usize) % hot.len()]
             } else {
                 (rng.below(FILES as u64) as usize, rng.below(PAGES_PER_FILE))
             };
@@ -92,7 +94,7 @@ fn generate(dir: &Path, traces: usize, events: usize) -> anyhow::Result<()> {
             let (kind, count) = match k {
                 0..=5 => (EventKind::Fault, 1),
                 6 | 7 => (EventKind::MapPages, 16),
-                8 => (EventKind::GetPages, 1 + rng.below(32) as u32),
+                8 => (EventKind::GetPages, 1 + rng.below(4) as u32),
                 _ => (EventKind::AddToCache, 1),
             };
             let path = if rng.below(20) == 0 {
@@ -128,7 +130,7 @@ fn generate(dir: &Path, traces: usize, events: usize) -> anyhow::Result<()> {
             t.elapsed().as_secs_f64()
         );
     }
-    std::fs::write(dir.join(".complete"), format!("{traces} {events}"))?;
+    std::fs::write(dir.join(".complete"), format!("{traces} {events} v3"))?;
     Ok(())
 }
 
@@ -213,7 +215,7 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let stamp = std::fs::read_to_string(dir.join(".complete")).unwrap_or_default();
-    if stamp != format!("{traces} {events}") {
+    if stamp != format!("{traces} {events} v3") {
         generate(&dir, traces, events)?;
     }
     let out = Command::new(std::env::current_exe()?)
