@@ -1,6 +1,6 @@
 //! From runs to a prefetch manifest: map each run's touched ranges onto image chunks, then
-//! aggregate across runs with polars, filter, order, [`merge`](crate::merge::merge) and
-//! [`budget`](crate::merge::budget).
+//! aggregate across runs with polars, filter, order, [`merge`] and
+//! [`budget`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
