@@ -163,3 +163,31 @@ fn the_window_jumps_forward_with_the_program() {
         "the prefetcher filled in chunks the program went past"
     );
 }
+
+/// Regression: a streamed run that holds two slots sharing one stored chunk (identical files)
+/// past the first MiB must not drop those bytes before the second slot is served.
+#[test]
+fn deduplicated_chunks_in_one_long_request_are_all_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    let data = common::noise(3 << 20, 11);
+    fs::write(tree.join("a"), &data).unwrap();
+    fs::write(tree.join("b"), &data).unwrap();
+    let out = tmp.path().join("d.img");
+    let opts = PackOptions {
+        chunk_size: 65536,
+        ..PackOptions::default()
+    };
+    pack_dir(&tree, &out, &opts, &()).unwrap();
+    let r = rig(fs::read(&out).unwrap());
+    let n = r.table.len();
+    assert_eq!(n, 96);
+    // Interleaved a0, b0, a1, b1, …: each pair shares stored bytes.
+    let slots: Vec<u64> = (0..48).flat_map(|i| [i, 48 + i]).collect();
+    r.fetcher.fetch(&slots, Priority::Demand).unwrap();
+    assert!((0..n).all(|s| r.fetcher.cache().is_local(s)));
+    let reqs = r.source.requests();
+    assert!(reqs.len() <= 3, "{} requests", reqs.len());
+    assert_eq!(reqs.iter().map(|q| q.len).sum::<u64>(), 3 << 20);
+}

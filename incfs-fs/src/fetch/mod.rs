@@ -466,6 +466,9 @@ impl Inner {
             priority.kind(),
             &mut |piece: &[u8]| {
                 received += piece.len() as u64;
+                // Counted as it arrives: a reader woken below may read the stats at once.
+                self.bytes_fetched
+                    .fetch_add(piece.len() as u64, Ordering::Relaxed);
                 buf.extend_from_slice(piece);
                 let mut done = Vec::new();
                 while let Some(&slot) = run.get(next) {
@@ -480,7 +483,15 @@ impl Inner {
                         Err(why) => bad.push((slot, why)),
                     }
                     next += 1;
-                    if next < run.len() && end > (1 << 20) {
+                    // A slot sharing this chunk's stored bytes (deduplicated) may come next:
+                    // keep the bytes until the run moves past them.
+                    let next_is_past =
+                        run.get(next)
+                            .and_then(|s| self.table.get(*s))
+                            .is_some_and(|n| {
+                                n.stored_offset >= e.stored_offset + u64::from(e.stored_len)
+                            });
+                    if next_is_past && end > (1 << 20) {
                         // Drop what is handled so the buffer stays small.
                         buf.drain(..end);
                         consumed += end as u64;
@@ -494,7 +505,6 @@ impl Inner {
                 }
             },
         );
-        self.bytes_fetched.fetch_add(received, Ordering::Relaxed);
         let mut not_done: Vec<u64> = bad.iter().map(|(s, _)| *s).collect();
         not_done.extend_from_slice(&run[next..]);
         let error = match result {
