@@ -33,6 +33,7 @@ impl incfs_fs::format::PackProgress for PackBar {
         self.0.inc(bytes);
     }
     fn skipped(&self, path: &Path, why: &str) {
-        self.0.suspend(|| eprintln!("incfs: warning: skipped {}: {why}", path.display()));
+        self.0
+            .suspend(|| eprintln!("incfs: warning: skipped {}: {why}", path.display()));
     }
 }

@@ -114,7 +114,11 @@ fn check(mutations: &[Mutation]) {
 /// Found by the proptest: truncating to nothing, then mutating again.
 #[test]
 fn regression_truncate_to_empty_then_mutate() {
-    check(&[Mutation::Truncate(0), Mutation::Flip(3, 1), Mutation::Truncate(5)]);
+    check(&[
+        Mutation::Truncate(0),
+        Mutation::Flip(3, 1),
+        Mutation::Truncate(5),
+    ]);
 }
 
 proptest! {

@@ -111,12 +111,16 @@ fn plans_naming_missing_files_or_chunks_are_refused() {
         total_bytes: 0,
         entries,
     };
-    let err = mk(vec![entry("nope", 0, 1)]).slots(&p, img.manifest()).unwrap_err();
+    let err = mk(vec![entry("nope", 0, 1)])
+        .slots(&p, img.manifest())
+        .unwrap_err();
     assert!(
         err.to_string().contains("nope") && err.to_string().contains("p.json"),
         "{err}"
     );
-    let err = mk(vec![entry("f", 1, 2)]).slots(&p, img.manifest()).unwrap_err();
+    let err = mk(vec![entry("f", 1, 2)])
+        .slots(&p, img.manifest())
+        .unwrap_err();
     assert!(err.to_string().contains("past its 2 chunks"), "{err}");
     let mut wrong = mk(vec![]);
     wrong.chunk_size = 65536;

@@ -131,6 +131,9 @@ mod tests {
                 Err(_) => errors += 1,
             }
         }
-        assert!(errors > stored.len() * 8 / 2, "only {errors} flips were caught");
+        assert!(
+            errors > stored.len() * 8 / 2,
+            "only {errors} flips were caught"
+        );
     }
 }

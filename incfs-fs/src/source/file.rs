@@ -32,7 +32,12 @@ impl FileSource {
 }
 
 impl Source for FileSource {
-    fn read_range(&self, offset: u64, len: u64, _kind: RequestKind) -> Result<Vec<u8>, SourceError> {
+    fn read_range(
+        &self,
+        offset: u64,
+        len: u64,
+        _kind: RequestKind,
+    ) -> Result<Vec<u8>, SourceError> {
         if offset.checked_add(len).is_none_or(|end| end > self.len) {
             return Err(SourceError::OutOfRange {
                 source_name: self.describe(),
