@@ -15,6 +15,11 @@ pub const EVENTS_MAP: &str = "EVENTS";
 pub const TRACKED_MAP: &str = "TRACKED";
 /// Name of the per-CPU array (one `u64` slot per [`Counter`]) of the probe's counters.
 pub const COUNTERS_MAP: &str = "COUNTERS";
+/// Name of the per-CPU array (one [`Event`]) holding each CPU's `AddToCache` event still
+/// being extended: contiguous folios added by one thread are merged into one event, which
+/// is submitted when the next one does not continue it. The recorder reads what is left
+/// here when it stops.
+pub const PENDING_MAP: &str = "PENDING";
 /// Name of the global variable holding the [`Config`].
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 
@@ -47,7 +52,8 @@ pub enum Kind {
     MapPages = 2,
     /// `filemap:mm_filemap_get_pages`: the range the read path asked for.
     GetPages = 3,
-    /// `filemap:mm_filemap_add_to_page_cache`: a folio of `1 << order` pages added (from storage).
+    /// `filemap:mm_filemap_add_to_page_cache`: folios added to the page cache (from storage);
+    /// contiguous folios added by one thread in a row are merged into one event.
     AddToCache = 4,
     /// `syscalls:sys_enter_openat`: a file name was opened (a [`NamedEvent`]).
     Open = 5,

@@ -51,6 +51,15 @@ mod probe {
     #[map]
     static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
+    /// Each CPU's add-to-cache event still being extended (see `PENDING_MAP`). Classic
+    /// tracepoint programs run with preemption disabled and never nest on one CPU
+    /// (`bpf_prog_active`), so a CPU's slot is only touched by one program at a time.
+    #[map]
+    static PENDING: PerCpuArray<Event> = PerCpuArray::with_max_entries(1, 0);
+
+    /// Pages one merged add-to-cache event may hold (keeps `nr_pages` far from overflow).
+    const MAX_MERGED_PAGES: u32 = 1 << 20;
+
     #[unsafe(no_mangle)]
     static CONFIG: Global<Config> = Global::new(Config::linux_6_18());
 
@@ -227,8 +236,44 @@ mod probe {
         };
         // Orders above 31 do not exist; clamp so the shift is defined.
         let nr = 1u32 << (order & 31);
-        emit_pages(Kind::AddToCache, ids, dev, ino, index, nr);
+        let Some(p) = PENDING.get_ptr_mut(0) else {
+            emit_pages(Kind::AddToCache, ids, dev, ino, index, nr);
+            return Ok(());
+        };
+        // SAFETY: `p` points to this CPU's slot, which no other program touches meanwhile
+        // (see PENDING).
+        unsafe {
+            if (*p).kind == Kind::AddToCache as u32
+                && (*p).tid == ids.1
+                && (*p).ino == ino
+                && (*p).kernel_dev == dev
+                && (*p).index.wrapping_add(u64::from((*p).nr_pages)) == index
+                && (*p).nr_pages <= MAX_MERGED_PAGES
+            {
+                (*p).nr_pages += nr;
+                return Ok(());
+            }
+            if (*p).kind != 0 {
+                flush(&*p);
+            }
+            fill(p, Kind::AddToCache, ids.0, ids.1);
+            (*p).kernel_dev = dev;
+            (*p).ino = ino;
+            (*p).index = index;
+            (*p).nr_pages = nr;
+        }
         Ok(())
+    }
+
+    /// Submits a copy of `event`.
+    #[inline(always)]
+    fn flush(event: &Event) {
+        let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+            bump(Counter::Lost);
+            return;
+        };
+        entry.write(*event);
+        entry.submit(submit_flags());
     }
 
     /// `sched:sched_process_fork` (events/sched/sched_process_fork/format): child_pid.

@@ -56,20 +56,28 @@ overhead() {
 
 rate() {
   # 1-byte reads of a cached file: one get_pages event per read(2). Two readers, one per core.
+  # kernel.bpf_stats_enabled is switched on for the run so the recorder logs the probe's
+  # mean cost per program run; the drain thread logs the rate it sustains while busy.
   head -c $((64 << 20)) /dev/urandom > data
   cat data > /dev/null
   local count=${RATE_READS:-4000000}
   local script="dd if=data of=/dev/null bs=1 count=$count status=none & dd if=data of=/dev/null bs=1 count=$count status=none; wait"
   t0=$(now_us); sh -c "$script"; t1=$(now_us)
   echo "rate: plain: 2 x $count one-byte reads in $((t1 - t0)) us"
+  local stats_was
+  stats_was=$(cat /proc/sys/kernel/bpf_stats_enabled)
+  echo 1 > /proc/sys/kernel/bpf_stats_enabled
   for mib in 64 256; do
-    "$INCFS" record-trace -o rate.parquet --no-opens --ring-buffer-mib "$mib" -- sh -c "$script" 2> rec.err
+    RUST_LOG=incfs_recorder=info "$INCFS" record-trace -o rate.parquet --no-opens --ring-buffer-mib "$mib" -- sh -c "$script" 2> rec.err
     line=$(grep '^incfs: [0-9]* events' rec.err)
     ev=$(echo "$line" | awk '{print $2}')
     secs=$(echo "$line" | sed -n 's/.* in \([0-9.]*\) s.*/\1/p')
     lost=$(echo "$line" | sed -n 's/.*lost_events: \([0-9]*\).*/\1/p')
-    echo "rate: ring ${mib} MiB: $ev events in $secs s = $(awk -v e="$ev" -v s="$secs" 'BEGIN{printf "%.2f", e/s/1e6}') M events/s, lost $lost"
+    drain=$(sed 's/\x1b\[[0-9;]*m//g' rec.err | sed -n 's/.*drain thread.*mrecords_per_s=\([0-9.]*\).*/\1/p')
+    cost=$(sed 's/\x1b\[[0-9;]*m//g' rec.err | sed -n 's/.*program="mm_filemap_get_pages" runs=\([0-9]*\) mean_ns=\([0-9.]*\).*/\2/p')
+    echo "rate: ring ${mib} MiB: $ev events in $secs s = $(awk -v e="$ev" -v s="$secs" 'BEGIN{printf "%.2f", e/s/1e6}') M events/s, lost $lost; drain thread $(printf %.1f "$drain") M records/s while busy; probe get_pages $(printf %.0f "$cost") ns/run"
   done
+  echo "$stats_was" > /proc/sys/kernel/bpf_stats_enabled
 }
 
 echo "machine: $(nproc) cores, $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load $(cut -d' ' -f1-3 /proc/loadavg)"

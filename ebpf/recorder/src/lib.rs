@@ -338,7 +338,7 @@ pub fn record(opts: &RecordOptions) -> Result<Recording, RecordError> {
     let deadline = opts.duration.map(|d| started + d);
     let waited = child::wait(&mut child, &signals, deadline);
     let elapsed = started.elapsed();
-    let drained = drainer.finish();
+    let mut drained = drainer.finish();
     drop(signals);
     let (status, stop) = waited.map_err(|source| RecordError::Internal {
         what: "waiting for the command failed",
@@ -346,6 +346,12 @@ pub fn record(opts: &RecordOptions) -> Result<Recording, RecordError> {
     })?;
     let lost_events = probe.counter(Counter::Lost)?;
     let untracked_forks = probe.counter(Counter::TrackFailed)?;
+    drained.pages.extend(
+        probe
+            .pending_events()?
+            .into_iter()
+            .filter(|e| e.pid != own_pid),
+    );
     probe.log_run_stats();
     drop(probe);
     tracing::info!(

@@ -3,7 +3,9 @@
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
-use incfs_common::{CONFIG_GLOBAL, COUNTERS_MAP, Config, Counter, EVENTS_MAP, TRACKED_MAP};
+use incfs_common::{
+    CONFIG_GLOBAL, COUNTERS_MAP, Config, Counter, EVENTS_MAP, Event, Kind, PENDING_MAP, TRACKED_MAP,
+};
 
 use crate::RecordError;
 
@@ -35,6 +37,8 @@ pub(crate) struct Probe {
     pub tracked: HashMap<MapData, u32, u32>,
     /// The probe's per-CPU counters.
     pub counters: PerCpuArray<MapData, u64>,
+    /// Each CPU's add-to-cache event still being merged.
+    pub pending: PerCpuArray<MapData, Event>,
     /// The event ring buffer (taken by the drain thread).
     pub events: Option<RingBuf<MapData>>,
     /// aya-log's reader for the probe's diagnostics, when the probe logs.
@@ -77,10 +81,12 @@ impl Probe {
         let tracked = take_map(&mut ebpf, TRACKED_MAP, HashMap::try_from)?;
         let counters = take_map(&mut ebpf, COUNTERS_MAP, PerCpuArray::try_from)?;
         let events = take_map(&mut ebpf, EVENTS_MAP, RingBuf::try_from)?;
+        let pending = take_map(&mut ebpf, PENDING_MAP, PerCpuArray::try_from)?;
         Ok(Probe {
             ebpf,
             tracked,
             counters,
+            pending,
             events: Some(events),
             logger,
         })
@@ -96,6 +102,19 @@ impl Probe {
                     source: Box::new(source),
                 })?;
         Ok(values.iter().sum())
+    }
+
+    /// The merged add-to-cache events the probe had not submitted yet (one per CPU at most).
+    pub(crate) fn pending_events(&self) -> Result<Vec<Event>, RecordError> {
+        let values = self.pending.get(&0, 0).map_err(|source| RecordError::Map {
+            map: PENDING_MAP,
+            source: Box::new(source),
+        })?;
+        Ok(values
+            .iter()
+            .filter(|e| e.kind == Kind::AddToCache as u32)
+            .copied()
+            .collect())
     }
 
     /// Logs (info) each program's run count and mean run time, when the kernel keeps
