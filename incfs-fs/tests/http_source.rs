@@ -17,17 +17,7 @@ use incfs_fs::link::{FaultConfig, FaultKind, LinkConfig};
 use incfs_fs::serve::{ServeConfig, Server};
 use incfs_fs::source::{self, HttpConfig, HttpSource, RequestKind, Source, SourceError};
 
-fn content(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use incfs_datasets::synth::noise as content;
 
 /// A small deterministic generator for offsets in tests.
 struct Lcg(u64);

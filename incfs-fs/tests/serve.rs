@@ -10,18 +10,7 @@ use std::time::{Duration, Instant};
 use incfs_fs::link::LinkConfig;
 use incfs_fs::serve::{STATS_PATH, ServeConfig, Server, Stats};
 
-/// Deterministic bytes that differ at every offset of interest.
-fn content(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use incfs_datasets::synth::noise as content;
 
 struct Answer {
     status: u16,

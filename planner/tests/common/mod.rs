@@ -11,18 +11,7 @@ pub const CS: u64 = 64 * 1024;
 /// Pages per chunk at 4 KiB pages.
 pub const PPC: u64 = CS / 4096;
 
-/// Incompressible bytes, different per seed.
-pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+pub use incfs_datasets::synth::noise;
 
 /// A packed test image and the temp dir holding it.
 pub struct Fixture {
