@@ -84,39 +84,23 @@ fn only_images_signed_by_the_trusted_key_are_used() {
     ) {
         return;
     }
-    let out = incfs(&[
-        "run",
-        "--image",
-        &img,
-        "--trust",
-        &pubkey,
-        "--",
-        "cat",
-        "{mnt}/file",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(out.stdout, b"signed content");
-
     let server = Server::start(ServeConfig::new(d)).unwrap();
-    let url = server.url("app.img");
-    let out = incfs(&[
-        "run",
-        "--image",
-        &url,
-        "--trust",
-        &pubkey,
-        "--",
-        "cat",
-        "{mnt}/file",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(out.stdout, b"signed content");
+    for source in [img, server.url("app.img")] {
+        let out = incfs(&[
+            "run",
+            "--image",
+            &source,
+            "--trust",
+            &pubkey,
+            "--",
+            "cat",
+            "{mnt}/file",
+        ]);
+        assert!(
+            out.status.success(),
+            "{source}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout, b"signed content");
+    }
 }
