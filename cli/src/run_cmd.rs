@@ -151,6 +151,10 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             eprintln!("incfs: {command}: command not found");
             return Ok(ExitCode::from(127));
         }
+        Err(RunError::Interrupted) => {
+            eprintln!("incfs: interrupted before the command started; unmounted");
+            return Ok(ExitCode::from(130));
+        }
         Err(e) => return Err(e).with_context(|| format!("incfs run of {}", a.image)),
     };
     let s = &report.stats;

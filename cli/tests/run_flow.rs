@@ -257,3 +257,49 @@ fn ctrl_c_leaves_no_mount_behind() {
     assert!(!status.success());
     assert_eq!(mounts_with(&mine), 0, "a mount was left behind");
 }
+
+#[test]
+fn ctrl_c_while_mounting_runs_nothing_and_leaves_no_mount() {
+    if !require(
+        "ctrl_c_while_mounting_runs_nothing_and_leaves_no_mount",
+        &[Need::Root, Need::Fuse],
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("t");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("x"), b"x").unwrap();
+    let img = tmp.path().join("slow.img");
+    ok(incfs()
+        .args(["pack", "-o"])
+        .arg(&img)
+        .arg(&tree)
+        .output()
+        .unwrap());
+    // Every request takes 1.5 s, so the mount is still reading metadata when Ctrl-C comes.
+    let mut cfg = ServeConfig::new(&img);
+    cfg.link = LinkConfig {
+        latency_ms: 1500,
+        ..LinkConfig::default()
+    };
+    let server = Server::start(cfg).unwrap();
+    let url = server.url("slow.img");
+    let marker = tmp.path().join("ran");
+    let mut child = incfs()
+        .args(["run", "--image", &url, "--", "touch"])
+        .arg(&marker)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let pgid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill has no memory preconditions.
+    assert_eq!(unsafe { libc::kill(-pgid, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(!marker.exists(), "the command ran after Ctrl-C");
+    assert_eq!(mounts_with(&url), 0, "a mount was left behind");
+}

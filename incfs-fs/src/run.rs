@@ -90,6 +90,9 @@ pub enum RunError {
         /// Why.
         error: std::io::Error,
     },
+    /// A signal (Ctrl-C) arrived before the command started; nothing was run.
+    #[error("interrupted before the command started")]
+    Interrupted,
     /// No command was given.
     #[error("no command to run")]
     NoCommand,
@@ -115,6 +118,8 @@ pub fn run(
     on_mounted: &mut dyn FnMut(&Arc<IncFs>),
 ) -> Result<RunReport, RunError> {
     let (program, args) = cfg.command.split_first().ok_or(RunError::NoCommand)?;
+    // Caught from the start, so a Ctrl-C while mounting still unmounts before we return.
+    let signals = SignalGuard::install();
     let mount_start = Instant::now();
     let src = source::open(&cfg.source).map_err(|error| RunError::Source {
         spec: cfg.source.clone(),
@@ -146,12 +151,15 @@ pub fn run(
     for (k, v) in &cfg.env {
         cmd.env(k, substitute(v, &mnt));
     }
-    let signals = SignalGuard::install();
     let started = Instant::now();
-    let result = cmd.spawn().map_err(|error| RunError::Spawn {
-        command: program.clone(),
-        error,
-    });
+    let result = if CAUGHT.load(Ordering::Acquire) != 0 {
+        Err(RunError::Interrupted)
+    } else {
+        cmd.spawn().map_err(|error| RunError::Spawn {
+            command: program.clone(),
+            error,
+        })
+    };
     let status = result.and_then(|mut child| {
         wait_forwarding(&mut child).map_err(|error| RunError::Spawn {
             command: program.clone(),
@@ -219,6 +227,7 @@ struct SignalGuard {
 
 impl SignalGuard {
     fn install() -> Self {
+        CAUGHT.store(0, Ordering::Release);
         let mut old = Vec::new();
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
             // SAFETY: sigaction structs are plain data, zeroed then filled; the handler is an
