@@ -162,11 +162,6 @@ impl Prefetcher {
         }
     }
 
-    /// True when `slot` is in the plan.
-    pub fn is_planned(&self, slot: u64) -> bool {
-        self.shared.index.contains_key(&slot)
-    }
-
     /// The counters so far.
     pub fn stats(&self) -> PrefetchStats {
         let s = &self.shared;
