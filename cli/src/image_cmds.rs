@@ -532,9 +532,9 @@ pub fn required_digest(
     Ok(Some(signed))
 }
 
-/// Bytes as B, KiB, MiB or GiB.
+/// Bytes as B, KiB, MiB, GiB or TiB.
 pub fn human(n: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut u = 0;
     while v >= 1024.0 && u < UNITS.len() - 1 {

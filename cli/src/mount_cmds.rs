@@ -12,7 +12,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::image_cmds::required_digest;
+use crate::image_cmds::{human, required_digest};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use incfs_fs::fs::fuse::{MountOptions, new_session};
@@ -395,7 +395,7 @@ pub fn stats(a: StatsArgs) -> anyhow::Result<ExitCode> {
     let width = map.keys().map(String::len).max().unwrap_or(0);
     for (k, val) in map {
         let shown = match (k.as_str(), val.as_u64()) {
-            ("bytes_fetched" | "bytes_used", Some(n)) => format!("{n} ({})", human_bytes(n)),
+            ("bytes_fetched" | "bytes_used", Some(n)) => format!("{n} ({})", human(n)),
             (_, _) => match val {
                 serde_json::Value::String(s) => s.clone(),
                 other => other.to_string(),
@@ -404,17 +404,6 @@ pub fn stats(a: StatsArgs) -> anyhow::Result<ExitCode> {
         writeln!(out, "{k:<width$}  {shown}")?;
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    format!("{v:.1} {}", UNITS[u])
 }
 
 /// `incfs cache`.
@@ -435,7 +424,7 @@ pub fn cache(a: CacheArgs) -> anyhow::Result<ExitCode> {
                         i.root,
                         i.chunks_recorded,
                         i.chunks_total,
-                        human_bytes(i.bytes_on_disk),
+                        human(i.bytes_on_disk),
                         if i.clean { "clean" } else { "unclean" },
                         if i.in_use { "  in use" } else { "" }
                     )?;
