@@ -62,6 +62,28 @@ fn mounts_with(prefix: &str) -> usize {
         .count()
 }
 
+/// Packs a tree of one file `x` into `dir/NAME`; returns the image's path.
+fn one_file_image(dir: &Path, name: &str) -> std::path::PathBuf {
+    let tree = dir.join(format!("{name}-tree"));
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("x"), b"x").unwrap();
+    let img = dir.join(name);
+    ok(incfs()
+        .args(["pack", "-o"])
+        .arg(&img)
+        .arg(&tree)
+        .output()
+        .unwrap());
+    img
+}
+
+/// What a terminal's Ctrl-C does: SIGINT to the child's whole process group.
+fn ctrl_c(child: &std::process::Child) {
+    let pgid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill has no memory preconditions.
+    assert_eq!(unsafe { libc::kill(-pgid, libc::SIGINT) }, 0);
+}
+
 #[test]
 fn a_plan_from_the_programs_own_read_log_removes_its_blocked_reads() {
     if !require(
@@ -222,16 +244,7 @@ fn ctrl_c_leaves_no_mount_behind() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let tree = tmp.path().join("t");
-    fs::create_dir_all(&tree).unwrap();
-    fs::write(tree.join("x"), b"x").unwrap();
-    let img = tmp.path().join("t.img");
-    ok(incfs()
-        .args(["pack", "-o"])
-        .arg(&img)
-        .arg(&tree)
-        .output()
-        .unwrap());
+    let img = one_file_image(tmp.path(), "t.img");
     // The mount names its source (`incfs:/…/t.img`), so other tests' mounts do not count.
     let mine = img.to_string_lossy().into_owned();
     assert_eq!(mounts_with(&mine), 0);
@@ -249,10 +262,7 @@ fn ctrl_c_leaves_no_mount_behind() {
         assert!(Instant::now() < deadline, "the mount never appeared");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // What a terminal's Ctrl-C does: SIGINT to the whole foreground process group.
-    let pgid = i32::try_from(child.id()).unwrap();
-    // SAFETY: kill has no memory preconditions.
-    assert_eq!(unsafe { libc::kill(-pgid, libc::SIGINT) }, 0);
+    ctrl_c(&child);
     let status = child.wait().unwrap();
     assert!(!status.success());
     assert_eq!(mounts_with(&mine), 0, "a mount was left behind");
@@ -267,16 +277,7 @@ fn ctrl_c_while_mounting_runs_nothing_and_leaves_no_mount() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let tree = tmp.path().join("t");
-    fs::create_dir_all(&tree).unwrap();
-    fs::write(tree.join("x"), b"x").unwrap();
-    let img = tmp.path().join("slow.img");
-    ok(incfs()
-        .args(["pack", "-o"])
-        .arg(&img)
-        .arg(&tree)
-        .output()
-        .unwrap());
+    let img = one_file_image(tmp.path(), "slow.img");
     // Every request takes 1.5 s, so the mount is still reading metadata when Ctrl-C comes.
     let mut cfg = ServeConfig::new(&img);
     cfg.link = LinkConfig {
@@ -295,9 +296,7 @@ fn ctrl_c_while_mounting_runs_nothing_and_leaves_no_mount() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let pgid = i32::try_from(child.id()).unwrap();
-    // SAFETY: kill has no memory preconditions.
-    assert_eq!(unsafe { libc::kill(-pgid, libc::SIGINT) }, 0);
+    ctrl_c(&child);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130));
     assert!(!marker.exists(), "the command ran after Ctrl-C");
