@@ -5,8 +5,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::ops::ControlFlow;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -535,15 +535,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn nginx_binary() -> PathBuf {
-    let sbin = PathBuf::from("/usr/sbin/nginx");
-    if sbin.exists() {
-        sbin
-    } else {
-        PathBuf::from("nginx")
-    }
-}
-
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
@@ -644,17 +635,7 @@ http {{
         www = www.display(),
     );
     std::fs::write(d.join("nginx.conf"), conf).expect("write nginx.conf");
-    let child = Command::new(nginx_binary())
-        .arg("-p")
-        .arg(d)
-        .arg("-c")
-        .arg(d.join("nginx.conf"))
-        .args(["-g", "daemon off;"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start nginx");
+    let child = incfs_datasets::nginx::start(d).expect("start nginx");
     let mut nginx = Nginx {
         child,
         dir,

@@ -813,22 +813,7 @@ impl Nginx {
             www = www.display(),
         );
         fs::write(d.join("nginx.conf"), conf).unwrap();
-        let bin = if Path::new("/usr/sbin/nginx").exists() {
-            PathBuf::from("/usr/sbin/nginx")
-        } else {
-            PathBuf::from("nginx")
-        };
-        let child = Command::new(bin)
-            .arg("-p")
-            .arg(d)
-            .arg("-c")
-            .arg(d.join("nginx.conf"))
-            .args(["-g", "daemon off;"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = incfs_datasets::nginx::start(d).unwrap();
         let mut n = Nginx {
             child,
             _dir: dir,
