@@ -129,21 +129,7 @@ fn mmap_helper() {
     };
     let (path, pages) = spec.rsplit_once(':').expect("FILE:PAGES");
     let pages: Vec<u64> = pages.split(',').map(|p| p.parse().unwrap()).collect();
-    let file = std::fs::File::open(path).expect("open");
-    let len = file.metadata().unwrap().len() as usize;
-    use std::os::fd::AsRawFd;
-    // SAFETY: a fresh read-only shared mapping of an open file; checked for MAP_FAILED.
-    let addr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(addr, libc::MAP_FAILED);
+    let (_file, addr, len) = map_file(Path::new(path));
     // SAFETY: the range is the mapping just made.
     assert_eq!(unsafe { libc::madvise(addr, len, libc::MADV_RANDOM) }, 0);
     let mut sum = 0u64;
@@ -340,13 +326,13 @@ fn cold_run_covers_every_resident_page() {
     assert!(!resident_pages(&b).is_empty());
 }
 
-/// Pages of `path` that are in the page cache now (mincore).
-fn resident_pages(path: &Path) -> BTreeSet<u64> {
+/// A read-only shared mapping of the whole of `path` (mapping faults no page in); the file
+/// is returned so it outlives the mapping's use.
+fn map_file(path: &Path) -> (std::fs::File, *mut libc::c_void, usize) {
     use std::os::fd::AsRawFd;
-    let file = std::fs::File::open(path).unwrap();
+    let file = std::fs::File::open(path).expect("open");
     let len = file.metadata().unwrap().len() as usize;
-    // SAFETY: a fresh read-only mapping, checked for MAP_FAILED; mapping does not fault
-    // pages in.
+    // SAFETY: a fresh read-only shared mapping of an open file; checked for MAP_FAILED.
     let addr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -358,6 +344,12 @@ fn resident_pages(path: &Path) -> BTreeSet<u64> {
         )
     };
     assert_ne!(addr, libc::MAP_FAILED);
+    (file, addr, len)
+}
+
+/// Pages of `path` that are in the page cache now (mincore).
+fn resident_pages(path: &Path) -> BTreeSet<u64> {
+    let (_file, addr, len) = map_file(path);
     let mut vec = vec![0u8; len.div_ceil(PAGE as usize)];
     // SAFETY: `vec` has one byte per page of the mapping.
     assert_eq!(unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) }, 0);
