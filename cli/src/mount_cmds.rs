@@ -395,7 +395,9 @@ pub fn stats(a: StatsArgs) -> anyhow::Result<ExitCode> {
     let width = map.keys().map(String::len).max().unwrap_or(0);
     for (k, val) in map {
         let shown = match (k.as_str(), val.as_u64()) {
-            ("bytes_fetched" | "bytes_used", Some(n)) => format!("{n} ({})", human(n)),
+            ("bytes_fetched" | "bytes_used" | "bytes_cached" | "table_bytes", Some(n)) => {
+                format!("{n} ({})", human(n))
+            }
             (_, _) => match val {
                 serde_json::Value::String(s) => s.clone(),
                 other => other.to_string(),

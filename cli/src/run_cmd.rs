@@ -162,11 +162,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         .prefetch
         .map_or((0, 0), |p| (p.prefetch_hits, p.prefetch_misses));
     eprintln!(
-        "incfs run: {:.2} s wall ({:.0} ms to mount), {} fetched in {} requests, {} demand misses, {} blocked reads ({} ms){}",
+        "incfs run: {:.2} s wall ({:.0} ms to mount), {} fetched in {} requests ({} of it read by the program), {} demand misses, {} blocked reads ({} ms){}",
         report.wall_ms / 1e3,
         report.mount_ms,
         human(s.bytes_fetched),
         s.requests,
+        human(s.bytes_used),
         s.demand_misses,
         s.blocked_reads,
         s.blocked_ms,

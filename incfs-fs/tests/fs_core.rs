@@ -671,8 +671,13 @@ fn control_files_report_stats_and_read_log() {
     assert_eq!((s.demand_misses, s.blocked_reads, s.reads), (1, 1, 2));
     assert_eq!(s.chunks_total, 8);
     assert_eq!(s.chunks_local, 1);
-    assert_eq!(s.bytes_used, u64::from(CHUNK));
-    assert!(s.bytes_fetched > 0 && s.requests == 1);
+    assert_eq!(s.bytes_cached, u64::from(CHUNK));
+    // The program read the one chunk fetched: all of it was used.
+    let stored = u64::from(fx.img.table().get(0).unwrap().stored_len);
+    assert_eq!(s.bytes_used, stored);
+    assert_eq!(s.bytes_fetched, stored);
+    assert_eq!(s.requests, 1);
+    assert_eq!(s.table_requests, 0, "the table came with the first read");
     let log = String::from_utf8(read_control(&fs, "read-log")).unwrap();
     let lines: Vec<serde_json::Value> = log
         .lines()

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use incfs_fs::cache::ChunkCache;
 use incfs_fs::fetch::{FetchConfig, Fetcher, Priority};
-use incfs_fs::format::{Image, PackOptions, pack_dir, read_meta, relayout};
+use incfs_fs::format::{Image, PackOptions, pack_dir, read_head, relayout};
 use incfs_fs::prefetch::{PrefetchConfig, Prefetcher};
 use incfs_fs::source::{MetaReader, MockSource, RequestKind, Source};
+use incfs_fs::table::LazyTable;
 
 const CHUNK: u64 = 4096;
 
@@ -33,24 +34,23 @@ fn image(dir: &std::path::Path) -> Vec<u8> {
 struct Rig {
     source: Arc<MockSource>,
     fetcher: Arc<Fetcher>,
-    table: Arc<incfs_fs::format::ChunkTable>,
+    table: Arc<LazyTable>,
     _cache_dir: tempfile::TempDir,
 }
 
 fn rig(bytes: Vec<u8>) -> Rig {
     let source = Arc::new(MockSource::new(bytes));
-    let (header, manifest, table) = read_meta(&MetaReader(&*source), None).unwrap();
-    let table = Arc::new(table);
-    let cache_dir = tempfile::tempdir().unwrap();
-    let cache = ChunkCache::open(
-        cache_dir.path(),
-        &header.root_digest,
-        &manifest,
-        Arc::clone(&table),
-    )
-    .unwrap();
-    source.clear_requests();
+    let head = read_head(&MetaReader(&*source), None).unwrap();
     let dyn_source: Arc<dyn Source> = source.clone();
+    let table = Arc::new(LazyTable::open(
+        Arc::clone(&dyn_source),
+        &head,
+        FetchConfig::default().retry(),
+    ));
+    let (header, manifest) = (head.header, head.manifest);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = ChunkCache::open(cache_dir.path(), &header.root_digest, &manifest, &table).unwrap();
+    source.clear_requests();
     let fetcher = Fetcher::new(
         dyn_source,
         header.data_offset,
@@ -190,4 +190,54 @@ fn deduplicated_chunks_in_one_long_request_are_all_served() {
     let reqs = r.source.requests();
     assert!(reqs.len() <= 3, "{} requests", reqs.len());
     assert_eq!(reqs.iter().map(|q| q.len).sum::<u64>(), 3 << 20);
+}
+
+/// A hot-first image whose chunk table is too big for the mount's first read: the plan's
+/// table segments come in one request, then its chunks in one or two, however scattered
+/// the planned slots were in the original image.
+#[test]
+fn a_hot_first_plan_with_a_lazy_table_takes_at_most_three_requests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    // 10 table segments; distinct, compressible chunks.
+    let n = 10 * incfs_fs::format::SEGMENT_ENTRIES as u64;
+    let data: Vec<u8> = (0..n)
+        .flat_map(|i| {
+            let mut b = format!("{i:011} ").into_bytes().repeat(342);
+            b.truncate(CHUNK as usize);
+            b
+        })
+        .collect();
+    fs::write(tree.join("big"), data).unwrap();
+    let out = tmp.path().join("a.img");
+    let opts = PackOptions {
+        chunk_size: CHUNK as u32,
+        ..PackOptions::default()
+    };
+    pack_dir(&tree, &out, &opts, &()).unwrap();
+    // 200 slots scattered over every segment, in a scrambled order.
+    let plan: Vec<u64> = (0..200u64).map(|i| (i * 7919) % n).collect();
+    let img = Image::open(fs::read(&out).unwrap(), None).unwrap();
+    let hot = tmp.path().join("hot.img");
+    relayout(&img, &plan, &hot).unwrap();
+    let r = rig(fs::read(&hot).unwrap());
+    let before = r.table.stats();
+    assert!(before.segments_loaded < before.segments_total);
+    let p = Prefetcher::start(
+        Arc::clone(&r.fetcher),
+        Arc::clone(&r.table),
+        &plan,
+        PrefetchConfig::default(),
+    )
+    .unwrap();
+    wait_until("the plan to be local", || p.stats().planned_local == 200);
+    let reqs = r.source.requests();
+    assert!(
+        reqs.len() <= 3,
+        "{} requests for a hot-first plan: {reqs:?}",
+        reqs.len()
+    );
+    assert_eq!(r.table.stats().requests, 1, "{reqs:?}");
+    assert_eq!(r.fetcher.cache().local_chunks(), 200);
 }

@@ -38,7 +38,9 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::format::{ChunkTable, Digest, InodeKind, Manifest};
+use crate::format::{Digest, InodeKind, Manifest};
+use crate::source::RequestKind;
+use crate::table::LazyTable;
 
 use record::Record;
 
@@ -67,6 +69,9 @@ pub enum CacheError {
         /// The image cache directory.
         path: PathBuf,
     },
+    /// The chunk-table entries needed to re-check chunks after an unclean stop did not load.
+    #[error("re-checking the cache after an unclean stop: {0}")]
+    Table(#[from] crate::table::TableError),
     /// A chunk slot that belongs to no file.
     #[error("chunk slot {slot} belongs to no file of the image")]
     NoOwner {
@@ -103,7 +108,8 @@ struct Shared {
     dir: PathBuf,
     data_dir: PathBuf,
     chunk_size: u64,
-    table: Arc<ChunkTable>,
+    /// Chunk slots of the image.
+    chunk_count: u64,
     /// Files sorted by first chunk slot.
     files: Vec<FileSlots>,
     /// Index into `files` by inode.
@@ -157,7 +163,7 @@ impl ChunkCache {
         cache_dir: &Path,
         root: &Digest,
         manifest: &Manifest,
-        table: Arc<ChunkTable>,
+        table: &LazyTable,
     ) -> Result<Self, CacheError> {
         let dir = image_dir(cache_dir, root);
         let data_dir = dir.join("data");
@@ -214,6 +220,18 @@ impl ChunkCache {
         let checkpoint_path = dir.join("checkpoint");
         let checked = record::read_checkpoint(&checkpoint_path, chunk_count, root);
         if report.unclean && report.recorded > 0 {
+            // The digests of the chunks to re-check, from their chunk-table segments.
+            let unchecked: Vec<u64> = words
+                .iter()
+                .enumerate()
+                .flat_map(|(wi, word)| {
+                    let bits = *word & !checked.get(wi).copied().unwrap_or(0);
+                    (0..64u64)
+                        .filter(move |b| bits & (1 << b) != 0)
+                        .map(move |b| wi as u64 * 64 + b)
+                })
+                .collect();
+            table.load(&unchecked, RequestKind::Demand)?;
             for (wi, word) in words.iter_mut().enumerate() {
                 let mut bits = *word & !checked.get(wi).copied().unwrap_or(0);
                 report.rechecked += u64::from(bits.count_ones());
@@ -223,7 +241,7 @@ impl ChunkCache {
                     let slot = wi as u64 * 64 + b;
                     if !check_stored(
                         &files,
-                        &table,
+                        table,
                         u64::from(manifest.chunk_size),
                         &data_path,
                         slot,
@@ -257,7 +275,7 @@ impl ChunkCache {
             dir: dir.clone(),
             data_dir: data_dir.clone(),
             chunk_size: u64::from(manifest.chunk_size),
-            table,
+            chunk_count,
             file_local: files.iter().map(|_| AtomicU64::new(0)).collect(),
             files,
             by_inode,
@@ -422,7 +440,7 @@ impl ChunkCache {
         self.shared.flush()?;
         let mut d = self.shared.durable.lock();
         let sh = &self.shared;
-        record::write_checkpoint(&sh.checkpoint_path, sh.table.len(), &sh.root, &d.words)?;
+        record::write_checkpoint(&sh.checkpoint_path, sh.chunk_count, &sh.root, &d.words)?;
         d.record.set_clean(true)
     }
 }
@@ -443,12 +461,13 @@ impl Shared {
         if w.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
             return false;
         }
+        self.local_chunks.fetch_add(1, Ordering::Relaxed);
         if let Some(k) = self.owner(slot) {
             self.file_local[k].fetch_add(1, Ordering::AcqRel);
+            let f = &self.files[k];
+            let raw = (f.size - (slot - f.first_chunk) * self.chunk_size).min(self.chunk_size);
+            self.local_bytes.fetch_add(raw, Ordering::Relaxed);
         }
-        self.local_chunks.fetch_add(1, Ordering::Relaxed);
-        let raw = self.table.get(slot).map_or(0, |e| u64::from(e.raw_len));
-        self.local_bytes.fetch_add(raw, Ordering::Relaxed);
         true
     }
 
@@ -578,7 +597,7 @@ impl Shared {
 /// Reads back a recorded chunk and checks its digest.
 fn check_stored(
     files: &[FileSlots],
-    table: &ChunkTable,
+    table: &LazyTable,
     chunk_size: u64,
     data_path: &dyn Fn(u32) -> PathBuf,
     slot: u64,

@@ -26,8 +26,9 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::cache::ChunkCache;
-use crate::format::{ChunkTable, decode_chunk};
+use crate::format::{ChunkEntry, decode_chunk};
 use crate::source::{RequestKind, Source};
+use crate::table::{LazyTable, RetryPolicy};
 
 /// Tunables of the scheduler.
 #[derive(Debug, Clone)]
@@ -47,6 +48,17 @@ pub struct FetchConfig {
     pub max_backoff: Duration,
     /// Longest time spent retrying one request before its chunks fail. Default 30 s.
     pub retry_timeout: Duration,
+}
+
+impl FetchConfig {
+    /// The retry part, for loaders other than the scheduler (chunk-table segments).
+    pub fn retry(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_attempts,
+            initial_backoff: self.initial_backoff,
+            max_backoff: self.max_backoff,
+        }
+    }
 }
 
 impl Default for FetchConfig {
@@ -124,11 +136,9 @@ struct State {
 struct Inner {
     source: Arc<dyn Source>,
     data_offset: u64,
-    table: Arc<ChunkTable>,
+    table: Arc<LazyTable>,
     cache: ChunkCache,
     config: FetchConfig,
-    /// Slots by the offset of their stored bytes, to coalesce in stored order.
-    by_offset: HashMap<u64, Vec<u64>>,
     state: Mutex<State>,
     /// Wakes workers when work is queued.
     work: Condvar,
@@ -140,6 +150,8 @@ struct Inner {
     chunks_fetched: AtomicU64,
     fetch_errors: AtomicU64,
     chunks_failed: AtomicU64,
+    /// Slots fetched and stored by this scheduler, one bit each.
+    fetched: Vec<AtomicU64>,
 }
 
 /// The scheduler. Dropping it stops the workers.
@@ -154,19 +166,18 @@ impl Fetcher {
     pub fn new(
         source: Arc<dyn Source>,
         data_offset: u64,
-        table: Arc<ChunkTable>,
+        table: Arc<LazyTable>,
         cache: ChunkCache,
         config: FetchConfig,
     ) -> std::io::Result<Self> {
         let n = config.workers.max(2);
-        let by_offset = index_by_offset(&table);
+        let words = table.len().div_ceil(64);
         let inner = Arc::new(Inner {
             source,
             data_offset,
             table,
             cache,
             config,
-            by_offset,
             state: Mutex::new(State::default()),
             work: Condvar::new(),
             done: Condvar::new(),
@@ -176,6 +187,7 @@ impl Fetcher {
             chunks_fetched: AtomicU64::new(0),
             fetch_errors: AtomicU64::new(0),
             chunks_failed: AtomicU64::new(0),
+            fetched: (0..words).map(|_| AtomicU64::new(0)).collect(),
         });
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {
@@ -190,8 +202,12 @@ impl Fetcher {
     }
 
     /// Queues the slots that are not local at `priority` (raising the priority of slots
-    /// already queued lower) and returns at once.
+    /// already queued lower). Returns once their chunk-table entries are loaded: slots
+    /// whose entries could not be loaded are left out (and logged).
     pub fn submit(&self, slots: &[u64], priority: Priority) {
+        if let Err(e) = self.inner.table.load(slots, priority.kind()) {
+            tracing::warn!(error = %e, "not queueing chunks whose table entries did not load");
+        }
         let mut st = self.inner.state.lock();
         if self.inner.queue(&mut st, slots, priority) {
             self.inner.work.notify_all();
@@ -214,6 +230,14 @@ impl Fetcher {
         ahead: &[u64],
     ) -> Result<(), FetchError> {
         let inner = &self.inner;
+        if let Err(e) = inner.table.load(slots, priority.kind()) {
+            return Err(FetchError {
+                slot: slots.first().copied().unwrap_or(0),
+                reason: e.to_string().into(),
+            });
+        }
+        // Read-ahead is best effort: its entries load with the request's, or it is dropped.
+        let _ = inner.table.load(ahead, Priority::Background.kind());
         let mut st = inner.state.lock();
         let a = inner.queue(&mut st, slots, priority);
         let b = inner.queue(&mut st, ahead, Priority::Background);
@@ -236,6 +260,12 @@ impl Fetcher {
                     return Err(FetchError {
                         slot,
                         reason: "no such chunk slot".into(),
+                    });
+                }
+                if inner.table.get(slot).is_none() {
+                    return Err(FetchError {
+                        slot,
+                        reason: "its chunk table entry is not loaded".into(),
                     });
                 }
                 if let std::collections::hash_map::Entry::Vacant(e) = st.slots.entry(slot) {
@@ -272,6 +302,14 @@ impl Fetcher {
         }
     }
 
+    /// True when this scheduler fetched and stored `slot` (since it started).
+    pub fn fetched(&self, slot: u64) -> bool {
+        self.inner
+            .fetched
+            .get((slot / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (slot % 64)) != 0)
+    }
+
     /// Slots queued or in flight now.
     pub fn pending(&self) -> usize {
         self.inner.state.lock().slots.len()
@@ -302,7 +340,8 @@ impl Inner {
     fn queue(&self, st: &mut State, slots: &[u64], priority: Priority) -> bool {
         let mut added = false;
         for &slot in slots {
-            if self.cache.is_local(slot) || slot >= self.table.len() {
+            // A slot is queued only once its table entry is loaded: the worker needs it.
+            if self.cache.is_local(slot) || self.table.get(slot).is_none() {
                 continue;
             }
             st.failed.remove(&slot);
@@ -354,7 +393,7 @@ impl Inner {
                 }
                 st.slots.insert(first, SlotState::InFlight);
                 let mut batch = vec![first];
-                let Some(first_entry) = self.table.get(first).copied() else {
+                let Some(first_entry) = self.table.get(first) else {
                     continue;
                 };
                 // Extend with queued slots whose stored bytes come next in the data section
@@ -364,11 +403,9 @@ impl Inner {
                 let mut bytes = 0u64;
                 loop {
                     let queued: Vec<u64> = self
-                        .by_offset
-                        .get(&at)
+                        .table
+                        .slots_at(at)
                         .into_iter()
-                        .flatten()
-                        .copied()
                         .filter(|s| {
                             *s == first || matches!(st.slots.get(s), Some(SlotState::Queued(_)))
                         })
@@ -478,7 +515,7 @@ impl Inner {
                     if end > buf.len() {
                         break;
                     }
-                    match self.verify_store(slot, e, &buf[at..end]) {
+                    match self.verify_store(slot, &e, &buf[at..end]) {
                         Ok(()) => done.push(slot),
                         Err(why) => bad.push((slot, why)),
                     }
@@ -527,16 +564,14 @@ impl Inner {
 
     /// Decodes and checks one chunk's stored bytes, then stores it. Bytes that do not verify
     /// are dropped here and never reach the cache.
-    fn verify_store(
-        &self,
-        slot: u64,
-        e: &crate::format::ChunkEntry,
-        stored: &[u8],
-    ) -> Result<(), String> {
+    fn verify_store(&self, slot: u64, e: &ChunkEntry, stored: &[u8]) -> Result<(), String> {
         match decode_chunk(slot, e, stored) {
             Ok(raw) => match self.cache.store(slot, &raw) {
                 Ok(()) => {
                     self.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+                    if let Some(w) = self.fetched.get((slot / 64) as usize) {
+                        w.fetch_or(1 << (slot % 64), Ordering::Relaxed);
+                    }
                     Ok(())
                 }
                 Err(err) => {
@@ -577,7 +612,7 @@ impl Inner {
 }
 
 /// Splits `slots` (ascending) into runs whose stored bytes are adjacent.
-fn contiguous_runs(table: &ChunkTable, slots: &[u64]) -> Vec<Vec<u64>> {
+fn contiguous_runs(table: &LazyTable, slots: &[u64]) -> Vec<Vec<u64>> {
     let mut out: Vec<Vec<u64>> = Vec::new();
     // (start, end) of the last stored chunk added.
     let mut prev: Option<(u64, u64)> = None;
@@ -595,14 +630,4 @@ fn contiguous_runs(table: &ChunkTable, slots: &[u64]) -> Vec<Vec<u64>> {
         prev = Some((e.stored_offset, e.stored_offset + u64::from(e.stored_len)));
     }
     out
-}
-
-/// The slots whose stored bytes start at each offset of the data section (several when
-/// identical chunks are stored once).
-fn index_by_offset(table: &ChunkTable) -> HashMap<u64, Vec<u64>> {
-    let mut map: HashMap<u64, Vec<u64>> = HashMap::with_capacity(table.entries().len());
-    for (slot, e) in table.entries().iter().enumerate() {
-        map.entry(e.stored_offset).or_default().push(slot as u64);
-    }
-    map
 }

@@ -9,6 +9,8 @@ pub const CHUNK_ENTRY_LEN: usize = 48;
 /// covers 4 MiB of file data, and a 1 GiB image has 256 segments (8 KiB of digests in the
 /// manifest).
 pub const SEGMENT_ENTRIES: usize = 1024;
+/// Bytes of a full segment.
+pub const SEGMENT_BYTES: u64 = (SEGMENT_ENTRIES * CHUNK_ENTRY_LEN) as u64;
 
 /// Where one chunk is stored and what it must hash to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,17 +125,44 @@ impl ChunkTable {
         }
         let mut entries = Vec::with_capacity(bytes.len() / CHUNK_ENTRY_LEN);
         for (i, (seg, want)) in segments.iter().zip(segment_digests).enumerate() {
-            if Digest::of(seg) != *want {
-                return Err(FormatError::SegmentDigest { segment: i as u64 });
-            }
-            for b in seg.chunks_exact(CHUNK_ENTRY_LEN) {
-                let e = ChunkEntry::decode(b);
-                check_entry(entries.len() as u64, &e, chunk_size, data_len)?;
-                entries.push(e);
-            }
+            entries.extend(decode_segment(seg, i as u64, want, chunk_size, data_len)?);
         }
         Ok(ChunkTable { entries })
     }
+}
+
+/// Decodes segment `index` of a table from its bytes, checking them against the segment's
+/// digest (from the manifest) and every entry against the chunk size and the data section's
+/// length. A reader that fetches the table piecewise calls this per segment.
+pub fn decode_segment(
+    bytes: &[u8],
+    index: u64,
+    digest: &Digest,
+    chunk_size: u32,
+    data_len: u64,
+) -> Result<Vec<ChunkEntry>, FormatError> {
+    if Digest::of(bytes) != *digest {
+        return Err(FormatError::SegmentDigest { segment: index });
+    }
+    if bytes.is_empty()
+        || bytes.len() > SEGMENT_ENTRIES * CHUNK_ENTRY_LEN
+        || !bytes.len().is_multiple_of(CHUNK_ENTRY_LEN)
+    {
+        return Err(FormatError::ManifestInvalid(format!(
+            "chunk table segment {index} is {} bytes long",
+            bytes.len()
+        )));
+    }
+    let first = index * SEGMENT_ENTRIES as u64;
+    bytes
+        .chunks_exact(CHUNK_ENTRY_LEN)
+        .enumerate()
+        .map(|(k, b)| {
+            let e = ChunkEntry::decode(b);
+            check_entry(first + k as u64, &e, chunk_size, data_len)?;
+            Ok(e)
+        })
+        .collect()
 }
 
 fn check_entry(

@@ -60,12 +60,25 @@ impl<T: RangeRead + ?Sized> RangeRead for &T {
     }
 }
 
-/// Reads and verifies an image's metadata: header, manifest (against the header's root
-/// digest, and `expected` when given) and the whole chunk table, in at most three reads.
-pub fn read_meta<R: RangeRead + ?Sized>(
+/// What the first read of an image gives: its header, its verified manifest, and the bytes
+/// of that read (from offset 0), which often hold part or all of the chunk table too.
+#[derive(Debug, Clone)]
+pub struct ImageHead {
+    /// The header.
+    pub header: Header,
+    /// The manifest, verified against the header's root digest.
+    pub manifest: Manifest,
+    /// The image's first bytes, as read.
+    pub first: Vec<u8>,
+}
+
+/// Reads and verifies an image's header and manifest (against the header's root digest, and
+/// `expected` when given), in one read for most trees and two otherwise. The chunk table is
+/// left to the caller: whole ([`read_meta`]) or a segment at a time (a mount).
+pub fn read_head<R: RangeRead + ?Sized>(
     src: &R,
     expected: Option<&Digest>,
-) -> Result<(Header, Manifest, ChunkTable), FormatError> {
+) -> Result<ImageHead, FormatError> {
     let total = src.total_len()?;
     let first = src.read_range(0, INITIAL_READ.min(total))?;
     let header = Header::decode(&first)?;
@@ -84,15 +97,7 @@ pub fn read_meta<R: RangeRead + ?Sized>(
             have: total,
         });
     }
-    let section = |offset: u64, len: u64| -> Result<Vec<u8>, FormatError> {
-        match offset.checked_add(len) {
-            Some(end) if end <= first.len() as u64 => {
-                Ok(first[offset as usize..end as usize].to_vec())
-            }
-            _ => Ok(src.read_range(offset, len)?),
-        }
-    };
-    let stored = section(header.manifest_offset, header.manifest_len)?;
+    let stored = section(src, &first, header.manifest_offset, header.manifest_len)?;
     let manifest = Manifest::decode(&stored, &header.root_digest)?;
     if manifest.chunk_size != header.chunk_size || manifest.data_len != header.data_len {
         return Err(FormatError::ManifestInvalid(
@@ -104,7 +109,44 @@ pub fn read_meta<R: RangeRead + ?Sized>(
             "chunk table length does not match the chunk count".into(),
         ));
     }
-    let table_bytes = section(header.chunk_table_offset, header.chunk_table_len)?;
+    Ok(ImageHead {
+        header,
+        manifest,
+        first,
+    })
+}
+
+/// The bytes `offset..offset + len` of the image: from `first` (its first bytes) when they
+/// hold them, else read.
+fn section<R: RangeRead + ?Sized>(
+    src: &R,
+    first: &[u8],
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>, FormatError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= first.len() as u64 => Ok(first[offset as usize..end as usize].to_vec()),
+        _ => Ok(src.read_range(offset, len)?),
+    }
+}
+
+/// Reads and verifies an image's metadata: header, manifest (against the header's root
+/// digest, and `expected` when given) and the whole chunk table, in at most three reads.
+pub fn read_meta<R: RangeRead + ?Sized>(
+    src: &R,
+    expected: Option<&Digest>,
+) -> Result<(Header, Manifest, ChunkTable), FormatError> {
+    let ImageHead {
+        header,
+        manifest,
+        first,
+    } = read_head(src, expected)?;
+    let table_bytes = section(
+        src,
+        &first,
+        header.chunk_table_offset,
+        header.chunk_table_len,
+    )?;
     let table = ChunkTable::decode(
         &table_bytes,
         &manifest.segment_digests,

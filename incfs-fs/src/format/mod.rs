@@ -26,9 +26,14 @@ mod pack;
 mod relayout;
 
 pub use chunk::{decode_chunk, encode_chunk};
-pub use chunk_table::{CHUNK_ENTRY_LEN, ChunkEntry, ChunkTable, SEGMENT_ENTRIES};
+pub use chunk_table::{
+    CHUNK_ENTRY_LEN, ChunkEntry, ChunkTable, SEGMENT_BYTES, SEGMENT_ENTRIES, decode_segment,
+};
 pub use header::{HEADER_LEN, Header, MAGIC, VERSION};
-pub use image::{FileRef, INITIAL_READ, Image, RangeRead, VerifyFailure, VerifyReport, read_meta};
+pub use image::{
+    FileRef, INITIAL_READ, Image, ImageHead, RangeRead, VerifyFailure, VerifyReport, read_head,
+    read_meta,
+};
 pub use manifest::{DirEntry, Inode, InodeKind, Manifest, ROOT_INODE, Xattr};
 pub use pack::{PackError, PackOptions, PackProgress, PackSummary, pack_dir};
 pub use relayout::{RelayoutSummary, relayout};

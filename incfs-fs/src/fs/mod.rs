@@ -26,11 +26,12 @@ use parking_lot::Mutex;
 use crate::cache::{CacheError, ChunkCache, RecoveryReport};
 use crate::fetch::{FetchConfig, FetchError, FetchStats, Fetcher, Priority};
 use crate::format::{
-    ChunkTable, Digest, FormatError, Header, Inode, InodeKind, Manifest, ROOT_INODE, read_meta,
+    Digest, FormatError, Header, ImageHead, Inode, InodeKind, Manifest, ROOT_INODE, read_head,
 };
 use crate::plan::{PlanError, PrefetchPlan};
 use crate::prefetch::{PrefetchConfig, PrefetchStats, Prefetcher};
 use crate::source::{MetaReader, Source};
+use crate::table::LazyTable;
 
 /// Name of the control directory in the root.
 pub const CONTROL_DIR: &str = ".incfs";
@@ -215,10 +216,28 @@ pub struct Stats {
     pub source: String,
     /// Process id of the daemon serving the mount.
     pub pid: u32,
-    /// Bytes received from the source since mount.
+    /// Bytes received from the source since mount: chunks and chunk-table segments (the
+    /// header and manifest read at mount are not counted).
     pub bytes_fetched: u64,
-    /// Range requests sent since mount (retries included).
+    /// Range requests sent since mount, for chunks and chunk-table segments (retries
+    /// included).
     pub requests: u64,
+    /// Of `bytes_fetched`: stored bytes of the fetched chunks that the program read, each
+    /// chunk once (the rest is prefetch or read-ahead it did not use, plus table segments).
+    /// Reads through a passthrough open are not seen: such an open counts its whole file.
+    pub bytes_used: u64,
+    /// Of `requests`: requests for chunk-table segments.
+    #[serde(default)]
+    pub table_requests: u64,
+    /// Of `bytes_fetched`: bytes of chunk-table segments.
+    #[serde(default)]
+    pub table_bytes: u64,
+    /// Chunk-table segments loaded (fetched, or with the first read) and verified.
+    #[serde(default)]
+    pub table_segments_loaded: u64,
+    /// Chunk-table segments of the image.
+    #[serde(default)]
+    pub table_segments_total: u64,
     /// Chunks fetched and verified since mount.
     pub chunks_fetched: u64,
     /// Chunk slots local and verified.
@@ -228,7 +247,8 @@ pub struct Stats {
     /// Chunk slots of the image.
     pub chunks_total: u64,
     /// Bytes of file data held in the cache.
-    pub bytes_used: u64,
+    #[serde(default)]
+    pub bytes_cached: u64,
     /// Reads that found at least one chunk missing.
     pub demand_misses: u64,
     /// Reads that waited for the source.
@@ -306,13 +326,14 @@ struct Counters {
     passthrough_opens: AtomicU64,
     cached_opens: AtomicU64,
     read_log_dropped: AtomicU64,
+    bytes_used: AtomicU64,
 }
 
 /// The file system core over one image.
 pub struct IncFs {
     header: Header,
     manifest: Manifest,
-    table: Arc<ChunkTable>,
+    table: Arc<LazyTable>,
     source_name: String,
     fetcher: Arc<Fetcher>,
     /// The plan walker, when a prefetch plan was given.
@@ -329,6 +350,9 @@ pub struct IncFs {
     opens: Mutex<HashMap<u32, OpenCounts>>,
     read_log: Mutex<Vec<LogEntry>>,
     counters: Counters,
+    /// Slots the program has read (through the file system or a passthrough open), one bit
+    /// each: the chunks among them fetched by this mount count in `bytes_used`.
+    used: Vec<AtomicU64>,
     mount_time: SystemTime,
 }
 
@@ -341,9 +365,9 @@ impl IncFs {
         // in transit should not fail a mount. A source that is down fails after the last try.
         let mut attempt = 1;
         let mut backoff = config.fetch.initial_backoff;
-        let (header, manifest, table) = loop {
-            match read_meta(&MetaReader(&*source), config.expect_digest.as_ref()) {
-                Ok(meta) => break meta,
+        let head = loop {
+            match read_head(&MetaReader(&*source), config.expect_digest.as_ref()) {
+                Ok(head) => break head,
                 Err(error) if attempt < META_ATTEMPTS && retry_meta(&error) => {
                     tracing::warn!(source = %source_name, attempt, error = %error, "reading the image metadata failed; retrying");
                     std::thread::sleep(backoff);
@@ -358,13 +382,16 @@ impl IncFs {
                 }
             }
         };
-        let table = Arc::new(table);
-        let cache = ChunkCache::open(
-            &config.cache_dir,
-            &header.root_digest,
-            &manifest,
-            Arc::clone(&table),
-        )?;
+        let table = Arc::new(LazyTable::open(
+            Arc::clone(&source),
+            &head,
+            config.fetch.retry(),
+        ));
+        let ImageHead {
+            header, manifest, ..
+        } = head;
+        let cache = ChunkCache::open(&config.cache_dir, &header.root_digest, &manifest, &table)?;
+        let used_words = table.len().div_ceil(64);
         let fetcher = Fetcher::new(
             source,
             header.data_offset,
@@ -428,6 +455,7 @@ impl IncFs {
             opens: Mutex::new(HashMap::new()),
             read_log: Mutex::new(Vec::new()),
             counters: Counters::default(),
+            used: (0..used_words).map(|_| AtomicU64::new(0)).collect(),
             mount_time: SystemTime::now(),
         })
     }
@@ -720,6 +748,10 @@ impl IncFs {
         };
         let passthrough = matches!(mode, OpenMode::Passthrough(_));
         if passthrough {
+            // Reads through this open bypass the file system: count the whole file as read.
+            if let InodeKind::File { size, first_chunk } = inode.kind {
+                self.mark_used(first_chunk..first_chunk + self.manifest.chunks_for(size));
+            }
             c.passthrough += 1;
             self.counters
                 .passthrough_opens
@@ -873,7 +905,29 @@ impl IncFs {
         }
         let mut buf = vec![0u8; (end - offset) as usize];
         self.cache.read(idx, offset, &mut buf)?;
+        self.mark_used(first..last + 1);
         Ok(buf)
+    }
+
+    /// Records that the program read `slots`; those this mount fetched count, once each,
+    /// at their stored size in `bytes_used`.
+    fn mark_used(&self, slots: std::ops::Range<u64>) {
+        for slot in slots {
+            let Some(w) = self.used.get((slot / 64) as usize) else {
+                return;
+            };
+            let bit = 1u64 << (slot % 64);
+            if w.load(Ordering::Relaxed) & bit != 0 || !self.fetcher.fetched(slot) {
+                continue;
+            }
+            if w.fetch_or(bit, Ordering::Relaxed) & bit == 0
+                && let Some(e) = self.table.get(slot)
+            {
+                self.counters
+                    .bytes_used
+                    .fetch_add(u64::from(e.stored_len), Ordering::Relaxed);
+            }
+        }
     }
 
     fn log_read(&self, inode: u32, offset: u64, len: u64, hit: bool) {
@@ -918,19 +972,25 @@ impl IncFs {
     /// The counters now.
     pub fn stats(&self) -> Stats {
         let f: FetchStats = self.fetcher.stats();
+        let t = self.table.stats();
         let c = &self.counters;
         let rec: RecoveryReport = self.cache.recovery();
         Stats {
             root_digest: self.header.root_digest.to_hex(),
             source: self.source_name.clone(),
             pid: std::process::id(),
-            bytes_fetched: f.bytes_fetched,
-            requests: f.requests,
+            bytes_fetched: f.bytes_fetched + t.bytes,
+            requests: f.requests + t.requests,
+            bytes_used: c.bytes_used.load(Ordering::Relaxed),
+            table_requests: t.requests,
+            table_bytes: t.bytes,
+            table_segments_loaded: t.segments_loaded,
+            table_segments_total: t.segments_total,
             chunks_fetched: f.chunks_fetched,
             chunks_local: self.cache.local_chunks(),
             chunks_durable: self.cache.durable_chunks(),
             chunks_total: self.table.len(),
-            bytes_used: self.cache.local_bytes(),
+            bytes_cached: self.cache.local_bytes(),
             demand_misses: c.demand_misses.load(Ordering::Relaxed),
             blocked_reads: c.blocked_reads.load(Ordering::Relaxed),
             blocked_ms: c.blocked_us.load(Ordering::Relaxed) / 1000,

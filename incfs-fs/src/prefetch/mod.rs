@@ -27,7 +27,7 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 
 use crate::fetch::{Fetcher, Priority};
-use crate::format::ChunkTable;
+use crate::table::LazyTable;
 
 /// Tunables of the prefetcher.
 #[derive(Debug, Clone)]
@@ -68,7 +68,7 @@ pub struct PrefetchStats {
 
 struct Shared {
     fetcher: Arc<Fetcher>,
-    table: Arc<ChunkTable>,
+    table: Arc<LazyTable>,
     config: PrefetchConfig,
     /// Planned slots, in plan order, each once.
     plan: Vec<u64>,
@@ -95,7 +95,7 @@ impl Prefetcher {
     /// Starts walking `plan` (chunk slots in order; repeats are ignored).
     pub fn start(
         fetcher: Arc<Fetcher>,
-        table: Arc<ChunkTable>,
+        table: Arc<LazyTable>,
         plan: &[u64],
         config: PrefetchConfig,
     ) -> std::io::Result<Self> {
