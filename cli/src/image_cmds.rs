@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use incfs_fs::format::{
-    Digest, Image, InodeKind, PackOptions, pack_dir, relayout as relayout_image,
+    Digest, Image, InodeKind, PackOptions, RelayoutSummary, pack_dir, relayout as relayout_image,
 };
 use incfs_fs::plan::PrefetchPlan;
 use serde::Serialize;
@@ -28,6 +28,15 @@ pub struct PackArgs {
     /// zstd level for chunks, 1..=22.
     #[arg(long, default_value_t = 3)]
     level: i32,
+    /// Store hot chunks first: a prefetch plan (`.json`, made for an image of this tree at
+    /// this chunk size), or traces / read-logs of the program to plan from (as `incfs plan`
+    /// does with its defaults). The planned chunks lead the data section in plan order,
+    /// and the plan for the new image is written to --plan-out.
+    #[arg(long, num_args = 1..)]
+    order: Vec<PathBuf>,
+    /// Where to write the plan for the hot-first image (default: OUTPUT.plan.json).
+    #[arg(long, requires = "order")]
+    plan_out: Option<PathBuf>,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -133,6 +142,13 @@ struct PackJson {
     unique_chunks: u64,
     dedupe_saved: u64,
     seconds: f64,
+    /// With --order: planned chunks placed first, their stored bytes, the plan written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hot_chunks: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hot_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    plan: Option<PathBuf>,
 }
 
 pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
@@ -141,9 +157,34 @@ pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
         level: a.level,
     };
     let bar = PackBar(bytes_bar("packing"));
-    let s = pack_dir(&a.dir, &a.output, &opts, &bar)
+    // With --order, pack into a temporary image beside the output, then relay it out.
+    let unordered = if a.order.is_empty() {
+        None
+    } else {
+        let dir = a
+            .output
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        Some(
+            tempfile::Builder::new()
+                .prefix(".incfs-pack-")
+                .tempfile_in(dir)
+                .with_context(|| format!("creating a temporary image in {}", dir.display()))?
+                .into_temp_path(),
+        )
+    };
+    let packed = unordered.as_deref().unwrap_or(&a.output);
+    let mut s = pack_dir(&a.dir, packed, &opts, &bar)
         .with_context(|| format!("packing {} into {}", a.dir.display(), a.output.display()))?;
     bar.0.finish_and_clear();
+    let mut hot = None;
+    if let Some(tmp) = &unordered {
+        let (r, plan_out) = order_image(tmp, &a.order, &a.output, a.plan_out.clone())?;
+        s.root_digest = r.root_digest;
+        s.image_bytes = r.image_bytes;
+        hot = Some((r, plan_out));
+    }
     let secs = s.elapsed.as_secs_f64();
     if a.json {
         let j = PackJson {
@@ -165,6 +206,9 @@ pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
             unique_chunks: s.unique_chunks,
             dedupe_saved: s.dedupe_saved,
             seconds: secs,
+            hot_chunks: hot.as_ref().map(|(r, _)| r.hot_chunks),
+            hot_bytes: hot.as_ref().map(|(r, _)| r.hot_bytes),
+            plan: hot.as_ref().map(|(_, p)| p.clone()),
         };
         println!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(ExitCode::SUCCESS);
@@ -197,6 +241,14 @@ pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
         secs,
         s.raw_bytes as f64 / 1e6 / secs.max(1e-9)
     );
+    if let Some((r, plan_out)) = &hot {
+        println!(
+            "  hot first: {} planned chunks ({}) lead the data section; plan for it: {}",
+            r.hot_chunks,
+            human(r.hot_bytes),
+            plan_out.display()
+        );
+    }
     println!("root digest {}", s.root_digest);
     Ok(ExitCode::SUCCESS)
 }
@@ -446,6 +498,56 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Relays the freshly packed image `packed` out hot-first into `output`, in the order of
+/// `order` (a plan for an image of the same tree and chunk size, or planner inputs), and
+/// writes the plan for the new image; returns what relayout did and where the plan went.
+fn order_image(
+    packed: &std::path::Path,
+    order: &[PathBuf],
+    output: &std::path::Path,
+    plan_out: Option<PathBuf>,
+) -> anyhow::Result<(RelayoutSummary, PathBuf)> {
+    let img = Image::open_path(packed, None)
+        .with_context(|| format!("opening the packed image {}", packed.display()))?;
+    let is_plan = |p: &PathBuf| p.extension().is_some_and(|e| e == "json");
+    let (plan, named) = match order {
+        [one] if is_plan(one) => {
+            let plan = PrefetchPlan::load(one)?;
+            if plan.chunk_size != img.manifest().chunk_size {
+                anyhow::bail!(
+                    "{}: the plan is for {}-byte chunks, the image has {}-byte chunks (pack with \
+                     --chunk-size {} or plan again)",
+                    one.display(),
+                    plan.chunk_size,
+                    img.manifest().chunk_size,
+                    plan.chunk_size
+                );
+            }
+            (plan.rebind(&img.root_digest()), one.clone())
+        }
+        _ => {
+            if let Some(p) = order.iter().find(|p| is_plan(p)) {
+                anyhow::bail!(
+                    "{}: give either one prefetch plan or traces / read-logs to --order, not both",
+                    p.display()
+                );
+            }
+            let plan = crate::plan_cmds::plan_from_inputs(order, packed)?;
+            (plan, order[0].clone())
+        }
+    };
+    let hot = plan.slots(&named, img.manifest())?;
+    let r = relayout_image(&img, &hot, output)
+        .with_context(|| format!("writing {} hot-first", output.display()))?;
+    let plan_out = plan_out.unwrap_or_else(|| {
+        let mut p = output.to_path_buf().into_os_string();
+        p.push(".plan.json");
+        PathBuf::from(p)
+    });
+    plan.rebind(&r.root_digest).save(&plan_out)?;
+    Ok((r, plan_out))
 }
 
 pub fn relayout(a: RelayoutArgs) -> anyhow::Result<ExitCode> {

@@ -145,6 +145,17 @@ fn load_runs(
         .collect()
 }
 
+/// A plan for `image` from traces or read-logs, with the planner's default options (what
+/// `incfs plan INPUTS --image IMAGE` writes).
+pub fn plan_from_inputs(inputs: &[PathBuf], image: &Path) -> anyhow::Result<PrefetchPlan> {
+    let opts = PlanOptions::default();
+    let index = ImageIndex::open(image, None)?;
+    let runs = load_runs(inputs, &index, &opts)?;
+    let refs: Vec<&MappedRun> = runs.iter().collect();
+    let (plan, _) = plan_runs(&refs, &index, &opts)?;
+    Ok(plan)
+}
+
 #[derive(Serialize)]
 struct PlanJson<'a> {
     plan: &'a Path,

@@ -133,3 +133,113 @@ fn bad_images_give_a_clear_error_naming_the_file() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
 }
+
+/// `pack --order` from a read-log stores the planned chunks first in plan order and writes
+/// the plan for the new image; the same plan given back reproduces the image exactly.
+#[test]
+fn pack_order_stores_planned_chunks_first_and_writes_their_plan() {
+    use incfs_fs::format::Image;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    tree(&src);
+    // The program read chunk 3 of sub/b.bin, then chunk 0 of a.txt.
+    let log = tmp.path().join("run.read-log");
+    fs::write(
+        &log,
+        concat!(
+            r#"{"ns":1000,"path":"sub/b.bin","offset":12288,"len":4096,"result":"miss"}"#,
+            "\n",
+            r#"{"ns":2000,"path":"a.txt","offset":0,"len":100,"result":"miss"}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let img = tmp.path().join("hot.img");
+    let out = incfs(&[
+        "pack",
+        src.to_str().unwrap(),
+        "-o",
+        img.to_str().unwrap(),
+        "--chunk-size",
+        "4K",
+        "--order",
+        log.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["hot_chunks"], 2);
+    let plan_path = tmp.path().join("hot.img.plan.json");
+    assert_eq!(j["plan"], plan_path.to_str().unwrap());
+    let plan: serde_json::Value = serde_json::from_slice(&fs::read(&plan_path).unwrap()).unwrap();
+    assert_eq!(plan["image_digest"], j["root_digest"]);
+
+    let image = Image::open_path(&img, None).unwrap();
+    let slot_of = |path: &str, chunk: u64| {
+        let f = image
+            .files()
+            .into_iter()
+            .find(|f| f.path == path.as_bytes())
+            .unwrap();
+        f.first_chunk + chunk
+    };
+    let table = image.table();
+    assert_eq!(table.get(slot_of("sub/b.bin", 3)).unwrap().stored_offset, 0);
+    let first_len = u64::from(table.get(slot_of("sub/b.bin", 3)).unwrap().stored_len);
+    assert_eq!(
+        table.get(slot_of("a.txt", 0)).unwrap().stored_offset,
+        first_len
+    );
+    assert!(incfs(&["verify", img.to_str().unwrap()]).status.success());
+    // No temporary image is left beside the output.
+    let left: Vec<_> = fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".incfs-pack-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // The plan given back as --order reproduces the same image.
+    let again = tmp.path().join("again.img");
+    let out = incfs(&[
+        "pack",
+        src.to_str().unwrap(),
+        "-o",
+        again.to_str().unwrap(),
+        "--chunk-size",
+        "4K",
+        "--order",
+        plan_path.to_str().unwrap(),
+        "--plan-out",
+        tmp.path().join("again.plan.json").to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fs::read(&again).unwrap(), fs::read(&img).unwrap());
+
+    // A plan for another chunk size is refused, naming the plan.
+    let out = incfs(&[
+        "pack",
+        src.to_str().unwrap(),
+        "-o",
+        tmp.path().join("bad.img").to_str().unwrap(),
+        "--chunk-size",
+        "16K",
+        "--order",
+        plan_path.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("hot.img.plan.json") && err.contains("4096"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("bad.img").exists());
+}
