@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use incfs_fs::format::{
-    Digest, Image, InodeKind, PackOptions, RelayoutSummary, pack_dir, relayout as relayout_image,
+    Digest, Image, InodeKind, MAX_FRAME_LEN, PackOptions, RelayoutOptions, RelayoutSummary,
+    pack_dir, relayout as relayout_image,
 };
 use incfs_fs::plan::PrefetchPlan;
 use serde::Serialize;
@@ -37,6 +38,8 @@ pub struct PackArgs {
     /// Where to write the plan for the hot-first image (default: OUTPUT.plan.json).
     #[arg(long, requires = "order")]
     plan_out: Option<PathBuf>,
+    #[command(flatten)]
+    hot: HotArgs,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -82,6 +85,38 @@ pub struct RelayoutArgs {
     /// Where to write the plan bound to the new image (default: OUTPUT.plan.json).
     #[arg(long)]
     plan_out: Option<PathBuf>,
+    #[command(flatten)]
+    hot: HotArgs,
+}
+
+/// How the hot chunks of a hot-first image are stored.
+#[derive(Args)]
+pub struct HotArgs {
+    /// Raw bytes of planned chunks compressed together in one frame (4K..4M; the chunk size
+    /// or less keeps one chunk per frame).
+    #[arg(long, value_parser = parse_size, default_value = "256K")]
+    frame_size: u64,
+    /// zstd level of the frames of planned chunks, 1..=22.
+    #[arg(long, default_value_t = 19)]
+    hot_level: i32,
+}
+
+impl HotArgs {
+    fn options(&self) -> anyhow::Result<RelayoutOptions> {
+        if !(1..=22).contains(&self.hot_level) {
+            anyhow::bail!("--hot-level {}: must be 1..=22", self.hot_level);
+        }
+        let frame_bytes = u32::try_from(self.frame_size)
+            .ok()
+            .filter(|&f| f <= MAX_FRAME_LEN)
+            .with_context(|| {
+                format!("--frame-size {}: at most {MAX_FRAME_LEN}", self.frame_size)
+            })?;
+        Ok(RelayoutOptions {
+            frame_bytes,
+            level: self.hot_level,
+        })
+    }
 }
 
 /// Arguments of `incfs keygen`.
@@ -180,7 +215,13 @@ pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
     bar.0.finish_and_clear();
     let mut hot = None;
     if let Some(tmp) = &unordered {
-        let (r, plan_out) = order_image(tmp, &a.order, &a.output, a.plan_out.clone())?;
+        let (r, plan_out) = order_image(
+            tmp,
+            &a.order,
+            &a.output,
+            a.plan_out.clone(),
+            &a.hot.options()?,
+        )?;
         s.root_digest = r.root_digest;
         s.image_bytes = r.image_bytes;
         hot = Some((r, plan_out));
@@ -243,9 +284,10 @@ pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
     );
     if let Some((r, plan_out)) = &hot {
         println!(
-            "  hot first: {} planned chunks ({}) lead the data section; plan for it: {}",
+            "  hot first: {} planned chunks ({} in {} frames) lead the data section; plan for it: {}",
             r.hot_chunks,
             human(r.hot_bytes),
+            r.hot_frames,
             plan_out.display()
         );
     }
@@ -307,7 +349,7 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
                 let n = m.chunks_for(*size);
                 let stored: u64 = (*first_chunk..first_chunk + n)
                     .filter_map(|s| table.get(s))
-                    .map(|e| u64::from(e.stored_len))
+                    .map(|e| e.stored_share())
                     .sum();
                 if first {
                     files += 1;
@@ -508,6 +550,7 @@ fn order_image(
     order: &[PathBuf],
     output: &std::path::Path,
     plan_out: Option<PathBuf>,
+    hot_opts: &RelayoutOptions,
 ) -> anyhow::Result<(RelayoutSummary, PathBuf)> {
     let img = Image::open_path(packed, None)
         .with_context(|| format!("opening the packed image {}", packed.display()))?;
@@ -539,7 +582,7 @@ fn order_image(
         }
     };
     let hot = plan.slots(&named, img.manifest())?;
-    let r = relayout_image(&img, &hot, output)
+    let r = relayout_image(&img, &hot, output, hot_opts)
         .with_context(|| format!("writing {} hot-first", output.display()))?;
     let plan_out = plan_out.unwrap_or_else(|| {
         let mut p = output.to_path_buf().into_os_string();
@@ -556,7 +599,7 @@ pub fn relayout(a: RelayoutArgs) -> anyhow::Result<ExitCode> {
     let plan = PrefetchPlan::load(&a.plan)?;
     plan.check_image(&a.plan, &img.root_digest())?;
     let hot = plan.slots(&a.plan, img.manifest())?;
-    let s = relayout_image(&img, &hot, &a.output).with_context(|| {
+    let s = relayout_image(&img, &hot, &a.output, &a.hot.options()?).with_context(|| {
         format!(
             "relaying out {} into {}",
             a.image.display(),
@@ -570,10 +613,11 @@ pub fn relayout(a: RelayoutArgs) -> anyhow::Result<ExitCode> {
     });
     plan.rebind(&s.root_digest).save(&plan_out)?;
     println!(
-        "wrote {}: {} hot chunks first ({}), {} distinct chunks, image {}",
+        "wrote {}: {} hot chunks first ({} in {} frames), {} distinct chunks, image {}",
         a.output.display(),
         s.hot_chunks,
         human(s.hot_bytes),
+        s.hot_frames,
         s.unique_chunks,
         human(s.image_bytes)
     );

@@ -3,7 +3,7 @@
 //! A mount reads the header and the manifest up front, and no more of the chunk table than
 //! came with that first read: at 4 KiB chunks the table weighs 12 MiB per GiB of files, a
 //! second or more of link time that a program starting lazily should not wait for. The
-//! table is cut in segments of [`SEGMENT_ENTRIES`] entries (48 KiB, describing 4 MiB of
+//! table is cut in segments of [`SEGMENT_ENTRIES`] entries (56 KiB, describing 4 MiB of
 //! file data at 4 KiB chunks) whose digests the manifest holds, so each segment is verified
 //! against the root digest on its own before any of its entries is used.
 //!
@@ -23,12 +23,13 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::format::{
-    ChunkEntry, Digest, FormatError, ImageHead, SEGMENT_BYTES, SEGMENT_ENTRIES, decode_segment,
+    ChunkEntry, Digest, FormatError, ImageHead, SEGMENT_BYTES, SEGMENT_ENTRIES, TableOrder,
+    decode_segment,
 };
 use crate::source::{RequestKind, Source};
 
 /// Largest run of unneeded segments fetched to join two needed ones in one request: two
-/// segments (96 KiB) take ~8 ms at 100 Mbit/s, less than the round trip they save.
+/// segments (112 KiB) take ~9 ms at 100 Mbit/s, less than the round trip they save.
 pub const MAX_GAP_SEGMENTS: usize = 2;
 /// Largest table request, in segments (3 MiB).
 const MAX_REQUEST_SEGMENTS: usize = 64;
@@ -78,6 +79,8 @@ pub struct LazyTable {
     chunk_size: u32,
     data_len: u64,
     digests: Vec<Digest>,
+    /// Where each slot's entry sits in the table.
+    order: TableOrder,
     segments: Vec<OnceLock<Box<[ChunkEntry]>>>,
     /// Slots of the loaded segments by the offset of their stored bytes (several when
     /// identical chunks are stored once), so the scheduler can coalesce in stored order.
@@ -94,10 +97,15 @@ pub struct LazyTable {
 impl LazyTable {
     /// The table of the image whose verified `head` was read from `source`. Segments that
     /// came whole with the first read are checked and kept; the rest load on demand.
-    pub fn open(source: Arc<dyn Source>, head: &ImageHead, retry: RetryPolicy) -> Self {
+    pub fn open(
+        source: Arc<dyn Source>,
+        head: &ImageHead,
+        retry: RetryPolicy,
+    ) -> Result<Self, FormatError> {
         let h = &head.header;
         let m = &head.manifest;
         let table = LazyTable {
+            order: m.order()?,
             source,
             table_offset: h.chunk_table_offset,
             table_len: h.chunk_table_len,
@@ -128,7 +136,7 @@ impl LazyTable {
                 table.install(k, entries);
             }
         }
-        table
+        Ok(table)
     }
 
     /// Number of chunk slots.
@@ -143,8 +151,12 @@ impl LazyTable {
 
     /// The entry of `slot`, when its segment is loaded.
     pub fn get(&self, slot: u64) -> Option<ChunkEntry> {
-        let k = usize::try_from(slot / SEGMENT_ENTRIES as u64).ok()?;
-        let i = (slot % SEGMENT_ENTRIES as u64) as usize;
+        if slot >= self.len {
+            return None;
+        }
+        let pos = self.order.position_of(slot);
+        let k = usize::try_from(pos / SEGMENT_ENTRIES as u64).ok()?;
+        let i = (pos % SEGMENT_ENTRIES as u64) as usize;
         self.segments.get(k)?.get()?.get(i).copied()
     }
 
@@ -173,7 +185,7 @@ impl LazyTable {
         let mut want: Vec<usize> = slots
             .iter()
             .filter(|&&s| s < self.len)
-            .map(|&s| (s / SEGMENT_ENTRIES as u64) as usize)
+            .map(|&s| (self.order.position_of(s) / SEGMENT_ENTRIES as u64) as usize)
             .filter(|&k| self.segments[k].get().is_none())
             .collect();
         if want.is_empty() {
@@ -209,14 +221,6 @@ impl LazyTable {
             Some(&k) => Err(self.error(k, "another reader's fetch of it failed".into())),
             None => Ok(()),
         }
-    }
-
-    /// Loads every segment.
-    pub fn load_all(&self, kind: RequestKind) -> Result<(), TableError> {
-        let firsts: Vec<u64> = (0..self.segments.len())
-            .map(|k| (k * SEGMENT_ENTRIES) as u64)
-            .collect();
-        self.load(&firsts, kind)
     }
 
     /// Fetches segments `wanted` (ascending), joined in as few requests as the gap and size
@@ -307,6 +311,7 @@ impl LazyTable {
             &self.digests[k],
             self.chunk_size,
             self.data_len,
+            &self.order,
         )
     }
 
@@ -316,10 +321,8 @@ impl LazyTable {
         if self.segments[k].set(entries.into_boxed_slice()).is_ok() {
             self.segments_loaded.fetch_add(1, Ordering::Relaxed);
             for (i, e) in self.segments[k].get().into_iter().flatten().enumerate() {
-                index
-                    .entry(e.stored_offset)
-                    .or_default()
-                    .push(first + i as u64);
+                let slot = self.order.slot_at(first + i as u64);
+                index.entry(e.stored_offset).or_default().push(slot);
             }
         }
     }

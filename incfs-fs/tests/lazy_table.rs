@@ -180,3 +180,34 @@ fn concurrent_readers_of_one_segment_fetch_it_once() {
     assert_eq!(s.table_requests, 1);
     assert_eq!(s.table_bytes, SEGMENT_BYTES);
 }
+
+/// In a hot-first image the planned slots' entries lead the table whatever their slot
+/// numbers: a start that reads only planned chunks loads no segment beyond the first read.
+#[test]
+fn a_relaid_table_puts_the_planned_entries_first() {
+    use incfs_fs::format::{RelayoutOptions, relayout};
+    let fx = fixture();
+    let img = Image::open(fx.bytes.clone(), None).unwrap();
+    // 300 slots from every segment, in a scrambled order.
+    let plan: Vec<u64> = (0..300u64).map(|i| (i * 7919) % CHUNKS).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("hot.img");
+    relayout(&img, &plan, &out, &RelayoutOptions::default()).unwrap();
+    let source = Arc::new(MockSource::new(fs::read(&out).unwrap()));
+    let cache = tempfile::tempdir().unwrap();
+    let fs = mount(source.clone(), cache.path());
+    let ino = fs.lookup(1, b"big").unwrap().ino;
+    for &i in plan.iter().rev() {
+        assert_eq!(
+            read_chunk(&fs, ino, i).unwrap(),
+            chunk_bytes(i),
+            "chunk {i}"
+        );
+    }
+    let s = stats(&fs);
+    assert_eq!(s.table_requests, 0, "{s:?}");
+    // A chunk outside the plan, at the table's end, loads its segment.
+    let cold = (0..CHUNKS).rev().find(|c| !plan.contains(c)).unwrap();
+    assert_eq!(read_chunk(&fs, ino, cold).unwrap(), chunk_bytes(cold));
+    assert_eq!(stats(&fs).table_requests, 1);
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use incfs_fs::cache::ChunkCache;
 use incfs_fs::fetch::{FetchConfig, Fetcher, Priority};
-use incfs_fs::format::{Image, PackOptions, pack_dir, read_head, relayout};
+use incfs_fs::format::{Image, PackOptions, RelayoutOptions, pack_dir, read_head, relayout};
 use incfs_fs::prefetch::{PrefetchConfig, Prefetcher};
 use incfs_fs::source::{MetaReader, MockSource, RequestKind, Source};
 use incfs_fs::table::LazyTable;
@@ -42,11 +42,14 @@ fn rig(bytes: Vec<u8>) -> Rig {
     let source = Arc::new(MockSource::new(bytes));
     let head = read_head(&MetaReader(&*source), None).unwrap();
     let dyn_source: Arc<dyn Source> = source.clone();
-    let table = Arc::new(LazyTable::open(
-        Arc::clone(&dyn_source),
-        &head,
-        FetchConfig::default().retry(),
-    ));
+    let table = Arc::new(
+        LazyTable::open(
+            Arc::clone(&dyn_source),
+            &head,
+            FetchConfig::default().retry(),
+        )
+        .unwrap(),
+    );
     let (header, manifest) = (head.header, head.manifest);
     let cache_dir = tempfile::tempdir().unwrap();
     let cache = ChunkCache::open(cache_dir.path(), &header.root_digest, &manifest, &table).unwrap();
@@ -84,7 +87,7 @@ fn a_hot_first_plan_is_fetched_before_any_read_in_few_requests() {
     // Relay the image so the plan's chunks lead the data section, in plan order.
     let img = Image::open(bytes, None).unwrap();
     let out = tmp.path().join("hot.img");
-    relayout(&img, &plan, &out).unwrap();
+    relayout(&img, &plan, &out, &RelayoutOptions::default()).unwrap();
     let r = rig(fs::read(&out).unwrap());
     let p = Prefetcher::start(
         Arc::clone(&r.fetcher),
@@ -193,8 +196,8 @@ fn deduplicated_chunks_in_one_long_request_are_all_served() {
 }
 
 /// A hot-first image whose chunk table is too big for the mount's first read: the plan's
-/// table segments come in one request, then its chunks in one or two, however scattered
-/// the planned slots were in the original image.
+/// entries lead the table (so they came with that read) and its chunks come in one or two
+/// requests, however scattered the planned slots were in the original image.
 #[test]
 fn a_hot_first_plan_with_a_lazy_table_takes_at_most_three_requests() {
     let tmp = tempfile::tempdir().unwrap();
@@ -220,7 +223,7 @@ fn a_hot_first_plan_with_a_lazy_table_takes_at_most_three_requests() {
     let plan: Vec<u64> = (0..200u64).map(|i| (i * 7919) % n).collect();
     let img = Image::open(fs::read(&out).unwrap(), None).unwrap();
     let hot = tmp.path().join("hot.img");
-    relayout(&img, &plan, &hot).unwrap();
+    relayout(&img, &plan, &hot, &RelayoutOptions::default()).unwrap();
     let r = rig(fs::read(&hot).unwrap());
     let before = r.table.stats();
     assert!(before.segments_loaded < before.segments_total);
@@ -238,6 +241,51 @@ fn a_hot_first_plan_with_a_lazy_table_takes_at_most_three_requests() {
         "{} requests for a hot-first plan: {reqs:?}",
         reqs.len()
     );
-    assert_eq!(r.table.stats().requests, 1, "{reqs:?}");
+    // The planned slots' entries lead the relaid table: they came with the first read.
+    assert_eq!(r.table.stats().requests, 0, "{reqs:?}");
     assert_eq!(r.fetcher.cache().local_chunks(), 200);
+}
+
+/// A miss in a frame of several chunks fetches the frame once and stores every chunk of it:
+/// the next reads in the frame are local.
+#[test]
+fn a_miss_in_a_shared_frame_stores_the_whole_frame() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    let data: Vec<u8> = (0..64u64)
+        .flat_map(|i| {
+            let mut b = format!("{i:011} ").into_bytes().repeat(342);
+            b.truncate(CHUNK as usize);
+            b
+        })
+        .collect();
+    fs::write(tree.join("big"), &data).unwrap();
+    let out = tmp.path().join("a.img");
+    let opts = PackOptions {
+        chunk_size: CHUNK as u32,
+        ..PackOptions::default()
+    };
+    pack_dir(&tree, &out, &opts, &()).unwrap();
+    let img = Image::open(fs::read(&out).unwrap(), None).unwrap();
+    let hot = tmp.path().join("hot.img");
+    let frames = RelayoutOptions {
+        frame_bytes: 16 * CHUNK as u32,
+        level: 19,
+    };
+    let plan: Vec<u64> = (0..64).collect();
+    let s = relayout(&img, &plan, &hot, &frames).unwrap();
+    assert_eq!(s.hot_frames, 4);
+    let r = rig(fs::read(&hot).unwrap());
+    r.fetcher.fetch(&[20], Priority::Demand).unwrap();
+    assert_eq!(r.source.requests().len(), 1);
+    assert!((16..32).all(|s| r.fetcher.cache().is_local(s)));
+    assert_eq!(r.fetcher.cache().local_chunks(), 16);
+    r.fetcher.fetch(&[31, 16], Priority::Demand).unwrap();
+    assert_eq!(
+        r.source.requests().len(),
+        1,
+        "the frame is not fetched again"
+    );
+    assert_eq!(r.fetcher.stats().chunks_fetched, 16);
 }

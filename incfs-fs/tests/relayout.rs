@@ -5,7 +5,7 @@ mod common;
 
 use std::fs;
 
-use incfs_fs::format::{Image, PackOptions, pack_dir, relayout};
+use incfs_fs::format::{Image, PackOptions, RelayoutOptions, pack_dir, relayout};
 use incfs_fs::plan::{PLAN_VERSION, PlanEntry, PrefetchPlan};
 
 fn entry(file: &str, first_chunk: u64, chunk_count: u64) -> PlanEntry {
@@ -17,6 +17,12 @@ fn entry(file: &str, first_chunk: u64, chunk_count: u64) -> PlanEntry {
         confidence: 1.0,
     }
 }
+
+/// One chunk per frame, at pack's level: the hot chunks are copied back to back.
+const ONE_PER_FRAME: RelayoutOptions = RelayoutOptions {
+    frame_bytes: 4096,
+    level: 3,
+};
 
 #[test]
 fn hot_chunks_lead_in_plan_order_and_the_tree_is_unchanged() {
@@ -50,9 +56,10 @@ fn hot_chunks_lead_in_plan_order_and_the_tree_is_unchanged() {
     assert_eq!(hot.len(), 6);
 
     let out = tmp.path().join("b.img");
-    let s = relayout(&img, &hot, &out).unwrap();
+    let s = relayout(&img, &hot, &out, &ONE_PER_FRAME).unwrap();
     assert_ne!(s.root_digest, packed.root_digest);
     assert_eq!(s.hot_chunks, 5, "the duplicate chunk is placed once");
+    assert_eq!(s.hot_frames, 5);
     let relaid = Image::open_path(&out, Some(&s.root_digest)).unwrap();
     common::assert_image_matches(&relaid, &tree);
     assert!(relaid.verify(&|_| {}).failures.is_empty());
@@ -125,5 +132,109 @@ fn plans_naming_missing_files_or_chunks_are_refused() {
     let mut wrong = mk(vec![]);
     wrong.chunk_size = 65536;
     assert!(wrong.slots(&p, img.manifest()).is_err());
-    assert!(relayout(&img, &[7], &tmp.path().join("x.img")).is_err());
+    assert!(
+        relayout(
+            &img,
+            &[7],
+            &tmp.path().join("x.img"),
+            &RelayoutOptions::default()
+        )
+        .is_err()
+    );
+}
+
+/// The default layout packs the hot chunks several to a frame, compressed together: the
+/// tree still reads back byte for byte, every chunk verifies, and each hot chunk sits in the
+/// first frames in plan order.
+#[test]
+fn hot_chunks_share_frames_in_plan_order_and_read_back_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    common::odd_tree(&tree, 4096);
+    // Compressible files of many chunks, so frames of several chunks form.
+    for i in 0..4 {
+        let text: Vec<u8> = format!("line {i} of a text that repeats with small changes\n")
+            .into_bytes()
+            .repeat(3000);
+        fs::write(tree.join(format!("t{i}")), text).unwrap();
+    }
+    let img_path = tmp.path().join("a.img");
+    let opts = PackOptions {
+        chunk_size: 4096,
+        ..PackOptions::default()
+    };
+    pack_dir(&tree, &img_path, &opts, &()).unwrap();
+    let img = Image::open_path(&img_path, None).unwrap();
+    let files = img.files();
+    let slots_of = |name: &str| {
+        let f = files.iter().find(|f| f.path == name.as_bytes()).unwrap();
+        f.first_chunk..f.first_chunk + f.chunks
+    };
+    // Interleave the chunks of two files, then a third whole.
+    let hot: Vec<u64> = slots_of("t2")
+        .zip(slots_of("t0"))
+        .flat_map(|(a, b)| [a, b])
+        .chain(slots_of("t3"))
+        .collect();
+    let out = tmp.path().join("b.img");
+    let frame = RelayoutOptions {
+        frame_bytes: 16 * 1024,
+        level: 19,
+    };
+    let s = relayout(&img, &hot, &out, &frame).unwrap();
+    assert!(s.hot_frames > 1 && s.hot_frames < s.hot_chunks, "{s:?}");
+    let relaid = Image::open_path(&out, Some(&s.root_digest)).unwrap();
+    common::assert_image_matches(&relaid, &tree);
+    let report = relaid.verify(&|_| {});
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    // Plan order: by (frame's stored offset, offset in frame).
+    let order: Vec<(u64, u32)> = hot
+        .iter()
+        .map(|s| {
+            let e = relaid.table().get(*s).unwrap();
+            (e.stored_offset, e.frame_offset)
+        })
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
+    assert!(order.iter().all(|(off, _)| *off < s.hot_bytes));
+    // Relaying out the relaid image again (frames in, frames out) keeps every byte.
+    let again = tmp.path().join("c.img");
+    let s2 = relayout(&relaid, &hot[..10], &again, &RelayoutOptions::default()).unwrap();
+    let twice = Image::open_path(&again, Some(&s2.root_digest)).unwrap();
+    common::assert_image_matches(&twice, &tree);
+    assert!(twice.verify(&|_| {}).failures.is_empty());
+}
+
+/// A frame whose stored bytes are damaged fails every chunk it holds, naming them; no chunk
+/// of it is ever returned.
+#[test]
+fn a_damaged_frame_fails_all_its_chunks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    fs::create_dir(&tree).unwrap();
+    fs::write(tree.join("f"), b"some text to compress ".repeat(2000)).unwrap();
+    let img_path = tmp.path().join("a.img");
+    let opts = PackOptions {
+        chunk_size: 4096,
+        ..PackOptions::default()
+    };
+    pack_dir(&tree, &img_path, &opts, &()).unwrap();
+    let img = Image::open_path(&img_path, None).unwrap();
+    let hot: Vec<u64> = (0..img.table().len()).collect();
+    let out = tmp.path().join("b.img");
+    let s = relayout(&img, &hot, &out, &RelayoutOptions::default()).unwrap();
+    assert_eq!(s.hot_frames, 1);
+    let mut bytes = fs::read(&out).unwrap();
+    let relaid = Image::open(bytes.clone(), None).unwrap();
+    let at = relaid.header().data_offset as usize + s.hot_bytes as usize / 2;
+    bytes[at] ^= 0x10;
+    let bad = Image::open(bytes, None).unwrap();
+    let report = bad.verify(&|_| {});
+    assert_eq!(report.failures.len() as u64, bad.table().len());
+    for slot in 0..bad.table().len() {
+        assert!(
+            bad.read_chunk(slot).is_err(),
+            "slot {slot} read despite the damage"
+        );
+    }
 }

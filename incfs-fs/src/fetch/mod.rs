@@ -11,7 +11,7 @@
 //! request. Worker 0 serves only demand, so a miss never waits behind a prefetch.
 //!
 //! A slot is queued or in flight at most once: concurrent readers of one chunk cause one
-//! fetch. Every chunk is decoded and checked against its digest ([`decode_chunk`]) before
+//! fetch. Every chunk is decoded and checked against its digest ([`chunk_of_frame`]) before
 //! it is stored; bytes that do not match are never stored or returned. Failed requests and
 //! chunks that do not verify are retried with exponential backoff, up to
 //! [`FetchConfig::max_attempts`] and [`FetchConfig::retry_timeout`]; then the slot fails
@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::cache::ChunkCache;
-use crate::format::{ChunkEntry, decode_chunk};
+use crate::format::{ChunkEntry, chunk_of_frame, decode_frame};
 use crate::source::{RequestKind, Source};
 use crate::table::{LazyTable, RetryPolicy};
 
@@ -402,12 +402,21 @@ impl Inner {
                 let mut at = first_entry.stored_offset;
                 let mut bytes = 0u64;
                 loop {
-                    let queued: Vec<u64> = self
-                        .table
-                        .slots_at(at)
-                        .into_iter()
+                    let here = self.table.slots_at(at);
+                    let queued = |s: &u64| {
+                        *s == first || matches!(st.slots.get(s), Some(SlotState::Queued(_)))
+                    };
+                    if !here.iter().any(queued) {
+                        break;
+                    }
+                    // A frame of several chunks comes whole: take every chunk of it that is
+                    // neither local nor in flight, asked for or not, so it is stored now
+                    // rather than fetched again with the next miss in the frame.
+                    let queued: Vec<u64> = here
+                        .iter()
+                        .copied()
                         .filter(|s| {
-                            *s == first || matches!(st.slots.get(s), Some(SlotState::Queued(_)))
+                            queued(s) || (!st.slots.contains_key(s) && !self.cache.is_local(*s))
                         })
                         .collect();
                     let Some(len) = queued
@@ -497,6 +506,8 @@ impl Inner {
         let mut consumed = 0u64;
         let mut bad: Vec<(u64, String)> = Vec::new();
         let mut received = 0u64;
+        // The last frame decoded: (stored offset, raw bytes).
+        let mut frame: Option<(u64, Vec<u8>)> = None;
         let result = self.source.read_range_streaming(
             self.data_offset + start,
             len,
@@ -515,7 +526,22 @@ impl Inner {
                     if end > buf.len() {
                         break;
                     }
-                    match self.verify_store(slot, &e, &buf[at..end]) {
+                    // Chunks of one frame come one after another in the run: decode it once.
+                    if frame.as_ref().is_none_or(|(o, _)| *o != e.stored_offset) {
+                        frame = match decode_frame(slot, &e, &buf[at..end]) {
+                            Ok(f) => Some((e.stored_offset, f)),
+                            Err(err) => {
+                                self.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(slot, source = %self.source.describe(), error = %err, "frame did not decode; not using its bytes");
+                                None
+                            }
+                        };
+                    }
+                    let stored = match &frame {
+                        Some((_, f)) => self.verify_store(slot, &e, f),
+                        None => Err(format!("chunk slot {slot}: its frame did not decode")),
+                    };
+                    match stored {
                         Ok(()) => done.push(slot),
                         Err(why) => bad.push((slot, why)),
                     }
@@ -562,10 +588,10 @@ impl Inner {
         (not_done, error)
     }
 
-    /// Decodes and checks one chunk's stored bytes, then stores it. Bytes that do not verify
-    /// are dropped here and never reach the cache.
-    fn verify_store(&self, slot: u64, e: &ChunkEntry, stored: &[u8]) -> Result<(), String> {
-        match decode_chunk(slot, e, stored) {
+    /// Takes one chunk out of its decoded frame, checks it, then stores it. Bytes that do
+    /// not verify are dropped here and never reach the cache.
+    fn verify_store(&self, slot: u64, e: &ChunkEntry, frame: &[u8]) -> Result<(), String> {
+        match chunk_of_frame(slot, e, frame) {
             Ok(raw) => match self.cache.store(slot, &raw) {
                 Ok(()) => {
                     self.chunks_fetched.fetch_add(1, Ordering::Relaxed);

@@ -43,18 +43,24 @@ fn decompress(stored: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
 /// Compresses `raw` at `level`; returns the bytes to store (zstd when strictly smaller, else
 /// `raw` itself) and the digest of `raw`.
 pub fn encode_chunk(raw: &[u8], level: i32) -> Result<(Vec<u8>, Digest), FormatError> {
-    let digest = Digest::of(raw);
-    let packed = compress(raw, level)?;
-    if packed.len() < raw.len() {
-        Ok((packed, digest))
-    } else {
-        Ok((raw.to_vec(), digest))
-    }
+    Ok((encode_frame(raw, level)?, Digest::of(raw)))
 }
 
-/// Decodes the stored bytes of `slot` and checks them against the entry's digest. Never
-/// returns bytes that do not match.
-pub fn decode_chunk(slot: u64, entry: &ChunkEntry, stored: &[u8]) -> Result<Vec<u8>, FormatError> {
+/// Compresses a frame's raw bytes (one chunk, or several laid end to end) at `level`:
+/// zstd when strictly smaller, else the raw bytes themselves.
+pub fn encode_frame(raw: &[u8], level: i32) -> Result<Vec<u8>, FormatError> {
+    let packed = compress(raw, level)?;
+    Ok(if packed.len() < raw.len() {
+        packed
+    } else {
+        raw.to_vec()
+    })
+}
+
+/// Decodes the stored bytes of the frame that holds `slot` (as its entry describes it) into
+/// the frame's raw bytes, checking only their length: take chunks out of it with
+/// [`chunk_of_frame`], which checks each against its digest.
+pub fn decode_frame(slot: u64, entry: &ChunkEntry, stored: &[u8]) -> Result<Vec<u8>, FormatError> {
     let corrupt = |reason: String| FormatError::ChunkCorrupt { slot, reason };
     if stored.len() != entry.stored_len as usize {
         return Err(corrupt(format!(
@@ -64,21 +70,44 @@ pub fn decode_chunk(slot: u64, entry: &ChunkEntry, stored: &[u8]) -> Result<Vec<
         )));
     }
     let raw = if entry.is_compressed() {
-        decompress(stored, entry.raw_len as usize).map_err(|e| corrupt(format!("zstd: {e}")))?
+        decompress(stored, entry.frame_len as usize).map_err(|e| corrupt(format!("zstd: {e}")))?
     } else {
         stored.to_vec()
     };
-    if raw.len() != entry.raw_len as usize {
+    if raw.len() != entry.frame_len as usize {
         return Err(corrupt(format!(
             "decoded {} bytes, expected {}",
             raw.len(),
-            entry.raw_len
+            entry.frame_len
         )));
     }
-    if Digest::of(&raw) != entry.digest {
-        return Err(corrupt("digest mismatch".into()));
-    }
     Ok(raw)
+}
+
+/// The bytes of `slot` in its decoded frame, checked against the entry's digest. Never
+/// returns bytes that do not match.
+pub fn chunk_of_frame(slot: u64, entry: &ChunkEntry, frame: &[u8]) -> Result<Vec<u8>, FormatError> {
+    let start = entry.frame_offset as usize;
+    let raw = start
+        .checked_add(entry.raw_len as usize)
+        .and_then(|end| frame.get(start..end))
+        .ok_or_else(|| FormatError::ChunkCorrupt {
+            slot,
+            reason: format!("frame of {} bytes does not hold the chunk", frame.len()),
+        })?;
+    if Digest::of(raw) != entry.digest {
+        return Err(FormatError::ChunkCorrupt {
+            slot,
+            reason: "digest mismatch".into(),
+        });
+    }
+    Ok(raw.to_vec())
+}
+
+/// Decodes the stored bytes of `slot`'s frame and checks the chunk against the entry's
+/// digest. Never returns bytes that do not match.
+pub fn decode_chunk(slot: u64, entry: &ChunkEntry, stored: &[u8]) -> Result<Vec<u8>, FormatError> {
+    chunk_of_frame(slot, entry, &decode_frame(slot, entry, stored)?)
 }
 
 #[cfg(test)]
@@ -90,6 +119,8 @@ mod tests {
             stored_offset: 0,
             stored_len: stored.len() as u32,
             raw_len: raw.len() as u32,
+            frame_offset: 0,
+            frame_len: raw.len() as u32,
             digest,
         }
     }

@@ -5,7 +5,7 @@ use super::{Digest, FormatError, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 /// The first eight bytes of every image.
 pub const MAGIC: [u8; 8] = *b"INCFSIMG";
 /// The format version this build writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Header length in bytes; the manifest starts right after it.
 pub const HEADER_LEN: usize = 128;
 /// Bytes of the header covered by its checksum (all but the checksum itself).

@@ -1,5 +1,6 @@
 //! Reading an image from anything that serves byte ranges.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -9,7 +10,7 @@ use rayon::prelude::*;
 
 use super::{
     CHUNK_ENTRY_LEN, ChunkTable, Digest, FormatError, Header, Inode, InodeKind, Manifest,
-    decode_chunk,
+    chunk_of_frame, decode_chunk, decode_frame,
 };
 
 /// The first read of a remote image: the header and, for most trees, the whole manifest.
@@ -152,6 +153,7 @@ pub fn read_meta<R: RangeRead + ?Sized>(
         &manifest.segment_digests,
         manifest.chunk_size,
         manifest.data_len,
+        &manifest.order()?,
     )?;
     Ok((header, manifest, table))
 }
@@ -277,6 +279,22 @@ impl<R: RangeRead> Image<R> {
         decode_chunk(slot, entry, &stored)
     }
 
+    /// Reads and decodes the frame holding `slot` (not yet checked against any digest).
+    fn read_frame(&self, slot: u64) -> Result<Vec<u8>, FormatError> {
+        let entry = self
+            .table
+            .get(slot)
+            .ok_or_else(|| FormatError::EntryInvalid {
+                slot,
+                reason: "no such slot".into(),
+            })?;
+        let stored = self.src.read_range(
+            self.header.data_offset + entry.stored_offset,
+            u64::from(entry.stored_len),
+        )?;
+        decode_frame(slot, entry, &stored)
+    }
+
     /// Reads a whole regular file, verifying every chunk.
     pub fn read_file(&self, inode: u32) -> Result<Vec<u8>, FormatError> {
         let Some(Inode {
@@ -319,24 +337,39 @@ impl<R: RangeRead + Sync> Image<R> {
     /// Checks every chunk against its digest, in parallel, calling `progress` with the raw
     /// bytes of each chunk checked. Failures name a file that uses the chunk.
     pub fn verify(&self, progress: &(dyn Fn(u64) + Sync)) -> VerifyReport {
-        let results: Vec<(u64, Result<u64, String>)> = (0..self.table.len())
-            .into_par_iter()
-            .map(|slot| {
-                let r = self.read_chunk(slot).map(|d| d.len() as u64);
-                if let Ok(n) = r {
-                    progress(n);
-                }
-                (slot, r.map_err(|e| e.to_string()))
+        // Slots by the frame that holds them: each frame is read and decoded once.
+        let mut frames: HashMap<(u64, u32, u32), Vec<u64>> = HashMap::new();
+        for (slot, e) in self.table.entries().iter().enumerate() {
+            frames
+                .entry((e.stored_offset, e.stored_len, e.frame_len))
+                .or_default()
+                .push(slot as u64);
+        }
+        let stored_bytes = frames.keys().map(|(_, len, _)| u64::from(*len)).sum();
+        let mut frames: Vec<((u64, u32, u32), Vec<u64>)> = frames.into_iter().collect();
+        frames.sort_unstable_by_key(|(k, _)| *k);
+        let results: Vec<(u64, Result<u64, String>)> = frames
+            .par_iter()
+            .flat_map_iter(|(_, slots)| {
+                let frame = self.read_frame(slots[0]).map_err(|e| e.to_string());
+                slots.iter().map(move |&slot| {
+                    let r = match (&frame, self.table.get(slot)) {
+                        (Ok(f), Some(e)) => chunk_of_frame(slot, e, f)
+                            .map(|d| d.len() as u64)
+                            .map_err(|e| e.to_string()),
+                        (Err(e), _) => Err(e.clone()),
+                        (_, None) => Err(format!("chunk slot {slot}: no such slot")),
+                    };
+                    if let Ok(n) = r {
+                        progress(n);
+                    }
+                    (slot, r)
+                })
             })
             .collect();
         let mut report = VerifyReport {
             chunks: self.table.len(),
-            stored_bytes: self
-                .table
-                .entries()
-                .iter()
-                .map(|e| u64::from(e.stored_len))
-                .sum(),
+            stored_bytes,
             ..VerifyReport::default()
         };
         let files = self.files();

@@ -5,7 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Digest, FormatError, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, SEGMENT_ENTRIES};
+use super::{
+    Digest, FormatError, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, SEGMENT_ENTRIES, SlotRun, TableOrder,
+};
 
 /// Index of the root directory in [`Manifest::inodes`].
 pub const ROOT_INODE: u32 = 0;
@@ -25,6 +27,8 @@ pub struct Manifest {
     pub data_len: u64,
     /// BLAKE3 of each chunk-table segment of [`SEGMENT_ENTRIES`] entries (the last may be short).
     pub segment_digests: Vec<Digest>,
+    /// The order of the chunk table's entries ([`TableOrder`]); empty for slot order.
+    pub table_order: Vec<SlotRun>,
     /// All inodes; index [`ROOT_INODE`] is the root directory.
     pub inodes: Vec<Inode>,
 }
@@ -148,6 +152,11 @@ impl Manifest {
         out
     }
 
+    /// The checked order of the chunk table's entries.
+    pub fn order(&self) -> Result<TableOrder, FormatError> {
+        TableOrder::new(&self.table_order, self.chunk_count)
+    }
+
     /// Serializes and compresses the manifest; returns the stored bytes.
     pub fn encode(&self, level: i32) -> Result<Vec<u8>, FormatError> {
         let raw = postcard::to_stdvec(self)
@@ -212,6 +221,7 @@ impl Manifest {
                 self.chunk_count
             ));
         }
+        self.order()?;
         if self.inodes.len() > u32::MAX as usize {
             return bad("too many inodes".into());
         }

@@ -1,4 +1,4 @@
-//! The incfs image format, version 1 (see `docs/format.md`).
+//! The incfs image format, version 2 (see `docs/format.md`).
 //!
 //! An image is four sections, laid out so that a remote reader needs few round trips:
 //!
@@ -7,9 +7,11 @@
 //!                                                        root digest, header checksum
 //! manifest_offset         manifest (postcard, zstd)      inodes, dirs, files, symlinks,
 //!                                                        xattrs, chunk-table segment digests
-//! chunk_table_offset      chunk table (48-byte entries)  per chunk slot: stored offset,
-//!                                                        stored length, raw length, digest
-//! data_offset             data                           chunks, each zstd or raw
+//! chunk_table_offset      chunk table (56-byte entries)  per chunk slot: its frame's offset
+//!                                                        and lengths, its place in the
+//!                                                        frame, its length and digest
+//! data_offset             data                           frames of one or more chunks,
+//!                                                        each zstd or raw
 //! ```
 //!
 //! The **root digest** is the BLAKE3 digest of the manifest's stored bytes. The manifest holds
@@ -24,10 +26,12 @@ mod image;
 mod manifest;
 mod pack;
 mod relayout;
+mod table_order;
 
-pub use chunk::{decode_chunk, encode_chunk};
+pub use chunk::{chunk_of_frame, decode_chunk, decode_frame, encode_chunk, encode_frame};
 pub use chunk_table::{
-    CHUNK_ENTRY_LEN, ChunkEntry, ChunkTable, SEGMENT_BYTES, SEGMENT_ENTRIES, decode_segment,
+    CHUNK_ENTRY_LEN, ChunkEntry, ChunkTable, MAX_FRAME_LEN, SEGMENT_BYTES, SEGMENT_ENTRIES,
+    decode_segment,
 };
 pub use header::{HEADER_LEN, Header, MAGIC, VERSION};
 pub use image::{
@@ -36,7 +40,8 @@ pub use image::{
 };
 pub use manifest::{DirEntry, Inode, InodeKind, Manifest, ROOT_INODE, Xattr};
 pub use pack::{PackError, PackOptions, PackProgress, PackSummary, pack_dir};
-pub use relayout::{RelayoutSummary, relayout};
+pub use relayout::{RelayoutOptions, RelayoutSummary, relayout};
+pub use table_order::{SlotRun, TableOrder};
 
 use std::fmt;
 

@@ -178,6 +178,7 @@ pub fn pack_dir(
         chunk_count: 0,
         data_len: 0,
         segment_digests: Vec::new(),
+        table_order: Vec::new(),
         inodes: walk.inodes,
     };
     let order = file_order(&manifest);
@@ -277,8 +278,8 @@ pub(crate) fn write_image(
         path: out.to_path_buf(),
         source,
     };
-    let (table_bytes, segment_digests) = table.encode();
     manifest.chunk_count = table.len();
+    let (table_bytes, segment_digests) = table.encode(&manifest.order()?);
     manifest.data_len = data_len;
     manifest.segment_digests = segment_digests;
     manifest.validate()?;
@@ -575,6 +576,8 @@ impl<'a> ChunkWriter<'a> {
                         stored_offset: self.data_len,
                         stored_len: stored.len() as u32,
                         raw_len,
+                        frame_offset: 0,
+                        frame_len: raw_len,
                         digest,
                     };
                     self.data_len += stored.len() as u64;

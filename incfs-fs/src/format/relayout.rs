@@ -1,24 +1,57 @@
 //! Rewriting an image's data section in another order: hot chunks first.
 //!
-//! The manifest's tree is unchanged; only stored offsets move, so the chunk table (and with
-//! it the segment digests and the root digest) changes. Chunks are copied as stored, not
-//! recompressed, and each is verified on the way.
+//! The manifest's tree is unchanged; only where chunks are stored moves, so the chunk table
+//! (and with it the segment digests and the root digest) changes. The table lists the hot
+//! slots' entries first as well ([`TableOrder`]), so a mount loads them in a few segments. The hot chunks — those a
+//! plan names, in plan order — lead the data section packed several to a **frame**
+//! ([`RelayoutOptions::frame_bytes`]) and compressed together at a high level: a start
+//! fetches them all anyway, and machine code compresses ~20 % better in 256 KiB frames than
+//! in 4 KiB chunks. Every other chunk follows in slot order, one per frame, copied as stored.
+//! Each chunk is verified on the way; identical chunks are still stored once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
 use std::path::Path;
 
+use rayon::prelude::*;
+
 use super::pack::{PackError, parent_dir, write_image};
-use super::{ChunkEntry, ChunkTable, Digest, FormatError, Image, RangeRead, decode_chunk};
+use super::{
+    ChunkEntry, ChunkTable, Digest, FormatError, Image, MAX_FRAME_LEN, RangeRead, TableOrder,
+    chunk_of_frame, decode_chunk, decode_frame, encode_frame,
+};
+
+/// How `relayout` stores the hot chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayoutOptions {
+    /// Raw bytes of hot chunks per frame; a frame holds at least one chunk. Default 256 KiB:
+    /// most of the gain of compressing together (1 MiB frames save only 3 % more on clang's
+    /// hot set), while a read that outruns the prefetch waits for at most 256 KiB of it.
+    pub frame_bytes: u32,
+    /// zstd level of the hot frames. Default 19: they are what a start waits for, and they
+    /// are a small part of the image, so the slow level costs seconds at relayout only.
+    pub level: i32,
+}
+
+impl Default for RelayoutOptions {
+    fn default() -> Self {
+        RelayoutOptions {
+            frame_bytes: 256 * 1024,
+            level: 19,
+        }
+    }
+}
 
 /// What `relayout` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayoutSummary {
-    /// Distinct stored chunks placed at the front, in the order asked.
+    /// Distinct chunks placed at the front, in the order asked.
     pub hot_chunks: u64,
-    /// Stored bytes of those chunks: the hot prefix of the data section.
+    /// Stored bytes of the frames holding them: the hot prefix of the data section.
     pub hot_bytes: u64,
-    /// Distinct stored chunks in the image.
+    /// Frames of the hot prefix.
+    pub hot_frames: u64,
+    /// Distinct chunks in the image.
     pub unique_chunks: u64,
     /// Size of the new image.
     pub image_bytes: u64,
@@ -26,13 +59,24 @@ pub struct RelayoutSummary {
     pub root_digest: Digest,
 }
 
+/// Where a chunk went in the new image.
+#[derive(Debug, Clone, Copy)]
+struct Placed {
+    stored_offset: u64,
+    stored_len: u32,
+    frame_offset: u32,
+    frame_len: u32,
+}
+
 /// Writes to `out` a copy of `img` whose data section holds first the chunks of `hot` (chunk
-/// slots, in that order; repeats and slots sharing a stored chunk are placed once), then
-/// every other chunk in slot order. Every chunk is verified as it is copied.
+/// slots, in that order; repeats and identical chunks are placed once) in frames of
+/// `opts.frame_bytes`, then every other chunk in slot order. Every chunk is verified as it
+/// is copied.
 pub fn relayout<R: RangeRead>(
     img: &Image<R>,
     hot: &[u64],
     out: &Path,
+    opts: &RelayoutOptions,
 ) -> Result<RelayoutSummary, PackError> {
     let table = img.table();
     if let Some(&bad) = hot.iter().find(|&&s| s >= table.len()) {
@@ -41,35 +85,85 @@ pub fn relayout<R: RangeRead>(
             table.len()
         )));
     }
+    if opts.frame_bytes > MAX_FRAME_LEN {
+        return Err(PackError::Option(format!(
+            "frame size {} is above the largest a reader accepts ({MAX_FRAME_LEN})",
+            opts.frame_bytes
+        )));
+    }
     let werr = |source: io::Error| PackError::Write {
         path: out.to_path_buf(),
         source,
     };
-    let mut data = tempfile::tempfile_in(parent_dir(out)).map_err(werr)?;
-    // Old stored offset → new stored offset, for chunks already placed.
-    let mut placed: HashMap<u64, u64> = HashMap::new();
-    let mut data_len = 0u64;
-    let mut hot_chunks = 0u64;
-    let mut hot_bytes = 0u64;
-    let mut buf = Vec::new();
-    let data_offset = img.header().data_offset;
-    let order = hot.iter().copied().chain(0..table.len());
-    for (i, slot) in order.enumerate() {
+    let reader = FrameReader::new(img);
+
+    // The hot chunks, cut into frames of raw bytes.
+    let mut placed: HashMap<Digest, Placed> = HashMap::new();
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    // Per hot chunk: (digest, frame index, offset in frame).
+    let mut hot_spots: Vec<(Digest, usize, u32)> = Vec::new();
+    let mut seen: HashSet<Digest> = HashSet::new();
+    let mut current: Vec<u8> = Vec::new();
+    for &slot in hot {
         let Some(e) = table.get(slot) else { continue };
-        if placed.contains_key(&e.stored_offset) {
+        if !seen.insert(e.digest) {
             continue;
         }
-        let stored = img
-            .source()
-            .read_range(data_offset + e.stored_offset, u64::from(e.stored_len))
-            .map_err(FormatError::Io)?;
-        decode_chunk(slot, e, &stored)?;
-        placed.insert(e.stored_offset, data_len);
-        data_len += stored.len() as u64;
-        if i < hot.len() {
-            hot_chunks += 1;
-            hot_bytes += stored.len() as u64;
+        let raw = reader.chunk(slot, e)?;
+        if !current.is_empty() && current.len() + raw.len() > opts.frame_bytes as usize {
+            frames.push(std::mem::take(&mut current));
         }
+        hot_spots.push((e.digest, frames.len(), current.len() as u32));
+        current.extend_from_slice(&raw);
+    }
+    if !current.is_empty() {
+        frames.push(current);
+    }
+    let level = opts.level;
+    let stored_frames: Vec<Vec<u8>> = frames
+        .par_iter()
+        .map(|raw| encode_frame(raw, level))
+        .collect::<Result<_, _>>()?;
+
+    let mut data = tempfile::tempfile_in(parent_dir(out)).map_err(werr)?;
+    let mut data_len = 0u64;
+    let mut frame_at = Vec::with_capacity(stored_frames.len());
+    for f in &stored_frames {
+        frame_at.push(data_len);
+        data.write_all(f).map_err(werr)?;
+        data_len += f.len() as u64;
+    }
+    let hot_bytes = data_len;
+    for (digest, fi, offset) in &hot_spots {
+        placed.insert(
+            *digest,
+            Placed {
+                stored_offset: frame_at[*fi],
+                stored_len: stored_frames[*fi].len() as u32,
+                frame_offset: *offset,
+                frame_len: frames[*fi].len() as u32,
+            },
+        );
+    }
+    drop(frames);
+
+    // Every other chunk, one per frame, in slot order.
+    let mut buf = Vec::new();
+    for (slot, e) in table.entries().iter().enumerate() {
+        if placed.contains_key(&e.digest) {
+            continue;
+        }
+        let stored = reader.single(slot as u64, e)?;
+        placed.insert(
+            e.digest,
+            Placed {
+                stored_offset: data_len,
+                stored_len: stored.len() as u32,
+                frame_offset: 0,
+                frame_len: e.raw_len,
+            },
+        );
+        data_len += stored.len() as u64;
         buf.extend_from_slice(&stored);
         if buf.len() >= 8 << 20 {
             data.write_all(&buf).map_err(werr)?;
@@ -77,27 +171,90 @@ pub fn relayout<R: RangeRead>(
         }
     }
     data.write_all(&buf).map_err(werr)?;
+
     let entries: Vec<ChunkEntry> = table
         .entries()
         .iter()
-        .map(|e| ChunkEntry {
-            stored_offset: placed[&e.stored_offset],
-            ..*e
+        .map(|e| {
+            let p = placed[&e.digest];
+            ChunkEntry {
+                stored_offset: p.stored_offset,
+                stored_len: p.stored_len,
+                raw_len: e.raw_len,
+                frame_offset: p.frame_offset,
+                frame_len: p.frame_len,
+                digest: e.digest,
+            }
         })
         .collect();
     let unique_chunks = placed.len() as u64;
+    // The planned slots' entries lead the chunk table too, so a start loads few segments.
+    let mut manifest = img.manifest().clone();
+    manifest.table_order = TableOrder::runs_for(hot, table.len());
     let header = write_image(
         out,
-        img.manifest().clone(),
+        manifest,
         &ChunkTable::new(entries),
         &mut data,
         data_len,
     )?;
     Ok(RelayoutSummary {
-        hot_chunks,
+        hot_chunks: hot_spots.len() as u64,
         hot_bytes,
+        hot_frames: stored_frames.len() as u64,
         unique_chunks,
         image_bytes: header.image_len(),
         root_digest: header.root_digest,
     })
+}
+
+/// Reads chunks of the source image, keeping the last decoded frame (a source image may
+/// itself hold frames of several chunks).
+struct FrameReader<'a, R: RangeRead> {
+    img: &'a Image<R>,
+    last: std::cell::RefCell<Option<(u64, Vec<u8>)>>,
+}
+
+impl<'a, R: RangeRead> FrameReader<'a, R> {
+    fn new(img: &'a Image<R>) -> Self {
+        FrameReader {
+            img,
+            last: std::cell::RefCell::new(None),
+        }
+    }
+
+    fn stored(&self, e: &ChunkEntry) -> Result<Vec<u8>, FormatError> {
+        Ok(self.img.source().read_range(
+            self.img.header().data_offset + e.stored_offset,
+            u64::from(e.stored_len),
+        )?)
+    }
+
+    /// The verified raw bytes of `slot`.
+    fn chunk(&self, slot: u64, e: &ChunkEntry) -> Result<Vec<u8>, FormatError> {
+        let mut last = self.last.borrow_mut();
+        if last.as_ref().is_none_or(|(at, _)| *at != e.stored_offset) {
+            let frame = decode_frame(slot, e, &self.stored(e)?)?;
+            *last = Some((e.stored_offset, frame));
+        }
+        match last.as_ref() {
+            Some((_, frame)) => chunk_of_frame(slot, e, frame),
+            None => Err(FormatError::ChunkCorrupt {
+                slot,
+                reason: "frame not read".into(),
+            }),
+        }
+    }
+
+    /// The stored bytes of `slot` as a frame of its own: copied when it is one already,
+    /// re-encoded (at zstd level 3, `pack`'s default) when it shares a frame. Verified.
+    fn single(&self, slot: u64, e: &ChunkEntry) -> Result<Vec<u8>, FormatError> {
+        if e.frame_len == e.raw_len {
+            let stored = self.stored(e)?;
+            decode_chunk(slot, e, &stored)?;
+            Ok(stored)
+        } else {
+            encode_frame(&self.chunk(slot, e)?, 3)
+        }
+    }
 }

@@ -14,7 +14,7 @@
 
 pub mod fuse;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -223,7 +223,7 @@ pub struct Stats {
     /// included).
     pub requests: u64,
     /// Of `bytes_fetched`: stored bytes of the fetched chunks that the program read, each
-    /// chunk once (the rest is prefetch or read-ahead it did not use, plus table segments).
+    /// chunk once (a chunk's share of its frame when frames hold several) (the rest is prefetch or read-ahead it did not use, plus table segments).
     /// Reads through a passthrough open are not seen: such an open counts its whole file.
     pub bytes_used: u64,
     /// Of `requests`: requests for chunk-table segments.
@@ -353,6 +353,8 @@ pub struct IncFs {
     /// Slots the program has read (through the file system or a passthrough open), one bit
     /// each: the chunks among them fetched by this mount count in `bytes_used`.
     used: Vec<AtomicU64>,
+    /// Stored chunks (frame offset, offset in frame) counted in `bytes_used`.
+    used_stored: Mutex<HashSet<(u64, u32)>>,
     mount_time: SystemTime,
 }
 
@@ -382,11 +384,14 @@ impl IncFs {
                 }
             }
         };
-        let table = Arc::new(LazyTable::open(
-            Arc::clone(&source),
-            &head,
-            config.fetch.retry(),
-        ));
+        let table =
+            LazyTable::open(Arc::clone(&source), &head, config.fetch.retry()).map_err(|error| {
+                FsError::Meta {
+                    source_name: source_name.clone(),
+                    error,
+                }
+            })?;
+        let table = Arc::new(table);
         let ImageHead {
             header, manifest, ..
         } = head;
@@ -456,6 +461,7 @@ impl IncFs {
             read_log: Mutex::new(Vec::new()),
             counters: Counters::default(),
             used: (0..used_words).map(|_| AtomicU64::new(0)).collect(),
+            used_stored: Mutex::new(HashSet::new()),
             mount_time: SystemTime::now(),
         })
     }
@@ -920,12 +926,17 @@ impl IncFs {
             if w.load(Ordering::Relaxed) & bit != 0 || !self.fetcher.fetched(slot) {
                 continue;
             }
+            // Identical chunks share stored bytes: count each stored chunk once.
             if w.fetch_or(bit, Ordering::Relaxed) & bit == 0
                 && let Some(e) = self.table.get(slot)
+                && self
+                    .used_stored
+                    .lock()
+                    .insert((e.stored_offset, e.frame_offset))
             {
                 self.counters
                     .bytes_used
-                    .fetch_add(u64::from(e.stored_len), Ordering::Relaxed);
+                    .fetch_add(e.stored_share(), Ordering::Relaxed);
             }
         }
     }

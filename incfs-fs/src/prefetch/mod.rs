@@ -265,6 +265,6 @@ impl Shared {
     }
 
     fn stored_len(&self, slot: u64) -> u64 {
-        self.table.get(slot).map_or(0, |e| u64::from(e.stored_len))
+        self.table.get(slot).map_or(0, |e| e.stored_share())
     }
 }
