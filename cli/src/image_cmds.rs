@@ -23,8 +23,8 @@ pub struct PackArgs {
     /// Image file to write.
     #[arg(short, long)]
     output: PathBuf,
-    /// Chunk size: a power of two from 4K to 1M (suffixes K, M; default 16K).
-    #[arg(long, value_parser = parse_size, default_value = "16K")]
+    /// Chunk size: a power of two from 4K to 1M (suffixes K, M).
+    #[arg(long, value_parser = parse_size, default_value = "4K")]
     chunk_size: u64,
     /// zstd level for chunks, 1..=22.
     #[arg(long, default_value_t = 3)]

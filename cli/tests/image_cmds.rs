@@ -187,13 +187,13 @@ fn pack_order_stores_planned_chunks_first_and_writes_their_plan() {
             .unwrap();
         f.first_chunk + chunk
     };
+    // Both planned chunks share the first frame, in plan order.
     let table = image.table();
-    assert_eq!(table.get(slot_of("sub/b.bin", 3)).unwrap().stored_offset, 0);
-    let first_len = u64::from(table.get(slot_of("sub/b.bin", 3)).unwrap().stored_len);
-    assert_eq!(
-        table.get(slot_of("a.txt", 0)).unwrap().stored_offset,
-        first_len
-    );
+    let b3 = table.get(slot_of("sub/b.bin", 3)).unwrap();
+    let a0 = table.get(slot_of("a.txt", 0)).unwrap();
+    assert_eq!((b3.stored_offset, b3.frame_offset), (0, 0));
+    assert_eq!((a0.stored_offset, a0.frame_offset), (0, 4096));
+    assert_eq!(j["hot_bytes"], u64::from(a0.stored_len));
     assert!(incfs(&["verify", img.to_str().unwrap()]).status.success());
     // No temporary image is left beside the output.
     let left: Vec<_> = fs::read_dir(tmp.path())

@@ -49,13 +49,13 @@ use std::fmt;
 pub const MIN_CHUNK_SIZE: u32 = 4 * 1024;
 /// Largest chunk size `pack` accepts.
 pub const MAX_CHUNK_SIZE: u32 = 1024 * 1024;
-/// Default chunk size: 16 KiB, chosen by the start-time benchmark (BENCHMARKS.md, "End to
-/// end"): with a plan and hot-first layout, clang-22 started in 2.13 s at 16 KiB against
-/// 3.09 s at 64 KiB over 20 ms / 100 Mbit/s. 4 KiB was faster still (1.68 s) but makes
-/// the image 16 % larger and its chunk table, which a mount reads whole, four times larger
-/// (12 MiB for a 1 GiB image): it becomes the default once mounts fetch table segments
-/// lazily.
-pub const DEFAULT_CHUNK_SIZE: u32 = 16 * 1024;
+/// Default chunk size: 4 KiB, one page, chosen by the start-time benchmark (BENCHMARKS.md,
+/// "Chunk size and layout"): with a plan and a hot-first image, clang-22 started fastest and
+/// moved the fewest bytes at 4 KiB, at both links measured. The costs of fine chunks are
+/// paid where they do not delay a start: a larger image (+16 % over 64 KiB for clang) and
+/// chunk table (56 bytes a chunk), which a mount loads a segment at a time and a hot-first
+/// image orders so that a start's entries come first.
+pub const DEFAULT_CHUNK_SIZE: u32 = 4 * 1024;
 
 /// A BLAKE3 digest: of a chunk's uncompressed bytes, of a chunk-table segment, or of the
 /// manifest (the image's root digest).
