@@ -85,27 +85,37 @@ impl PrefetchPlan {
             path: path.to_path_buf(),
             source,
         };
-        let invalid = |reason: String| PlanError::Invalid {
-            path: path.to_path_buf(),
-            reason,
-        };
         let mut raw = Vec::new();
         std::fs::File::open(path)
             .map_err(io)?
             .take(MAX_PLAN_BYTES)
             .read_to_end(&mut raw)
             .map_err(io)?;
-        if raw.starts_with(&ZSTD_MAGIC) {
-            let mut out = Vec::new();
-            zstd::Decoder::new(&raw[..])
-                .map_err(io)?
+        PrefetchPlan::parse(path, &raw)
+    }
+
+    /// Parses the bytes of a plan file (JSON, or zstd-compressed JSON); `path` names the
+    /// file in errors.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self, PlanError> {
+        let invalid = |reason: String| PlanError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut out = Vec::new();
+        let raw = if bytes.starts_with(&ZSTD_MAGIC) {
+            zstd::Decoder::new(bytes)
+                .map_err(|source| PlanError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })?
                 .take(MAX_PLAN_BYTES)
                 .read_to_end(&mut out)
                 .map_err(|e| invalid(format!("zstd: {e}")))?;
-            raw = out;
-        }
-        let plan: PrefetchPlan =
-            serde_json::from_slice(&raw).map_err(|e| invalid(e.to_string()))?;
+            &out[..]
+        } else {
+            bytes
+        };
+        let plan: PrefetchPlan = serde_json::from_slice(raw).map_err(|e| invalid(e.to_string()))?;
         if plan.version != PLAN_VERSION {
             return Err(invalid(format!(
                 "version {} (this incfs reads version {PLAN_VERSION})",

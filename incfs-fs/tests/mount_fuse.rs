@@ -2,9 +2,8 @@
 //! local image, from `incfs serve` and from nginx; concurrent random readers; kill -9 and
 //! remount with the same cache; a corrupting source gives EIO; passthrough once local.
 //!
-//! Each mount is served by a child process: this test binary started again to run the
-//! ignored test `daemon_child`, configured by environment variables, so a test can kill -9
-//! the daemon like a real one. Every mount is unmounted by a drop guard, also on failure.
+//! Each mount is served by a child process (`common::daemon`), so a test can kill -9 the
+//! daemon like a real one. Every mount is unmounted by a drop guard, also on failure.
 
 mod common;
 
@@ -15,179 +14,22 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use incfs_datasets::require::{Need, require};
-use incfs_fs::fetch::FetchConfig;
 use incfs_fs::format::{Image, PackOptions, pack_dir};
-use incfs_fs::fs::fuse::{MountOptions, new_session};
-use incfs_fs::fs::{FsConfig, IncFs, Stats};
-use incfs_fs::link::{FaultConfig, FaultKind, LinkConfig};
+use incfs_fs::link::{FaultConfig, FaultKind};
 use incfs_fs::serve::{ServeConfig, Server};
-use incfs_fs::source::{
-    FailingSource, FailureKind, FailurePlan, FileSource, Source, ThrottledSource,
-};
 
-const ENV_SOURCE: &str = "INCFS_TEST_DAEMON_SOURCE";
-const ENV_MNT: &str = "INCFS_TEST_DAEMON_MNT";
-const ENV_CACHE: &str = "INCFS_TEST_DAEMON_CACHE";
-const ENV_CORRUPT: &str = "INCFS_TEST_DAEMON_CORRUPT";
-const ENV_LATENCY: &str = "INCFS_TEST_DAEMON_LATENCY_MS";
+use common::daemon::{Daemon, ENV_LATENCY, drop_caches};
 
 /// The daemon: does nothing unless started by [`Daemon::start`].
 #[test]
 #[ignore = "helper: run by the mount tests as their FUSE daemon"]
 fn daemon_child() {
-    let (Ok(spec), Ok(mnt), Ok(cache)) = (
-        std::env::var(ENV_SOURCE),
-        std::env::var(ENV_MNT),
-        std::env::var(ENV_CACHE),
-    ) else {
-        return;
-    };
-    let base: Arc<dyn Source> = if spec.contains("://") {
-        incfs_fs::source::open(&spec).expect("open source")
-    } else {
-        Arc::new(FileSource::open(Path::new(&spec)).expect("open image"))
-    };
-    let source: Arc<dyn Source> = match std::env::var(ENV_CORRUPT) {
-        Ok(range) => {
-            let (s, e) = range.split_once(':').expect("START:END");
-            Arc::new(FailingSource::new(
-                base,
-                FailurePlan::Range {
-                    start: s.parse().unwrap(),
-                    end: e.parse().unwrap(),
-                },
-                FailureKind::Corrupt,
-            ))
-        }
-        Err(_) => base,
-    };
-    let source: Arc<dyn Source> = match std::env::var(ENV_LATENCY) {
-        Ok(ms) => Arc::new(ThrottledSource::new(
-            source,
-            LinkConfig {
-                latency_ms: ms.parse().unwrap(),
-                ..LinkConfig::default()
-            },
-        )),
-        Err(_) => source,
-    };
-    let mut cfg = FsConfig::new(cache.into());
-    cfg.fetch = FetchConfig {
-        initial_backoff: Duration::from_millis(5),
-        max_attempts: 3,
-        ..FetchConfig::default()
-    };
-    let fs = Arc::new(IncFs::new(source, &cfg).expect("open image"));
-    let session = new_session(fs, Path::new(&mnt), &MountOptions::default()).expect("mount");
-    session.run().expect("serve");
-}
-
-/// A mount served by a child process; unmounted (lazily if need be) and reaped on drop.
-struct Daemon {
-    child: Child,
-    mnt: PathBuf,
-}
-
-impl Daemon {
-    fn start(source: &str, mnt: &Path, cache: &Path, corrupt: Option<(u64, u64)>) -> Daemon {
-        Daemon::start_with(source, mnt, cache, corrupt, &[])
-    }
-
-    fn start_with(
-        source: &str,
-        mnt: &Path,
-        cache: &Path,
-        corrupt: Option<(u64, u64)>,
-        env: &[(&str, String)],
-    ) -> Daemon {
-        let exe = std::env::current_exe().unwrap();
-        let mut cmd = Command::new(exe);
-        cmd.args([
-            "daemon_child",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(ENV_SOURCE, source)
-        .env(ENV_MNT, mnt)
-        .env(ENV_CACHE, cache)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-        if let Some((s, e)) = corrupt {
-            cmd.env(ENV_CORRUPT, format!("{s}:{e}"));
-        }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().unwrap();
-        let mut d = Daemon {
-            child,
-            mnt: mnt.to_path_buf(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while fs::metadata(mnt.join(".incfs/stats")).is_err() {
-            if let Ok(Some(st)) = d.child.try_wait() {
-                panic!("the daemon exited before mounting: {st}");
-            }
-            assert!(Instant::now() < deadline, "the mount did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn stats(&self) -> Stats {
-        serde_json::from_slice(&fs::read(self.mnt.join(".incfs/stats")).unwrap()).unwrap()
-    }
-
-    /// Unmounts and waits for the daemon to record its cache and exit.
-    fn unmount(mut self) {
-        let st = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.mnt)
-            .status()
-            .unwrap();
-        assert!(st.success(), "fusermount3 -u failed");
-        let st = self.child.wait().unwrap();
-        assert!(st.success(), "daemon exited with {st}");
-    }
-
-    /// kill -9 of the daemon, then a lazy unmount of the dead mount.
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg("-z")
-            .arg(&self.mnt)
-            .status();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = Command::new("fusermount3")
-                .arg("-u")
-                .arg("-z")
-                .arg(&self.mnt)
-                .status();
-            std::thread::sleep(Duration::from_millis(100));
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg("-z")
-            .arg(&self.mnt)
-            .stderr(Stdio::null())
-            .status();
-    }
+    common::daemon::child();
 }
 
 fn privileged(name: &str) -> bool {
@@ -454,12 +296,6 @@ fn mount_clang_tree_reads_back_identical_then_passthrough() {
         d.unmount();
     }
     drop(nginx);
-}
-
-fn drop_caches() {
-    // Best effort: needs root, which the caller has.
-    let _ = Command::new("sync").status();
-    let _ = fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
 #[test]

@@ -201,12 +201,12 @@ pub fn pack_dir(
         if let InodeKind::File { first_chunk: f, .. } = &mut manifest.inodes[inode as usize].kind {
             *f = first_chunk;
         }
-        let path = walk.sources[inode as usize].clone().unwrap_or_default();
+        let (path, key) = walk.sources[inode as usize].clone().unwrap_or_default();
         let rerr = |source: io::Error| PackError::Read {
             path: path.clone(),
             source,
         };
-        let mut file = File::open(&path).map_err(rerr)?;
+        let mut file = open_in_tree(&path, key).map_err(rerr)?;
         let mut left = size;
         while left > 0 {
             let n = left.min(u64::from(opts.chunk_size)) as usize;
@@ -328,6 +328,25 @@ fn file_order(m: &Manifest) -> Vec<u32> {
         .collect()
 }
 
+/// Opens the regular file the walk found at `path` with `(dev, ino)` = `key`, without
+/// following a symlink: if the file was replaced since (by a symlink, or by anything through
+/// a directory swapped for a symlink), packing fails instead of storing bytes from outside
+/// the tree.
+fn open_in_tree(path: &Path, key: (u64, u64)) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || (meta.dev(), meta.ino()) != key {
+        return Err(io::Error::other(
+            "the file was replaced while packing (not the file the walk found)",
+        ));
+    }
+    Ok(file)
+}
+
 #[derive(Default)]
 struct Counts {
     files: u64,
@@ -338,8 +357,8 @@ struct Counts {
 
 struct Walk<'a> {
     inodes: Vec<Inode>,
-    /// Source path of each file inode, for the data pass.
-    sources: Vec<Option<PathBuf>>,
+    /// Source path and (dev, ino) of each file inode, for the data pass.
+    sources: Vec<Option<(PathBuf, (u64, u64))>>,
     /// (dev, ino) of multiply-linked files already stored.
     hardlinks: HashMap<(u64, u64), u32>,
     skipped: Vec<(PathBuf, String)>,
@@ -424,7 +443,7 @@ impl Walk<'_> {
                     self.counts.hardlinks += 1;
                     existing
                 } else {
-                    if let Err(e) = File::open(&child) {
+                    if let Err(e) = open_in_tree(&child, key) {
                         self.skip(&child, format!("cannot read: {e}"));
                         continue;
                     }
@@ -436,7 +455,7 @@ impl Walk<'_> {
                         &cmeta,
                         &child,
                     );
-                    self.sources[i as usize] = Some(child.clone());
+                    self.sources[i as usize] = Some((child.clone(), key));
                     self.counts.files += 1;
                     if cmeta.nlink() > 1 {
                         self.hardlinks.insert(key, i);

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs;

@@ -1,0 +1,214 @@
+//! FUSE daemons in child processes, so that a test can kill -9 one like a real daemon.
+//!
+//! A test binary that uses [`Daemon`] defines the ignored test `daemon_child` calling
+//! [`child`]: [`Daemon::start_with`] runs the binary again with that test selected and the
+//! mount described by environment variables. Every mount is unmounted by a drop guard, also
+//! on failure.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use incfs_fs::fetch::FetchConfig;
+use incfs_fs::fs::fuse::{MountOptions, new_session};
+use incfs_fs::fs::{FsConfig, IncFs, Stats};
+use incfs_fs::link::LinkConfig;
+use incfs_fs::plan::PrefetchPlan;
+use incfs_fs::prefetch::PrefetchConfig;
+use incfs_fs::source::{
+    FailingSource, FailureKind, FailurePlan, FileSource, Source, ThrottledSource,
+};
+
+const ENV_SOURCE: &str = "INCFS_TEST_DAEMON_SOURCE";
+const ENV_MNT: &str = "INCFS_TEST_DAEMON_MNT";
+const ENV_CACHE: &str = "INCFS_TEST_DAEMON_CACHE";
+const ENV_CORRUPT: &str = "INCFS_TEST_DAEMON_CORRUPT";
+/// Delay every request to the source by this many milliseconds.
+pub const ENV_LATENCY: &str = "INCFS_TEST_DAEMON_LATENCY_MS";
+/// Prefetch this plan file (then every remaining chunk) from the start.
+pub const ENV_PLAN: &str = "INCFS_TEST_DAEMON_PLAN";
+
+/// The body of the `daemon_child` test: does nothing unless started by [`Daemon::start`].
+pub fn child() {
+    let (Ok(spec), Ok(mnt), Ok(cache)) = (
+        std::env::var(ENV_SOURCE),
+        std::env::var(ENV_MNT),
+        std::env::var(ENV_CACHE),
+    ) else {
+        return;
+    };
+    let base: Arc<dyn Source> = if spec.contains("://") {
+        incfs_fs::source::open(&spec).expect("open source")
+    } else {
+        Arc::new(FileSource::open(Path::new(&spec)).expect("open image"))
+    };
+    let source: Arc<dyn Source> = match std::env::var(ENV_CORRUPT) {
+        Ok(range) => {
+            let (s, e) = range.split_once(':').expect("START:END");
+            Arc::new(FailingSource::new(
+                base,
+                FailurePlan::Range {
+                    start: s.parse().unwrap(),
+                    end: e.parse().unwrap(),
+                },
+                FailureKind::Corrupt,
+            ))
+        }
+        Err(_) => base,
+    };
+    let source: Arc<dyn Source> = match std::env::var(ENV_LATENCY) {
+        Ok(ms) => Arc::new(ThrottledSource::new(
+            source,
+            LinkConfig {
+                latency_ms: ms.parse().unwrap(),
+                ..LinkConfig::default()
+            },
+        )),
+        Err(_) => source,
+    };
+    let mut cfg = FsConfig::new(cache.into());
+    cfg.fetch = FetchConfig {
+        initial_backoff: Duration::from_millis(5),
+        max_attempts: 3,
+        ..FetchConfig::default()
+    };
+    let fs = Arc::new(IncFs::new(source, &cfg).expect("open image"));
+    if let Ok(plan_path) = std::env::var(ENV_PLAN) {
+        let plan_path = Path::new(&plan_path);
+        let plan = PrefetchPlan::load(plan_path).expect("load plan");
+        let pcfg = PrefetchConfig {
+            fetch_all: true,
+            ..PrefetchConfig::default()
+        };
+        fs.start_prefetch(&plan, plan_path, pcfg)
+            .expect("start prefetch");
+    }
+    let session = new_session(fs, Path::new(&mnt), &MountOptions::default()).expect("mount");
+    session.run().expect("serve");
+}
+
+/// A mount served by a child process; unmounted (lazily if need be) and reaped on drop.
+pub struct Daemon {
+    child: Child,
+    mnt: PathBuf,
+}
+
+impl Daemon {
+    /// A daemon mounting `source` (image path or URL) at `mnt` with cache `cache`; with
+    /// `corrupt`, the source's bytes in `start..end` are corrupted.
+    pub fn start(source: &str, mnt: &Path, cache: &Path, corrupt: Option<(u64, u64)>) -> Daemon {
+        Daemon::start_with(source, mnt, cache, corrupt, &[])
+    }
+
+    /// As [`Daemon::start`], with extra environment ([`ENV_LATENCY`], [`ENV_PLAN`]).
+    pub fn start_with(
+        source: &str,
+        mnt: &Path,
+        cache: &Path,
+        corrupt: Option<(u64, u64)>,
+        env: &[(&str, String)],
+    ) -> Daemon {
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = Command::new(exe);
+        cmd.args([
+            "daemon_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ENV_SOURCE, source)
+        .env(ENV_MNT, mnt)
+        .env(ENV_CACHE, cache)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+        if let Some((s, e)) = corrupt {
+            cmd.env(ENV_CORRUPT, format!("{s}:{e}"));
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let mut d = Daemon {
+            child,
+            mnt: mnt.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while fs::metadata(mnt.join(".incfs/stats")).is_err() {
+            if let Ok(Some(st)) = d.child.try_wait() {
+                panic!("the daemon exited before mounting: {st}");
+            }
+            assert!(Instant::now() < deadline, "the mount did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// True while the daemon process runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The mount's `.incfs/stats`.
+    pub fn stats(&self) -> Stats {
+        serde_json::from_slice(&fs::read(self.mnt.join(".incfs/stats")).unwrap()).unwrap()
+    }
+
+    /// Unmounts and waits for the daemon to record its cache and exit.
+    pub fn unmount(mut self) {
+        let st = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.mnt)
+            .status()
+            .unwrap();
+        assert!(st.success(), "fusermount3 -u failed");
+        let st = self.child.wait().unwrap();
+        assert!(st.success(), "daemon exited with {st}");
+    }
+
+    /// kill -9 of the daemon, then a lazy unmount of the dead mount.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.mnt)
+            .status();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&self.mnt)
+                .status();
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.mnt)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Drops the kernel's page cache, so that reads reach the daemon again. Best effort: needs
+/// root, which the mount tests have.
+pub fn drop_caches() {
+    let _ = Command::new("sync").status();
+    let _ = fs::write("/proc/sys/vm/drop_caches", "3");
+}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs one cargo-fuzz target: scripts/fuzz.sh TARGET SECONDS
+#   TARGET: image | chunk | plan | trace (fuzz/fuzz_targets/), SECONDS: how long to run.
+# Installs cargo-fuzz (nightly toolchain) when missing. Starts from the committed corpus in
+# fuzz/corpus/TARGET, adds what it finds there, then minimizes it (cargo fuzz cmin) so the
+# committed corpus stays small; a crash is written to fuzz/artifacts/TARGET/ and fails the
+# run. The corpus is replayed on stable by `cargo test -p incfs-planner --test fuzz_corpus`.
+set -euo pipefail
+cd "$(dirname "$0")/../fuzz"
+
+if [ $# -ne 2 ]; then
+  echo "usage: $0 TARGET SECONDS" >&2
+  exit 2
+fi
+target=$1
+seconds=$2
+
+if ! rustup toolchain list | grep -q '^nightly'; then
+  echo "fuzz: the nightly toolchain is missing (rustup toolchain install nightly)" >&2
+  exit 1
+fi
+if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+  echo "fuzz: installing cargo-fuzz" >&2
+  cargo +nightly install cargo-fuzz --locked
+fi
+
+mkdir -p "corpus/$target"
+# Rust is memory safe: no sanitizer (faster), panics and aborts are what we look for.
+# Inputs above 1 MiB are not interesting and slow everything down; 2 GB of RSS is the limit.
+features=()
+if [ "$target" = trace ]; then features=(--features trace); fi
+cargo +nightly fuzz run --sanitizer none "${features[@]}" "$target" "corpus/$target" -- \
+  -max_total_time="$seconds" -max_len=1048576 -rss_limit_mb=2048 -timeout=30 \
+  -print_final_stats=1
+cargo +nightly fuzz cmin --sanitizer none "${features[@]}" "$target" "corpus/$target"
+echo "fuzz: $target ran ${seconds}s; corpus: $(find "corpus/$target" -type f | wc -l) files," \
+  "$(du -sh "corpus/$target" | cut -f1)"
