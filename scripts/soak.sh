@@ -6,7 +6,7 @@
 #           for SOAK_LOAD_SECS (default 300) s with 64 readers.
 #   faults: the fault workload (incfs-fs/tests/faults_workload.rs) with SOAK_FAULT_RUNS
 #           (default 20) seeds.
-# Built in release mode. Prints each test's own summary lines; results go in
+# Uses the test profile CI builds. Prints each test's own summary lines; results go in
 # docs/reliability.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ what=${1:-all}
 run() { # TEST NAME, then env assignments
   local test=$1 name=$2
   shift 2
-  env "$@" INCFS_REQUIRE_PRIVILEGED=1 cargo test --release -q -p incfs-fs --test "$test" -- \
+  env "$@" INCFS_REQUIRE_PRIVILEGED=1 cargo test -q -p incfs-fs --test "$test" -- \
     --exact "$name" --nocapture 2>&1 | grep -v '^$'
 }
 

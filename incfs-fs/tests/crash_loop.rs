@@ -215,10 +215,12 @@ fn kill9_at_random_moments_while_prefetching_then_remount() {
             .collect(),
     };
     plan.save(&path("plan.json")).unwrap();
-    // 40 Mbit/s: the 48 MiB take ~10 s, so most rounds are killed in the middle of fetching.
+    // A link on which the whole image takes about 0.4 s per round (50 Mbit/s for 20 rounds),
+    // so that most rounds are killed in the middle of fetching however many there are.
+    let stored = fs::metadata(&img).unwrap().len() as f64;
     let mut cfg = ServeConfig::new(&img);
     cfg.link = LinkConfig {
-        bandwidth_mbit: Some(40.0),
+        bandwidth_mbit: Some(stored * 8.0 / 1e6 / (rounds as f64 * 0.4)),
         ..LinkConfig::default()
     };
     let server = Server::start(cfg).unwrap();
