@@ -118,6 +118,9 @@ fn with_manifest(img: &Path, edit: impl FnOnce(&mut Manifest)) -> Vec<u8> {
     out
 }
 
+/// A change a hostile server makes to a manifest.
+type Edit = Box<dyn FnOnce(&mut Manifest)>;
+
 #[test]
 fn images_whose_names_could_escape_are_refused_at_open_and_mount() {
     let dir = tempfile::tempdir().unwrap();
@@ -146,7 +149,7 @@ fn images_whose_names_could_escape_are_refused_at_open_and_mount() {
             }
         }
     };
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Manifest)>)> = vec![
+    let cases: Vec<(&str, Edit)> = vec![
         ("dot-dot", Box::new(renamed(b".."))),
         ("dot", Box::new(renamed(b"."))),
         ("slash", Box::new(renamed(b"../../etc/passwd"))),
