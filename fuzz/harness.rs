@@ -9,7 +9,7 @@ use std::path::Path;
 
 use incfs_fs::format::{
     ChunkEntry, Digest, DirEntry, HEADER_LEN, Header, Image, Inode, InodeKind, MAX_CHUNK_SIZE,
-    Manifest, decode_chunk,
+    MAX_FRAME_LEN, Manifest, decode_chunk,
 };
 use incfs_fs::plan::PrefetchPlan;
 
@@ -110,29 +110,34 @@ fn manifest(raw: &[u8]) {
     }
 }
 
-/// One stored chunk: bytes 0..4 the raw length (little endian, folded into 1..=1 MiB),
-/// byte 4 flags, the rest the stored bytes. With flag bit 0 the entry's digest is that of
-/// what a reference zstd decoder makes of the stored bytes, so that valid chunks are found;
-/// `decode_chunk` must then return exactly those bytes. Whatever it returns must match the
-/// entry's length and digest.
+/// One stored frame and a chunk in it: bytes 0..4 the frame's raw length (folded into
+/// 1..=[`MAX_FRAME_LEN`]), 4..8 the chunk's raw length (folded into 1..=min(frame length,
+/// [`MAX_CHUNK_SIZE`])), 8..12 the chunk's offset in the frame (folded so that it fits),
+/// byte 12 flags, the rest the stored bytes. With flag bit 0 the entry's digest is that of
+/// the chunk a reference zstd decoder finds in the stored bytes, so that valid chunks are
+/// found; `decode_chunk` must then return exactly those bytes. Whatever it returns must
+/// match the entry's length and digest.
 pub fn chunk(data: &[u8]) {
-    if data.len() < 5 {
+    if data.len() < 14 {
         return;
     }
-    let raw_len = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) % MAX_CHUNK_SIZE + 1;
-    let stored = &data[5..data.len().min(5 + raw_len as usize)];
+    let u32_at = |o: usize| u32::from_le_bytes([data[o], data[o + 1], data[o + 2], data[o + 3]]);
+    let frame_len = u32_at(0) % MAX_FRAME_LEN + 1;
+    let raw_len = u32_at(4) % frame_len.min(MAX_CHUNK_SIZE) + 1;
+    let frame_offset = u32_at(8) % (frame_len - raw_len + 1);
+    let stored = &data[13..data.len().min(13 + frame_len as usize)];
     let Ok(stored_len) = u32::try_from(stored.len()) else {
         return;
     };
-    if stored_len == 0 {
-        return;
-    }
-    let reference = if stored_len == raw_len {
+    let reference = if stored_len == frame_len {
         Some(stored.to_vec())
     } else {
-        zstd::bulk::decompress(stored, raw_len as usize).ok()
+        zstd::bulk::decompress(stored, frame_len as usize).ok()
     };
-    let digest = match (&reference, data[4] & 1) {
+    let reference = reference
+        .filter(|f| f.len() == frame_len as usize)
+        .map(|f| f[frame_offset as usize..(frame_offset + raw_len) as usize].to_vec());
+    let digest = match (&reference, data[12] & 1) {
         (Some(r), 1) => Digest::of(r),
         _ => Digest::of(stored),
     };
@@ -140,6 +145,8 @@ pub fn chunk(data: &[u8]) {
         stored_offset: 0,
         stored_len,
         raw_len,
+        frame_offset,
+        frame_len,
         digest,
     };
     match decode_chunk(7, &entry, stored) {
@@ -151,7 +158,7 @@ pub fn chunk(data: &[u8]) {
             );
         }
         Err(e) => {
-            if let Some(r) = reference.filter(|r| r.len() == raw_len as usize) {
+            if let Some(r) = reference {
                 assert!(Digest::of(&r) != digest, "a valid chunk was refused: {e}");
             }
         }
@@ -180,6 +187,7 @@ fn plan_manifest() -> Manifest {
         chunk_count: 4,
         data_len: 16384,
         segment_digests: vec![Digest([0; 32])],
+        table_order: Vec::new(),
         inodes: vec![
             inode(InodeKind::Dir {
                 entries: vec![entry(b"a", 1), entry(b"dir", 2), entry(b"e", 4)],
