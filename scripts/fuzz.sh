@@ -29,9 +29,15 @@ mkdir -p "corpus/$target"
 # Inputs above 1 MiB are not interesting and slow everything down; 2 GB of RSS is the limit.
 features=()
 if [ "$target" = trace ]; then features=(--features trace); fi
+# FUZZ_KEEP_GOING=1: run in libFuzzer's fork mode, which goes on after a crash (each one
+# still lands in fuzz/artifacts/TARGET/), to collect every finding of a run at once.
+keep_going=()
+if [ "${FUZZ_KEEP_GOING:-0}" = 1 ]; then
+  keep_going=(-fork=1 -ignore_crashes=1 -ignore_ooms=1 -ignore_timeouts=1)
+fi
 cargo +nightly fuzz run --sanitizer none "${features[@]}" "$target" "corpus/$target" -- \
   -max_total_time="$seconds" -max_len=1048576 -rss_limit_mb=2048 -timeout=30 \
-  -print_final_stats=1
+  -print_final_stats=1 "${keep_going[@]}"
 # Minimize: libFuzzer's merge of the corpus into an empty directory (what `cargo fuzz cmin`
 # does, but through `run`, whose build is already up to date); inputs are cut to 64 KiB there,
 # which kept every coverage edge of the chunk target and halved its corpus.

@@ -329,17 +329,39 @@ pub fn read_trace_columns(
     path: &Path,
     columns: Option<&[&str]>,
 ) -> Result<(TraceMeta, DataFrame), TraceError> {
-    let (meta, mut reader) = open_trace(path)?;
-    if let Some(cols) = columns {
-        reader = reader.with_columns(Some(cols.iter().map(|c| c.to_string()).collect()));
-    }
-    let df = reader.finish().map_err(|e| not_parquet(path, e))?;
-    Ok((meta, df))
+    guard_panics(path, || {
+        let (meta, mut reader) = open_trace(path)?;
+        if let Some(cols) = columns {
+            reader = reader.with_columns(Some(cols.iter().map(|c| c.to_string()).collect()));
+        }
+        let df = reader.finish().map_err(|e| not_parquet(path, e))?;
+        Ok((meta, df))
+    })
 }
 
 /// Reads only a trace's metadata (checking its schema and version).
 pub fn read_trace_meta(path: &Path) -> Result<TraceMeta, TraceError> {
-    open_trace(path).map(|(meta, _)| meta)
+    guard_panics(path, || open_trace(path).map(|(meta, _)| meta))
+}
+
+/// Runs `read` on the trace at `path`, turning a panic into an error naming the file: the
+/// Parquet reader panics on some malformed files (e.g. a column chunk whose metadata lacks
+/// its byte range, found by `fuzz/` target `trace`) instead of returning an error.
+fn guard_panics<T>(
+    path: &Path,
+    read: impl FnOnce() -> Result<T, TraceError>,
+) -> Result<T, TraceError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown failure".into());
+        Err(TraceError::NotParquet {
+            path: path.to_path_buf(),
+            reason: format!("the Parquet reader failed on it: {what}"),
+        })
+    })
 }
 
 fn not_parquet(path: &Path, e: PolarsError) -> TraceError {

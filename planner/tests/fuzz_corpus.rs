@@ -60,3 +60,17 @@ fn plan_corpus() {
 fn trace_corpus() {
     replay("trace", trace_harness::trace);
 }
+
+#[test]
+fn trace_findings_are_errors_naming_the_file() {
+    for path in inputs("regressions", "trace") {
+        let err = incfs_planner::trace::read_trace(&path)
+            .expect_err("a malformed trace was accepted")
+            .to_string();
+        assert!(
+            err.contains(&path.display().to_string()),
+            "{}: {err}",
+            path.display()
+        );
+    }
+}
