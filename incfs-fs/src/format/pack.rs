@@ -611,3 +611,29 @@ impl<'a> ChunkWriter<'a> {
         self.out.write_all(&buf)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_in_tree_refuses_a_file_replaced_since_the_walk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, outside) = (dir.path().join("f"), dir.path().join("outside"));
+        fs::write(&f, b"in the tree").unwrap();
+        fs::write(&outside, b"secret").unwrap();
+        let m = fs::metadata(&f).unwrap();
+        let key = (m.dev(), m.ino());
+        assert!(open_in_tree(&f, key).is_ok());
+        // Swapped for a symlink to a file outside the tree: not followed.
+        fs::remove_file(&f).unwrap();
+        std::os::unix::fs::symlink(&outside, &f).unwrap();
+        let e = open_in_tree(&f, key).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
+        // Swapped for another file: not the one the walk found.
+        fs::remove_file(&f).unwrap();
+        fs::hard_link(&outside, &f).unwrap();
+        let e = open_in_tree(&f, key).unwrap_err();
+        assert!(e.to_string().contains("replaced while packing"), "{e}");
+    }
+}
