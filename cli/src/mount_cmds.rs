@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::image_cmds::{human, required_digest};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use incfs_fs::fs::fuse::{MountOptions, new_session};
+use incfs_fs::fs::fuse::{MountOptions, new_session, run_session};
 use incfs_fs::fs::{CONTROL_DIR, FsConfig, IncFs, STATS_FILE};
 use incfs_fs::plan::PrefetchPlan;
 use incfs_fs::prefetch::PrefetchConfig;
@@ -286,7 +286,7 @@ fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     let runner = std::thread::Builder::new()
         .name("incfs-session".into())
         .spawn(move || {
-            let r = session.run();
+            let r = run_session(session);
             // Wake the main thread, which waits for signals.
             // SAFETY: kill with our own pid and a valid signal number has no preconditions.
             unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) };

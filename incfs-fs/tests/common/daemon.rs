@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use incfs_fs::fetch::FetchConfig;
-use incfs_fs::fs::fuse::{MountOptions, new_session};
+use incfs_fs::fs::fuse::{MountOptions, new_session, run_session};
 use incfs_fs::fs::{FsConfig, IncFs, Stats};
 use incfs_fs::link::LinkConfig;
 use incfs_fs::plan::PrefetchPlan;
@@ -86,7 +86,7 @@ pub fn child() {
             .expect("start prefetch");
     }
     let session = new_session(fs, Path::new(&mnt), &MountOptions::default()).expect("mount");
-    session.run().expect("serve");
+    run_session(session).expect("serve");
 }
 
 /// A mount served by a child process; unmounted (lazily if need be) and reaped on drop.
