@@ -1,0 +1,726 @@
+//! The end-to-end bench: how long a program takes to start from a tree served over an
+//! emulated link, by method, incfs and its strongest peers side by side.
+//!
+//! Workloads (`--workload`, see workload.rs): clang-22 compiling hello.c, python3 importing
+//! sympy and networkx, the synthetic app. Methods (`--methods`, all by default), interleaved in
+//! every round, the page cache dropped and every cache emptied before each run:
+//! - `local cold`: the tree on local disk (the limit);
+//! - `full download (tar.zst)`: one GET of the tree as a zstd tarball, unpack, run;
+//! - `full download (tree)`: `rclone copy` of the tree's files, then run;
+//! - `rclone full` / `rclone off`: `rclone mount` of the tree over HTTP, VFS cache full
+//!   (with read-ahead) or off;
+//! - `nydus lazy` / `nydus + prefetch list`: nydusd (FUSE) on a zstd RAFS image whose blob
+//!   it reads with Range requests, without and with the list of files the workload reads;
+//! - `incfs lazy`: `incfs run` of the image, no plan;
+//! - `incfs + plan`: `incfs run` of the hot-first image with its plan, made from other runs
+//!   (never the measured one); `incfs + plan, pack layout` (not run by default): the same plan
+//!   on the image as `pack` laid it out.
+//!
+//! One server, the bench's own `incfs serve` (directory listings, single Range requests,
+//! per-request latency + one shared token bucket), serves every method over the same link
+//! and counts the bytes. Time = from the first request (or the mount command) to the
+//! workload's exit: downloads, unpacking, mounts and metadata fetches are included.
+//!
+//! The ideal is max(local cold, latency + stored demand set / bandwidth). The demand set is
+//! measured by the bench itself in an unmeasured run without plan (kernel readahead off): the
+//! chunks of the incfs image that the pages the program asked for fall in, at their stored
+//! (compressed) size.
+
+mod mount;
+mod nydus;
+mod rclone;
+mod report;
+mod workload;
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use incfs_fs::format::Image;
+use incfs_fs::link::LinkConfig;
+use incfs_fs::serve::{ServeConfig, Server};
+use incfs_fs::source::{HttpConfig, HttpSource, RequestKind, Source};
+use serde::Serialize;
+
+use workload::{Kind, SynthOptions, Workload};
+
+#[derive(Parser)]
+#[command(about = "Start-time bench of incfs against local, full download, rclone and Nydus")]
+struct Args {
+    /// Working directory (tree, images, plans, results).
+    #[arg(long, default_value = "out/bench")]
+    out: PathBuf,
+    /// The workload.
+    #[arg(long, value_enum, default_value_t = Kind::Clang)]
+    workload: Kind,
+    /// Emulated per-request latency, ms.
+    #[arg(long, default_value_t = 20)]
+    latency_ms: u64,
+    /// Emulated bandwidth, Mbit/s.
+    #[arg(long, default_value_t = 100.0)]
+    bandwidth_mbit: f64,
+    /// Measured rounds (each runs every method once); medians are reported.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Methods to run, comma-separated (default: all but `incfs-plan-pack-layout`).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    methods: Vec<Method>,
+    /// Runs recorded to make the plan (not measured).
+    #[arg(long, default_value_t = 2)]
+    plan_runs: usize,
+    /// Chunk size of the incfs image (default: incfs pack's).
+    #[arg(long)]
+    chunk_size: Option<String>,
+    /// Where the plan's input comes from: eBPF traces, the mount's read-log, or eBPF when
+    /// it works and the read-log otherwise.
+    #[arg(long, value_enum, default_value_t = PlanSource::Auto)]
+    plan_source: PlanSource,
+    /// The incfs binary (default: next to this one).
+    #[arg(long)]
+    incfs: Option<PathBuf>,
+    /// Directory with nydusd and nydus-image (default: PATH).
+    #[arg(long, env = "INCFS_PEERS_BIN")]
+    peers_bin: Option<PathBuf>,
+    /// Synthetic workload: files.
+    #[arg(long, default_value_t = 200)]
+    synth_files: usize,
+    /// Synthetic workload: bytes per file (K, M suffixes).
+    #[arg(long, default_value = "1M")]
+    synth_size: String,
+    /// Synthetic workload: access pattern (seq, scattered, mmap, multiproc).
+    #[arg(long, default_value = "scattered")]
+    synth_pattern: String,
+    /// Synthetic workload: share of files (seq) or pages (others) read.
+    #[arg(long, default_value_t = 0.1)]
+    synth_fraction: f64,
+    /// Write every run and the medians as JSON here (default: OUT/results.json).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PlanSource {
+    Auto,
+    Trace,
+    ReadLog,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Debug)]
+pub enum Method {
+    LocalCold,
+    DownloadTarZst,
+    DownloadTree,
+    RcloneFull,
+    RcloneOff,
+    NydusLazy,
+    NydusPrefetch,
+    IncfsLazy,
+    IncfsPlanPackLayout,
+    IncfsPlan,
+}
+
+impl Method {
+    pub fn label(self) -> &'static str {
+        match self {
+            Method::LocalCold => "local cold",
+            Method::DownloadTarZst => "full download (tar.zst)",
+            Method::DownloadTree => "full download (tree)",
+            Method::RcloneFull => "rclone full",
+            Method::RcloneOff => "rclone off",
+            Method::NydusLazy => "nydus lazy",
+            Method::NydusPrefetch => "nydus + prefetch list",
+            Method::IncfsLazy => "incfs lazy",
+            Method::IncfsPlanPackLayout => "incfs + plan, pack layout",
+            Method::IncfsPlan => "incfs + plan",
+        }
+    }
+}
+
+#[derive(Serialize, Clone)]
+pub struct Sample {
+    pub method: &'static str,
+    pub round: usize,
+    pub seconds: f64,
+    pub bytes_moved: u64,
+    pub requests: u64,
+}
+
+#[derive(Serialize)]
+pub struct Summary {
+    pub method: &'static str,
+    pub median_s: f64,
+    pub min_s: f64,
+    pub max_s: f64,
+    pub bytes_moved: u64,
+    pub requests: u64,
+    pub ratio_to_ideal: f64,
+}
+
+#[derive(Serialize)]
+pub struct Results {
+    pub workload: String,
+    pub latency_ms: u64,
+    pub bandwidth_mbit: f64,
+    pub rounds: usize,
+    pub chunk_size: u32,
+    pub plan_source: String,
+    pub git_commit: String,
+    pub started_utc: String,
+    pub tree_bytes: u64,
+    pub tree_files: u64,
+    pub image_bytes: u64,
+    pub tar_zst_bytes: u64,
+    pub nydus_blob_bytes: u64,
+    pub demand_set_stored_bytes: u64,
+    pub ideal_s: f64,
+    pub samples: Vec<Sample>,
+    pub summary: Vec<Summary>,
+}
+
+/// What the methods share: paths, servers, images.
+struct Ctx {
+    incfs: PathBuf,
+    peers_bin: PathBuf,
+    work: Workload,
+    tree: PathBuf,
+    scratch: PathBuf,
+    server: Server,
+    img_url: String,
+    hot_url: String,
+    plan: PathBuf,
+    hot_plan: PathBuf,
+    nydus_lazy: Option<nydus::NydusImage>,
+    nydus_prefetch: Option<nydus::NydusImage>,
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    let methods: Vec<Method> = if a.methods.is_empty() {
+        vec![
+            Method::LocalCold,
+            Method::DownloadTarZst,
+            Method::DownloadTree,
+            Method::RcloneFull,
+            Method::RcloneOff,
+            Method::NydusLazy,
+            Method::NydusPrefetch,
+            Method::IncfsLazy,
+            Method::IncfsPlan,
+        ]
+    } else {
+        let set: BTreeSet<Method> = a.methods.iter().copied().collect();
+        set.into_iter().collect()
+    };
+    let incfs = match &a.incfs {
+        Some(p) => p.clone(),
+        None => workload::sibling("incfs")?,
+    };
+    let peers_bin = a.peers_bin.clone().unwrap_or_default();
+    let needs = |m: &[Method]| m.iter().any(|x| methods.contains(x));
+    if needs(&[Method::NydusLazy, Method::NydusPrefetch])
+        && Command::new(peers_bin.join("nydusd"))
+            .arg("--version")
+            .output()
+            .is_err()
+    {
+        bail!("nydusd not found (in --peers-bin or PATH): run datasets/peers/setup.sh");
+    }
+    if needs(&[Method::RcloneFull, Method::RcloneOff, Method::DownloadTree])
+        && Command::new("rclone").arg("version").output().is_err()
+    {
+        bail!("rclone not found: run datasets/peers/setup.sh (apt-get install rclone)");
+    }
+    std::fs::create_dir_all(&a.out)?;
+    let out = a.out.canonicalize()?;
+    let serve_dir = out.join("serve");
+    let tree = serve_dir.join("tree");
+    let scratch = out.join("scratch");
+    std::fs::create_dir_all(&serve_dir)?;
+    let started_utc = utc_now();
+
+    eprintln!("[bench] building the workload's tree");
+    let synth = SynthOptions {
+        files: a.synth_files,
+        size: a.synth_size.clone(),
+        pattern: a.synth_pattern.clone(),
+        fraction: a.synth_fraction,
+    };
+    let work = Workload::build(a.workload, &tree, &out.join("hello.o"), &synth)?;
+    let (tree_bytes, tree_files) = tree_size(&tree)?;
+
+    eprintln!("[bench] packing");
+    let img = serve_dir.join("image.img");
+    let mut pack = Command::new(&incfs);
+    pack.arg("pack");
+    if let Some(c) = &a.chunk_size {
+        pack.args(["--chunk-size", c]);
+    }
+    check(pack.arg("-o").arg(&img).arg(&tree), "packing")?;
+    let image_bytes = std::fs::metadata(&img)?.len();
+    let chunk_size = Image::open_path(&img, None)?.manifest().chunk_size;
+
+    let tar = serve_dir.join("tree.tar.zst");
+    if methods.contains(&Method::DownloadTarZst) {
+        check(
+            Command::new("tar")
+                .args(["--zstd", "-cf"])
+                .arg(&tar)
+                .arg("-C")
+                .arg(&tree)
+                .arg("."),
+            "making tree.tar.zst",
+        )?;
+    }
+    let tar_zst_bytes = std::fs::metadata(&tar).map(|m| m.len()).unwrap_or(0);
+
+    // Setup runs go to a second server on the same files without link emulation: what they
+    // record does not depend on the link, and they are not measured.
+    let fast = Server::start(ServeConfig::new(&serve_dir)).context("starting the setup server")?;
+    let mut serve = ServeConfig::new(&serve_dir);
+    serve.link = LinkConfig {
+        latency_ms: a.latency_ms,
+        bandwidth_mbit: Some(a.bandwidth_mbit),
+        ..LinkConfig::default()
+    };
+    let server = Server::start(serve).context("starting incfs serve")?;
+
+    eprintln!("[bench] measuring the demand set (one unmeasured run without plan)");
+    let demand_log = out.join("demand.read-log");
+    check(
+        Command::new(&incfs)
+            .args(["run", "--image", &fast.url("image.img"), "--read-log-out"])
+            .arg(&demand_log)
+            .arg("--")
+            .args(work.argv("{mnt}")),
+        "the demand run",
+    )?;
+    let (demand, read_files) = stored_demand_set(&img, &demand_log)?;
+
+    // The plan, from runs that are not measured.
+    let mut source_used = a.plan_source;
+    let mut inputs = Vec::new();
+    for i in 0..a.plan_runs {
+        drop_caches();
+        let mut done = false;
+        if matches!(source_used, PlanSource::Auto | PlanSource::Trace) {
+            let trace = out.join(format!("plan-run-{i}.parquet"));
+            let mut cmd = Command::new(&incfs);
+            cmd.args(["run", "--image", &fast.url("image.img"), "--"])
+                .arg(&incfs)
+                .args(["record-trace", "-o"])
+                .arg(&trace)
+                .args(["--root", "{mnt}", "--"])
+                .args(work.argv("{mnt}"));
+            match check(&mut cmd, "recording a trace") {
+                Ok(()) => {
+                    source_used = PlanSource::Trace;
+                    inputs.push(trace);
+                    done = true;
+                }
+                Err(e) if source_used == PlanSource::Auto => {
+                    eprintln!(
+                        "[bench] eBPF recording unavailable ({e:#}); planning from the mount's read-log instead"
+                    );
+                    source_used = PlanSource::ReadLog;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !done {
+            let log = out.join(format!("plan-run-{i}.read-log"));
+            check(
+                Command::new(&incfs)
+                    .args(["run", "--image", &fast.url("image.img"), "--read-log-out"])
+                    .arg(&log)
+                    .arg("--")
+                    .args(work.argv("{mnt}")),
+                "a plan run",
+            )?;
+            source_used = PlanSource::ReadLog;
+            inputs.push(log);
+        }
+    }
+    drop(fast);
+    let plan = out.join("image.plan.json");
+    eprintln!("[bench] planning from {} runs", inputs.len());
+    check(
+        Command::new(&incfs)
+            .arg("plan")
+            .args(&inputs)
+            .arg("--image")
+            .arg(&img)
+            .arg("-o")
+            .arg(&plan),
+        "planning",
+    )?;
+    let hot_img = serve_dir.join("image-hot.img");
+    let hot_plan = out.join("image-hot.plan.json");
+    check(
+        Command::new(&incfs)
+            .arg("relayout")
+            .arg(&img)
+            .arg("--plan")
+            .arg(&plan)
+            .arg("-o")
+            .arg(&hot_img)
+            .arg("--plan-out")
+            .arg(&hot_plan),
+        "relaying out hot-first",
+    )?;
+
+    let (mut nydus_lazy, mut nydus_prefetch) = (None, None);
+    if methods.contains(&Method::NydusLazy) {
+        eprintln!("[bench] building the Nydus image");
+        nydus_lazy = Some(nydus::build(
+            &peers_bin,
+            &tree,
+            &serve_dir,
+            "nydus-lazy",
+            None,
+        )?);
+    }
+    if methods.contains(&Method::NydusPrefetch) {
+        // The files the workload read in the demand run (not a measured run).
+        eprintln!(
+            "[bench] building the Nydus image with a prefetch list of {} files",
+            read_files.len()
+        );
+        nydus_prefetch = Some(nydus::build(
+            &peers_bin,
+            &tree,
+            &serve_dir,
+            "nydus-prefetch",
+            Some(&read_files),
+        )?);
+    }
+    let nydus_blob_bytes = nydus_lazy
+        .as_ref()
+        .or(nydus_prefetch.as_ref())
+        .map_or(0, |n| n.blob_bytes);
+
+    eprintln!(
+        "[bench] {}: {} rounds over an emulated {} ms / {} Mbit/s link",
+        work.title, a.runs, a.latency_ms, a.bandwidth_mbit
+    );
+    let ctx = Ctx {
+        incfs: incfs.clone(),
+        peers_bin,
+        img_url: server.url("image.img"),
+        hot_url: server.url("image-hot.img"),
+        work,
+        tree,
+        scratch,
+        server,
+        plan,
+        hot_plan,
+        nydus_lazy,
+        nydus_prefetch,
+    };
+    let mut samples = Vec::new();
+    for round in 0..a.runs {
+        for &m in &methods {
+            let s = run_method(&ctx, m, round)?;
+            eprintln!(
+                "[bench] round {round} {:<26} {:>7.2} s  {:>7.1} MiB  {:>5} requests",
+                m.label(),
+                s.seconds,
+                s.bytes_moved as f64 / 1048576.0,
+                s.requests
+            );
+            samples.push(s);
+        }
+    }
+
+    let local = report::median_of(&samples, Method::LocalCold.label());
+    let link_ideal =
+        a.latency_ms as f64 / 1e3 + demand as f64 * 8.0 / (a.bandwidth_mbit * 1e6);
+    let ideal = local.map_or(link_ideal, |l| l.max(link_ideal));
+    let summary = report::summarize(&samples, &methods, ideal);
+    let results = Results {
+        workload: ctx.work.title.clone(),
+        latency_ms: a.latency_ms,
+        bandwidth_mbit: a.bandwidth_mbit,
+        rounds: a.runs,
+        chunk_size,
+        plan_source: match source_used {
+            PlanSource::Trace => "ebpf trace",
+            _ => "read-log",
+        }
+        .into(),
+        git_commit: git_commit(),
+        started_utc,
+        tree_bytes,
+        tree_files,
+        image_bytes,
+        tar_zst_bytes,
+        nydus_blob_bytes,
+        demand_set_stored_bytes: demand,
+        ideal_s: ideal,
+        samples,
+        summary,
+    };
+    let md = report::markdown(&results);
+    println!("{md}");
+    std::fs::write(out.join("table.md"), &md)?;
+    std::fs::write(out.join("plot.svg"), report::svg(&results))?;
+    let json = a.json.clone().unwrap_or_else(|| out.join("results.json"));
+    std::fs::write(&json, serde_json::to_vec_pretty(&results)?)?;
+    eprintln!(
+        "[bench] raw runs in {}, table in {}, plot in {}",
+        json.display(),
+        out.join("table.md").display(),
+        out.join("plot.svg").display()
+    );
+    Ok(())
+}
+
+/// One timed run of one method, from a dropped page cache and empty caches.
+fn run_method(ctx: &Ctx, m: Method, round: usize) -> Result<Sample> {
+    let scratch = &ctx.scratch;
+    if scratch.exists() {
+        std::fs::remove_dir_all(scratch)
+            .with_context(|| format!("emptying {}", scratch.display()))?;
+    }
+    let mnt = scratch.join("mnt");
+    std::fs::create_dir_all(&mnt)?;
+    drop_caches();
+    ctx.server.reset_stats();
+    let t = Instant::now();
+    let seconds = match m {
+        Method::LocalCold => {
+            run_workload(ctx.work.command(&ctx.tree), m)?;
+            t.elapsed().as_secs_f64()
+        }
+        Method::DownloadTarZst => {
+            let bytes = fetch_whole(&ctx.server.url("tree.tar.zst"))?;
+            let tar = scratch.join("tree.tar.zst");
+            std::fs::write(&tar, bytes)?;
+            let dest = scratch.join("tree");
+            std::fs::create_dir_all(&dest)?;
+            check(
+                Command::new("tar")
+                    .args(["--zstd", "-xf"])
+                    .arg(&tar)
+                    .arg("-C")
+                    .arg(&dest),
+                "unpacking tree.tar.zst",
+            )?;
+            run_workload(ctx.work.command(&dest), m)?;
+            t.elapsed().as_secs_f64()
+        }
+        Method::DownloadTree => {
+            let dest = scratch.join("tree");
+            rclone::copy(&ctx.server.url("tree/"), &dest)?;
+            run_workload(ctx.work.command(&dest), m)?;
+            t.elapsed().as_secs_f64()
+        }
+        Method::RcloneFull | Method::RcloneOff => {
+            let mode = if m == Method::RcloneFull {
+                rclone::CacheMode::Full
+            } else {
+                rclone::CacheMode::Off
+            };
+            let mut d = rclone::mount(
+                &ctx.server.url("tree/"),
+                &mnt,
+                &scratch.join("rclone-cache"),
+                mode,
+                &scratch.join("rclone.log"),
+            )?;
+            let r = run_workload(ctx.work.command(&mnt), m);
+            let secs = t.elapsed().as_secs_f64();
+            if let Err(e) = r {
+                bail!("{e:#}\nrclone's log:\n{}", d.log_tail());
+            }
+            d.stop();
+            secs
+        }
+        Method::NydusLazy | Method::NydusPrefetch => {
+            let img = if m == Method::NydusLazy {
+                ctx.nydus_lazy.as_ref()
+            } else {
+                ctx.nydus_prefetch.as_ref()
+            }
+            .context("the Nydus image was not built")?;
+            // The bootstrap (metadata) comes over the link too, as from a registry.
+            let boot = scratch.join("bootstrap");
+            std::fs::write(&boot, fetch_whole(&ctx.server.url(&img.bootstrap_rel))?)?;
+            let base = ctx.server.url("");
+            let mut d = nydus::mount(
+                &ctx.peers_bin,
+                img,
+                base.trim_end_matches('/'),
+                &boot,
+                &mnt,
+                scratch,
+                m == Method::NydusPrefetch,
+            )?;
+            let r = run_workload(ctx.work.command(&mnt), m);
+            let secs = t.elapsed().as_secs_f64();
+            if let Err(e) = r {
+                bail!("{e:#}\nnydusd's log:\n{}", d.log_tail());
+            }
+            d.stop();
+            secs
+        }
+        Method::IncfsLazy | Method::IncfsPlan | Method::IncfsPlanPackLayout => {
+            let stats_file = scratch.join("run-stats.json");
+            let mut cmd = Command::new(&ctx.incfs);
+            cmd.arg("run").arg("--stats-json").arg(&stats_file);
+            match m {
+                Method::IncfsLazy => {
+                    cmd.args(["--image", &ctx.img_url]);
+                }
+                Method::IncfsPlanPackLayout => {
+                    cmd.args(["--image", &ctx.img_url, "--prefetch"])
+                        .arg(&ctx.plan);
+                }
+                _ => {
+                    cmd.args(["--image", &ctx.hot_url, "--prefetch"])
+                        .arg(&ctx.hot_plan);
+                }
+            }
+            cmd.arg("--").args(ctx.work.argv("{mnt}"));
+            check(&mut cmd, m.label())?;
+            // The mount (the image's metadata fetched over the link) and the command, as
+            // `incfs run` timed them; not the unmount (the peers' unmounts are not timed
+            // either).
+            let j: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(&stats_file)
+                    .with_context(|| format!("reading {}", stats_file.display()))?,
+            )?;
+            let (Some(mount_ms), Some(wall_ms)) = (j["mount_ms"].as_f64(), j["wall_ms"].as_f64())
+            else {
+                bail!("{}: no mount_ms or wall_ms", stats_file.display());
+            };
+            (mount_ms + wall_ms) / 1e3
+        }
+    };
+    let _ = std::fs::remove_dir_all(scratch);
+    let st = ctx.server.stats();
+    Ok(Sample {
+        method: m.label(),
+        round,
+        seconds,
+        bytes_moved: st.bytes_sent,
+        requests: st.requests,
+    })
+}
+
+fn run_workload(mut cmd: Command, m: Method) -> Result<()> {
+    check(&mut cmd, m.label())
+}
+
+fn fetch_whole(url: &str) -> Result<Vec<u8>> {
+    let src = HttpSource::open(url, &HttpConfig::default())
+        .with_context(|| format!("connecting to {url}"))?;
+    let len = src.total_len()?;
+    Ok(src.read_range(0, len, RequestKind::Background)?)
+}
+
+pub fn check(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("{what}: starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Drops the page cache (clean pages) so every start is cold. Needs root; without it the
+/// figures are warm starts, which the bench says.
+fn drop_caches() {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    if std::fs::write("/proc/sys/vm/drop_caches", "3").is_err() {
+        eprintln!("[bench] warning: cannot drop the page cache (not root?): starts are not cold");
+    }
+}
+
+/// Bytes and regular files under `dir`.
+fn tree_size(dir: &Path) -> Result<(u64, u64)> {
+    let (mut bytes, mut files) = (0, 0);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
+            let e = e?;
+            let t = e.file_type()?;
+            if t.is_dir() {
+                stack.push(e.path());
+            } else if t.is_file() {
+                bytes += e.metadata()?.len();
+                files += 1;
+            }
+        }
+    }
+    Ok((bytes, files))
+}
+
+/// Stored bytes of the distinct chunks that a read-log's reads touched, and the files read
+/// (image paths, in order of first read).
+fn stored_demand_set(img: &Path, read_log: &Path) -> Result<(u64, Vec<String>)> {
+    let image = Image::open_path(img, None)?;
+    let chunk = u64::from(image.manifest().chunk_size);
+    let files: std::collections::HashMap<String, (u64, u64)> = image
+        .files()
+        .into_iter()
+        .map(|f| (f.display_path(), (f.first_chunk, f.chunks)))
+        .collect();
+    let mut chunks = HashSet::new();
+    let mut read_files = Vec::new();
+    let mut seen = HashSet::new();
+    for line in std::fs::read_to_string(read_log)
+        .with_context(|| format!("reading {}", read_log.display()))?
+        .lines()
+    {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}: a line is not JSON", read_log.display()))?;
+        let (Some(path), Some(off), Some(len)) =
+            (v["path"].as_str(), v["offset"].as_u64(), v["len"].as_u64())
+        else {
+            continue;
+        };
+        let Some(&(first, n)) = files.get(path) else {
+            continue;
+        };
+        if seen.insert(path.to_string()) {
+            read_files.push(path.to_string());
+        }
+        if len == 0 {
+            continue;
+        }
+        for c in off / chunk..=((off + len - 1) / chunk).min(n.saturating_sub(1)) {
+            if let Some(e) = image.table().get(first + c) {
+                chunks.insert((e.stored_offset, u64::from(e.stored_len)));
+            }
+        }
+    }
+    Ok((chunks.iter().map(|(_, l)| l).sum(), read_files))
+}
+
+fn git_commit() -> String {
+    Command::new("git")
+        .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn utc_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
