@@ -178,6 +178,8 @@ pub struct Results {
     pub ideal_s: f64,
     pub samples: Vec<Sample>,
     pub summary: Vec<Summary>,
+    /// Runs that failed (left out of the medians), with the error.
+    pub failures: Vec<String>,
 }
 
 /// What the methods share: paths, servers, images.
@@ -420,9 +422,17 @@ fn main() -> Result<()> {
         nydus_prefetch,
     };
     let mut samples = Vec::new();
+    let mut failures = Vec::new();
     for round in 0..a.runs {
         for &m in &methods {
-            let s = run_method(&ctx, m, round)?;
+            let s = match run_method(&ctx, m, round) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("[bench] round {round} {}: FAILED: {e:#}", m.label());
+                    failures.push(format!("round {round}, {}: {e:#}", m.label()));
+                    continue;
+                }
+            };
             eprintln!(
                 "[bench] round {round} {:<26} {:>7.2} s  {:>7.1} MiB  {:>5} requests",
                 m.label(),
@@ -461,6 +471,7 @@ fn main() -> Result<()> {
         ideal_s: ideal,
         samples,
         summary,
+        failures,
     };
     let md = report::markdown(&results);
     println!("{md}");

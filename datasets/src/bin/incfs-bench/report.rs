@@ -120,6 +120,14 @@ pub fn markdown(r: &Results) -> String {
         );
         let _ = writeln!(s, "Ratios: {}.", goals.join("; "));
     }
+    if !r.failures.is_empty() {
+        let _ = writeln!(s);
+        let _ = writeln!(s, "Failed runs (left out of the medians):");
+        for f in &r.failures {
+            let first = f.lines().next().unwrap_or_default();
+            let _ = writeln!(s, "- {first}");
+        }
+    }
     s
 }
 
