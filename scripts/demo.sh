@@ -3,10 +3,12 @@
 # build incfs, build the workload's tree, pack it, record two cold starts through an incfs
 # mount (eBPF traces, or the mount's read-log when eBPF is unavailable), plan, relay the
 # image hot-first, serve it over an emulated 20 ms / 100 Mbit/s link, and print one table:
-# local cold start, full download then run, lazy without plan, lazy with plan (both layouts).
+# local cold start, full download (tar.zst) then run, lazy without plan, lazy with plan (both
+# layouts). The comparison with rclone and Nydus is datasets/peers/bench.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${INCFS_DEMO_DIR:-out/demo}
 echo "[demo] building incfs (release)"
 cargo build --release -q -p incfs-cli -p incfs-datasets
-exec target/release/incfs-bench --out "$out" --runs "${INCFS_DEMO_RUNS:-1}" "$@"
+exec target/release/incfs-bench --out "$out" --runs "${INCFS_DEMO_RUNS:-1}" \
+  --methods local-cold,download-tar-zst,incfs-lazy,incfs-plan-pack-layout,incfs-plan "$@"

@@ -313,3 +313,29 @@ fn multiproc(root: &Path, fraction: f64, procs: usize, seed: u64) -> Result<u64>
     }
     Ok(sum)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picked_pages_are_distinct_in_range_and_repeatable() {
+        let pick = |seed| pick_pages(100 * PAGE + 1, 0.25, &mut Rng::new(seed));
+        let a = pick(7);
+        assert_eq!(a.len(), 26, "a quarter of 101 pages, rounded up");
+        assert!(a.iter().all(|&p| p < 101));
+        let distinct: std::collections::HashSet<_> = a.iter().collect();
+        assert_eq!(distinct.len(), a.len());
+        assert_eq!(a, pick(7));
+        assert_ne!(a, pick(8));
+        assert_eq!(pick_pages(3 * PAGE, 1.0, &mut Rng::new(1)).len(), 3);
+    }
+
+    #[test]
+    fn sizes_parse_with_suffixes_and_reject_junk() {
+        assert_eq!(parse_size("4K"), Ok(4096));
+        assert_eq!(parse_size("2M"), Ok(2 << 20));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("x1").is_err());
+    }
+}

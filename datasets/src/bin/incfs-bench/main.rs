@@ -445,8 +445,7 @@ fn main() -> Result<()> {
     }
 
     let local = report::median_of(&samples, Method::LocalCold.label());
-    let link_ideal =
-        a.latency_ms as f64 / 1e3 + demand as f64 * 8.0 / (a.bandwidth_mbit * 1e6);
+    let link_ideal = a.latency_ms as f64 / 1e3 + demand as f64 * 8.0 / (a.bandwidth_mbit * 1e6);
     let ideal = local.map_or(link_ideal, |l| l.max(link_ideal));
     let summary = report::summarize(&samples, &methods, ideal);
     let results = Results {
@@ -719,7 +718,13 @@ fn stored_demand_set(img: &Path, read_log: &Path) -> Result<(u64, Vec<String>)> 
 
 fn git_commit() -> String {
     Command::new("git")
-        .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "--short", "HEAD"])
+        .args([
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "rev-parse",
+            "--short",
+            "HEAD",
+        ])
         .output()
         .ok()
         .filter(|o| o.status.success())

@@ -47,7 +47,10 @@ impl Daemon {
             }
             if t.elapsed() > MOUNT_TIMEOUT {
                 d.stop();
-                bail!("{what} did not mount within {MOUNT_TIMEOUT:?}:\n{}", tail(log));
+                bail!(
+                    "{what} did not mount within {MOUNT_TIMEOUT:?}:\n{}",
+                    tail(log)
+                );
             }
             std::thread::sleep(Duration::from_millis(2));
         }

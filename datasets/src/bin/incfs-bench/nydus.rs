@@ -47,7 +47,14 @@ pub fn build(
         .arg(dir.join("bootstrap"))
         .arg("--blob-dir")
         .arg(&blobs)
-        .args(["--compressor", "zstd", "--fs-version", "6", "--log-level", "warn"])
+        .args([
+            "--compressor",
+            "zstd",
+            "--fs-version",
+            "6",
+            "--log-level",
+            "warn",
+        ])
         .args([
             "--prefetch-policy",
             if prefetch.is_some() { "fs" } else { "none" },

@@ -95,7 +95,10 @@ pub fn markdown(r: &Results) -> String {
     }
     if let Some(p) = get(r, Method::IncfsPlan) {
         let _ = writeln!(s);
-        let mut goals = vec![format!("incfs + plan {:.2}× ideal (goal ≤ 1.2)", p.ratio_to_ideal)];
+        let mut goals = vec![format!(
+            "incfs + plan {:.2}× ideal (goal ≤ 1.2)",
+            p.ratio_to_ideal
+        )];
         let vs = |m: Method, goal: f64| {
             get(r, m).map(|x| {
                 format!(
@@ -145,7 +148,10 @@ pub fn svg(r: &Results) -> String {
         .fold(f64::INFINITY, f64::min)
         .max(1e-3);
     let hi = rows.iter().map(|x| x.max_s).fold(r.ideal_s, f64::max);
-    let (l0, l1) = (lo.log10().floor(), hi.log10().ceil().max(lo.log10().floor() + 1.0));
+    let (l0, l1) = (
+        lo.log10().floor(),
+        hi.log10().ceil().max(lo.log10().floor() + 1.0),
+    );
     let x = |v: f64| left + (v.max(1e-3).log10() - l0) / (l1 - l0) * plot_w;
     let mut s = String::new();
     let _ = writeln!(
@@ -225,4 +231,75 @@ fn xml(s: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('\'', "&apos;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(method: Method, round: usize, seconds: f64) -> Sample {
+        Sample {
+            method: method.label(),
+            round,
+            seconds,
+            bytes_moved: round as u64,
+            requests: 1,
+        }
+    }
+
+    #[test]
+    fn medians_ratios_table_and_plot() {
+        let samples = vec![
+            sample(Method::LocalCold, 0, 0.3),
+            sample(Method::LocalCold, 1, 0.2),
+            sample(Method::LocalCold, 2, 0.9),
+            sample(Method::NydusPrefetch, 0, 8.0),
+            sample(Method::IncfsPlan, 0, 2.0),
+        ];
+        assert_eq!(median_of(&samples, Method::LocalCold.label()), Some(0.3));
+        assert_eq!(median_of(&samples, Method::RcloneOff.label()), None);
+        let methods = [Method::LocalCold, Method::NydusPrefetch, Method::IncfsPlan];
+        let summary = summarize(&samples, &methods, 1.6);
+        assert_eq!(summary.len(), 3);
+        assert_eq!(
+            (summary[0].median_s, summary[0].min_s, summary[0].max_s),
+            (0.3, 0.2, 0.9)
+        );
+        assert_eq!(summary[0].bytes_moved, 0, "the median run's own bytes");
+        assert!((summary[2].ratio_to_ideal - 1.25).abs() < 1e-9);
+        let r = Results {
+            workload: "w <&>".into(),
+            latency_ms: 20,
+            bandwidth_mbit: 100.0,
+            rounds: 3,
+            chunk_size: 16384,
+            plan_source: "read-log".into(),
+            git_commit: "abc".into(),
+            started_utc: "2026-11-25 14:00 UTC".into(),
+            tree_bytes: 1,
+            tree_files: 1,
+            image_bytes: 1,
+            tar_zst_bytes: 1,
+            nydus_blob_bytes: 1,
+            demand_set_stored_bytes: 1,
+            ideal_s: 1.6,
+            samples,
+            summary,
+            failures: vec!["round 1, rclone off: boom\nmore".into()],
+        };
+        let md = markdown(&r);
+        assert!(
+            md.contains("| **incfs + plan** | 2.00 | 2.00–2.00 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("4.0× faster than nydus + prefetch list (goal ≥ 4)"),
+            "{md}"
+        );
+        assert!(md.contains("- round 1, rclone off: boom\n"), "{md}");
+        let svg = svg(&r);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains("w &lt;&amp;&gt;") && !svg.contains("w <&>"));
+        assert_eq!(svg.matches("<rect x=").count(), 3);
+    }
 }

@@ -107,7 +107,10 @@ impl Workload {
 
     /// The command with `{root}` replaced by `root`.
     pub fn argv(&self, root: &str) -> Vec<String> {
-        self.argv.iter().map(|a| a.replace("{root}", root)).collect()
+        self.argv
+            .iter()
+            .map(|a| a.replace("{root}", root))
+            .collect()
     }
 
     /// A command ready to run on the tree at `root`.
