@@ -242,6 +242,7 @@ fn main() -> Result<()> {
     let scratch = out.join("scratch");
     std::fs::create_dir_all(&serve_dir)?;
     let started_utc = utc_now();
+    let git_commit = git_commit();
 
     eprintln!("[bench] building the workload's tree");
     let synth = SynthOptions {
@@ -459,7 +460,7 @@ fn main() -> Result<()> {
             _ => "read-log",
         }
         .into(),
-        git_commit: git_commit(),
+        git_commit,
         started_utc,
         tree_bytes,
         tree_files,
