@@ -127,6 +127,13 @@ type = "blobcache"
 [cache.filecache]
 work_dir = "{cache}"
 
+# Prefetch needs both switches in a version-2 config: rafs.prefetch makes the file system
+# walk its prefetch list, cache.prefetch starts the workers that fetch (nydusd copies the
+# first into the second only when it converts a version-1 config).
+[cache.prefetch]
+enable = {prefetch}
+threads = 4
+
 [rafs]
 mode = "direct"
 
