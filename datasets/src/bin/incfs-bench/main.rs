@@ -422,38 +422,12 @@ fn main() -> Result<()> {
         nydus_lazy,
         nydus_prefetch,
     };
-    let mut samples = Vec::new();
-    let mut failures = Vec::new();
-    for round in 0..a.runs {
-        for &m in &methods {
-            let s = match run_method(&ctx, m, round) {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("[bench] round {round} {}: FAILED: {e:#}", m.label());
-                    failures.push(format!("round {round}, {}: {e:#}", m.label()));
-                    continue;
-                }
-            };
-            eprintln!(
-                "[bench] round {round} {:<26} {:>7.2} s  {:>7.1} MiB  {:>5} requests",
-                m.label(),
-                s.seconds,
-                s.bytes_moved as f64 / 1048576.0,
-                s.requests
-            );
-            samples.push(s);
-        }
-    }
-
-    let local = report::median_of(&samples, Method::LocalCold.label());
-    let link_ideal = a.latency_ms as f64 / 1e3 + demand as f64 * 8.0 / (a.bandwidth_mbit * 1e6);
-    let ideal = local.map_or(link_ideal, |l| l.max(link_ideal));
-    let summary = report::summarize(&samples, &methods, ideal);
-    let results = Results {
+    let json = a.json.clone().unwrap_or_else(|| out.join("results.json"));
+    let mut results = Results {
         workload: ctx.work.title.clone(),
         latency_ms: a.latency_ms,
         bandwidth_mbit: a.bandwidth_mbit,
-        rounds: a.runs,
+        rounds: 0,
         chunk_size,
         plan_source: match source_used {
             PlanSource::Trace => "ebpf trace",
@@ -468,17 +442,43 @@ fn main() -> Result<()> {
         tar_zst_bytes,
         nydus_blob_bytes,
         demand_set_stored_bytes: demand,
-        ideal_s: ideal,
-        samples,
-        summary,
-        failures,
+        ideal_s: 0.0,
+        samples: Vec::new(),
+        summary: Vec::new(),
+        failures: Vec::new(),
     };
-    let md = report::markdown(&results);
-    println!("{md}");
-    std::fs::write(out.join("table.md"), &md)?;
-    std::fs::write(out.join("plot.svg"), report::svg(&results))?;
-    let json = a.json.clone().unwrap_or_else(|| out.join("results.json"));
-    std::fs::write(&json, serde_json::to_vec_pretty(&results)?)?;
+    for round in 0..a.runs {
+        for &m in &methods {
+            match run_method(&ctx, m, round) {
+                Ok(s) => {
+                    eprintln!(
+                        "[bench] round {round} {:<26} {:>7.2} s  {:>7.1} MiB  {:>5} requests",
+                        m.label(),
+                        s.seconds,
+                        s.bytes_moved as f64 / 1048576.0,
+                        s.requests
+                    );
+                    results.samples.push(s);
+                }
+                Err(e) => {
+                    eprintln!("[bench] round {round} {}: FAILED: {e:#}", m.label());
+                    results
+                        .failures
+                        .push(format!("round {round}, {}: {e:#}", m.label()));
+                }
+            }
+        }
+        // The outputs after every round, so that a bench cut short still leaves its figures.
+        results.rounds = round + 1;
+        let local = report::median_of(&results.samples, Method::LocalCold.label());
+        let link_ideal = a.latency_ms as f64 / 1e3 + demand as f64 * 8.0 / (a.bandwidth_mbit * 1e6);
+        results.ideal_s = local.map_or(link_ideal, |l| l.max(link_ideal));
+        results.summary = report::summarize(&results.samples, &methods, results.ideal_s);
+        std::fs::write(out.join("table.md"), report::markdown(&results))?;
+        std::fs::write(out.join("plot.svg"), report::svg(&results))?;
+        std::fs::write(&json, serde_json::to_vec_pretty(&results)?)?;
+    }
+    println!("{}", report::markdown(&results));
     eprintln!(
         "[bench] raw runs in {}, table in {}, plot in {}",
         json.display(),
