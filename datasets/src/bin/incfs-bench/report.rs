@@ -41,7 +41,7 @@ pub fn summarize(samples: &[Sample], methods: &[Method], ideal: f64) -> Vec<Summ
         .collect()
 }
 
-fn get<'a>(r: &'a Results, m: Method) -> Option<&'a Summary> {
+fn get(r: &Results, m: Method) -> Option<&Summary> {
     r.summary.iter().find(|s| s.method == m.label())
 }
 
