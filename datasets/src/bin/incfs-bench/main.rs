@@ -146,6 +146,8 @@ pub struct Sample {
     pub seconds: f64,
     pub bytes_moved: u64,
     pub requests: u64,
+    /// The machine's 1-minute load average when the run started (the machine is shared).
+    pub load_avg: f64,
 }
 
 #[derive(Serialize)]
@@ -499,6 +501,10 @@ fn run_method(ctx: &Ctx, m: Method, round: usize) -> Result<Sample> {
     std::fs::create_dir_all(&mnt)?;
     drop_caches();
     ctx.server.reset_stats();
+    let load_avg = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN);
     let t = Instant::now();
     let seconds = match m {
         Method::LocalCold => {
@@ -618,6 +624,7 @@ fn run_method(ctx: &Ctx, m: Method, round: usize) -> Result<Sample> {
         seconds,
         bytes_moved: st.bytes_sent,
         requests: st.requests,
+        load_avg,
     })
 }
 

@@ -68,6 +68,15 @@ pub fn markdown(r: &Results) -> String {
         r.ideal_s,
         r.plan_source,
     );
+    let mut loads: Vec<f64> = r.samples.iter().map(|x| x.load_avg).collect();
+    loads.sort_by(f64::total_cmp);
+    if let (Some(lo), Some(hi)) = (loads.first(), loads.last()) {
+        let _ = writeln!(
+            s,
+            "Load average (1 min) at the runs' starts: {lo:.1}–{hi:.1}, median {:.1} (2 cores, shared).",
+            loads[loads.len() / 2]
+        );
+    }
     let _ = writeln!(s);
     let _ = writeln!(
         s,
@@ -244,6 +253,7 @@ mod tests {
             seconds,
             bytes_moved: round as u64,
             requests: 1,
+            load_avg: 1.0,
         }
     }
 
