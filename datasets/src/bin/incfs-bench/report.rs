@@ -47,11 +47,18 @@ fn get(r: &Results, m: Method) -> Option<&Summary> {
 
 pub fn markdown(r: &Results) -> String {
     let mut s = String::new();
+    let size = |label: &str, bytes: u64| {
+        if bytes > 0 {
+            format!("; {label} {:.1} MiB", bytes as f64 / MIB)
+        } else {
+            String::new()
+        }
+    };
     let _ = writeln!(
         s,
         "**{}, {} ms / {} Mbit/s**, {} rounds (medians), {} UTC start, commit `{}`. Tree {:.1} MiB \
-         in {} files; incfs image {:.1} MiB ({} KiB chunks); tar.zst {:.1} MiB; Nydus blob {:.1} MiB. \
-         Demand set {:.1} MiB stored → ideal {:.2} s. Plan from {}.",
+         in {} files; incfs image {:.1} MiB ({} KiB chunks){}{}. Demand set {:.1} MiB stored → \
+         ideal {:.2} s. Plan from {}.",
         r.workload,
         r.latency_ms,
         r.bandwidth_mbit,
@@ -62,8 +69,8 @@ pub fn markdown(r: &Results) -> String {
         r.tree_files,
         r.image_bytes as f64 / MIB,
         r.chunk_size / 1024,
-        r.tar_zst_bytes as f64 / MIB,
-        r.nydus_blob_bytes as f64 / MIB,
+        size("tar.zst", r.tar_zst_bytes),
+        size("Nydus blob", r.nydus_blob_bytes),
         r.demand_set_stored_bytes as f64 / MIB,
         r.ideal_s,
         r.plan_source,
