@@ -57,8 +57,8 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(
         s,
         "**{}, {} ms / {} Mbit/s**, {} rounds (medians), {} UTC start, commit `{}`. Tree {:.1} MiB \
-         in {} files; incfs image {:.1} MiB ({} KiB chunks){}{}. Demand set {:.1} MiB stored → \
-         ideal {:.2} s. Plan from {}.",
+         in {} files; incfs image {:.1} MiB ({} KiB chunks){}{}. Demand set {:.1} MiB stored ({:.1} MiB in the hot-first \
+         image) → ideal {:.2} s. Plan from {}.",
         r.workload,
         r.latency_ms,
         r.bandwidth_mbit,
@@ -72,6 +72,7 @@ pub fn markdown(r: &Results) -> String {
         size("tar.zst", r.tar_zst_bytes),
         size("Nydus blob", r.nydus_blob_bytes),
         r.demand_set_stored_bytes as f64 / MIB,
+        r.demand_set_hot_stored_bytes as f64 / MIB,
         r.ideal_s,
         r.plan_source,
     );
@@ -299,6 +300,7 @@ mod tests {
             tar_zst_bytes: 1,
             nydus_blob_bytes: 1,
             demand_set_stored_bytes: 1,
+            demand_set_hot_stored_bytes: 1,
             ideal_s: 1.6,
             samples,
             summary,
