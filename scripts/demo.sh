@@ -10,5 +10,4 @@ cd "$(dirname "$0")/.."
 out=${INCFS_DEMO_DIR:-out/demo}
 echo "[demo] building incfs (release)"
 cargo build --release -q -p incfs-cli -p incfs-datasets
-exec target/release/incfs-bench --out "$out" --runs "${INCFS_DEMO_RUNS:-1}" \
-  --methods local-cold,download-tar-zst,incfs-lazy,incfs-plan-pack-layout,incfs-plan "$@"
+exec target/release/incfs-bench --out "$out" --runs "${INCFS_DEMO_RUNS:-1}" "$@"

@@ -2,8 +2,9 @@
 //! emulated link, by method, incfs and its strongest peers side by side.
 //!
 //! Workloads (`--workload`, see workload.rs): clang-22 compiling hello.c, python3 importing
-//! sympy and networkx, the synthetic app. Methods (`--methods`, all by default), interleaved in
-//! every round, the page cache dropped and every cache emptied before each run:
+//! sympy and networkx, the synthetic app. Methods (`--methods`; by default those that need
+//! no peers installed), interleaved in every round, the page cache dropped and every cache
+//! emptied before each run:
 //! - `local cold`: the tree on local disk (the limit);
 //! - `full download (tar.zst)`: one GET of the tree as a zstd tarball, unpack, run;
 //! - `full download (tree)`: `rclone copy` of the tree's files, then run;
@@ -65,9 +66,14 @@ struct Args {
     /// Measured rounds (each runs every method once); medians are reported.
     #[arg(long, default_value_t = 5)]
     runs: usize,
-    /// Methods to run, comma-separated (default: all but `incfs-plan-pack-layout`).
+    /// Methods to run, comma-separated (default: the ones that need no peers installed:
+    /// local-cold, download-tar-zst, incfs-lazy, incfs-plan-pack-layout, incfs-plan;
+    /// datasets/peers/bench.sh names all of them).
     #[arg(long, value_enum, value_delimiter = ',')]
     methods: Vec<Method>,
+    /// Leave out `incfs-lazy` (no plan), the slowest method by far.
+    #[arg(long)]
+    skip_lazy: bool,
     /// Runs recorded to make the plan (not measured).
     #[arg(long, default_value_t = 2)]
     plan_runs: usize,
@@ -206,22 +212,21 @@ struct Ctx {
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    let methods: Vec<Method> = if a.methods.is_empty() {
+    let mut methods: Vec<Method> = if a.methods.is_empty() {
         vec![
             Method::LocalCold,
             Method::DownloadTarZst,
-            Method::DownloadTree,
-            Method::RcloneFull,
-            Method::RcloneOff,
-            Method::NydusLazy,
-            Method::NydusPrefetch,
             Method::IncfsLazy,
+            Method::IncfsPlanPackLayout,
             Method::IncfsPlan,
         ]
     } else {
         let set: BTreeSet<Method> = a.methods.iter().copied().collect();
         set.into_iter().collect()
     };
+    if a.skip_lazy {
+        methods.retain(|&m| m != Method::IncfsLazy);
+    }
     let incfs = match &a.incfs {
         Some(p) => p.clone(),
         None => workload::sibling("incfs")?,
