@@ -183,6 +183,23 @@ fn mount_small_tree_from_a_local_image() {
         log.lines()
             .any(|l| l.contains("\"path\":\"big-noise\"") && l.contains("\"result\":\"miss\""))
     );
+    // A terminal query on a file (isatty) gets ENOTTY, as on any regular file.
+    let f = fs::File::open(w.path("mnt").join("big-noise")).unwrap();
+    let mut tio = std::mem::MaybeUninit::<libc::termios>::uninit();
+    // SAFETY: TCGETS writes at most one termios into the buffer given.
+    let r = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            libc::TCGETS,
+            tio.as_mut_ptr(),
+        )
+    };
+    assert_eq!(r, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENOTTY)
+    );
+    drop(f);
     d.unmount();
 }
 

@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use fuser::{
     BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
-    SessionACL,
+    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs,
+    ReplyXattr, Request, SessionACL,
 };
 use parking_lot::Mutex;
 use tracing::instrument;
@@ -226,6 +226,22 @@ impl Filesystem for FuseFs {
             let _ = config.set_max_readahead(max);
         }
         Ok(())
+    }
+
+    /// No ioctls: ENOTTY, what a program probing a regular file (`isatty`, terminal
+    /// queries) expects — quietly, where fuser's default logs a warning per call.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
     }
 
     fn destroy(&mut self) {
