@@ -24,18 +24,12 @@ use incfs_fs::plan::{PLAN_VERSION, PlanEntry, PrefetchPlan};
 use incfs_fs::serve::{ServeConfig, Server};
 
 use common::daemon::{Daemon, ENV_PLAN};
+use common::env_u64;
 
 #[test]
 #[ignore = "helper: run by the crash loop as its FUSE daemon"]
 fn daemon_child() {
     common::daemon::child();
-}
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .map(|v| v.parse().unwrap_or_else(|e| panic!("{name}={v}: {e}")))
-        .unwrap_or(default)
 }
 
 /// xorshift64*: the random moments of the kills, repeatable from the seed.

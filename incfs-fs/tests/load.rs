@@ -23,18 +23,12 @@ use incfs_fs::plan::{PLAN_VERSION, PlanEntry, PrefetchPlan};
 use incfs_fs::serve::{ServeConfig, Server};
 
 use common::daemon::{Daemon, ENV_PLAN};
+use common::env_u64;
 
 #[test]
 #[ignore = "helper: run by the load test as its FUSE daemon"]
 fn daemon_child() {
     common::daemon::child();
-}
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .map(|v| v.parse().unwrap_or_else(|e| panic!("{name}={v}: {e}")))
-        .unwrap_or(default)
 }
 
 /// `len` bytes, half of them incompressible (BLAKE3 output) and half repetitive text, in

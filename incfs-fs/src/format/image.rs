@@ -9,8 +9,8 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use super::{
-    CHUNK_ENTRY_LEN, ChunkTable, Digest, FormatError, Header, Inode, InodeKind, Manifest,
-    chunk_of_frame, decode_chunk, decode_frame,
+    CHUNK_ENTRY_LEN, ChunkEntry, ChunkTable, Digest, FormatError, Header, Inode, InodeKind,
+    Manifest, chunk_of_frame, decode_frame,
 };
 
 /// The first read of a remote image: the header and, for most trees, the whole manifest.
@@ -265,29 +265,21 @@ impl<R: RangeRead> Image<R> {
 
     /// Reads, decodes and verifies the chunk in `slot`.
     pub fn read_chunk(&self, slot: u64) -> Result<Vec<u8>, FormatError> {
-        let entry = self
-            .table
+        chunk_of_frame(slot, self.entry(slot)?, &self.read_frame(slot)?)
+    }
+
+    fn entry(&self, slot: u64) -> Result<&ChunkEntry, FormatError> {
+        self.table
             .get(slot)
             .ok_or_else(|| FormatError::EntryInvalid {
                 slot,
                 reason: "no such slot".into(),
-            })?;
-        let stored = self.src.read_range(
-            self.header.data_offset + entry.stored_offset,
-            u64::from(entry.stored_len),
-        )?;
-        decode_chunk(slot, entry, &stored)
+            })
     }
 
     /// Reads and decodes the frame holding `slot` (not yet checked against any digest).
     fn read_frame(&self, slot: u64) -> Result<Vec<u8>, FormatError> {
-        let entry = self
-            .table
-            .get(slot)
-            .ok_or_else(|| FormatError::EntryInvalid {
-                slot,
-                reason: "no such slot".into(),
-            })?;
+        let entry = self.entry(slot)?;
         let stored = self.src.read_range(
             self.header.data_offset + entry.stored_offset,
             u64::from(entry.stored_len),

@@ -159,3 +159,12 @@ pub fn assert_image_matches<R: RangeRead>(img: &Image<R>, root: &Path) -> usize 
     }
     files
 }
+
+/// The number in environment variable `name`, or `default` when it is unset (long runs raise
+/// the tests' sizes this way).
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.parse().unwrap_or_else(|e| panic!("{name}={v}: {e}")))
+        .unwrap_or(default)
+}
