@@ -200,6 +200,13 @@ fn mount_small_tree_from_a_local_image() {
         Some(libc::ENOTTY)
     );
     drop(f);
+    // A missing name is ENOENT, also the second time (when the kernel answers it from the
+    // negative entry the first lookup left).
+    for _ in 0..2 {
+        let e = fs::metadata(w.path("mnt").join("no-such-file")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+    }
+    assert!(fs::metadata(w.path("mnt").join("big-noise")).is_ok());
     d.unmount();
 }
 

@@ -13,7 +13,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
     BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
@@ -198,6 +198,27 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// The attributes of a negative entry: node id 0, nothing else read by the kernel.
+fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
 fn reply_xattr(value: &[u8], size: u32, reply: ReplyXattr) {
     if size == 0 {
         reply.size(value.len() as u32);
@@ -254,6 +275,10 @@ impl Filesystem for FuseFs {
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.fs.lookup(parent.0, name.as_bytes()) {
             Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            // The image never changes: a name that is absent stays absent. Node id 0 makes
+            // the kernel cache the miss (a negative dentry) for TTL, so a program probing
+            // many paths (Python's imports, the dynamic loader's search path) asks once.
+            Err(FsError::NotFound) => reply.entry(&TTL, &negative_attr(), Generation(0)),
             Err(e) => reply.error(e.to_errno()),
         }
     }
