@@ -134,6 +134,22 @@ fn bad_images_give_a_clear_error_naming_the_file() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
 }
 
+/// `incfs pack SRC -o OUT --chunk-size CHUNK --order ORDER EXTRA...`.
+fn pack_ordered(src: &Path, out: &Path, chunk: &str, order: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "pack",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--chunk-size",
+        chunk,
+        "--order",
+        order.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    incfs(&args)
+}
+
 /// `pack --order` from a read-log stores the planned chunks first in plan order and writes
 /// the plan for the new image; the same plan given back reproduces the image exactly.
 #[test]
@@ -155,17 +171,7 @@ fn pack_order_stores_planned_chunks_first_and_writes_their_plan() {
     )
     .unwrap();
     let img = tmp.path().join("hot.img");
-    let out = incfs(&[
-        "pack",
-        src.to_str().unwrap(),
-        "-o",
-        img.to_str().unwrap(),
-        "--chunk-size",
-        "4K",
-        "--order",
-        log.to_str().unwrap(),
-        "--json",
-    ]);
+    let out = pack_ordered(&src, &img, "4K", &log, &["--json"]);
     assert!(
         out.status.success(),
         "{}",
@@ -205,18 +211,14 @@ fn pack_order_stores_planned_chunks_first_and_writes_their_plan() {
 
     // The plan given back as --order reproduces the same image.
     let again = tmp.path().join("again.img");
-    let out = incfs(&[
-        "pack",
-        src.to_str().unwrap(),
-        "-o",
-        again.to_str().unwrap(),
-        "--chunk-size",
+    let again_plan = tmp.path().join("again.plan.json");
+    let out = pack_ordered(
+        &src,
+        &again,
         "4K",
-        "--order",
-        plan_path.to_str().unwrap(),
-        "--plan-out",
-        tmp.path().join("again.plan.json").to_str().unwrap(),
-    ]);
+        &plan_path,
+        &["--plan-out", again_plan.to_str().unwrap()],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -225,16 +227,7 @@ fn pack_order_stores_planned_chunks_first_and_writes_their_plan() {
     assert_eq!(fs::read(&again).unwrap(), fs::read(&img).unwrap());
 
     // A plan for another chunk size is refused, naming the plan.
-    let out = incfs(&[
-        "pack",
-        src.to_str().unwrap(),
-        "-o",
-        tmp.path().join("bad.img").to_str().unwrap(),
-        "--chunk-size",
-        "16K",
-        "--order",
-        plan_path.to_str().unwrap(),
-    ]);
+    let out = pack_ordered(&src, &tmp.path().join("bad.img"), "16K", &plan_path, &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
