@@ -20,10 +20,9 @@ use incfs_fs::cache::image_dir;
 use incfs_fs::cache::record::{RECORD_HEADER_LEN, RecordHeader};
 use incfs_fs::format::{FileRef, Image, PackOptions, pack_dir};
 use incfs_fs::link::LinkConfig;
-use incfs_fs::plan::{PLAN_VERSION, PlanEntry, PrefetchPlan};
 use incfs_fs::serve::{ServeConfig, Server};
 
-use common::daemon::{Daemon, ENV_PLAN};
+use common::daemon::{Daemon, ENV_PLAN, save_whole_files_plan};
 use common::env_u64;
 
 #[test]
@@ -190,25 +189,8 @@ fn kill9_at_random_moments_while_prefetching_then_remount() {
     pack_dir(&tree, &img, &PackOptions::default(), &()).unwrap();
     let layout = Layout::of(&img);
     let root = Image::open_path(&img, None).unwrap().root_digest();
-    // The plan: every file, biggest first (the prefetcher then fetches the rest anyway).
-    let plan = PrefetchPlan {
-        version: PLAN_VERSION,
-        image_digest: root.to_hex(),
-        chunk_size: layout.chunk_size as u32,
-        total_bytes: 0,
-        entries: layout
-            .files
-            .iter()
-            .map(|f| PlanEntry {
-                file: f.display_path(),
-                first_chunk: 0,
-                chunk_count: f.chunks,
-                offset_ms: 0.0,
-                confidence: 1.0,
-            })
-            .collect(),
-    };
-    plan.save(&path("plan.json")).unwrap();
+    // The plan: every file (the prefetcher then fetches the rest anyway).
+    save_whole_files_plan(&img, &path("plan.json"));
     // A link on which the whole image takes about 0.4 s per round (50 Mbit/s for 20 rounds),
     // so that most rounds are killed in the middle of fetching however many there are.
     let stored = fs::metadata(&img).unwrap().len() as f64;

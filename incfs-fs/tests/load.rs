@@ -19,10 +19,9 @@ use std::time::{Duration, Instant};
 use incfs_datasets::require::{Need, require};
 use incfs_fs::format::{FileRef, Image, PackOptions, pack_dir};
 use incfs_fs::link::LinkConfig;
-use incfs_fs::plan::{PLAN_VERSION, PlanEntry, PrefetchPlan};
 use incfs_fs::serve::{ServeConfig, Server};
 
-use common::daemon::{Daemon, ENV_PLAN};
+use common::daemon::{Daemon, ENV_PLAN, save_whole_files_plan};
 use common::env_u64;
 
 #[test]
@@ -150,28 +149,9 @@ fn many_readers_with_prefetch_get_right_bytes_in_bounded_memory() {
         "packed {i} files, {mib} MiB in {:?}: {summary:?}",
         t0.elapsed()
     );
-    let image = Image::open_path(&img, None).unwrap();
-    let files = Arc::new(image.files());
-    let plan = PrefetchPlan {
-        version: PLAN_VERSION,
-        image_digest: image.root_digest().to_hex(),
-        chunk_size: image.manifest().chunk_size,
-        total_bytes: 0,
-        entries: files
-            .iter()
-            .filter(|f| f.chunks > 0)
-            .map(|f| PlanEntry {
-                file: f.display_path(),
-                first_chunk: 0,
-                chunk_count: f.chunks,
-                offset_ms: 0.0,
-                confidence: 1.0,
-            })
-            .collect(),
-    };
+    let files = Arc::new(Image::open_path(&img, None).unwrap().files());
     let plan_path = dir.path().join("plan.json");
-    plan.save(&plan_path).unwrap();
-    drop(image);
+    save_whole_files_plan(&img, &plan_path);
 
     // A link on which fetching the whole image takes two thirds of the test (5 ms of
     // latency): demand misses and prefetch compete for most of it, then the readers go on

@@ -212,3 +212,28 @@ pub fn drop_caches() {
     let _ = Command::new("sync").status();
     let _ = fs::write("/proc/sys/vm/drop_caches", "3");
 }
+
+/// Writes to `out` a prefetch plan of every non-empty file of the image at `img`, whole, in
+/// walk order (a daemon started with `ENV_PLAN` pointing at it prefetches them all).
+pub fn save_whole_files_plan(img: &Path, out: &Path) {
+    let image = incfs_fs::format::Image::open_path(img, None).unwrap();
+    let plan = PrefetchPlan {
+        version: incfs_fs::plan::PLAN_VERSION,
+        image_digest: image.root_digest().to_hex(),
+        chunk_size: image.manifest().chunk_size,
+        total_bytes: 0,
+        entries: image
+            .files()
+            .iter()
+            .filter(|f| f.chunks > 0)
+            .map(|f| incfs_fs::plan::PlanEntry {
+                file: f.display_path(),
+                first_chunk: 0,
+                chunk_count: f.chunks,
+                offset_ms: 0.0,
+                confidence: 1.0,
+            })
+            .collect(),
+    };
+    plan.save(out).unwrap();
+}
