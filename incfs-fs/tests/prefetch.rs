@@ -19,9 +19,14 @@ const CHUNK: u64 = 4096;
 
 /// An image of one 400-chunk file of incompressible bytes (so stored = raw = 4 KiB).
 fn image(dir: &std::path::Path) -> Vec<u8> {
+    one_file_image(dir, &common::noise(400 * CHUNK as usize, 7))
+}
+
+/// An image of one file `big` holding `data`, at 4 KiB chunks.
+fn one_file_image(dir: &std::path::Path, data: &[u8]) -> Vec<u8> {
     let tree = dir.join("tree");
     fs::create_dir_all(&tree).unwrap();
-    fs::write(tree.join("big"), common::noise(400 * CHUNK as usize, 7)).unwrap();
+    fs::write(tree.join("big"), data).unwrap();
     let out = dir.join("a.img");
     let opts = PackOptions {
         chunk_size: CHUNK as u32,
@@ -29,6 +34,41 @@ fn image(dir: &std::path::Path) -> Vec<u8> {
     };
     pack_dir(&tree, &out, &opts, &()).unwrap();
     fs::read(out).unwrap()
+}
+
+/// `n` chunks of text, distinct and compressible.
+fn text_chunks(n: u64) -> Vec<u8> {
+    (0..n)
+        .flat_map(|i| {
+            let mut b = format!("{i:011} ").into_bytes().repeat(342);
+            b.truncate(CHUNK as usize);
+            b
+        })
+        .collect()
+}
+
+/// The image `bytes` relaid out hot-first for `plan` (written under `dir`).
+fn relaid(dir: &std::path::Path, bytes: Vec<u8>, plan: &[u64], opts: &RelayoutOptions) -> Vec<u8> {
+    let img = Image::open(bytes, None).unwrap();
+    let out = dir.join("hot.img");
+    relayout(&img, plan, &out, opts).unwrap();
+    fs::read(out).unwrap()
+}
+
+/// Runs the prefetcher over `plan` (distinct slots) until it is all local; returns the
+/// source's requests.
+fn prefetch_all(r: &Rig, plan: &[u64]) -> Vec<incfs_fs::source::MockRequest> {
+    let p = Prefetcher::start(
+        Arc::clone(&r.fetcher),
+        Arc::clone(&r.table),
+        plan,
+        PrefetchConfig::default(),
+    )
+    .unwrap();
+    wait_until("the plan to be local", || {
+        p.stats().planned_local == plan.len() as u64
+    });
+    r.source.requests()
 }
 
 struct Rig {
@@ -85,19 +125,13 @@ fn a_hot_first_plan_is_fetched_before_any_read_in_few_requests() {
     // Plan: 100 scattered chunks, in a scrambled order.
     let plan: Vec<u64> = (0..100u64).map(|i| (i * 37) % 400).collect();
     // Relay the image so the plan's chunks lead the data section, in plan order.
-    let img = Image::open(bytes, None).unwrap();
-    let out = tmp.path().join("hot.img");
-    relayout(&img, &plan, &out, &RelayoutOptions::default()).unwrap();
-    let r = rig(fs::read(&out).unwrap());
-    let p = Prefetcher::start(
-        Arc::clone(&r.fetcher),
-        Arc::clone(&r.table),
+    let r = rig(relaid(
+        tmp.path(),
+        bytes,
         &plan,
-        PrefetchConfig::default(),
-    )
-    .unwrap();
-    wait_until("the plan to be local", || p.stats().planned_local == 100);
-    let reqs = r.source.requests();
+        &RelayoutOptions::default(),
+    ));
+    let reqs = prefetch_all(&r, &plan);
     assert!(reqs.iter().all(|q| q.kind == RequestKind::Prefetch));
     assert!(
         reqs.len() <= 3,
@@ -201,41 +235,20 @@ fn deduplicated_chunks_in_one_long_request_are_all_served() {
 #[test]
 fn a_hot_first_plan_with_a_lazy_table_takes_at_most_three_requests() {
     let tmp = tempfile::tempdir().unwrap();
-    let tree = tmp.path().join("tree");
-    fs::create_dir_all(&tree).unwrap();
     // 10 table segments; distinct, compressible chunks.
     let n = 10 * incfs_fs::format::SEGMENT_ENTRIES as u64;
-    let data: Vec<u8> = (0..n)
-        .flat_map(|i| {
-            let mut b = format!("{i:011} ").into_bytes().repeat(342);
-            b.truncate(CHUNK as usize);
-            b
-        })
-        .collect();
-    fs::write(tree.join("big"), data).unwrap();
-    let out = tmp.path().join("a.img");
-    let opts = PackOptions {
-        chunk_size: CHUNK as u32,
-        ..PackOptions::default()
-    };
-    pack_dir(&tree, &out, &opts, &()).unwrap();
+    let bytes = one_file_image(tmp.path(), &text_chunks(n));
     // 200 slots scattered over every segment, in a scrambled order.
     let plan: Vec<u64> = (0..200u64).map(|i| (i * 7919) % n).collect();
-    let img = Image::open(fs::read(&out).unwrap(), None).unwrap();
-    let hot = tmp.path().join("hot.img");
-    relayout(&img, &plan, &hot, &RelayoutOptions::default()).unwrap();
-    let r = rig(fs::read(&hot).unwrap());
+    let r = rig(relaid(
+        tmp.path(),
+        bytes,
+        &plan,
+        &RelayoutOptions::default(),
+    ));
     let before = r.table.stats();
     assert!(before.segments_loaded < before.segments_total);
-    let p = Prefetcher::start(
-        Arc::clone(&r.fetcher),
-        Arc::clone(&r.table),
-        &plan,
-        PrefetchConfig::default(),
-    )
-    .unwrap();
-    wait_until("the plan to be local", || p.stats().planned_local == 200);
-    let reqs = r.source.requests();
+    let reqs = prefetch_all(&r, &plan);
     assert!(
         reqs.len() <= 3,
         "{} requests for a hot-first plan: {reqs:?}",
@@ -251,23 +264,8 @@ fn a_hot_first_plan_with_a_lazy_table_takes_at_most_three_requests() {
 #[test]
 fn a_miss_in_a_shared_frame_stores_the_whole_frame() {
     let tmp = tempfile::tempdir().unwrap();
-    let tree = tmp.path().join("tree");
-    fs::create_dir_all(&tree).unwrap();
-    let data: Vec<u8> = (0..64u64)
-        .flat_map(|i| {
-            let mut b = format!("{i:011} ").into_bytes().repeat(342);
-            b.truncate(CHUNK as usize);
-            b
-        })
-        .collect();
-    fs::write(tree.join("big"), &data).unwrap();
-    let out = tmp.path().join("a.img");
-    let opts = PackOptions {
-        chunk_size: CHUNK as u32,
-        ..PackOptions::default()
-    };
-    pack_dir(&tree, &out, &opts, &()).unwrap();
-    let img = Image::open(fs::read(&out).unwrap(), None).unwrap();
+    let bytes = one_file_image(tmp.path(), &text_chunks(64));
+    let img = Image::open(bytes, None).unwrap();
     let hot = tmp.path().join("hot.img");
     let frames = RelayoutOptions {
         frame_bytes: 16 * CHUNK as u32,
