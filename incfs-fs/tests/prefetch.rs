@@ -178,7 +178,6 @@ fn the_window_jumps_forward_with_the_program() {
     let plan: Vec<u64> = (0..400u64).step_by(2).collect(); // 200 non-adjacent chunks
     let cfg = PrefetchConfig {
         window_bytes: 8 * CHUNK,
-        fetch_all: false,
     };
     let p = Prefetcher::start(Arc::clone(&r.fetcher), Arc::clone(&r.table), &plan, cfg).unwrap();
     wait_until("prefetch to start", || !r.source.requests().is_empty());

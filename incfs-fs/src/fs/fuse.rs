@@ -50,6 +50,7 @@ impl ToErrno for FsError {
             FsError::Meta { .. } => Errno::EIO,
             FsError::Thread(_) => Errno::EIO,
             FsError::Plan(_) => Errno::EINVAL,
+            FsError::ShuttingDown => Errno::EIO,
         }
     }
 }
@@ -351,10 +352,13 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(ino.0, fh.0, offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(e.to_errno()),
-        }
+        // Answered when the data is there, from whichever thread has it: a miss holds no
+        // event-loop thread while it waits for the source.
+        self.fs
+            .read_then(ino.0, fh.0, offset, size, move |r| match r {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(e.to_errno()),
+            });
     }
 
     #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0))]

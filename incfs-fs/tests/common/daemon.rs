@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use incfs_fs::fetch::FetchConfig;
+use incfs_fs::fetch::fill::FillConfig;
 use incfs_fs::fs::fuse::{MountOptions, new_session, run_session};
 use incfs_fs::fs::{FsConfig, IncFs, Stats};
 use incfs_fs::link::LinkConfig;
@@ -78,12 +79,9 @@ pub fn child() {
     if let Ok(plan_path) = std::env::var(ENV_PLAN) {
         let plan_path = Path::new(&plan_path);
         let plan = PrefetchPlan::load(plan_path).expect("load plan");
-        let pcfg = PrefetchConfig {
-            fetch_all: true,
-            ..PrefetchConfig::default()
-        };
-        fs.start_prefetch(&plan, plan_path, pcfg)
+        fs.start_prefetch(&plan, plan_path, PrefetchConfig::default())
             .expect("start prefetch");
+        fs.start_fill(FillConfig::default()).expect("start fill");
     }
     let session = new_session(fs, Path::new(&mnt), &MountOptions::default()).expect("mount");
     run_session(session).expect("serve");
