@@ -152,7 +152,6 @@ fn a_demand_miss_overtakes_queued_prefetch() {
     let plan: Vec<u64> = (0..150u64).map(|i| i * 2).collect();
     let cfg = PrefetchConfig {
         window_bytes: u64::MAX,
-        ..PrefetchConfig::default()
     };
     let p = Prefetcher::start(Arc::clone(&r.fetcher), Arc::clone(&r.table), &plan, cfg).unwrap();
     wait_until("prefetch to start", || !r.source.requests().is_empty());

@@ -488,6 +488,11 @@ impl Fetcher {
             .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (slot % 64)) != 0)
     }
 
+    /// Reads waiting for chunks now.
+    pub fn waiting(&self) -> usize {
+        self.inner.state.lock().waiters.len()
+    }
+
     /// Slots queued or in flight now.
     pub fn pending(&self) -> usize {
         self.inner.state.lock().slots.len()
@@ -559,16 +564,19 @@ impl Drop for Fetcher {
 }
 
 impl Inner {
-    /// Queues the slots that are not local at `priority`; true when any was added. Slots
-    /// whose table entry is not loaded wait for a worker to load it.
+    /// Queues the slots that are not local at `priority`; true when any was added. When
+    /// some of them lack their table entry, all of them wait for a worker to load the
+    /// entries, so they still travel together.
     fn queue(&self, st: &mut State, slots: &[u64], priority: Priority, amplify: bool) -> bool {
+        let all_entries = slots
+            .iter()
+            .all(|&s| s >= self.table.len() || self.table.get(s).is_some());
         let mut added = false;
         for &slot in slots {
             if slot >= self.table.len() || self.cache.is_local(slot) {
                 continue;
             }
             st.failed.remove(&slot);
-            let has_entry = self.table.get(slot).is_some();
             match st.slots.get(&slot) {
                 Some(SlotState::InFlight) => continue,
                 Some(SlotState::Queued(p, a))
@@ -579,7 +587,7 @@ impl Inner {
                 Some(SlotState::NeedsEntry(p)) if *p <= priority => continue,
                 _ => {}
             }
-            if has_entry {
+            if all_entries {
                 st.slots.insert(slot, SlotState::Queued(priority, amplify));
                 st.queues[priority as usize].push_back(slot);
             } else {
@@ -789,9 +797,18 @@ impl Inner {
     }
 
     /// Loads the table entries of `slots`, then queues them at `p`; a load that fails fails
-    /// them.
+    /// them. Below demand priority (a read-ahead window, a plan) the entries of as many slots
+    /// again after them are loaded in the same request, so the next window finds its entries
+    /// there.
     fn load_entries(&self, slots: Vec<u64>, p: Priority) {
-        match self.table.load(&slots, p.kind()) {
+        let mut want = slots.clone();
+        if p != Priority::Demand
+            && let (Some(&lo), Some(&hi)) = (slots.iter().min(), slots.iter().max())
+        {
+            let n = (hi - lo + 1).max(slots.len() as u64);
+            want.extend(hi + 1..(hi + 1 + n).min(self.table.len()));
+        }
+        match self.table.load(&want, p.kind()) {
             Ok(()) => {
                 let mut st = self.state.lock();
                 let mut local = Vec::new();

@@ -26,6 +26,10 @@ use tracing::instrument;
 
 use super::{Attr, FsError, IncFs, NodeKind, OpenMode};
 
+/// Background (page-cache read) requests the kernel may have outstanding with us: enough
+/// that 32 readers' misses all wait at once, as the tests check, with room to spare.
+const MAX_BACKGROUND: u16 = 128;
+
 /// How long the kernel may cache attributes and entries: the tree never changes.
 const TTL: Duration = Duration::from_secs(3600);
 
@@ -247,6 +251,12 @@ impl Filesystem for FuseFs {
         if let Err(max) = config.set_max_readahead(self.max_readahead) {
             let _ = config.set_max_readahead(max);
         }
+        // Page-cache reads reach us as background requests, of which the kernel keeps at
+        // most `max_background` outstanding (fuser's default: 16). Misses no longer hold a
+        // thread here, so let many more programs' reads wait at once (the kernel caps it
+        // for unprivileged mounts at fuse.max_user_bgreq).
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let _ = config.set_congestion_threshold(MAX_BACKGROUND / 4 * 3);
         Ok(())
     }
 

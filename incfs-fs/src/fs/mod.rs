@@ -253,6 +253,13 @@ pub struct Stats {
     pub blocked_reads: u64,
     /// Total time reads waited for the source, in milliseconds.
     pub blocked_ms: u64,
+    /// Reads waiting for the source right now (each holds no thread while it waits).
+    #[serde(default)]
+    pub reads_waiting: u64,
+    /// Reads answered with EIO because the source did not deliver within the retry
+    /// timeout.
+    #[serde(default)]
+    pub reads_timed_out: u64,
     /// Failed requests plus chunks that did not verify.
     pub fetch_errors: u64,
     /// Reads that failed with EIO.
@@ -276,6 +283,9 @@ pub struct Stats {
     /// The prefetcher's counters (`prefetch_hits` among them), when a plan runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefetch: Option<PrefetchStats>,
+    /// The background fill's counters, when it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fill: Option<FillStats>,
 }
 
 #[derive(Debug, Clone)]
@@ -1111,6 +1121,8 @@ impl IncFs {
             demand_misses: c.demand_misses.load(Ordering::Relaxed),
             blocked_reads: c.blocked_reads.load(Ordering::Relaxed),
             blocked_ms: c.blocked_us.load(Ordering::Relaxed) / 1000,
+            reads_waiting: self.fetcher.waiting() as u64,
+            reads_timed_out: f.reads_timed_out,
             fetch_errors: f.fetch_errors,
             read_errors: c.read_errors.load(Ordering::Relaxed),
             reads: c.reads.load(Ordering::Relaxed),
@@ -1121,6 +1133,7 @@ impl IncFs {
             recovered_unclean: rec.unclean,
             read_log_dropped: c.read_log_dropped.load(Ordering::Relaxed),
             prefetch: self.prefetch_stats(),
+            fill: self.fill_stats(),
         }
     }
 }
