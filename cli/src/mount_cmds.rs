@@ -386,6 +386,26 @@ pub fn stats(a: StatsArgs) -> anyhow::Result<ExitCode> {
         bail!("stats of {} are not a JSON object", a.mountpoint.display());
     };
     let width = map.keys().map(String::len).max().unwrap_or(0);
+    // How much of the image is here, first: what a user asks before going offline.
+    let count = |k: &str| map.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    let (local, total) = (count("chunks_local"), count("chunks_total"));
+    let fill = match map.get("fill") {
+        Some(f) if f.get("done").and_then(serde_json::Value::as_bool) == Some(true) => {
+            "background fill done"
+        }
+        Some(_) => "background fill running",
+        None => "no background fill",
+    };
+    writeln!(
+        out,
+        "{:<width$}  {local} of {total} chunks ({:.1} %), {fill}",
+        "local",
+        if total == 0 {
+            100.0
+        } else {
+            local as f64 * 100.0 / total as f64
+        }
+    )?;
     for (k, val) in map {
         let shown = match (k.as_str(), val.as_u64()) {
             ("bytes_fetched" | "bytes_used" | "bytes_cached" | "table_bytes", Some(n)) => {
