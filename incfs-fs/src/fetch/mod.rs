@@ -110,7 +110,7 @@ impl Default for FetchConfig {
         FetchConfig {
             workers: 16,
             demand_workers: 4,
-            background_requests: 1,
+            background_requests: 2,
             max_request_bytes: 8 * 1024 * 1024,
             background_request_bytes: 1024 * 1024,
             miss_amplify_bytes: 128 * 1024,
