@@ -28,10 +28,10 @@ pub struct FetchArgs {
     fill_bandwidth_mbit: Option<f64>,
     /// Stored bytes a demand miss outside the plan is widened by, over the chunks that
     /// follow it (K, M suffixes; 0 turns it off).
-    #[arg(long, value_parser = parse_size, default_value = "128K")]
+    #[arg(long, value_parser = parse_size, default_value = "256K")]
     miss_amplify: u64,
     /// Largest gap between planned chunks that one prefetch request bridges (K, M).
-    #[arg(long, value_parser = parse_size, default_value = "64K")]
+    #[arg(long, value_parser = parse_size, default_value = "16K")]
     bridge_gap: u64,
 }
 

@@ -65,8 +65,9 @@ pub struct FetchConfig {
     /// Of `workers`, those that serve demand only (at least 1). Default 4: a start rarely
     /// has more misses outstanding than it has threads.
     pub demand_workers: usize,
-    /// Background (fill) requests in flight at most. Default 1: the fill uses the link's
-    /// idle time; a demand request shares the link with at most one of them.
+    /// Background (fill) requests in flight at most. Default 2: one alone leaves the link
+    /// idle for a round trip between requests (clang's lazy start: 10.4 s with one, 7.3 s
+    /// with two at 20 ms / 100 Mbit/s); a demand request shares the link with at most two.
     pub background_requests: usize,
     /// Largest range request, in stored bytes. Default 8 MiB: large enough that a request's
     /// fixed cost (one round trip) is small next to its transfer on a 100 Mbit link.
@@ -75,11 +76,15 @@ pub struct FetchConfig {
     /// a demand miss that arrives while one is in flight shares the link only that long.
     pub background_request_bytes: u64,
     /// Stored bytes a demand miss that no plan covers is widened by, over the chunks that
-    /// follow it in the data section and are not local. Default 128 KiB, chosen by
-    /// measurement (BENCHMARKS.md, "Read-ahead and miss amplification").
+    /// follow it in the data section and are not local. Default 256 KiB, chosen by
+    /// measurement (BENCHMARKS.md, "Fast without a plan"): clang's lazy start blocks 1.6×
+    /// less often than at 128 KiB without the fill, and larger values gain nothing with it.
     pub miss_amplify_bytes: u64,
     /// Largest gap, in stored bytes, between two queued prefetch chunks that one request
-    /// bridges (fetching the gap's chunks too). Default 64 KiB, chosen by measurement.
+    /// bridges (fetching the gap's chunks too). Default 16 KiB, chosen by measurement
+    /// (BENCHMARKS.md, "Fast without a plan"): clang's plan on the pack layout takes 2.2×
+    /// fewer requests than without bridging and moves 1.3× its bytes; wider gaps move more
+    /// bytes than the round trips they save.
     pub bridge_gap_bytes: u64,
     /// The per-file read-ahead policy.
     pub readahead: ReadAheadConfig,
@@ -113,8 +118,8 @@ impl Default for FetchConfig {
             background_requests: 2,
             max_request_bytes: 8 * 1024 * 1024,
             background_request_bytes: 1024 * 1024,
-            miss_amplify_bytes: 128 * 1024,
-            bridge_gap_bytes: 64 * 1024,
+            miss_amplify_bytes: 256 * 1024,
+            bridge_gap_bytes: 16 * 1024,
             readahead: ReadAheadConfig::default(),
             max_attempts: 5,
             initial_backoff: Duration::from_millis(50),
@@ -344,8 +349,14 @@ impl Fetcher {
     /// the read's own chunks are local — at once, on this thread, when they already are.
     pub fn read(&self, file: &FileRead, ra: &mut ReadAhead, done: Completion) {
         let inner = &self.inner;
-        let ahead = ra.on_read(&inner.config.readahead, file.range.clone(), file.file_size);
         let own = file.slots(&file.range);
+        let hit = own.clone().all(|s| inner.cache.is_local(s));
+        let ahead = ra.on_read(
+            &inner.config.readahead,
+            file.range.clone(),
+            file.file_size,
+            hit,
+        );
         let ahead_slots = file.slots(&ahead);
         // The rest of a small file rides in the miss's request; a sequential window is a
         // request of its own (it is wanted later, not now).
