@@ -1,9 +1,11 @@
 //! The FUSE adapter: a thin [`fuser::Filesystem`] over [`IncFs`].
 //!
 //! Each handler is one span, one call into [`IncFs`], one reply; errors become errnos in one
-//! place ([`ToErrno`]). The session runs several event-loop threads (fuser's `n_threads`,
-//! each with its own cloned `/dev/fuse` fd), so one read blocked on a miss does not stall
-//! the others. Regular files are opened with `FOPEN_KEEP_CACHE` (content never changes),
+//! place ([`ToErrno`]). A read is answered when its data is there: the reply object moves to
+//! the fetch worker that stores the read's last missing chunk ([`IncFs::read_then`]), so a
+//! miss holds none of the session's event-loop threads (fuser's `n_threads`, each with its
+//! own cloned `/dev/fuse` fd) and the kernel may have 128 reads outstanding.
+//! Regular files are opened with `FOPEN_KEEP_CACHE` (content never changes),
 //! or with passthrough when [`IncFs::open`] says so; the backing id of a passthrough inode is
 //! shared by all its live opens, as the kernel requires.
 
