@@ -380,6 +380,20 @@ impl Fetcher {
         );
     }
 
+    /// Takes `slots` off the queue where they wait at `priority` (not those a reader has
+    /// asked for since, nor those in flight): the prefetcher's window moved past them.
+    pub fn unqueue(&self, slots: &[u64], priority: Priority) {
+        let mut st = self.inner.state.lock();
+        for slot in slots {
+            if matches!(st.slots.get(slot), Some(SlotState::Queued(p, _)) if *p == priority)
+                && !st.slot_waiters.contains_key(slot)
+            {
+                // Its queue entry goes stale and is skipped.
+                st.slots.remove(slot);
+            }
+        }
+    }
+
     /// Fetches the slots that are not local at `priority` and blocks until all are local,
     /// or returns the first failure.
     pub fn fetch(&self, slots: &[u64], priority: Priority) -> Result<(), FetchError> {

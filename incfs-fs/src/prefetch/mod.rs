@@ -218,9 +218,22 @@ impl Shared {
         let cache = self.fetcher.cache();
         // Next plan index not yet handed to the scheduler.
         let mut queued_to = 0usize;
+        // Where the window started last time round.
+        let mut last_start = 0usize;
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return;
+            }
+            // The program jumped ahead: what the window had queued behind the jump is of no
+            // use now; take it off the scheduler's queue rather than fetch it.
+            let jumped = self.start.load(Ordering::Acquire);
+            if jumped > last_start {
+                let behind: Vec<u64> = self.plan[last_start..jumped.min(queued_to).max(last_start)]
+                    .iter()
+                    .copied()
+                    .filter(|&slot| !cache.is_local(slot))
+                    .collect();
+                self.fetcher.unqueue(&behind, Priority::Prefetch);
             }
             // Advance the window start past chunks already local.
             let mut start = self.start.load(Ordering::Acquire);
@@ -229,8 +242,16 @@ impl Shared {
             }
             self.start.fetch_max(start, Ordering::AcqRel);
             let start = self.start.load(Ordering::Acquire);
+            last_start = start;
             if start >= self.plan.len() {
                 break;
+            }
+            if queued_to >= self.plan.len() {
+                // Everything is queued; the scheduler finishes the rest, and this thread
+                // stays to follow the program's jumps until the plan is local.
+                self.queued_all.store(true, Ordering::Relaxed);
+                self.sleep();
+                continue;
             }
             // Queue from max(start, queued_to) until the window holds window_bytes.
             let mut bytes_ahead: u64 = self.plan[start..queued_to.max(start)]
@@ -251,10 +272,6 @@ impl Shared {
             queued_to = i;
             if !batch.is_empty() {
                 self.fetcher.submit(&batch, Priority::Prefetch);
-            }
-            if queued_to >= self.plan.len() {
-                // Everything is queued; the scheduler finishes the rest.
-                break;
             }
             self.sleep();
         }
