@@ -39,7 +39,8 @@ pub struct RunArgs {
     /// Write the run's figures as JSON to this file.
     #[arg(long)]
     stats_json: Option<PathBuf>,
-    /// Save the mount's read-log (NDJSON, an input for `incfs plan`) to this file.
+    /// Save the mount's read-log (NDJSON, an input for `incfs plan`) to this file. Such a
+    /// run opens no file with passthrough (its reads would not be logged).
     #[arg(long)]
     read_log_out: Option<PathBuf>,
     /// Never open files with FUSE passthrough.
@@ -96,7 +97,9 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("creating the cache directory {}", cache.display()))?;
     let mut fs = FsConfig::new(cache);
     fs.expect_digest = required_digest(&a.image, a.expect_digest.as_deref(), a.trust.as_deref())?;
-    fs.passthrough = !a.no_passthrough;
+    // A read served by passthrough never reaches incfs, so it would be missing from the
+    // read-log: a run that saves one serves every read itself.
+    fs.passthrough = !a.no_passthrough && a.read_log_out.is_none();
     let fill = a.fetch.apply(&mut fs);
     let cfg = RunConfig {
         source: a.image.clone(),

@@ -198,6 +198,11 @@ pub struct Results {
     pub failures: Vec<String>,
 }
 
+/// `incfs run` as the unmeasured setup runs (demand set, plan runs) use it: every read
+/// through incfs (passthrough would hide reads from the read-log and from a trace of the
+/// mount) and no background fill (it would complete files, and they are not measured).
+const SETUP_RUN: [&str; 3] = ["run", "--no-passthrough", "--no-fill"];
+
 /// What the methods share: paths, servers, images.
 struct Ctx {
     incfs: PathBuf,
@@ -311,7 +316,8 @@ fn main() -> Result<()> {
     let demand_log = out.join("demand.read-log");
     check(
         Command::new(&incfs)
-            .args(["run", "--image", &fast.url("image.img"), "--read-log-out"])
+            .args(SETUP_RUN)
+            .args(["--image", &fast.url("image.img"), "--read-log-out"])
             .arg(&demand_log)
             .arg("--")
             .args(work.argv("{mnt}")),
@@ -328,7 +334,8 @@ fn main() -> Result<()> {
         if matches!(source_used, PlanSource::Auto | PlanSource::Trace) {
             let trace = out.join(format!("plan-run-{i}.parquet"));
             let mut cmd = Command::new(&incfs);
-            cmd.args(["run", "--image", &fast.url("image.img"), "--"])
+            cmd.args(SETUP_RUN)
+                .args(["--image", &fast.url("image.img"), "--"])
                 .arg(&incfs)
                 .args(["record-trace", "-o"])
                 .arg(&trace)
@@ -353,7 +360,8 @@ fn main() -> Result<()> {
             let log = out.join(format!("plan-run-{i}.read-log"));
             check(
                 Command::new(&incfs)
-                    .args(["run", "--image", &fast.url("image.img"), "--read-log-out"])
+                    .args(SETUP_RUN)
+                    .args(["--image", &fast.url("image.img"), "--read-log-out"])
                     .arg(&log)
                     .arg("--")
                     .args(work.argv("{mnt}")),
