@@ -255,6 +255,9 @@ fn daemonize(a: &MountArgs, cache: &Path) -> anyhow::Result<ExitCode> {
 fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     let expect_digest = required_digest(&a.source, a.expect_digest.as_deref(), a.trust.as_deref())?;
     let signals = block_signals();
+    if let Err(error) = incfs_fs::cache::fds::raise_nofile_limit() {
+        tracing::warn!(%error, "cannot raise the descriptor limit; the cache keeps fewer files open");
+    }
     let source = incfs_fs::source::open(&a.source)
         .with_context(|| format!("opening the source {} (check the path or URL)", a.source))?;
     let mut config = FsConfig::new(cache.to_path_buf());

@@ -120,6 +120,9 @@ pub fn run(
     let (program, args) = cfg.command.split_first().ok_or(RunError::NoCommand)?;
     // Caught from the start, so a Ctrl-C while mounting still unmounts before we return.
     let signals = SignalGuard::install();
+    if let Err(error) = crate::cache::fds::raise_nofile_limit() {
+        tracing::warn!(%error, "cannot raise the descriptor limit; the cache keeps fewer files open");
+    }
     let mount_start = Instant::now();
     let src = source::open(&cfg.source).map_err(|error| RunError::Source {
         spec: cfg.source.clone(),

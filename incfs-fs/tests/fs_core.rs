@@ -718,7 +718,7 @@ fn passthrough_only_for_complete_files_without_cached_opens() {
     fs.release(fh1);
     fs.release(fh2);
     let (fh3, m3) = fs.open(ino).unwrap();
-    let OpenMode::Passthrough(file) = m3 else {
+    let OpenMode::Passthrough { file, .. } = m3 else {
         panic!("expected passthrough");
     };
     let mut buf = vec![0u8; 4 * CHUNK as usize];
@@ -726,7 +726,7 @@ fn passthrough_only_for_complete_files_without_cached_opens() {
     assert_eq!(buf, fs::read(fx.tree.join("big")).unwrap());
     // While a passthrough open is live, further opens are passthrough too.
     let (fh4, m4) = fs.open(ino).unwrap();
-    assert!(matches!(m4, OpenMode::Passthrough(_)));
+    assert!(matches!(m4, OpenMode::Passthrough { .. }));
     // The kernel refused one: it is downgraded only if it is the only passthrough open.
     assert!(matches!(
         fs.passthrough_failed(fh4),

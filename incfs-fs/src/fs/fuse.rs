@@ -25,6 +25,7 @@ use parking_lot::Mutex;
 use tracing::instrument;
 
 use super::{Attr, FsError, IncFs, NodeKind, OpenMode};
+use crate::cache::fds::FdPermit;
 
 /// How long the kernel may cache attributes and entries: the tree never changes.
 const TTL: Duration = Duration::from_secs(3600);
@@ -81,10 +82,16 @@ impl Default for MountOptions {
     }
 }
 
+/// A passthrough backing id and its share of the descriptor budget, released together.
+struct Backing {
+    id: BackingId,
+    _permit: Option<FdPermit>,
+}
+
 #[derive(Default)]
 struct Backings {
-    by_inode: HashMap<u64, Weak<BackingId>>,
-    by_handle: HashMap<u64, Arc<BackingId>>,
+    by_inode: HashMap<u64, Weak<Backing>>,
+    by_handle: HashMap<u64, Arc<Backing>>,
 }
 
 /// The [`fuser::Filesystem`] over an [`IncFs`].
@@ -312,20 +319,33 @@ impl Filesystem for FuseFs {
         match mode {
             OpenMode::Cached => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             OpenMode::Direct => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
-            OpenMode::Passthrough(file) => {
+            OpenMode::Passthrough { file, permit } => {
                 let mut b = self.backings.lock();
-                let id = match b.by_inode.get(&ino.0).and_then(Weak::upgrade) {
-                    Some(id) => Ok(id),
-                    None => reply.open_backing(&file).map(Arc::new),
+                let backing = match b.by_inode.get(&ino.0).and_then(Weak::upgrade) {
+                    Some(backing) => Ok(backing),
+                    None => reply.open_backing(&file).map(|id| {
+                        Arc::new(Backing {
+                            id,
+                            _permit: permit,
+                        })
+                    }),
                 };
-                match id {
-                    Ok(id) => {
-                        b.by_inode.insert(ino.0, Arc::downgrade(&id));
-                        b.by_handle.insert(fh, Arc::clone(&id));
-                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                match backing {
+                    Ok(backing) => {
+                        b.by_inode.insert(ino.0, Arc::downgrade(&backing));
+                        b.by_handle.insert(fh, Arc::clone(&backing));
+                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing.id);
                     }
                     Err(err) => {
-                        tracing::warn!(error = %err, "registering a passthrough backing file failed; serving it cached");
+                        if err.raw_os_error() == Some(libc::EPERM) {
+                            // Registering a backing file needs CAP_SYS_ADMIN: an ordinary
+                            // user's mount never gets it, so stop asking (one log line).
+                            if self.fs.disable_passthrough() {
+                                tracing::warn!(error = %err, "the kernel refuses FUSE passthrough to this user; serving every file through incfs");
+                            }
+                        } else {
+                            tracing::warn!(error = %err, "registering a passthrough backing file failed; serving it cached");
+                        }
                         match self.fs.passthrough_failed(fh) {
                             Ok(()) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
                             Err(e) => {

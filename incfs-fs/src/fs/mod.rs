@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
+use crate::cache::fds::FdPermit;
 use crate::cache::{CacheError, ChunkCache, RecoveryReport};
 use crate::fetch::{FetchConfig, FetchError, FetchStats, Fetcher, Priority};
 use crate::format::{
@@ -173,7 +174,14 @@ pub enum OpenMode {
     Direct,
     /// The whole file is local: hand this backing file to the kernel (FUSE passthrough).
     /// If the kernel refuses, call [`IncFs::passthrough_failed`] and serve it cached.
-    Passthrough(File),
+    Passthrough {
+        /// The backing file, open read-only.
+        file: File,
+        /// The backing id's share of the descriptor budget: keep it as long as the kernel
+        /// holds the id. `None` when another open of the inode is passed through already
+        /// (its backing id, with its permit, is shared).
+        permit: Option<FdPermit>,
+    },
 }
 
 /// Tunables of a mount.
@@ -517,9 +525,10 @@ impl IncFs {
         &self.manifest
     }
 
-    /// Turns passthrough off (the kernel does not offer it).
-    pub fn disable_passthrough(&self) {
-        self.passthrough.store(false, Ordering::Relaxed);
+    /// Turns passthrough off (the kernel does not offer it, or refuses it to this user).
+    /// True when it was on until now.
+    pub fn disable_passthrough(&self) -> bool {
+        self.passthrough.swap(false, Ordering::Relaxed)
     }
 
     /// Records everything in the cache and marks it cleanly shut down (on unmount).
@@ -740,9 +749,21 @@ impl IncFs {
             || (c.cached == 0
                 && self.passthrough.load(Ordering::Relaxed)
                 && self.cache.file_complete(idx));
-        let mode = if want_pt && self.file_size(idx) > 0 {
+        // A new backing id needs a share of the descriptor budget; a live one is shared.
+        let permit = if want_pt && c.passthrough == 0 {
+            self.cache.passthrough_permit()
+        } else {
+            None
+        };
+        let mode = if want_pt && c.passthrough == 0 && permit.is_none() {
+            tracing::debug!(
+                inode = idx,
+                "the descriptor budget is spent on passthrough; serving the file cached"
+            );
+            OpenMode::Cached
+        } else if want_pt && self.file_size(idx) > 0 {
             match self.cache.open_backing(idx) {
-                Ok(f) => OpenMode::Passthrough(f),
+                Ok(file) => OpenMode::Passthrough { file, permit },
                 Err(e) if c.passthrough == 0 => {
                     tracing::warn!(error = %e, "passthrough unavailable; serving the file cached");
                     OpenMode::Cached
@@ -752,7 +773,7 @@ impl IncFs {
         } else {
             OpenMode::Cached
         };
-        let passthrough = matches!(mode, OpenMode::Passthrough(_));
+        let passthrough = matches!(mode, OpenMode::Passthrough { .. });
         if passthrough {
             // Reads through this open bypass the file system: count the whole file as read.
             if let InodeKind::File { size, first_chunk } = inode.kind {
