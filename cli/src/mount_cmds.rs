@@ -49,8 +49,9 @@ pub struct MountArgs {
     /// Fetch worker threads.
     #[arg(long, default_value_t = 4)]
     fetch_workers: usize,
-    /// Give up on a chunk after retrying for this many seconds (then reads fail with EIO).
-    #[arg(long, default_value_t = 30)]
+    /// Seconds a read may spend fetching, all retries included, before it fails with EIO
+    /// (also bounds each request: a stalled or trickling server cannot hold a read longer).
+    #[arg(long, default_value_t = 10)]
     retry_timeout: u64,
     /// Never use FUSE passthrough.
     #[arg(long)]
@@ -258,13 +259,13 @@ fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     if let Err(error) = incfs_fs::cache::fds::raise_nofile_limit() {
         tracing::warn!(%error, "cannot raise the descriptor limit; the cache keeps fewer files open");
     }
-    let source = incfs_fs::source::open(&a.source)
-        .with_context(|| format!("opening the source {} (check the path or URL)", a.source))?;
     let mut config = FsConfig::new(cache.to_path_buf());
     config.expect_digest = expect_digest;
     config.passthrough = !a.no_passthrough;
     config.fetch.workers = a.fetch_workers.max(2);
     config.fetch.retry_timeout = Duration::from_secs(a.retry_timeout);
+    let source = incfs_fs::source::open_for(&a.source, &config.fetch.retry())
+        .with_context(|| format!("opening the source {} (check the path or URL)", a.source))?;
     let fs = Arc::new(
         IncFs::new(source, &config)
             .with_context(|| format!("cannot mount {}: the image is not usable", a.source))?,

@@ -54,6 +54,10 @@ pub struct RunArgs {
     /// Fetch worker threads (one serves demand misses only).
     #[arg(long, default_value_t = 4)]
     fetch_workers: usize,
+    /// Seconds a read may spend fetching, all retries included, before it fails with EIO
+    /// (also bounds each request: a stalled or trickling server cannot hold a read longer).
+    #[arg(long, default_value_t = 10)]
+    retry_timeout: u64,
     /// The command and its arguments; `{mnt}` is replaced by the mount point.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -101,6 +105,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     fs.expect_digest = required_digest(&a.image, a.expect_digest.as_deref(), a.trust.as_deref())?;
     fs.passthrough = !a.no_passthrough;
     fs.fetch.workers = a.fetch_workers.max(2);
+    fs.fetch.retry_timeout = std::time::Duration::from_secs(a.retry_timeout);
     let cfg = RunConfig {
         source: a.image.clone(),
         plan: a.prefetch.clone(),

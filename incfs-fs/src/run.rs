@@ -124,10 +124,11 @@ pub fn run(
         tracing::warn!(%error, "cannot raise the descriptor limit; the cache keeps fewer files open");
     }
     let mount_start = Instant::now();
-    let src = source::open(&cfg.source).map_err(|error| RunError::Source {
-        spec: cfg.source.clone(),
-        error,
-    })?;
+    let src =
+        source::open_for(&cfg.source, &cfg.fs.fetch.retry()).map_err(|error| RunError::Source {
+            spec: cfg.source.clone(),
+            error,
+        })?;
     let fs = Arc::new(IncFs::new(src, &cfg.fs)?);
     if let Some(path) = &cfg.plan {
         let plan = PrefetchPlan::load(path)?;

@@ -11,14 +11,14 @@
 //! Segments needed at once, when adjacent or separated by at most [`MAX_GAP_SEGMENTS`],
 //! travel as one range request: a plan's slots bring their segments in one or a few
 //! requests. Concurrent loaders of one segment cause one fetch; a failed request or a
-//! segment that does not verify is retried with backoff, then the load fails and the read
+//! segment that does not verify is retried under the mount's [`RetryPolicy`] (one deadline
+//! for the load, each request bounded by the time left), then the load fails and the read
 //! that needed it gets EIO.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
@@ -26,7 +26,7 @@ use crate::format::{
     ChunkEntry, Digest, FormatError, ImageHead, SEGMENT_BYTES, SEGMENT_ENTRIES, TableOrder,
     decode_segment,
 };
-use crate::source::{RequestKind, Source};
+use crate::source::{RequestKind, Source, read_within};
 
 /// Largest run of unneeded segments fetched to join two needed ones in one request: two
 /// segments (112 KiB) take ~9 ms at 100 Mbit/s, less than the round trip they save.
@@ -34,16 +34,8 @@ pub const MAX_GAP_SEGMENTS: usize = 2;
 /// Largest table request, in segments (3 MiB).
 const MAX_REQUEST_SEGMENTS: usize = 64;
 
-/// How failed segment requests are retried.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// Attempts per request before the load fails.
-    pub max_attempts: u32,
-    /// Wait before the first retry; doubles each time.
-    pub initial_backoff: Duration,
-    /// Longest wait between retries.
-    pub max_backoff: Duration,
-}
+/// How failed segment requests are retried (the one policy of the mount).
+pub use crate::retry::RetryPolicy;
 
 /// A segment of the chunk table could not be loaded.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -246,54 +238,59 @@ impl LazyTable {
     fn fetch_run(&self, run: Range<usize>, kind: RequestKind) -> Result<(), TableError> {
         let start = self.segment_range(run.start).start;
         let end = self.segment_range(run.end - 1).end;
-        let mut backoff = self.retry.initial_backoff;
-        let mut attempt = 1;
+        let mut retry = self.retry.begin();
         loop {
             self.requests.fetch_add(1, Ordering::Relaxed);
-            let failure = match self.source.read_range(start, end - start, kind) {
-                Ok(bytes) if bytes.len() as u64 == end - start => {
-                    self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    let mut bad = None;
-                    for k in run.clone() {
-                        if self.segments[k].get().is_some() {
-                            continue;
+            let failure =
+                match read_within(&*self.source, start, end - start, kind, retry.timeout()) {
+                    Ok(bytes) if bytes.len() as u64 == end - start => {
+                        self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                        let mut bad = None;
+                        for k in run.clone() {
+                            if self.segments[k].get().is_some() {
+                                continue;
+                            }
+                            let r = self.segment_range(k);
+                            let piece =
+                                &bytes[(r.start - start) as usize..(r.end - start) as usize];
+                            match self.decode(k, piece) {
+                                Ok(entries) => self.install(k, entries),
+                                Err(e) => bad = Some((k, e.to_string(), true)),
+                            }
                         }
-                        let r = self.segment_range(k);
-                        let piece = &bytes[(r.start - start) as usize..(r.end - start) as usize];
-                        match self.decode(k, piece) {
-                            Ok(entries) => self.install(k, entries),
-                            Err(e) => bad = Some((k, e.to_string(), true)),
-                        }
+                        bad
                     }
-                    bad
-                }
-                Ok(bytes) => {
-                    self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    Some((
-                        run.start,
-                        format!(
-                            "source returned {} bytes for a range of {}",
-                            bytes.len(),
-                            end - start
-                        ),
-                        true,
-                    ))
-                }
-                Err(e) => Some((run.start, e.to_string(), e.is_retryable())),
-            };
+                    Ok(bytes) => {
+                        self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                        Some((
+                            run.start,
+                            format!(
+                                "source returned {} bytes for a range of {}",
+                                bytes.len(),
+                                end - start
+                            ),
+                            true,
+                        ))
+                    }
+                    Err(e) => Some((run.start, e.to_string(), e.is_retryable())),
+                };
             let Some((segment, reason, retryable)) = failure else {
                 return Ok(());
             };
+            let attempt = retry.attempt();
             tracing::warn!(segment, attempt, source = %self.source.describe(), error = %reason, "loading a chunk table segment failed");
-            if !retryable || attempt >= self.retry.max_attempts {
-                return Err(self.error(
-                    segment,
-                    format!("gave up after {attempt} attempts: {reason}"),
-                ));
+            match retry.next_pause() {
+                Some(pause) if retryable => std::thread::sleep(pause),
+                _ => {
+                    return Err(self.error(
+                        segment,
+                        format!(
+                            "gave up after {attempt} attempts in {:.1} s: {reason}",
+                            retry.elapsed().as_secs_f64()
+                        ),
+                    ));
+                }
             }
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(self.retry.max_backoff);
-            attempt += 1;
         }
     }
 

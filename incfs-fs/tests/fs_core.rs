@@ -420,11 +420,13 @@ fn bytes_that_never_verify_are_eio_and_local_chunks_keep_working() {
     assert_eq!(read_all(&fs, a, 1 << 20).unwrap(), want_a);
     let s = stats(&fs);
     assert!(s.fetch_errors >= 3 && s.read_errors >= 1, "{s:?}");
-    // The source heals: the same read now succeeds.
+    // The source heals: the same read, tried again a moment later (a chunk that failed
+    // stays failed for FAILURE_MEMO), now succeeds.
     src.set_plan(FailurePlan::Countdown {
         pass: u64::MAX,
         fail: 0,
     });
+    std::thread::sleep(incfs_fs::fetch::FAILURE_MEMO);
     assert_eq!(
         read_all(&fs, b, 1 << 20).unwrap(),
         fs::read(fx.tree.join("b")).unwrap()

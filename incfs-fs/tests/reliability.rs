@@ -179,3 +179,272 @@ fn five_thousand_files_read_by_eight_processes_under_ulimit_256() {
         "the daemon logged:\n{logged}"
     );
 }
+
+/// What the [`FlakyServer`] does with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Answers ranges of the image.
+    Serve,
+    /// Reads the request and never answers.
+    Stall,
+    /// Sends the head of a right answer, then one byte a second.
+    Trickle,
+}
+
+/// An HTTP/1.1 server of one image, on loopback, that can be told to stall, to trickle, or
+/// to go away entirely (connections refused) and come back on the same port.
+struct FlakyServer {
+    image: Arc<Vec<u8>>,
+    port: u16,
+    mode: Arc<std::sync::Mutex<Mode>>,
+    /// Bumped when the server goes away: connections of an older generation end.
+    generation: Arc<AtomicUsize>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    /// Every connection accepted, to shut down when the server goes away.
+    conns: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl FlakyServer {
+    fn start(image: Vec<u8>) -> FlakyServer {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut s = FlakyServer {
+            image: Arc::new(image),
+            port,
+            mode: Arc::new(std::sync::Mutex::new(Mode::Serve)),
+            generation: Arc::new(AtomicUsize::new(0)),
+            acceptor: None,
+            stop: Arc::new(AtomicBool::new(false)),
+            conns: Arc::default(),
+        };
+        s.listen(listener);
+        s
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/img", self.port)
+    }
+
+    fn set(&self, mode: Mode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+
+    fn listen(&mut self, listener: std::net::TcpListener) {
+        self.stop.store(false, Ordering::SeqCst);
+        let (image, mode, generation, stop, conns) = (
+            Arc::clone(&self.image),
+            Arc::clone(&self.mode),
+            Arc::clone(&self.generation),
+            Arc::clone(&self.stop),
+            Arc::clone(&self.conns),
+        );
+        self.acceptor = Some(std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                conns.lock().unwrap().push(conn.try_clone().unwrap());
+                let (image, mode, generation) = (
+                    Arc::clone(&image),
+                    Arc::clone(&mode),
+                    Arc::clone(&generation),
+                );
+                std::thread::spawn(move || serve_conn(conn, &image, &mode, &generation));
+            }
+        }));
+    }
+
+    /// Closes the listening socket (new connections are refused) and ends every connection.
+    fn go_away(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(a) = self.acceptor.take() {
+            a.join().unwrap();
+        }
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Listens on the same port again, serving.
+    fn come_back(&mut self) {
+        self.set(Mode::Serve);
+        let listener = std::net::TcpListener::bind(("127.0.0.1", self.port)).unwrap();
+        self.listen(listener);
+    }
+}
+
+impl Drop for FlakyServer {
+    fn drop(&mut self) {
+        self.go_away();
+    }
+}
+
+fn serve_conn(
+    mut conn: std::net::TcpStream,
+    image: &[u8],
+    mode: &std::sync::Mutex<Mode>,
+    generation: &AtomicUsize,
+) {
+    use std::io::{BufRead, BufReader, Write};
+    let born = generation.load(Ordering::SeqCst);
+    let alive = || generation.load(Ordering::SeqCst) == born;
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    loop {
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            if line == "\r\n" {
+                break;
+            }
+            head.push(line);
+        }
+        let Some(first) = head.first() else { return };
+        let is_head = first.starts_with("HEAD ");
+        let range = head.iter().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            let v = v.trim().strip_prefix("bytes=")?;
+            let (a, b) = v.split_once('-')?;
+            k.eq_ignore_ascii_case("range")
+                .then(|| (a.parse::<usize>().ok(), b.parse::<usize>().ok()))
+        });
+        let m = *mode.lock().unwrap();
+        if m == Mode::Stall {
+            while alive() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            return;
+        }
+        let (status, body, extra) = match range {
+            Some((Some(a), Some(b))) if a <= b && b < image.len() => (
+                "206 Partial Content",
+                &image[a..=b],
+                format!("Content-Range: bytes {a}-{b}/{}\r\n", image.len()),
+            ),
+            _ => ("200 OK", image, String::new()),
+        };
+        let head = format!(
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\n{extra}\r\n",
+            body.len()
+        );
+        if conn.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+        if is_head {
+            continue;
+        }
+        if m == Mode::Trickle {
+            for b in body {
+                if !alive() || conn.write_all(std::slice::from_ref(b)).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            continue;
+        }
+        if conn.write_all(body).is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads all of `path`: its bytes, or the errno that ended the read, and how long it took.
+fn timed_read(path: &Path) -> (Result<Vec<u8>, Option<i32>>, Duration) {
+    let t = Instant::now();
+    let r = fs::read(path).map_err(|e| e.raw_os_error());
+    (r, t.elapsed())
+}
+
+#[test]
+fn stalled_trickling_and_dead_servers_give_eio_within_the_deadline_then_recover() {
+    if !require(
+        "stalled_trickling_and_dead_servers_give_eio_within_the_deadline_then_recover",
+        &[Need::Root, Need::Fuse],
+    ) {
+        return;
+    }
+    // 3 s keeps the test short; INCFS_RETRY_DEADLINE_MS=10000 checks the default.
+    let deadline = Duration::from_millis(common::env_u64("INCFS_RETRY_DEADLINE_MS", 3000));
+    let w = tempfile::tempdir().unwrap();
+    let tree = w.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    // One file per phase, each read for the first time in its phase: every read misses.
+    let phases = ["stall", "trickle", "dead"];
+    for (i, name) in phases.iter().enumerate() {
+        fs::write(tree.join(name), common::noise(200_000, i as u64)).unwrap();
+        fs::write(
+            tree.join(format!("{name}-after")),
+            common::noise(50_000, 9 + i as u64),
+        )
+        .unwrap();
+    }
+    let img = w.path().join("img");
+    pack_dir(&tree, &img, &PackOptions::default(), &()).unwrap();
+    let mut server = FlakyServer::start(fs::read(&img).unwrap());
+    let mnt = w.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let d = Daemon::start_with(
+        &server.url(),
+        &mnt,
+        &w.path().join("cache"),
+        None,
+        &[(
+            common::daemon::ENV_RETRY_MS,
+            deadline.as_millis().to_string(),
+        )],
+    );
+    let mut report = Vec::new();
+    for name in phases {
+        match name {
+            "stall" => server.set(Mode::Stall),
+            "trickle" => server.set(Mode::Trickle),
+            _ => server.go_away(),
+        }
+        let (r, took) = timed_read(&mnt.join(name));
+        assert_eq!(
+            r.as_ref().err(),
+            Some(&Some(libc::EIO)),
+            "{name}: the read should fail with EIO"
+        );
+        assert!(
+            took <= deadline + Duration::from_secs(1),
+            "{name}: EIO after {took:?}, deadline {deadline:?}"
+        );
+        // Back to normal: the next reads, of this file and of another, succeed on the same
+        // mount (a moment later, as a program trying again would: a failed chunk stays
+        // failed for FAILURE_MEMO).
+        if name == "dead" {
+            server.come_back();
+        } else {
+            server.set(Mode::Serve);
+        }
+        std::thread::sleep(incfs_fs::fetch::FAILURE_MEMO);
+        let (again, _) = timed_read(&mnt.join(name));
+        assert_eq!(
+            again.ok(),
+            Some(fs::read(tree.join(name)).unwrap()),
+            "{name}: after"
+        );
+        let (other, _) = timed_read(&mnt.join(format!("{name}-after")));
+        assert_eq!(
+            other.ok(),
+            Some(fs::read(tree.join(format!("{name}-after"))).unwrap()),
+            "{name}: another file after"
+        );
+        report.push(format!("{name} {:.2} s", took.as_secs_f64()));
+    }
+    eprintln!(
+        "deadline {:.0} s: time to EIO: {}; every next read right without remount",
+        deadline.as_secs_f64(),
+        report.join(", ")
+    );
+    let s = d.stats();
+    assert!(s.read_errors >= 3, "{s:?}");
+    d.unmount();
+}

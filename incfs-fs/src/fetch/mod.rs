@@ -13,9 +13,9 @@
 //! A slot is queued or in flight at most once: concurrent readers of one chunk cause one
 //! fetch. Every chunk is decoded and checked against its digest ([`chunk_of_frame`]) before
 //! it is stored; bytes that do not match are never stored or returned. Failed requests and
-//! chunks that do not verify are retried with exponential backoff, up to
-//! [`FetchConfig::max_attempts`] and [`FetchConfig::retry_timeout`]; then the slot fails
-//! and its waiters get a [`FetchError`].
+//! chunks that do not verify are retried under the mount's [`RetryPolicy`] (jittered
+//! backoff, each request bounded by the time left before [`FetchConfig::retry_timeout`]);
+//! then the slot fails and its waiters get a [`FetchError`].
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -27,8 +27,14 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::cache::ChunkCache;
 use crate::format::{ChunkEntry, chunk_of_frame, decode_frame};
+use crate::retry::RetryPolicy;
 use crate::source::{RequestKind, Source};
-use crate::table::{LazyTable, RetryPolicy};
+use crate::table::LazyTable;
+
+/// How long a failed slot stays failed: requests for it within this time fail at once
+/// instead of fetching again. Covers the kernel's own immediate retry of a failed page read,
+/// and is short enough that a program trying again a second later reaches the source.
+pub const FAILURE_MEMO: Duration = Duration::from_millis(500);
 
 /// Tunables of the scheduler.
 #[derive(Debug, Clone)]
@@ -40,20 +46,24 @@ pub struct FetchConfig {
     /// fixed cost (one round trip) is small next to its transfer on a 100 Mbit link, small
     /// enough that a demand read never waits long behind one.
     pub max_request_bytes: u64,
-    /// Attempts per chunk before it fails. Default 5.
+    /// Attempts per request before its chunks fail. Default 20 ([`RetryPolicy`]).
     pub max_attempts: u32,
-    /// Wait before the first retry; doubles each time. Default 50 ms.
+    /// Wait before the first retry; doubles each time, jittered. Default 50 ms.
     pub initial_backoff: Duration,
-    /// Longest wait between retries. Default 2 s.
+    /// Longest wait between retries. Default 1 s.
     pub max_backoff: Duration,
-    /// Longest time spent retrying one request before its chunks fail. Default 30 s.
+    /// Longest time spent on one request's chunks, every attempt and pause included, before
+    /// they fail (restarted when an attempt stores some of them). Default 10 s
+    /// ([`crate::retry::DEFAULT_DEADLINE`], which explains the choice).
     pub retry_timeout: Duration,
 }
 
 impl FetchConfig {
-    /// The retry part, for loaders other than the scheduler (chunk-table segments).
+    /// The mount's one retry policy (for the scheduler, chunk-table segments and the
+    /// metadata at mount): `retry_timeout` is its deadline.
     pub fn retry(&self) -> RetryPolicy {
         RetryPolicy {
+            deadline: self.retry_timeout,
             max_attempts: self.max_attempts,
             initial_backoff: self.initial_backoff,
             max_backoff: self.max_backoff,
@@ -66,10 +76,10 @@ impl Default for FetchConfig {
         FetchConfig {
             workers: 4,
             max_request_bytes: 4 * 1024 * 1024,
-            max_attempts: 5,
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_secs(2),
-            retry_timeout: Duration::from_secs(30),
+            max_attempts: RetryPolicy::default().max_attempts,
+            initial_backoff: RetryPolicy::default().initial_backoff,
+            max_backoff: RetryPolicy::default().max_backoff,
+            retry_timeout: RetryPolicy::default().deadline,
         }
     }
 }
@@ -130,7 +140,9 @@ enum SlotState {
 struct State {
     slots: HashMap<u64, SlotState>,
     queues: [VecDeque<u64>; 3],
-    failed: HashMap<u64, Arc<str>>,
+    /// Slots that failed, with why and when: a new request for one within
+    /// [`FAILURE_MEMO`] fails at once.
+    failed: HashMap<u64, (Arc<str>, Instant)>,
 }
 
 struct Inner {
@@ -250,7 +262,7 @@ impl Fetcher {
                 if inner.cache.is_local(slot) {
                     continue;
                 }
-                if let Some(reason) = st.failed.get(&slot) {
+                if let Some((reason, _)) = st.failed.get(&slot) {
                     return Err(FetchError {
                         slot,
                         reason: Arc::clone(reason),
@@ -342,6 +354,16 @@ impl Inner {
         for &slot in slots {
             // A slot is queued only once its table entry is loaded: the worker needs it.
             if self.cache.is_local(slot) || self.table.get(slot).is_none() {
+                continue;
+            }
+            // A slot that failed just now fails again at once: the kernel retries a failed
+            // page read by itself straight away, which would otherwise wait out a second
+            // deadline before the reader sees its EIO.
+            if st
+                .failed
+                .get(&slot)
+                .is_some_and(|(_, at)| at.elapsed() < FAILURE_MEMO)
+            {
                 continue;
             }
             st.failed.remove(&slot);
@@ -446,15 +468,13 @@ impl Inner {
 
     /// Fetches, verifies and stores `batch`, retrying what fails; then releases the slots.
     fn run(&self, batch: Vec<u64>, priority: Priority) {
-        let started = Instant::now();
+        let mut policy = self.config.retry().begin();
         let mut remaining = batch;
-        let mut backoff = self.config.initial_backoff;
-        let mut attempt = 1;
         loop {
             let mut retry = Vec::new();
             let mut last_error = String::new();
             for run in contiguous_runs(&self.table, &remaining) {
-                let (not_done, error) = self.fetch_run(&run, priority);
+                let (not_done, error) = self.fetch_run(&run, priority, policy.timeout());
                 if let Some((why, retryable)) = error {
                     if !retryable {
                         self.fail(&not_done, &why);
@@ -468,20 +488,26 @@ impl Inner {
             if retry.is_empty() {
                 return;
             }
-            if attempt >= self.config.max_attempts
-                || started.elapsed() + backoff > self.config.retry_timeout
-                || self.shutdown.load(Ordering::Acquire)
-            {
-                self.fail(
-                    &retry,
-                    &format!("gave up after {attempt} attempts: {last_error}"),
-                );
-                return;
+            if retry.len() < remaining.len() {
+                // Some chunks came: the rest get a new deadline (see `retry`).
+                policy.restart();
             }
+            let attempt = policy.attempt();
+            let pause = match policy.next_pause() {
+                Some(p) if !self.shutdown.load(Ordering::Acquire) => p,
+                _ => {
+                    self.fail(
+                        &retry,
+                        &format!(
+                            "gave up after {attempt} attempts in {:.1} s: {last_error}",
+                            policy.elapsed().as_secs_f64()
+                        ),
+                    );
+                    return;
+                }
+            };
             tracing::debug!(attempt, slots = retry.len(), error = %last_error, "retrying chunks");
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(self.config.max_backoff);
-            attempt += 1;
+            std::thread::sleep(pause);
             remaining = retry;
         }
     }
@@ -490,7 +516,12 @@ impl Inner {
     /// stored as soon as its bytes have arrived, and its waiters are woken then. Returns the
     /// slots not stored (to retry or fail) and the error that stopped the request, with
     /// whether it is worth retrying.
-    fn fetch_run(&self, run: &[u64], priority: Priority) -> (Vec<u64>, Option<(String, bool)>) {
+    fn fetch_run(
+        &self,
+        run: &[u64],
+        priority: Priority,
+        timeout: Duration,
+    ) -> (Vec<u64>, Option<(String, bool)>) {
         let (Some(first), Some(last)) = (
             run.first().and_then(|s| self.table.get(*s)),
             run.last().and_then(|s| self.table.get(*s)),
@@ -508,10 +539,11 @@ impl Inner {
         let mut received = 0u64;
         // The last frame decoded: (stored offset, raw bytes).
         let mut frame: Option<(u64, Vec<u8>)> = None;
-        let result = self.source.read_range_streaming(
+        let result = self.source.read_range_within(
             self.data_offset + start,
             len,
             priority.kind(),
+            timeout,
             &mut |piece: &[u8]| {
                 received += piece.len() as u64;
                 // Counted as it arrives: a reader woken below may read the stats at once.
@@ -630,7 +662,8 @@ impl Inner {
         let mut st = self.state.lock();
         for &slot in slots {
             st.slots.remove(&slot);
-            st.failed.insert(slot, Arc::clone(&reason));
+            st.failed
+                .insert(slot, (Arc::clone(&reason), Instant::now()));
             self.chunks_failed.fetch_add(1, Ordering::Relaxed);
         }
         self.done.notify_all();

@@ -31,7 +31,7 @@ use crate::format::{
 };
 use crate::plan::{PlanError, PrefetchPlan};
 use crate::prefetch::{PrefetchConfig, PrefetchStats, Prefetcher};
-use crate::source::{MetaReader, Source};
+use crate::source::{MetaReaderWithin, Source};
 use crate::table::LazyTable;
 
 /// Name of the control directory in the root.
@@ -44,8 +44,8 @@ pub const READ_LOG_FILE: &str = "read-log";
 /// ~100 bytes an entry this bounds the log at ~50 MB, far more than a program start needs.
 pub const READ_LOG_CAPACITY: usize = 500_000;
 
-/// Tries at reading an image's metadata at mount before giving up.
-const META_ATTEMPTS: u32 = 4;
+/// Reads of an image's metadata that did not verify before the mount gives up.
+const META_VERIFY_ATTEMPTS: u32 = 4;
 
 /// True when reading the metadata again may succeed: transient I/O errors and bytes that
 /// did not check out (a flip in transit), but not a source that cannot be used at all (an
@@ -371,24 +371,37 @@ impl IncFs {
     /// fetch workers. Fails when the source is unreachable or the image does not verify.
     pub fn new(source: Arc<dyn Source>, config: &FsConfig) -> Result<Self, FsError> {
         let source_name = source.describe();
-        // The metadata is read a few times if need be: a reset connection or a flipped bit
-        // in transit should not fail a mount. A source that is down fails after the last try.
-        let mut attempt = 1;
-        let mut backoff = config.fetch.initial_backoff;
+        // The metadata is read again if need be, under the mount's retry policy: a reset
+        // connection or a flipped bit in transit should not fail a mount. A source that is
+        // down fails at the deadline.
+        let mut retry = config.fetch.retry().begin();
         let head = loop {
-            match read_head(&MetaReader(&*source), config.expect_digest.as_ref()) {
+            let reader = MetaReaderWithin {
+                source: &*source,
+                timeout: retry.timeout(),
+            };
+            match read_head(&reader, config.expect_digest.as_ref()) {
                 Ok(head) => break head,
-                Err(error) if attempt < META_ATTEMPTS && retry_meta(&error) => {
-                    tracing::warn!(source = %source_name, attempt, error = %error, "reading the image metadata failed; retrying");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(config.fetch.max_backoff);
-                    attempt += 1;
-                }
                 Err(error) => {
-                    return Err(FsError::Meta {
-                        source_name: source_name.clone(),
-                        error,
-                    });
+                    let attempt = retry.attempt();
+                    // Bytes that did not verify are read again a few times (a flip in
+                    // transit), not for the whole deadline (a wrong image stays wrong).
+                    let verify_failed = !matches!(error, FormatError::Io(_));
+                    match retry.next_pause() {
+                        Some(pause)
+                            if retry_meta(&error)
+                                && !(verify_failed && attempt >= META_VERIFY_ATTEMPTS) =>
+                        {
+                            tracing::warn!(source = %source_name, attempt, error = %error, "reading the image metadata failed; retrying");
+                            std::thread::sleep(pause);
+                        }
+                        _ => {
+                            return Err(FsError::Meta {
+                                source_name: source_name.clone(),
+                                error,
+                            });
+                        }
+                    }
                 }
             }
         };

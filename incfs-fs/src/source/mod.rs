@@ -13,6 +13,7 @@ use std::fmt;
 use std::io;
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use failing::{FailingSource, FailureKind, FailurePlan};
 pub use file::FileSource;
@@ -21,6 +22,7 @@ pub use mock::{MockRequest, MockSource};
 pub use throttled::ThrottledSource;
 
 use crate::format::RangeRead;
+use crate::retry::RetryPolicy;
 
 /// Why a range is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -139,6 +141,25 @@ pub trait Source: Send + Sync {
         let _ = on_piece(&data);
         Ok(())
     }
+
+    /// Like [`Source::read_range_streaming`], but the request fails (retryably, as timed
+    /// out) once it has taken `timeout`, however the server behaves: stalled, trickling a
+    /// byte at a time, or never answering a connect. The retry loops pass the time their
+    /// [`crate::retry::Retry`] leaves the attempt.
+    ///
+    /// The default ignores `timeout` (right for sources that cannot stall, such as a local
+    /// file); network sources override it.
+    fn read_range_within(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: RequestKind,
+        timeout: Duration,
+        on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        let _ = timeout;
+        self.read_range_streaming(offset, len, kind, on_piece)
+    }
 }
 
 impl<S: Source + ?Sized> Source for Arc<S> {
@@ -160,11 +181,69 @@ impl<S: Source + ?Sized> Source for Arc<S> {
     ) -> Result<(), SourceError> {
         (**self).read_range_streaming(offset, len, kind, on_piece)
     }
+    fn read_range_within(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: RequestKind,
+        timeout: Duration,
+        on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        (**self).read_range_within(offset, len, kind, timeout, on_piece)
+    }
+}
+
+/// Reads exactly `len` bytes at `offset` within `timeout` (see [`Source::read_range_within`]).
+pub fn read_within<S: Source + ?Sized>(
+    source: &S,
+    offset: u64,
+    len: u64,
+    kind: RequestKind,
+    timeout: Duration,
+) -> Result<Vec<u8>, SourceError> {
+    let mut buf = Vec::new();
+    source.read_range_within(offset, len, kind, timeout, &mut |piece| {
+        buf.extend_from_slice(piece);
+        ControlFlow::Continue(())
+    })?;
+    if buf.len() as u64 != len {
+        return Err(SourceError::Short {
+            source_name: source.describe(),
+            got: buf.len() as u64,
+            want: len,
+        });
+    }
+    Ok(buf)
 }
 
 /// Lets the format layer read an image's metadata through any source (as background
 /// requests).
 pub struct MetaReader<'a, S: ?Sized>(pub &'a S);
+
+/// Like [`MetaReader`], each request bounded by a timeout (the time a retry attempt has).
+pub struct MetaReaderWithin<'a, S: ?Sized> {
+    /// The source.
+    pub source: &'a S,
+    /// How long each request may take.
+    pub timeout: Duration,
+}
+
+impl<S: Source + ?Sized> RangeRead for MetaReaderWithin<'_, S> {
+    fn read_range(&self, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        read_within(
+            self.source,
+            offset,
+            len,
+            RequestKind::Background,
+            self.timeout,
+        )
+        .map_err(io::Error::other)
+    }
+
+    fn total_len(&self) -> io::Result<u64> {
+        self.source.total_len().map_err(io::Error::other)
+    }
+}
 
 impl<S: Source + ?Sized> RangeRead for MetaReader<'_, S> {
     fn read_range(&self, offset: u64, len: u64) -> io::Result<Vec<u8>> {
@@ -178,13 +257,25 @@ impl<S: Source + ?Sized> RangeRead for MetaReader<'_, S> {
     }
 }
 
-/// Opens a source from what a user typed: a path, a `file://` URL, or an `http(s)://` URL.
+/// Opens a source from what a user typed: a path, a `file://` URL, or an `http(s)://` URL
+/// (with [`HttpConfig::default`]).
 pub fn open(spec: &str) -> Result<Arc<dyn Source>, SourceError> {
+    open_with(spec, &HttpConfig::default())
+}
+
+/// Opens a source for a mount whose requests follow `retry`: an HTTP source gets its
+/// connect and request timeouts from it ([`HttpConfig::for_policy`]).
+pub fn open_for(spec: &str, retry: &RetryPolicy) -> Result<Arc<dyn Source>, SourceError> {
+    open_with(spec, &HttpConfig::for_policy(retry))
+}
+
+/// Like [`open`], with `http` for an HTTP(S) URL.
+pub fn open_with(spec: &str, http: &HttpConfig) -> Result<Arc<dyn Source>, SourceError> {
     if let Some(path) = spec.strip_prefix("file://") {
         return Ok(Arc::new(FileSource::open(path.as_ref())?));
     }
     if spec.starts_with("http://") || spec.starts_with("https://") {
-        return Ok(Arc::new(HttpSource::open(spec, &HttpConfig::default())?));
+        return Ok(Arc::new(HttpSource::open(spec, http)?));
     }
     if let Some((scheme, _)) = spec.split_once("://") {
         return Err(SourceError::Unusable(format!(

@@ -58,8 +58,18 @@ pub fn child() {
             .init();
     }
     incfs_fs::cache::fds::raise_nofile_limit().expect("raise RLIMIT_NOFILE");
+    let mut cfg = FsConfig::new(cache.into());
+    cfg.fetch = FetchConfig {
+        initial_backoff: Duration::from_millis(5),
+        max_attempts: 3,
+        ..FetchConfig::default()
+    };
+    if let Ok(ms) = std::env::var(ENV_RETRY_MS) {
+        cfg.fetch.retry_timeout = Duration::from_millis(ms.parse().unwrap());
+        cfg.fetch.max_attempts = u32::MAX;
+    }
     let base: Arc<dyn Source> = if spec.contains("://") {
-        incfs_fs::source::open(&spec).expect("open source")
+        incfs_fs::source::open_for(&spec, &cfg.fetch.retry()).expect("open source")
     } else {
         Arc::new(FileSource::open(Path::new(&spec)).expect("open image"))
     };
@@ -87,16 +97,6 @@ pub fn child() {
         )),
         Err(_) => source,
     };
-    let mut cfg = FsConfig::new(cache.into());
-    cfg.fetch = FetchConfig {
-        initial_backoff: Duration::from_millis(5),
-        max_attempts: 3,
-        ..FetchConfig::default()
-    };
-    if let Ok(ms) = std::env::var(ENV_RETRY_MS) {
-        cfg.fetch.retry_timeout = Duration::from_millis(ms.parse().unwrap());
-        cfg.fetch.max_attempts = u32::MAX;
-    }
     let fs = Arc::new(IncFs::new(source, &cfg).expect("open image"));
     if let Ok(plan_path) = std::env::var(ENV_PLAN) {
         let plan_path = Path::new(&plan_path);
