@@ -375,14 +375,26 @@ pub fn umount(a: UmountArgs) -> anyhow::Result<ExitCode> {
         }
     }
     // Wait for the daemon to record its cache and exit, so a remount finds it clean.
-    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+    if let Some(pid) = pid {
         let deadline = Instant::now() + Duration::from_secs(30);
-        // SAFETY: kill with signal 0 only checks that the process exists.
-        while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+        while running(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// True while process `pid` runs. A daemon that has exited but not yet been reaped (its
+/// parent, `incfs mount`, is gone; init reaps it when it gets to it) is a zombie: done.
+fn running(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
 }
 
 /// `incfs stats`.

@@ -17,7 +17,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -81,6 +81,8 @@ pub struct LazyTable {
     loading: Mutex<HashSet<usize>>,
     loaded: Condvar,
     retry: RetryPolicy,
+    /// Set at unmount: loads stop retrying and fail.
+    cancelled: AtomicBool,
     requests: AtomicU64,
     bytes: AtomicU64,
     segments_loaded: AtomicU64,
@@ -110,6 +112,7 @@ impl LazyTable {
             loading: Mutex::new(HashSet::new()),
             loaded: Condvar::new(),
             retry,
+            cancelled: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             segments_loaded: AtomicU64::new(0),
@@ -169,6 +172,12 @@ impl LazyTable {
             segments_loaded: self.segments_loaded.load(Ordering::Relaxed),
             segments_total: self.segments.len() as u64,
         }
+    }
+
+    /// Stops every load (at unmount): requests in flight finish or time out, then fail
+    /// instead of being retried; later loads fail at once.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
     }
 
     /// Makes the entries of `slots` available, fetching their segments that are not loaded
@@ -240,6 +249,9 @@ impl LazyTable {
         let end = self.segment_range(run.end - 1).end;
         let mut retry = self.retry.begin();
         loop {
+            if self.cancelled.load(Ordering::Acquire) {
+                return Err(self.error(run.start, "the file system is shutting down".into()));
+            }
             self.requests.fetch_add(1, Ordering::Relaxed);
             let failure =
                 match read_within(&*self.source, start, end - start, kind, retry.timeout()) {
@@ -280,7 +292,9 @@ impl LazyTable {
             let attempt = retry.attempt();
             tracing::warn!(segment, attempt, source = %self.source.describe(), error = %reason, "loading a chunk table segment failed");
             match retry.next_pause() {
-                Some(pause) if retryable => std::thread::sleep(pause),
+                Some(pause) if retryable && !self.cancelled.load(Ordering::Acquire) => {
+                    std::thread::sleep(pause)
+                }
                 _ => {
                     return Err(self.error(
                         segment,

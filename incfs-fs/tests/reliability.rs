@@ -203,6 +203,8 @@ struct FlakyServer {
     stop: Arc<AtomicBool>,
     /// Every connection accepted, to shut down when the server goes away.
     conns: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    /// Requests for ranges starting below this offset (and HEADs) are always served.
+    spare_below: Arc<AtomicUsize>,
 }
 
 impl FlakyServer {
@@ -217,6 +219,7 @@ impl FlakyServer {
             acceptor: None,
             stop: Arc::new(AtomicBool::new(false)),
             conns: Arc::default(),
+            spare_below: Arc::default(),
         };
         s.listen(listener);
         s
@@ -232,12 +235,13 @@ impl FlakyServer {
 
     fn listen(&mut self, listener: std::net::TcpListener) {
         self.stop.store(false, Ordering::SeqCst);
-        let (image, mode, generation, stop, conns) = (
+        let (image, mode, generation, stop, conns, spare) = (
             Arc::clone(&self.image),
             Arc::clone(&self.mode),
             Arc::clone(&self.generation),
             Arc::clone(&self.stop),
             Arc::clone(&self.conns),
+            Arc::clone(&self.spare_below),
         );
         self.acceptor = Some(std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -246,12 +250,13 @@ impl FlakyServer {
                 }
                 let Ok(conn) = conn else { continue };
                 conns.lock().unwrap().push(conn.try_clone().unwrap());
-                let (image, mode, generation) = (
+                let (image, mode, generation, spare) = (
                     Arc::clone(&image),
                     Arc::clone(&mode),
                     Arc::clone(&generation),
+                    Arc::clone(&spare),
                 );
-                std::thread::spawn(move || serve_conn(conn, &image, &mode, &generation));
+                std::thread::spawn(move || serve_conn(conn, &image, &mode, &generation, &spare));
             }
         }));
     }
@@ -288,6 +293,7 @@ fn serve_conn(
     image: &[u8],
     mode: &std::sync::Mutex<Mode>,
     generation: &AtomicUsize,
+    spare_below: &AtomicUsize,
 ) {
     use std::io::{BufRead, BufReader, Write};
     let born = generation.load(Ordering::SeqCst);
@@ -314,7 +320,13 @@ fn serve_conn(
             k.eq_ignore_ascii_case("range")
                 .then(|| (a.parse::<usize>().ok(), b.parse::<usize>().ok()))
         });
-        let m = *mode.lock().unwrap();
+        let spared = is_head
+            || matches!(range, Some((Some(a), _)) if a < spare_below.load(Ordering::SeqCst));
+        let m = if spared {
+            Mode::Serve
+        } else {
+            *mode.lock().unwrap()
+        };
         if m == Mode::Stall {
             while alive() {
                 std::thread::sleep(Duration::from_millis(20));
@@ -447,4 +459,62 @@ fn stalled_trickling_and_dead_servers_give_eio_within_the_deadline_then_recover(
     let s = d.stats();
     assert!(s.read_errors >= 3, "{s:?}");
     d.unmount();
+}
+
+#[test]
+fn unmount_stops_prefetch_and_fetch_within_a_second_even_mid_request() {
+    if !require(
+        "unmount_stops_prefetch_and_fetch_within_a_second_even_mid_request",
+        &[Need::Root, Need::Fuse],
+    ) {
+        return;
+    }
+    let w = tempfile::tempdir().unwrap();
+    let tree = w.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    for i in 0..8u64 {
+        fs::write(tree.join(format!("f{i}")), common::noise(2 << 20, i)).unwrap();
+    }
+    let img = w.path().join("img");
+    pack_dir(&tree, &img, &PackOptions::default(), &()).unwrap();
+    let plan = w.path().join("plan.json");
+    common::daemon::save_whole_files_plan(&img, &plan);
+    let data_offset = incfs_fs::format::Image::open_path(&img, None)
+        .unwrap()
+        .header()
+        .data_offset as usize;
+    let mut report = Vec::new();
+    for mode in [Mode::Stall, Mode::Trickle] {
+        let server = FlakyServer::start(fs::read(&img).unwrap());
+        let mnt = w.path().join(format!("mnt-{mode:?}"));
+        fs::create_dir(&mnt).unwrap();
+        let log = w.path().join(format!("daemon-{mode:?}.log"));
+        // Every request for chunks hangs: the prefetcher has the workers waiting on the
+        // server when the unmount comes.
+        server.spare_below.store(data_offset, Ordering::SeqCst);
+        server.set(mode);
+        let d = Daemon::start_with(
+            &server.url(),
+            &mnt,
+            &w.path().join(format!("cache-{mode:?}")),
+            None,
+            &[
+                (common::daemon::ENV_PLAN, plan.display().to_string()),
+                (ENV_LOG, log.display().to_string()),
+            ],
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        let t = Instant::now();
+        d.unmount();
+        let took = t.elapsed();
+        report.push(format!("{mode:?} {:.2} s", took.as_secs_f64()));
+        assert!(
+            took < Duration::from_secs(1),
+            "{mode:?}: unmount took {took:?}"
+        );
+    }
+    eprintln!(
+        "shutdown: fusermount3 -u to daemon exit with every fetch worker in a request: {}",
+        report.join(", ")
+    );
 }

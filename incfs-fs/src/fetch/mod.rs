@@ -333,15 +333,39 @@ impl Fetcher {
     }
 }
 
+impl Fetcher {
+    /// Stops the scheduler (at unmount): workers take no more work, a request in flight
+    /// stops at its next piece, retries and table loads stop, and waiters fail. Returns at
+    /// once; dropping the scheduler waits (briefly) for the workers.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.store(true, Ordering::Release);
+        self.inner.table.cancel();
+        let _st = self.inner.state.lock();
+        self.inner.work.notify_all();
+        self.inner.done.notify_all();
+    }
+}
+
+/// How long dropping a [`Fetcher`] waits for its workers: a worker stuck in a request that
+/// sends nothing more is left to end by itself (by its timeout), so unmounting never waits
+/// for a stalled server.
+const WORKER_JOIN_WAIT: Duration = Duration::from_millis(300);
+
 impl Drop for Fetcher {
     fn drop(&mut self) {
-        self.inner.shutdown.store(true, Ordering::Release);
-        {
-            let _st = self.inner.state.lock();
-            self.inner.work.notify_all();
-            self.inner.done.notify_all();
+        self.shutdown();
+        let deadline = Instant::now() + WORKER_JOIN_WAIT;
+        while Instant::now() < deadline && self.workers.iter().any(|w| !w.is_finished()) {
+            std::thread::sleep(Duration::from_millis(5));
         }
-        for w in self.workers.drain(..) {
+        let stuck = self.workers.iter().filter(|w| !w.is_finished()).count();
+        if stuck > 0 {
+            tracing::debug!(
+                stuck,
+                "fetch workers still in a request at shutdown; not waiting for them"
+            );
+        }
+        for w in self.workers.drain(..).filter(|w| w.is_finished()) {
             let _ = w.join();
         }
     }
@@ -593,7 +617,7 @@ impl Inner {
                     }
                 }
                 self.release(&done);
-                if received > len {
+                if received > len || self.shutdown.load(Ordering::Acquire) {
                     std::ops::ControlFlow::Break(())
                 } else {
                     std::ops::ControlFlow::Continue(())

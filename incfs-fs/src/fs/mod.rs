@@ -544,8 +544,14 @@ impl IncFs {
         self.passthrough.swap(false, Ordering::Relaxed)
     }
 
-    /// Records everything in the cache and marks it cleanly shut down (on unmount).
+    /// At unmount: stops the prefetcher and the fetch scheduler (requests in flight are
+    /// abandoned, blocked reads fail), then records everything in the cache and marks it
+    /// cleanly shut down.
     pub fn shutdown(&self) -> Result<(), FsError> {
+        if let Some(p) = self.prefetcher.get() {
+            p.stop();
+        }
+        self.fetcher.shutdown();
         self.cache.close()?;
         Ok(())
     }
