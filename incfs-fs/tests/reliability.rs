@@ -518,3 +518,47 @@ fn unmount_stops_prefetch_and_fetch_within_a_second_even_mid_request() {
         report.join(", ")
     );
 }
+
+#[test]
+fn plans_that_repeat_entries_or_are_too_large_cost_nothing() {
+    let w = tempfile::tempdir().unwrap();
+    let tree = w.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("f"), common::noise(100_000, 1)).unwrap();
+    let img_path = w.path().join("img");
+    pack_dir(&tree, &img_path, &PackOptions::default(), &()).unwrap();
+    let img = incfs_fs::format::Image::open_path(&img_path, None).unwrap();
+    let chunks = img.manifest().chunk_count;
+    // One whole-file entry a hundred thousand times: as many slots as the file has chunks.
+    let entry = incfs_fs::plan::PlanEntry {
+        file: "f".into(),
+        first_chunk: 0,
+        chunk_count: chunks,
+        offset_ms: 0.0,
+        confidence: 1.0,
+    };
+    let plan = incfs_fs::plan::PrefetchPlan {
+        version: incfs_fs::plan::PLAN_VERSION,
+        image_digest: img.root_digest().to_hex(),
+        chunk_size: img.manifest().chunk_size,
+        total_bytes: 0,
+        entries: vec![entry; 100_000],
+    };
+    let path = w.path().join("plan.json");
+    let slots = plan.slots(&path, img.manifest()).unwrap();
+    assert_eq!(slots, (0..chunks).collect::<Vec<_>>());
+    // A plan file past the cap is refused as too large, naming the file (not cut and then
+    // failed as a JSON syntax error).
+    let big = w.path().join("big-plan.json");
+    fs::File::create(&big)
+        .unwrap()
+        .set_len((256 << 20) + 1)
+        .unwrap();
+    let err = incfs_fs::plan::PrefetchPlan::load(&big)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("big-plan.json") && err.contains("larger than the 256 MiB"),
+        "{err}"
+    );
+}

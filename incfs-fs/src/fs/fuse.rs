@@ -151,15 +151,21 @@ pub fn new_session(
 }
 
 /// Serves `session` on its threads until the mount goes away. At unmount the kernel normally
-/// ends the connection as gone (ENODEV), but on this kernel (6.18) with several reader
-/// threads it sometimes ends it as aborted (ECONNABORTED) instead — seen after hundreds of
-/// thousands of reads at 4 KiB chunks, with every read answered. Either way the mount is over
-/// and fuser has shut the file system down (cache closed), so both end the session cleanly.
+/// ends each reader's `read(/dev/fuse)` with ENODEV, but a reader that has just taken a
+/// request off the input queue when unmount disconnects the processing queues gets
+/// ECONNABORTED instead: `fs/fuse/dev.c` `fuse_dev_do_read`, "Must not put request on
+/// fpq->io queue after having been shut down by fuse_abort_conn()", which answers
+/// `-ECONNABORTED` whatever `fc->aborted` says. (The other ECONNABORTED there needs
+/// `fc->aborted`, which only a write to the fusectl `abort` file sets, and only for a server
+/// that asked for `FUSE_ABORT_ERROR`; incfs does not.) It is a race of the unmount with a
+/// request still queued, likelier the more reader threads (each cloned fd has its own queue)
+/// and requests there are; either way the mount is over and fuser has shut the file system
+/// down (cache closed), so both end the session cleanly.
 pub fn run_session(session: fuser::Session<FuseFs>) -> io::Result<()> {
     match session.run() {
         Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
-            tracing::warn!(
-                "the kernel ended the FUSE connection as aborted at unmount; the mount is over"
+            tracing::info!(
+                "a FUSE request raced with the unmount (ECONNABORTED); the mount is over"
             );
             Ok(())
         }

@@ -36,6 +36,9 @@ use crate::retry::RetryPolicy;
 /// `incfs serve` counts requests and bytes by it, other servers ignore it.
 pub const REQUEST_KIND_HEADER: &str = "x-incfs-request";
 
+/// Most bytes reserved before a response's body arrives.
+const MAX_PREALLOC: usize = 16 << 20;
+
 /// How an [`HttpSource`] talks to its server.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
@@ -396,7 +399,9 @@ impl Source for HttpSource {
             len,
             total: self.len,
         })?;
-        let mut buf = Vec::with_capacity(cap);
+        // The length is the caller's, maybe from an unverified header, and the image length
+        // is the server's word: allocate as bytes arrive, not all up front.
+        let mut buf = Vec::with_capacity(cap.min(MAX_PREALLOC));
         self.read_range_streaming(offset, len, kind, &mut |piece| {
             buf.extend_from_slice(piece);
             ControlFlow::Continue(())
