@@ -264,7 +264,7 @@ fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     config.passthrough = !a.no_passthrough;
     config.fetch.workers = a.fetch_workers.max(2);
     config.fetch.retry_timeout = Duration::from_secs(a.retry_timeout);
-    let source = incfs_fs::source::open_for(&a.source, &config.fetch.retry())
+    let source = incfs_fs::source::open_or_offline(&a.source, &config.fetch.retry())
         .with_context(|| format!("opening the source {} (check the path or URL)", a.source))?;
     let fs = Arc::new(
         IncFs::new(source, &config)
@@ -408,6 +408,12 @@ pub fn stats(a: StatsArgs) -> anyhow::Result<ExitCode> {
     let Some(map) = v.as_object() else {
         bail!("stats of {} are not a JSON object", a.mountpoint.display());
     };
+    if map.get("offline").and_then(serde_json::Value::as_bool) == Some(true) {
+        writeln!(
+            out,
+            "OFFLINE: the source was unreachable at mount; only chunks in the cache are served (others fail with EIO)"
+        )?;
+    }
     let width = map.keys().map(String::len).max().unwrap_or(0);
     for (k, val) in map {
         let shown = match (k.as_str(), val.as_u64()) {

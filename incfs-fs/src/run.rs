@@ -124,11 +124,12 @@ pub fn run(
         tracing::warn!(%error, "cannot raise the descriptor limit; the cache keeps fewer files open");
     }
     let mount_start = Instant::now();
-    let src =
-        source::open_for(&cfg.source, &cfg.fs.fetch.retry()).map_err(|error| RunError::Source {
+    let src = source::open_or_offline(&cfg.source, &cfg.fs.fetch.retry()).map_err(|error| {
+        RunError::Source {
             spec: cfg.source.clone(),
             error,
-        })?;
+        }
+    })?;
     let fs = Arc::new(IncFs::new(src, &cfg.fs)?);
     if let Some(path) = &cfg.plan {
         let plan = PrefetchPlan::load(path)?;

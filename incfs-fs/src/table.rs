@@ -22,6 +22,7 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
+use crate::cache::offline::TableStore;
 use crate::format::{
     ChunkEntry, Digest, FormatError, ImageHead, SEGMENT_BYTES, SEGMENT_ENTRIES, TableOrder,
     decode_segment,
@@ -83,6 +84,8 @@ pub struct LazyTable {
     retry: RetryPolicy,
     /// Set at unmount: loads stop retrying and fail.
     cancelled: AtomicBool,
+    /// Where loaded segments are kept for a mount without the source (the image's cache).
+    store: OnceLock<TableStore>,
     requests: AtomicU64,
     bytes: AtomicU64,
     segments_loaded: AtomicU64,
@@ -113,6 +116,7 @@ impl LazyTable {
             loaded: Condvar::new(),
             retry,
             cancelled: AtomicBool::new(false),
+            store: OnceLock::new(),
             requests: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             segments_loaded: AtomicU64::new(0),
@@ -171,6 +175,49 @@ impl LazyTable {
             bytes: self.bytes.load(Ordering::Relaxed),
             segments_loaded: self.segments_loaded.load(Ordering::Relaxed),
             segments_total: self.segments.len() as u64,
+        }
+    }
+
+    /// Keeps every segment loaded from now on in `store`, and the ones that came with
+    /// `first` (the image's first bytes, as read at mount); loads from it, verified, the
+    /// segments it holds that are not loaded yet. Returns the segments it supplied.
+    pub fn attach_store(&self, store: TableStore, first: &[u8]) -> u64 {
+        let mut supplied = 0;
+        for k in 0..self.segments.len() {
+            let r = self.segment_range(k);
+            let at = r.start - self.table_offset;
+            let from_first = usize::try_from(r.start)
+                .ok()
+                .zip(usize::try_from(r.end).ok())
+                .and_then(|(a, b)| first.get(a..b));
+            match (self.segments[k].get().is_some(), from_first) {
+                (true, Some(bytes)) => {
+                    if let Err(error) = store.save(at, bytes) {
+                        tracing::debug!(%error, path = %store.path().display(), "keeping a table segment failed");
+                    }
+                }
+                (true, None) => {}
+                (false, _) => {
+                    if let Ok(bytes) = store.load(at, r.end - r.start)
+                        && let Ok(entries) = self.decode(k, &bytes)
+                    {
+                        self.install(k, entries);
+                        supplied += 1;
+                    }
+                }
+            }
+        }
+        let _ = self.store.set(store);
+        supplied
+    }
+
+    /// Keeps segment `k`'s verified `bytes` in the store, if there is one.
+    fn keep(&self, k: usize, bytes: &[u8]) {
+        if let Some(store) = self.store.get() {
+            let at = self.segment_range(k).start - self.table_offset;
+            if let Err(error) = store.save(at, bytes) {
+                tracing::debug!(%error, path = %store.path().display(), "keeping a table segment failed");
+            }
         }
     }
 
@@ -266,7 +313,10 @@ impl LazyTable {
                             let piece =
                                 &bytes[(r.start - start) as usize..(r.end - start) as usize];
                             match self.decode(k, piece) {
-                                Ok(entries) => self.install(k, entries),
+                                Ok(entries) => {
+                                    self.install(k, entries);
+                                    self.keep(k, piece);
+                                }
                                 Err(e) => bad = Some((k, e.to_string(), true)),
                             }
                         }

@@ -480,11 +480,12 @@ fn clean_restart_fetches_nothing_again() {
     assert_eq!(s.chunks_local, s.chunks_total);
 }
 
-/// The single image cache directory under `cache`.
+/// The single image cache directory under `cache` (beside the source index).
 fn image_cache(cache: &Path) -> PathBuf {
     let dirs: Vec<PathBuf> = fs::read_dir(cache)
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name() != Some(incfs_fs::cache::offline::SOURCES_DIR.as_ref()))
         .collect();
     assert_eq!(dirs.len(), 1, "{dirs:?}");
     dirs[0].clone()

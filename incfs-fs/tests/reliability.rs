@@ -562,3 +562,71 @@ fn plans_that_repeat_entries_or_are_too_large_cost_nothing() {
         "{err}"
     );
 }
+
+#[test]
+fn a_mount_whose_server_is_gone_starts_from_its_cache_and_fails_misses_fast() {
+    if !require(
+        "a_mount_whose_server_is_gone_starts_from_its_cache_and_fails_misses_fast",
+        &[Need::Root, Need::Fuse],
+    ) {
+        return;
+    }
+    let w = tempfile::tempdir().unwrap();
+    let tree = w.path().join("tree");
+    fs::create_dir_all(tree.join("sub")).unwrap();
+    fs::write(tree.join("read-before"), common::noise(300_000, 1)).unwrap();
+    fs::write(tree.join("sub/never-read"), common::noise(300_000, 2)).unwrap();
+    let img = w.path().join("img");
+    pack_dir(&tree, &img, &PackOptions::default(), &()).unwrap();
+    let mut server = FlakyServer::start(fs::read(&img).unwrap());
+    let mnt = w.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let cache = w.path().join("cache");
+
+    let d = Daemon::start(&server.url(), &mnt, &cache, None);
+    assert_eq!(
+        fs::read(mnt.join("read-before")).unwrap(),
+        fs::read(tree.join("read-before")).unwrap()
+    );
+    assert!(!d.stats().offline);
+    d.unmount();
+
+    // The server goes away; the same mount, with the same cache, starts anyway.
+    server.go_away();
+    let log = w.path().join("offline.log");
+    let t = Instant::now();
+    let d = Daemon::start_with(
+        &server.url(),
+        &mnt,
+        &cache,
+        None,
+        &[(ENV_LOG, log.display().to_string())],
+    );
+    let mount_took = t.elapsed();
+    let s = d.stats();
+    assert!(s.offline, "{s:?}");
+    // The tree is all there (metadata from the cache) and local data reads right.
+    assert_eq!(
+        fs::metadata(mnt.join("sub/never-read")).unwrap().len(),
+        300_000
+    );
+    assert_eq!(
+        fs::read(mnt.join("read-before")).unwrap(),
+        fs::read(tree.join("read-before")).unwrap()
+    );
+    // A miss fails fast with EIO.
+    let (r, took) = timed_read(&mnt.join("sub/never-read"));
+    assert_eq!(r.err(), Some(Some(libc::EIO)));
+    assert!(took < Duration::from_secs(1), "the miss took {took:?}");
+    d.unmount();
+    let logged = fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("mounting offline") && logged.contains(&server.url()),
+        "the log should name the source and say it is offline:\n{logged}"
+    );
+    eprintln!(
+        "offline: mounted in {:.2} s with the server gone; local reads right; a miss EIO in {:.3} s",
+        mount_took.as_secs_f64(),
+        took.as_secs_f64()
+    );
+}

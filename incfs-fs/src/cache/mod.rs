@@ -31,6 +31,7 @@
 //! yet seen by anyone is reported to a descriptor opened after it (the kernel's `errseq`).
 
 pub mod fds;
+pub mod offline;
 pub mod record;
 
 use std::collections::{HashMap, HashSet};

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 
 use crate::cache::fds::FdPermit;
+use crate::cache::offline;
 use crate::cache::{CacheError, ChunkCache, RecoveryReport};
 use crate::fetch::{FetchConfig, FetchError, FetchStats, Fetcher, Priority};
 use crate::format::{
@@ -43,6 +44,29 @@ pub const READ_LOG_FILE: &str = "read-log";
 /// Read-log entries kept in memory; older ones are dropped (and counted) beyond this. At
 /// ~100 bytes an entry this bounds the log at ~50 MB, far more than a program start needs.
 pub const READ_LOG_CAPACITY: usize = 500_000;
+
+/// Keeps the image's first bytes (the first read, when it holds the whole manifest, else the
+/// bytes through the manifest, read again) in its cache.
+fn keep_head(
+    source: &dyn Source,
+    cache_dir: &std::path::Path,
+    source_name: &str,
+    head: &ImageHead,
+) -> Result<(), std::io::Error> {
+    let end = head.header.chunk_table_offset;
+    if head.first.len() as u64 >= end {
+        return offline::save_head(
+            cache_dir,
+            source_name,
+            &head.header.root_digest,
+            &head.first,
+        );
+    }
+    let prefix = source
+        .read_range(0, end, crate::source::RequestKind::Background)
+        .map_err(std::io::Error::other)?;
+    offline::save_head(cache_dir, source_name, &head.header.root_digest, &prefix)
+}
 
 /// Reads of an image's metadata that did not verify before the mount gives up.
 const META_VERIFY_ATTEMPTS: u32 = 4;
@@ -283,6 +307,10 @@ pub struct Stats {
     pub recovered_unclean: bool,
     /// Read-log entries dropped because the log was full.
     pub read_log_dropped: u64,
+    /// True when the mount started without its source (from the cache's copy of the
+    /// metadata): chunks not in the cache fail with EIO.
+    #[serde(default)]
+    pub offline: bool,
     /// The prefetcher's counters (`prefetch_hits` among them), when a plan runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefetch: Option<PrefetchStats>,
@@ -364,6 +392,8 @@ pub struct IncFs {
     /// Stored chunks (frame offset, offset in frame) counted in `bytes_used`.
     used_stored: Mutex<HashSet<(u64, u32)>>,
     mount_time: SystemTime,
+    /// Started without the source.
+    offline: bool,
 }
 
 impl IncFs {
@@ -375,6 +405,7 @@ impl IncFs {
         // connection or a flipped bit in transit should not fail a mount. A source that is
         // down fails at the deadline.
         let mut retry = config.fetch.retry().begin();
+        let mut offline = false;
         let head = loop {
             let reader = MetaReaderWithin {
                 source: &*source,
@@ -396,6 +427,19 @@ impl IncFs {
                             std::thread::sleep(pause);
                         }
                         _ => {
+                            // The source is not there (not: it served a wrong image): start
+                            // from the cache's verified copy of the metadata, if it has one.
+                            if !verify_failed
+                                && let Ok(Some(head)) = offline::load_head(
+                                    &config.cache_dir,
+                                    &source_name,
+                                    config.expect_digest.as_ref(),
+                                )
+                            {
+                                tracing::warn!(source = %source_name, error = %error, root = %head.header.root_digest, "the source is unreachable: mounting offline from the cache (chunks not in it fail with EIO)");
+                                offline = true;
+                                break head;
+                            }
                             return Err(FsError::Meta {
                                 source_name: source_name.clone(),
                                 error,
@@ -413,6 +457,21 @@ impl IncFs {
                 }
             })?;
         let table = Arc::new(table);
+        // Keep the metadata for a later start without the source (best effort: a cache that
+        // cannot keep it still serves this mount).
+        let root = head.header.root_digest;
+        match offline::TableStore::open(&config.cache_dir, &root, head.header.chunk_table_len) {
+            Ok(store) => {
+                table.attach_store(store, &head.first);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot keep the chunk table in the cache; an offline start will not find it")
+            }
+        }
+        if !offline && let Err(error) = keep_head(&*source, &config.cache_dir, &source_name, &head)
+        {
+            tracing::warn!(%error, "cannot keep the image metadata in the cache; an offline start will not find it");
+        }
         let ImageHead {
             header, manifest, ..
         } = head;
@@ -484,6 +543,7 @@ impl IncFs {
             used: (0..used_words).map(|_| AtomicU64::new(0)).collect(),
             used_stored: Mutex::new(HashSet::new()),
             mount_time: SystemTime::now(),
+            offline,
         })
     }
 
@@ -1054,6 +1114,7 @@ impl IncFs {
             recovered_dropped: rec.dropped,
             recovered_unclean: rec.unclean,
             read_log_dropped: c.read_log_dropped.load(Ordering::Relaxed),
+            offline: self.offline,
             prefetch: self.prefetch_stats(),
         }
     }

@@ -257,6 +257,69 @@ impl<S: Source + ?Sized> RangeRead for MetaReader<'_, S> {
     }
 }
 
+/// A source that could not be reached when the mount started: every request fails at once
+/// (not retryably), naming the source and why. A mount over it serves what its cache holds
+/// ([`crate::cache::offline`]).
+#[derive(Debug)]
+pub struct OfflineSource {
+    name: String,
+    why: String,
+}
+
+impl OfflineSource {
+    /// The stand-in for `spec`, which failed to open with `error`.
+    pub fn new(spec: &str, error: &SourceError) -> Self {
+        // Named as the HTTP source would name itself: without the query (which may hold
+        // credentials), so that its cache is found under the same name.
+        let name = match reqwest::Url::parse(spec) {
+            Ok(mut url) if matches!(url.scheme(), "http" | "https") => {
+                if url.query().is_some() {
+                    url.set_query(Some("…"));
+                }
+                url.to_string()
+            }
+            _ => spec.to_string(),
+        };
+        OfflineSource {
+            name,
+            why: error.to_string(),
+        }
+    }
+
+    fn error(&self) -> SourceError {
+        SourceError::Unusable(format!(
+            "{} is unreachable (at mount: {}); this mount serves only what its cache holds",
+            self.name, self.why
+        ))
+    }
+}
+
+impl Source for OfflineSource {
+    fn read_range(&self, _: u64, _: u64, _: RequestKind) -> Result<Vec<u8>, SourceError> {
+        Err(self.error())
+    }
+    fn total_len(&self) -> Result<u64, SourceError> {
+        Err(self.error())
+    }
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
+
+/// Opens `spec` for a mount ([`open_for`]); when it cannot be reached (a network error, a
+/// server error), an [`OfflineSource`] stands in, so that a mount whose cache holds the
+/// image can still start.
+pub fn open_or_offline(spec: &str, retry: &RetryPolicy) -> Result<Arc<dyn Source>, SourceError> {
+    match open_for(spec, retry) {
+        Ok(s) => Ok(s),
+        Err(e) if e.is_retryable() => {
+            tracing::warn!(source = spec, error = %e, "the source is unreachable; trying the cache alone");
+            Ok(Arc::new(OfflineSource::new(spec, &e)))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Opens a source from what a user typed: a path, a `file://` URL, or an `http(s)://` URL
 /// (with [`HttpConfig::default`]).
 pub fn open(spec: &str) -> Result<Arc<dyn Source>, SourceError> {

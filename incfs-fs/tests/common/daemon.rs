@@ -69,7 +69,7 @@ pub fn child() {
         cfg.fetch.max_attempts = u32::MAX;
     }
     let base: Arc<dyn Source> = if spec.contains("://") {
-        incfs_fs::source::open_for(&spec, &cfg.fetch.retry()).expect("open source")
+        incfs_fs::source::open_or_offline(&spec, &cfg.fetch.retry()).expect("open source")
     } else {
         Arc::new(FileSource::open(Path::new(&spec)).expect("open image"))
     };
