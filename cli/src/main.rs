@@ -10,6 +10,7 @@ mod progress;
 mod record_cmds;
 mod run_cmd;
 mod serve_cmd;
+mod util;
 
 use std::io::Write;
 use std::process::ExitCode;

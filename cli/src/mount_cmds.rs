@@ -12,7 +12,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::image_cmds::{human, required_digest};
+use crate::util::{human, required_digest};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use incfs_fs::fs::fuse::{MountOptions, new_session, run_session};

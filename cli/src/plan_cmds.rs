@@ -17,7 +17,7 @@ use incfs_planner::touch::TouchKinds;
 use incfs_planner::trace::read_trace;
 use serde::Serialize;
 
-use crate::image_cmds::parse_size;
+use crate::util::parse_size;
 
 /// Arguments of `incfs plan`.
 #[derive(Args)]

@@ -11,7 +11,7 @@ use incfs_fs::prefetch::PrefetchConfig;
 use incfs_fs::run::{RunConfig, RunError, run as run_image};
 use serde::Serialize;
 
-use crate::image_cmds::{human, required_digest};
+use crate::util::{human, required_digest};
 
 /// Arguments of `incfs run`.
 #[derive(Args)]
