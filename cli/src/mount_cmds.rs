@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::util::{human, required_digest};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use incfs_fs::fs::fuse::{MountOptions, new_session, run_session};
+use incfs_fs::fs::fuse::MountOptions;
 use incfs_fs::fs::{CONTROL_DIR, FsConfig, IncFs, STATS_FILE};
 use incfs_fs::plan::PrefetchPlan;
 use incfs_fs::prefetch::PrefetchConfig;
@@ -255,7 +255,6 @@ fn daemonize(a: &MountArgs, cache: &Path) -> anyhow::Result<ExitCode> {
 /// Mounts in this process and serves until unmounted or signalled.
 fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     let expect_digest = required_digest(&a.source, a.expect_digest.as_deref(), a.trust.as_deref())?;
-    let signals = block_signals();
     if let Err(error) = incfs_fs::cache::fds::raise_nofile_limit() {
         tracing::warn!(%error, "cannot raise the descriptor limit; the cache keeps fewer files open");
     }
@@ -284,64 +283,17 @@ fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
         allow_other: a.allow_other,
         max_readahead: a.max_readahead,
     };
-    let mut session = new_session(Arc::clone(&fs), &a.mountpoint, &opts)?;
-    let mut unmounter = session.unmount_callable();
-    drop(fs);
-    let runner = std::thread::Builder::new()
-        .name("incfs-session".into())
-        .spawn(move || {
-            let r = run_session(session);
-            // Wake the main thread, which waits for signals.
-            // SAFETY: kill with our own pid and a valid signal number has no preconditions.
-            unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) };
-            r
-        })
-        .context("starting the FUSE session thread")?;
-    tracing::info!(source = %a.source, mountpoint = %a.mountpoint.display(), "mounted");
-    if a.notify_ready {
-        let mut out = std::io::stdout();
-        writeln!(out, "{READY_LINE}")?;
-        out.flush()?;
-    }
-    let sig = wait_signal(&signals);
-    if sig != libc::SIGUSR1 {
-        tracing::info!(signal = sig, "unmounting on signal");
-        if let Err(e) = unmounter.unmount() {
-            tracing::warn!(error = %e, "unmount failed; trying lazy unmount");
-            let _ = Command::new("fusermount3")
-                .arg("-u")
-                .arg("-z")
-                .arg(&a.mountpoint)
-                .status();
+    let notify = a.notify_ready;
+    incfs_fs::run::serve_mount(fs, &a.mountpoint, &opts, || {
+        tracing::info!(source = %a.source, mountpoint = %a.mountpoint.display(), "mounted");
+        if notify {
+            let mut out = std::io::stdout();
+            writeln!(out, "{READY_LINE}")?;
+            out.flush()?;
         }
-    }
-    match runner.join() {
-        Ok(r) => r.context("the FUSE session failed"),
-        Err(_) => bail!("the FUSE session thread panicked"),
-    }
-}
-
-/// Blocks SIGINT, SIGTERM, SIGHUP and SIGUSR1 in this thread and the threads it starts, so
-/// that [`wait_signal`] receives them.
-fn block_signals() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; sigemptyset initializes it before use, and
-    // pthread_sigmask only reads the set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-fn wait_signal(set: &libc::sigset_t) -> i32 {
-    let mut sig = 0;
-    // SAFETY: `set` was initialized by block_signals and `sig` is a valid out pointer.
-    while unsafe { libc::sigwait(set, &mut sig) } != 0 {}
-    sig
+        Ok(())
+    })
+    .with_context(|| format!("serving {} at {}", a.source, a.mountpoint.display()))
 }
 
 fn read_stats(mountpoint: &Path) -> anyhow::Result<serde_json::Value> {

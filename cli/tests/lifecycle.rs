@@ -119,3 +119,76 @@ fn run_returns_within_a_second_of_its_commands_exit_while_prefetch_is_mid_reques
     );
     server.shutdown();
 }
+
+fn fuse_mounted(mnt: &Path) -> bool {
+    let m = mnt.to_string_lossy().into_owned();
+    fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains("fuse") && l.contains(&m))
+}
+
+#[test]
+fn a_mount_daemon_unmounts_on_sigterm_and_records_its_cache() {
+    if !require(
+        "a_mount_daemon_unmounts_on_sigterm_and_records_its_cache",
+        &[Need::Root, Need::Fuse],
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, _) = image_and_plan(tmp.path());
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let cache = tmp.path().join("cache");
+    ok(incfs()
+        .arg("mount")
+        .arg(&img)
+        .arg(&mnt)
+        .arg("--cache")
+        .arg(&cache)
+        .output()
+        .unwrap());
+    let stats: serde_json::Value =
+        serde_json::from_slice(&fs::read(mnt.join(".incfs/stats")).unwrap()).unwrap();
+    let pid = i32::try_from(stats["pid"].as_i64().unwrap()).unwrap();
+    assert_eq!(fs::read(mnt.join("f0")).unwrap().len(), 2 << 20);
+    let t = Instant::now();
+    // SAFETY: kill has no memory preconditions; the pid is the daemon this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    while fuse_mounted(&mnt) && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = t.elapsed();
+    if fuse_mounted(&mnt) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&mnt)
+            .status();
+        panic!("the daemon did not unmount on SIGTERM");
+    }
+    eprintln!(
+        "lifecycle: SIGTERM to unmounted in {:.2} s",
+        took.as_secs_f64()
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "unmount on SIGTERM took {took:?}"
+    );
+    // The daemon recorded its cache and marked it clean before it exited.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = ok(incfs()
+            .args(["cache", "stat", "--json"])
+            .arg(&cache)
+            .output()
+            .unwrap());
+        let infos: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if infos[0]["clean"] == true && infos[0]["in_use"] == false {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cache not clean: {infos}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

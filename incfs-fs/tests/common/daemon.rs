@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use incfs_fs::fetch::FetchConfig;
-use incfs_fs::fs::fuse::{MountOptions, new_session, run_session};
+use incfs_fs::fs::fuse::MountOptions;
 use incfs_fs::fs::{FsConfig, IncFs, Stats};
 use incfs_fs::link::LinkConfig;
 use incfs_fs::plan::PrefetchPlan;
@@ -108,8 +108,8 @@ pub fn child() {
         fs.start_prefetch(&plan, plan_path, pcfg)
             .expect("start prefetch");
     }
-    let session = new_session(fs, Path::new(&mnt), &MountOptions::default()).expect("mount");
-    run_session(session).expect("serve");
+    incfs_fs::run::serve_mount(fs, Path::new(&mnt), &MountOptions::default(), || Ok(()))
+        .expect("serve");
 }
 
 /// A mount served by a child process; unmounted (lazily if need be) and reaped on drop.
