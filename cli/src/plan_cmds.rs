@@ -139,6 +139,7 @@ fn load_runs(
     inputs
         .iter()
         .map(|p| {
+            crate::util::check_trace_in_child(p)?;
             let raw = load_input(p, index.chunk_size, opts.touch)?;
             Ok(map_run(&raw, index, opts)?)
         })

@@ -1,6 +1,11 @@
 //! Helpers the commands share: sizes in and out, and the root digest a mount insists on.
 //! (A module of their own, so that no command module imports another for them.)
 
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
 use anyhow::Context;
 use incfs_fs::format::Digest;
 
@@ -65,4 +70,39 @@ pub fn human(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[u])
     }
+}
+
+/// Reads the Parquet trace at `path` once in a child process (`incfs trace show`) before this
+/// process reads it: polars-parquet aborts the whole process on some malformed files (a data
+/// page header with a negative value count makes it reserve ~2^61 bytes; see
+/// `fuzz/known-aborts/`), which no error handling can catch. A child killed that way becomes
+/// an error naming the file. Inputs that are not Parquet (read-logs) are left alone.
+pub fn check_trace_in_child(path: &Path) -> anyhow::Result<()> {
+    let mut magic = [0u8; 4];
+    let is_parquet = std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"PAR1";
+    if !is_parquet {
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("finding the incfs executable")?;
+    let status = Command::new(exe)
+        .args(["trace", "show", "--json", "--top", "1"])
+        .arg(path)
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .with_context(|| format!("checking the trace {} in a child process", path.display()))?;
+    if let Some(sig) = status.signal() {
+        anyhow::bail!(
+            "{}: not a usable trace: the Parquet reader crashed on it (signal {sig}; a malformed \
+             page, as in fuzz/known-aborts/); record it again",
+            path.display()
+        );
+    }
+    // Any other failure is reported, with its reason, by reading the file here.
+    Ok(())
 }
