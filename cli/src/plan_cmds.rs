@@ -401,6 +401,7 @@ pub fn trace(args: TraceArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn trace_show(a: ShowArgs) -> anyhow::Result<ExitCode> {
+    crate::util::check_trace_in_child(&a.trace)?;
     let (meta, df) = read_trace(&a.trace)?;
     let s = summarize(&meta, &df)
         .with_context(|| format!("{}: summarizing the trace", a.trace.display()))?;

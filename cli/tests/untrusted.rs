@@ -1,6 +1,6 @@
 //! Inputs that crash a library are errors naming the file: the Parquet traces that make
 //! polars-parquet abort the process (`fuzz/known-aborts/trace/`) are read first in a child
-//! process, so `incfs plan` reports them instead of dying with SIGABRT.
+//! process, so `incfs plan` and `incfs trace show` report them instead of dying with SIGABRT.
 
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
@@ -41,11 +41,23 @@ fn incfs_plan_names_a_trace_that_aborts_the_parquet_reader() {
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.signal(), None, "{name}: incfs plan died: {stderr}");
+        assert_eq!(
+            out.status.signal(),
+            None,
+            "{name}: incfs plan died: {stderr}"
+        );
         assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
         assert!(
             stderr.contains(name) && stderr.contains("the Parquet reader crashed"),
             "{name}: {stderr}"
         );
+        let out = incfs()
+            .args(["trace", "show"])
+            .arg(&trace)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "trace show {name}: {stderr}");
+        assert!(stderr.contains("the Parquet reader crashed"), "{stderr}");
     }
 }
