@@ -8,7 +8,7 @@ use clap::Args;
 use incfs_fs::fetch::fill::FillConfig;
 use incfs_fs::fs::FsConfig;
 
-use crate::image_cmds::parse_size;
+use crate::util::parse_size;
 
 /// Options of the fetch scheduler.
 #[derive(Args, Debug, Clone)]

@@ -11,6 +11,7 @@ mod progress;
 mod record_cmds;
 mod run_cmd;
 mod serve_cmd;
+mod util;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -83,11 +84,17 @@ fn run() -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Warnings and errors, but not fuser's "Failed to umount filesystem" after every unmount:
+/// when the mount was ended from outside (`incfs umount`, `fusermount3 -u`), the session's
+/// own unmount on its way out finds nothing left to unmount (EINVAL). Our own unmount
+/// failures are logged by incfs.
+const DEFAULT_LOG_FILTER: &str = "warn,fuser::session=error";
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER)),
         )
         .with_writer(std::io::stderr)
         .init();

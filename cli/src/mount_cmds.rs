@@ -13,10 +13,10 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::image_cmds::{human, required_digest};
+use crate::util::{human, required_digest};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use incfs_fs::fs::fuse::{MountOptions, new_session, run_session};
+use incfs_fs::fs::fuse::MountOptions;
 use incfs_fs::fs::{CONTROL_DIR, FsConfig, IncFs, STATS_FILE};
 use incfs_fs::plan::PrefetchPlan;
 use incfs_fs::prefetch::PrefetchConfig;
@@ -49,8 +49,9 @@ pub struct MountArgs {
     threads: usize,
     #[command(flatten)]
     fetch: FetchArgs,
-    /// Give up on a chunk after retrying for this many seconds (then reads fail with EIO).
-    #[arg(long, default_value_t = 30)]
+    /// Seconds a read may spend fetching, all retries included, before it fails with EIO
+    /// (also bounds each request: a stalled or trickling server cannot hold a read longer).
+    #[arg(long, default_value_t = 10)]
     retry_timeout: u64,
     /// Never use FUSE passthrough.
     #[arg(long)]
@@ -247,14 +248,16 @@ fn daemonize(a: &MountArgs, cache: &Path) -> anyhow::Result<ExitCode> {
 /// Mounts in this process and serves until unmounted or signalled.
 fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     let expect_digest = required_digest(&a.source, a.expect_digest.as_deref(), a.trust.as_deref())?;
-    let signals = block_signals();
-    let source = incfs_fs::source::open(&a.source)
-        .with_context(|| format!("opening the source {} (check the path or URL)", a.source))?;
+    if let Err(error) = incfs_fs::cache::fds::raise_nofile_limit() {
+        tracing::warn!(%error, "cannot raise the descriptor limit; the cache keeps fewer files open");
+    }
     let mut config = FsConfig::new(cache.to_path_buf());
     config.expect_digest = expect_digest;
     config.passthrough = !a.no_passthrough;
     let fill = a.fetch.apply(&mut config);
     config.fetch.retry_timeout = Duration::from_secs(a.retry_timeout);
+    let source = incfs_fs::source::open_or_offline(&a.source, &config.fetch.retry())
+        .with_context(|| format!("opening the source {} (check the path or URL)", a.source))?;
     let fs = Arc::new(
         IncFs::new(source, &config)
             .with_context(|| format!("cannot mount {}: the image is not usable", a.source))?,
@@ -273,64 +276,17 @@ fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
         allow_other: a.allow_other,
         max_readahead: a.max_readahead,
     };
-    let mut session = new_session(Arc::clone(&fs), &a.mountpoint, &opts)?;
-    let mut unmounter = session.unmount_callable();
-    drop(fs);
-    let runner = std::thread::Builder::new()
-        .name("incfs-session".into())
-        .spawn(move || {
-            let r = run_session(session);
-            // Wake the main thread, which waits for signals.
-            // SAFETY: kill with our own pid and a valid signal number has no preconditions.
-            unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) };
-            r
-        })
-        .context("starting the FUSE session thread")?;
-    tracing::info!(source = %a.source, mountpoint = %a.mountpoint.display(), "mounted");
-    if a.notify_ready {
-        let mut out = std::io::stdout();
-        writeln!(out, "{READY_LINE}")?;
-        out.flush()?;
-    }
-    let sig = wait_signal(&signals);
-    if sig != libc::SIGUSR1 {
-        tracing::info!(signal = sig, "unmounting on signal");
-        if let Err(e) = unmounter.unmount() {
-            tracing::warn!(error = %e, "unmount failed; trying lazy unmount");
-            let _ = Command::new("fusermount3")
-                .arg("-u")
-                .arg("-z")
-                .arg(&a.mountpoint)
-                .status();
+    let notify = a.notify_ready;
+    incfs_fs::run::serve_mount(fs, &a.mountpoint, &opts, || {
+        tracing::info!(source = %a.source, mountpoint = %a.mountpoint.display(), "mounted");
+        if notify {
+            let mut out = std::io::stdout();
+            writeln!(out, "{READY_LINE}")?;
+            out.flush()?;
         }
-    }
-    match runner.join() {
-        Ok(r) => r.context("the FUSE session failed"),
-        Err(_) => bail!("the FUSE session thread panicked"),
-    }
-}
-
-/// Blocks SIGINT, SIGTERM, SIGHUP and SIGUSR1 in this thread and the threads it starts, so
-/// that [`wait_signal`] receives them.
-fn block_signals() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; sigemptyset initializes it before use, and
-    // pthread_sigmask only reads the set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-fn wait_signal(set: &libc::sigset_t) -> i32 {
-    let mut sig = 0;
-    // SAFETY: `set` was initialized by block_signals and `sig` is a valid out pointer.
-    while unsafe { libc::sigwait(set, &mut sig) } != 0 {}
-    sig
+        Ok(())
+    })
+    .with_context(|| format!("serving {} at {}", a.source, a.mountpoint.display()))
 }
 
 fn read_stats(mountpoint: &Path) -> anyhow::Result<serde_json::Value> {
@@ -364,14 +320,26 @@ pub fn umount(a: UmountArgs) -> anyhow::Result<ExitCode> {
         }
     }
     // Wait for the daemon to record its cache and exit, so a remount finds it clean.
-    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+    if let Some(pid) = pid {
         let deadline = Instant::now() + Duration::from_secs(30);
-        // SAFETY: kill with signal 0 only checks that the process exists.
-        while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+        while running(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// True while process `pid` runs. A daemon that has exited but not yet been reaped (its
+/// parent, `incfs mount`, is gone; init reaps it when it gets to it) is a zombie: done.
+fn running(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
 }
 
 /// `incfs stats`.
@@ -385,6 +353,12 @@ pub fn stats(a: StatsArgs) -> anyhow::Result<ExitCode> {
     let Some(map) = v.as_object() else {
         bail!("stats of {} are not a JSON object", a.mountpoint.display());
     };
+    if map.get("offline").and_then(serde_json::Value::as_bool) == Some(true) {
+        writeln!(
+            out,
+            "OFFLINE: the source was unreachable at mount; only chunks in the cache are served (others fail with EIO)"
+        )?;
+    }
     let width = map.keys().map(String::len).max().unwrap_or(0);
     // How much of the image is here, first: what a user asks before going offline.
     let count = |k: &str| map.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);

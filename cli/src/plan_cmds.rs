@@ -17,7 +17,7 @@ use incfs_planner::touch::TouchKinds;
 use incfs_planner::trace::read_trace;
 use serde::Serialize;
 
-use crate::image_cmds::parse_size;
+use crate::util::parse_size;
 
 /// Arguments of `incfs plan`.
 #[derive(Args)]
@@ -139,6 +139,7 @@ fn load_runs(
     inputs
         .iter()
         .map(|p| {
+            crate::util::check_trace_in_child(p)?;
             let raw = load_input(p, index.chunk_size, opts.touch)?;
             Ok(map_run(&raw, index, opts)?)
         })
@@ -400,6 +401,7 @@ pub fn trace(args: TraceArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn trace_show(a: ShowArgs) -> anyhow::Result<ExitCode> {
+    crate::util::check_trace_in_child(&a.trace)?;
     let (meta, df) = read_trace(&a.trace)?;
     let s = summarize(&meta, &df)
         .with_context(|| format!("{}: summarizing the trace", a.trace.display()))?;

@@ -12,7 +12,7 @@ use incfs_fs::prefetch::PrefetchConfig;
 use incfs_fs::run::{RunConfig, RunError, run as run_image};
 use serde::Serialize;
 
-use crate::image_cmds::{human, required_digest};
+use crate::util::{human, required_digest};
 
 /// Arguments of `incfs run`.
 #[derive(Args)]
@@ -52,6 +52,10 @@ pub struct RunArgs {
     max_readahead: u32,
     #[command(flatten)]
     fetch: FetchArgs,
+    /// Seconds a read may spend fetching, all retries included, before it fails with EIO
+    /// (also bounds each request: a stalled or trickling server cannot hold a read longer).
+    #[arg(long, default_value_t = 10)]
+    retry_timeout: u64,
     /// The command and its arguments; `{mnt}` is replaced by the mount point.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -100,6 +104,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     // A read served by passthrough never reaches incfs, so it would be missing from the
     // read-log: a run that saves one serves every read itself.
     fs.passthrough = !a.no_passthrough && a.read_log_out.is_none();
+    fs.fetch.retry_timeout = std::time::Duration::from_secs(a.retry_timeout);
     let fill = a.fetch.apply(&mut fs);
     let cfg = RunConfig {
         source: a.image.clone(),

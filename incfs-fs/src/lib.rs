@@ -16,6 +16,7 @@ pub mod fs;
 pub mod link;
 pub mod plan;
 pub mod prefetch;
+pub mod retry;
 pub mod run;
 pub mod serve;
 pub mod source;

@@ -17,6 +17,16 @@ const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 /// Largest plan accepted (decompressed): 256 MiB, enough for millions of entries.
 const MAX_PLAN_BYTES: u64 = 256 << 20;
 
+fn too_large(path: &Path) -> PlanError {
+    PlanError::Invalid {
+        path: path.to_path_buf(),
+        reason: format!(
+            "larger than the {} MiB a plan may be (decompressed)",
+            MAX_PLAN_BYTES >> 20
+        ),
+    }
+}
+
 /// A prefetch manifest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PrefetchPlan {
@@ -88,9 +98,12 @@ impl PrefetchPlan {
         let mut raw = Vec::new();
         std::fs::File::open(path)
             .map_err(io)?
-            .take(MAX_PLAN_BYTES)
+            .take(MAX_PLAN_BYTES + 1)
             .read_to_end(&mut raw)
             .map_err(io)?;
+        if raw.len() as u64 > MAX_PLAN_BYTES {
+            return Err(too_large(path));
+        }
         PrefetchPlan::parse(path, &raw)
     }
 
@@ -108,9 +121,12 @@ impl PrefetchPlan {
                     path: path.to_path_buf(),
                     source,
                 })?
-                .take(MAX_PLAN_BYTES)
+                .take(MAX_PLAN_BYTES + 1)
                 .read_to_end(&mut out)
                 .map_err(|e| invalid(format!("zstd: {e}")))?;
+            if out.len() as u64 > MAX_PLAN_BYTES {
+                return Err(too_large(path));
+            }
             &out[..]
         } else {
             bytes
@@ -152,8 +168,8 @@ impl PrefetchPlan {
         Ok(())
     }
 
-    /// The chunk slots the plan fetches, in plan order, found through the image's file
-    /// paths. Fails, naming the plan file, when an entry names a file the image lacks or
+    /// The chunk slots the plan fetches, in plan order, each once (at its first place),
+    /// found through the image's file paths. Fails, naming the plan file, when an entry names a file the image lacks or
     /// chunks past its end, or when the chunk sizes differ.
     pub fn slots(&self, path: &Path, manifest: &Manifest) -> Result<Vec<u64>, PlanError> {
         let invalid = |reason: String| PlanError::Invalid {
@@ -171,13 +187,29 @@ impl PrefetchPlan {
             .into_iter()
             .map(|f| (f.path, (f.first_chunk, f.chunks)))
             .collect();
+        // Each slot once, at its first place: a plan repeating entries (as a hostile or
+        // careless one may, whole files many times over) costs no more than the image has.
+        let mut seen = vec![0u64; usize::try_from(manifest.chunk_count.div_ceil(64)).unwrap_or(0)];
         let mut out = Vec::new();
         for e in &self.entries {
             let &(first, n) = files
                 .get(e.file.as_bytes())
                 .ok_or_else(|| invalid(format!("{}: no such file in the image", e.file)))?;
             match e.first_chunk.checked_add(e.chunk_count) {
-                Some(end) if end <= n => out.extend(first + e.first_chunk..first + end),
+                Some(end) if end <= n => {
+                    for slot in first + e.first_chunk..first + end {
+                        let Some(w) = seen.get_mut((slot / 64) as usize) else {
+                            return Err(invalid(format!(
+                                "{}: chunk slot {slot} is past the image's {} chunks",
+                                e.file, manifest.chunk_count
+                            )));
+                        };
+                        if *w & (1 << (slot % 64)) == 0 {
+                            *w |= 1 << (slot % 64);
+                            out.push(slot);
+                        }
+                    }
+                }
                 _ => {
                     return Err(invalid(format!(
                         "{}: chunks {}+{} past its {n} chunks",

@@ -1,24 +1,34 @@
-//! `incfs run`: mount an image on a temporary directory, start its prefetch plan, run a
-//! command on the mount, unmount, and report what the start cost.
+//! The two lifecycles of a mount served by this process: [`run`] (`incfs run`: mount an image
+//! on a temporary directory, start its prefetch plan, run a command on the mount, unmount,
+//! and report what the start cost) and [`serve_mount`] (`incfs mount`'s daemon: serve until
+//! unmounted or signalled).
 //!
-//! The mount is served by this process (no daemon), so the report sees every counter, and
-//! the mount goes away with the process even when the command fails or the user presses
-//! Ctrl-C: SIGINT and SIGTERM are caught while the command runs (the command, in the same
-//! process group, gets the terminal's SIGINT itself; a SIGTERM is passed on to it), and the
-//! file system is unmounted before `run` returns.
+//! Either way the mount goes away with the process, also when the command fails or the user
+//! presses Ctrl-C: SIGINT, SIGTERM and SIGHUP are caught (with `signal-hook`; a handler, not
+//! an ignored disposition, so a command started meanwhile gets the defaults back at exec).
+//! While `incfs run`'s command runs, it gets the terminal's SIGINT itself (same process
+//! group) and a SIGTERM or SIGHUP is passed on to it; a daemon unmounts on any of them. The
+//! file system is shut down (prefetch and fetch stopped, cache recorded) before either
+//! returns.
 
+use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
 use crate::fetch::fill::FillConfig;
-use crate::fs::fuse::{MountOptions, spawn_mount};
+use crate::fs::fuse::{MountOptions, new_session, run_session, spawn_mount};
 use crate::fs::{FsConfig, FsError, IncFs, Stats};
 use crate::plan::{PlanError, PrefetchPlan};
 use crate::prefetch::PrefetchConfig;
 use crate::source::{self, SourceError};
+
+/// The signals that end a mount: Ctrl-C, `kill`, a closed terminal.
+const STOP_SIGNALS: [i32; 3] = [SIGINT, SIGTERM, SIGHUP];
 
 /// The placeholder replaced by the mount point in the command, its arguments and `--env`
 /// values.
@@ -83,7 +93,7 @@ pub enum RunError {
         /// The file.
         path: PathBuf,
         /// Why.
-        error: std::io::Error,
+        error: io::Error,
     },
     /// The mount point could not be made or mounted.
     #[error("mounting at {path}: {error}")]
@@ -91,7 +101,7 @@ pub enum RunError {
         /// The mount point.
         path: PathBuf,
         /// Why.
-        error: std::io::Error,
+        error: io::Error,
     },
     /// A signal (Ctrl-C) arrived before the command started; nothing was run.
     #[error("interrupted before the command started")]
@@ -99,13 +109,29 @@ pub enum RunError {
     /// No command was given.
     #[error("no command to run")]
     NoCommand,
+    /// The signal handlers or the session thread could not be set up.
+    #[error("setting up the mount's {what}: {error}")]
+    Setup {
+        /// What.
+        what: &'static str,
+        /// Why.
+        error: io::Error,
+    },
+    /// The FUSE session ended with an error.
+    #[error("the FUSE session at {path} failed: {error}")]
+    Session {
+        /// The mount point.
+        path: PathBuf,
+        /// Why.
+        error: io::Error,
+    },
     /// The command could not be started.
     #[error("{command}: {error}")]
     Spawn {
         /// The program.
         command: String,
         /// Why (`NotFound` when it does not exist).
-        error: std::io::Error,
+        error: io::Error,
     },
 }
 
@@ -122,11 +148,19 @@ pub fn run(
 ) -> Result<RunReport, RunError> {
     let (program, args) = cfg.command.split_first().ok_or(RunError::NoCommand)?;
     // Caught from the start, so a Ctrl-C while mounting still unmounts before we return.
-    let signals = SignalGuard::install();
-    let mount_start = Instant::now();
-    let src = source::open(&cfg.source).map_err(|error| RunError::Source {
-        spec: cfg.source.clone(),
+    let mut signals = Signals::new(STOP_SIGNALS).map_err(|error| RunError::Setup {
+        what: "signal handlers",
         error,
+    })?;
+    if let Err(error) = crate::cache::fds::raise_nofile_limit() {
+        tracing::warn!(%error, "cannot raise the descriptor limit; the cache keeps fewer files open");
+    }
+    let mount_start = Instant::now();
+    let src = source::open_or_offline(&cfg.source, &cfg.fs.fetch.retry()).map_err(|error| {
+        RunError::Source {
+            spec: cfg.source.clone(),
+            error,
+        }
     })?;
     let fs = Arc::new(IncFs::new(src, &cfg.fs)?);
     if let Some(path) = &cfg.plan {
@@ -158,7 +192,7 @@ pub fn run(
         cmd.env(k, substitute(v, &mnt));
     }
     let started = Instant::now();
-    let result = if CAUGHT.load(Ordering::Acquire) != 0 {
+    let result = if signals.pending().next().is_some() {
         Err(RunError::Interrupted)
     } else {
         cmd.spawn().map_err(|error| RunError::Spawn {
@@ -167,7 +201,7 @@ pub fn run(
         })
     };
     let status = result.and_then(|mut child| {
-        wait_forwarding(&mut child).map_err(|error| RunError::Spawn {
+        wait_forwarding(&mut child, &mut signals).map_err(|error| RunError::Spawn {
             command: program.clone(),
             error,
         })
@@ -184,11 +218,7 @@ pub fn run(
 
     if let Err(e) = session.umount_and_join() {
         tracing::warn!(mountpoint = %mnt.display(), error = %e, "unmount failed; detaching it");
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg("-z")
-            .arg(&mnt)
-            .status();
+        lazy_unmount(&mnt);
     }
     if let Err(e) = fs.shutdown() {
         tracing::warn!(error = %e, "saving the cache record failed");
@@ -202,61 +232,92 @@ pub fn run(
     })
 }
 
-/// Waits for the child; a SIGTERM or SIGHUP received meanwhile is passed on to it.
-fn wait_forwarding(child: &mut std::process::Child) -> std::io::Result<ExitStatus> {
+/// Waits for the child; a SIGTERM or SIGHUP received meanwhile is passed on to it (the
+/// terminal's SIGINT reaches it by itself).
+fn wait_forwarding(
+    child: &mut std::process::Child,
+    signals: &mut Signals,
+) -> io::Result<ExitStatus> {
     loop {
         if let Some(status) = child.try_wait()? {
             return Ok(status);
         }
-        let sig = CAUGHT.swap(0, Ordering::AcqRel);
-        if sig != 0 && sig != libc::SIGINT {
-            let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
-            // SAFETY: kill has no memory preconditions; pid is our own child's.
-            unsafe { libc::kill(pid, sig) };
+        for sig in signals.pending() {
+            if sig != SIGINT {
+                let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
+                // SAFETY: kill has no memory preconditions; pid is our own child's.
+                unsafe { libc::kill(pid, sig) };
+            }
         }
         std::thread::sleep(Duration::from_millis(5));
     }
 }
 
-/// The last signal caught while a command runs (0: none).
-static CAUGHT: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn note_signal(sig: libc::c_int) {
-    CAUGHT.store(sig, Ordering::Release);
+/// Detaches a mount that would not unmount (`fusermount3 -u -z`): it goes away once nothing
+/// uses it.
+fn lazy_unmount(mountpoint: &Path) {
+    let _ = Command::new("fusermount3")
+        .arg("-u")
+        .arg("-z")
+        .arg(mountpoint)
+        .status();
 }
 
-/// Catches SIGINT, SIGTERM and SIGHUP while alive (a handler, not SIG_IGN, so the child's
-/// exec resets them to their defaults); restores the previous handlers on drop.
-struct SignalGuard {
-    old: Vec<(libc::c_int, libc::sigaction)>,
-}
-
-impl SignalGuard {
-    fn install() -> Self {
-        CAUGHT.store(0, Ordering::Release);
-        let mut old = Vec::new();
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            // SAFETY: sigaction structs are plain data, zeroed then filled; the handler is an
-            // async-signal-safe extern "C" fn that only stores to an atomic.
-            unsafe {
-                let mut sa: libc::sigaction = std::mem::zeroed();
-                sa.sa_sigaction = note_signal as *const () as usize;
-                libc::sigemptyset(&mut sa.sa_mask);
-                let mut prev: libc::sigaction = std::mem::zeroed();
-                if libc::sigaction(sig, &sa, &mut prev) == 0 {
-                    old.push((sig, prev));
-                }
-            }
+/// Serves `fs` at `mountpoint` in this process until the mount goes away — unmounted from
+/// outside (`incfs umount`, `fusermount3 -u`), or by this function on SIGINT, SIGTERM or
+/// SIGHUP — then shuts the file system down. `on_mounted` runs once the mount is up (a
+/// daemon reports that it is ready there); if it fails, the mount is taken down again.
+pub fn serve_mount(
+    fs: Arc<IncFs>,
+    mountpoint: &Path,
+    opts: &MountOptions,
+    on_mounted: impl FnOnce() -> io::Result<()>,
+) -> Result<(), RunError> {
+    let setup = |what| move |error| RunError::Setup { what, error };
+    let mut signals = Signals::new(STOP_SIGNALS).map_err(setup("signal handlers"))?;
+    let mut session =
+        new_session(Arc::clone(&fs), mountpoint, opts).map_err(|error| RunError::Mount {
+            path: mountpoint.to_path_buf(),
+            error,
+        })?;
+    let mut unmounter = session.unmount_callable();
+    let ended = signals.handle();
+    let runner = std::thread::Builder::new()
+        .name("incfs-session".into())
+        .spawn(move || {
+            let r = run_session(session);
+            // The mount is gone: stop waiting for signals.
+            ended.close();
+            r
+        })
+        .map_err(setup("session thread"))?;
+    let ready = on_mounted();
+    let stop = match &ready {
+        Ok(()) => signals.forever().next(),
+        Err(_) => Some(0),
+    };
+    if let Some(sig) = stop {
+        tracing::info!(signal = sig, mountpoint = %mountpoint.display(), "unmounting");
+        if let Err(e) = unmounter.unmount() {
+            tracing::warn!(error = %e, "unmount failed; detaching it");
+            lazy_unmount(mountpoint);
         }
-        SignalGuard { old }
     }
-}
-
-impl Drop for SignalGuard {
-    fn drop(&mut self) {
-        for (sig, prev) in &self.old {
-            // SAFETY: restores a disposition previously returned by sigaction.
-            unsafe { libc::sigaction(*sig, prev, std::ptr::null_mut()) };
-        }
-    }
+    let served = match runner.join() {
+        Ok(r) => r.map_err(|error| RunError::Session {
+            path: mountpoint.to_path_buf(),
+            error,
+        }),
+        Err(_) => Err(RunError::Session {
+            path: mountpoint.to_path_buf(),
+            error: io::Error::other("the FUSE session thread panicked"),
+        }),
+    };
+    // The session's end shut the file system down already; this covers a session that
+    // failed before it could.
+    let shut = fs.shutdown();
+    ready.map_err(setup("ready report"))?;
+    served?;
+    shut?;
+    Ok(())
 }

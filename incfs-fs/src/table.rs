@@ -11,22 +11,23 @@
 //! Segments needed at once, when adjacent or separated by at most [`MAX_GAP_SEGMENTS`],
 //! travel as one range request: a plan's slots bring their segments in one or a few
 //! requests. Concurrent loaders of one segment cause one fetch; a failed request or a
-//! segment that does not verify is retried with backoff, then the load fails and the read
+//! segment that does not verify is retried under the mount's [`RetryPolicy`] (one deadline
+//! for the load, each request bounded by the time left), then the load fails and the read
 //! that needed it gets EIO.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
+use crate::cache::offline::TableStore;
 use crate::format::{
     ChunkEntry, Digest, FormatError, ImageHead, SEGMENT_BYTES, SEGMENT_ENTRIES, TableOrder,
     decode_segment,
 };
-use crate::source::{RequestKind, Source};
+use crate::source::{RequestKind, Source, read_within};
 
 /// Largest run of unneeded segments fetched to join two needed ones in one request: two
 /// segments (112 KiB) take ~9 ms at 100 Mbit/s, less than the round trip they save.
@@ -34,16 +35,8 @@ pub const MAX_GAP_SEGMENTS: usize = 2;
 /// Largest table request, in segments (3 MiB).
 const MAX_REQUEST_SEGMENTS: usize = 64;
 
-/// How failed segment requests are retried.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// Attempts per request before the load fails.
-    pub max_attempts: u32,
-    /// Wait before the first retry; doubles each time.
-    pub initial_backoff: Duration,
-    /// Longest wait between retries.
-    pub max_backoff: Duration,
-}
+/// How failed segment requests are retried (the one policy of the mount).
+pub use crate::retry::RetryPolicy;
 
 /// A segment of the chunk table could not be loaded.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -89,6 +82,10 @@ pub struct LazyTable {
     loading: Mutex<HashSet<usize>>,
     loaded: Condvar,
     retry: RetryPolicy,
+    /// Set at unmount: loads stop retrying and fail.
+    cancelled: AtomicBool,
+    /// Where loaded segments are kept for a mount without the source (the image's cache).
+    store: OnceLock<TableStore>,
     requests: AtomicU64,
     bytes: AtomicU64,
     segments_loaded: AtomicU64,
@@ -118,6 +115,8 @@ impl LazyTable {
             loading: Mutex::new(HashSet::new()),
             loaded: Condvar::new(),
             retry,
+            cancelled: AtomicBool::new(false),
+            store: OnceLock::new(),
             requests: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             segments_loaded: AtomicU64::new(0),
@@ -177,6 +176,55 @@ impl LazyTable {
             segments_loaded: self.segments_loaded.load(Ordering::Relaxed),
             segments_total: self.segments.len() as u64,
         }
+    }
+
+    /// Keeps every segment loaded from now on in `store`, and the ones that came with
+    /// `first` (the image's first bytes, as read at mount); loads from it, verified, the
+    /// segments it holds that are not loaded yet. Returns the segments it supplied.
+    pub fn attach_store(&self, store: TableStore, first: &[u8]) -> u64 {
+        let mut supplied = 0;
+        for k in 0..self.segments.len() {
+            let r = self.segment_range(k);
+            let at = r.start - self.table_offset;
+            let from_first = usize::try_from(r.start)
+                .ok()
+                .zip(usize::try_from(r.end).ok())
+                .and_then(|(a, b)| first.get(a..b));
+            match (self.segments[k].get().is_some(), from_first) {
+                (true, Some(bytes)) => {
+                    if let Err(error) = store.save(at, bytes) {
+                        tracing::debug!(%error, path = %store.path().display(), "keeping a table segment failed");
+                    }
+                }
+                (true, None) => {}
+                (false, _) => {
+                    if let Ok(bytes) = store.load(at, r.end - r.start)
+                        && let Ok(entries) = self.decode(k, &bytes)
+                    {
+                        self.install(k, entries);
+                        supplied += 1;
+                    }
+                }
+            }
+        }
+        let _ = self.store.set(store);
+        supplied
+    }
+
+    /// Keeps segment `k`'s verified `bytes` in the store, if there is one.
+    fn keep(&self, k: usize, bytes: &[u8]) {
+        if let Some(store) = self.store.get() {
+            let at = self.segment_range(k).start - self.table_offset;
+            if let Err(error) = store.save(at, bytes) {
+                tracing::debug!(%error, path = %store.path().display(), "keeping a table segment failed");
+            }
+        }
+    }
+
+    /// Stops every load (at unmount): requests in flight finish or time out, then fail
+    /// instead of being retried; later loads fail at once.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
     }
 
     /// Makes the entries of `slots` available, fetching their segments that are not loaded
@@ -246,54 +294,67 @@ impl LazyTable {
     fn fetch_run(&self, run: Range<usize>, kind: RequestKind) -> Result<(), TableError> {
         let start = self.segment_range(run.start).start;
         let end = self.segment_range(run.end - 1).end;
-        let mut backoff = self.retry.initial_backoff;
-        let mut attempt = 1;
+        let mut retry = self.retry.begin();
         loop {
+            if self.cancelled.load(Ordering::Acquire) {
+                return Err(self.error(run.start, "the file system is shutting down".into()));
+            }
             self.requests.fetch_add(1, Ordering::Relaxed);
-            let failure = match self.source.read_range(start, end - start, kind) {
-                Ok(bytes) if bytes.len() as u64 == end - start => {
-                    self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    let mut bad = None;
-                    for k in run.clone() {
-                        if self.segments[k].get().is_some() {
-                            continue;
+            let failure =
+                match read_within(&*self.source, start, end - start, kind, retry.timeout()) {
+                    Ok(bytes) if bytes.len() as u64 == end - start => {
+                        self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                        let mut bad = None;
+                        for k in run.clone() {
+                            if self.segments[k].get().is_some() {
+                                continue;
+                            }
+                            let r = self.segment_range(k);
+                            let piece =
+                                &bytes[(r.start - start) as usize..(r.end - start) as usize];
+                            match self.decode(k, piece) {
+                                Ok(entries) => {
+                                    self.install(k, entries);
+                                    self.keep(k, piece);
+                                }
+                                Err(e) => bad = Some((k, e.to_string(), true)),
+                            }
                         }
-                        let r = self.segment_range(k);
-                        let piece = &bytes[(r.start - start) as usize..(r.end - start) as usize];
-                        match self.decode(k, piece) {
-                            Ok(entries) => self.install(k, entries),
-                            Err(e) => bad = Some((k, e.to_string(), true)),
-                        }
+                        bad
                     }
-                    bad
-                }
-                Ok(bytes) => {
-                    self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    Some((
-                        run.start,
-                        format!(
-                            "source returned {} bytes for a range of {}",
-                            bytes.len(),
-                            end - start
-                        ),
-                        true,
-                    ))
-                }
-                Err(e) => Some((run.start, e.to_string(), e.is_retryable())),
-            };
+                    Ok(bytes) => {
+                        self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                        Some((
+                            run.start,
+                            format!(
+                                "source returned {} bytes for a range of {}",
+                                bytes.len(),
+                                end - start
+                            ),
+                            true,
+                        ))
+                    }
+                    Err(e) => Some((run.start, e.to_string(), e.is_retryable())),
+                };
             let Some((segment, reason, retryable)) = failure else {
                 return Ok(());
             };
+            let attempt = retry.attempt();
             tracing::warn!(segment, attempt, source = %self.source.describe(), error = %reason, "loading a chunk table segment failed");
-            if !retryable || attempt >= self.retry.max_attempts {
-                return Err(self.error(
-                    segment,
-                    format!("gave up after {attempt} attempts: {reason}"),
-                ));
+            match retry.next_pause() {
+                Some(pause) if retryable && !self.cancelled.load(Ordering::Acquire) => {
+                    std::thread::sleep(pause)
+                }
+                _ => {
+                    return Err(self.error(
+                        segment,
+                        format!(
+                            "gave up after {attempt} attempts in {:.1} s: {reason}",
+                            retry.elapsed().as_secs_f64()
+                        ),
+                    ));
+                }
             }
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(self.retry.max_backoff);
-            attempt += 1;
         }
     }
 

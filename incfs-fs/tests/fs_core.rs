@@ -441,11 +441,13 @@ fn bytes_that_never_verify_are_eio_and_local_chunks_keep_working() {
     assert_eq!(read_all(&fs, a, 1 << 20).unwrap(), want_a);
     let s = stats(&fs);
     assert!(s.fetch_errors >= 3 && s.read_errors >= 1, "{s:?}");
-    // The source heals: the same read now succeeds.
+    // The source heals: the same read, tried again a moment later (a chunk that failed
+    // stays failed for FAILURE_MEMO), now succeeds.
     src.set_plan(FailurePlan::Countdown {
         pass: u64::MAX,
         fail: 0,
     });
+    std::thread::sleep(incfs_fs::fetch::FAILURE_MEMO);
     assert_eq!(
         read_all(&fs, b, 1 << 20).unwrap(),
         fs::read(fx.tree.join("b")).unwrap()
@@ -499,11 +501,12 @@ fn clean_restart_fetches_nothing_again() {
     assert_eq!(s.chunks_local, s.chunks_total);
 }
 
-/// The single image cache directory under `cache`.
+/// The single image cache directory under `cache` (beside the source index).
 fn image_cache(cache: &Path) -> PathBuf {
     let dirs: Vec<PathBuf> = fs::read_dir(cache)
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name() != Some(incfs_fs::cache::offline::SOURCES_DIR.as_ref()))
         .collect();
     assert_eq!(dirs.len(), 1, "{dirs:?}");
     dirs[0].clone()
@@ -739,7 +742,7 @@ fn passthrough_only_for_complete_files_without_cached_opens() {
     fs.release(fh1);
     fs.release(fh2);
     let (fh3, m3) = fs.open(ino).unwrap();
-    let OpenMode::Passthrough(file) = m3 else {
+    let OpenMode::Passthrough { file, .. } = m3 else {
         panic!("expected passthrough");
     };
     let mut buf = vec![0u8; 4 * CHUNK as usize];
@@ -747,7 +750,7 @@ fn passthrough_only_for_complete_files_without_cached_opens() {
     assert_eq!(buf, fs::read(fx.tree.join("big")).unwrap());
     // While a passthrough open is live, further opens are passthrough too.
     let (fh4, m4) = fs.open(ino).unwrap();
-    assert!(matches!(m4, OpenMode::Passthrough(_)));
+    assert!(matches!(m4, OpenMode::Passthrough { .. }));
     // The kernel refused one: it is downgraded only if it is the only passthrough open.
     assert!(matches!(
         fs.passthrough_failed(fh4),

@@ -22,7 +22,16 @@
 //! again when needed).
 //!
 //! A lock file (`flock`) keeps two mounts from sharing one image cache.
+//!
+//! **Descriptors.** Backing files are opened on first use and kept open, at most
+//! [`FdBudget::open_files`] of them: beyond that the least recently used is closed (and
+//! reopened when needed again), so a tree of any size is served under a small
+//! `RLIMIT_NOFILE` ([`fds`]). A file closed with chunks not yet durable is synced through a
+//! fresh descriptor at the next flush: `fsync` acts on the inode, and a write-back error not
+//! yet seen by anyone is reported to a descriptor opened after it (the kernel's `errseq`).
 
+pub mod fds;
+pub mod offline;
 pub mod record;
 
 use std::collections::{HashMap, HashSet};
@@ -42,6 +51,7 @@ use crate::format::{Digest, InodeKind, Manifest};
 use crate::source::RequestKind;
 use crate::table::LazyTable;
 
+use fds::{FdBudget, FdPermit};
 use record::Record;
 
 /// How long stored chunks may wait before the background flush makes them durable and
@@ -121,13 +131,50 @@ struct Shared {
     local_chunks: AtomicU64,
     local_bytes: AtomicU64,
     durable_chunks: AtomicU64,
-    handles: Mutex<HashMap<u32, Arc<File>>>,
+    handles: Mutex<OpenFiles>,
+    budget: Arc<FdBudget>,
     durable: Mutex<Durable>,
     wake: Condvar,
     stop: AtomicBool,
     closed: AtomicBool,
     recovered: RecoveryReport,
     _lock: File,
+}
+
+/// The backing files open now, each with the tick of its last use.
+#[derive(Default)]
+struct OpenFiles {
+    files: HashMap<u32, (Arc<File>, u64)>,
+    tick: u64,
+}
+
+impl OpenFiles {
+    fn get(&mut self, inode: u32) -> Option<Arc<File>> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.files.get_mut(&inode).map(|(f, used)| {
+            *used = tick;
+            Arc::clone(f)
+        })
+    }
+
+    /// Adds `file`, first closing the least recently used ones so that at most `max` stay
+    /// open. (A file closed here stays open while a caller still holds it.)
+    fn insert(&mut self, inode: u32, file: Arc<File>, max: usize) {
+        while self.files.len() >= max.max(1) {
+            let Some(oldest) = self
+                .files
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| *k)
+            else {
+                break;
+            };
+            self.files.remove(&oldest);
+        }
+        self.tick += 1;
+        self.files.insert(inode, (file, self.tick));
+    }
 }
 
 /// What opening the cache found.
@@ -285,7 +332,8 @@ impl ChunkCache {
             local_chunks: AtomicU64::new(0),
             local_bytes: AtomicU64::new(0),
             durable_chunks: AtomicU64::new(0),
-            handles: Mutex::new(HashMap::new()),
+            handles: Mutex::new(OpenFiles::default()),
+            budget: Arc::new(FdBudget::for_limit(fds::nofile_soft_limit())),
             durable: Mutex::new(Durable {
                 record,
                 words: words.clone(),
@@ -411,6 +459,22 @@ impl ChunkCache {
             })
     }
 
+    /// A share of the descriptor budget for one more passthrough backing id, or `None` when
+    /// passthrough already holds all it may (serve the file cached then).
+    pub fn passthrough_permit(&self) -> Option<FdPermit> {
+        self.shared.budget.try_passthrough()
+    }
+
+    /// The descriptor budget of this cache.
+    pub fn fd_budget(&self) -> &FdBudget {
+        &self.shared.budget
+    }
+
+    /// Backing files open now.
+    pub fn open_files(&self) -> usize {
+        self.shared.handles.lock().files.len()
+    }
+
     /// Opens the backing file of `inode` read-only, for passthrough.
     pub fn open_backing(&self, inode: u32) -> Result<File, CacheError> {
         let path = self.shared.data_path(inode);
@@ -487,8 +551,8 @@ impl Shared {
     /// The open backing file of `inode`, created (sparse, full length) on first use.
     fn handle(&self, inode: u32, size: u64) -> Result<(Arc<File>, bool), CacheError> {
         let mut h = self.handles.lock();
-        if let Some(f) = h.get(&inode) {
-            return Ok((Arc::clone(f), false));
+        if let Some(f) = h.get(inode) {
+            return Ok((f, false));
         }
         let path = self.data_path(inode);
         let existed = path.exists();
@@ -510,7 +574,7 @@ impl Shared {
                 error,
             })?;
         let file = Arc::new(file);
-        h.insert(inode, Arc::clone(&file));
+        h.insert(inode, Arc::clone(&file), self.budget.open_files());
         Ok((file, !existed))
     }
 
@@ -578,14 +642,23 @@ impl Shared {
 
     fn make_durable(&self, files: &HashSet<u32>, created: bool) -> Result<(), CacheError> {
         for inode in files {
-            let f = self.handles.lock().get(inode).cloned();
-            if let Some(f) = f {
-                f.sync_data().map_err(|error| CacheError::Io {
-                    path: self.data_path(*inode),
-                    what: "syncing the backing file",
-                    error,
-                })?;
-            }
+            let open = self
+                .handles
+                .lock()
+                .files
+                .get(inode)
+                .map(|(f, _)| Arc::clone(f));
+            // A file closed since its chunks were written is synced through a new
+            // descriptor (see the module docs), without taking a place among the open ones.
+            let synced = match open {
+                Some(f) => f.sync_data(),
+                None => File::open(self.data_path(*inode)).and_then(|f| f.sync_data()),
+            };
+            synced.map_err(|error| CacheError::Io {
+                path: self.data_path(*inode),
+                what: "syncing the backing file",
+                error,
+            })?;
         }
         if created {
             record::sync_dir(&self.data_dir)?;

@@ -29,11 +29,11 @@
 //! A slot is queued or in flight at most once: concurrent readers of one chunk cause one
 //! fetch. Every chunk is decoded and checked against its digest ([`chunk_of_frame`]) before
 //! it is stored; bytes that do not match are never stored or returned. Failed requests and
-//! chunks that do not verify are retried with exponential backoff, up to
-//! [`FetchConfig::max_attempts`] and [`FetchConfig::retry_timeout`]; then the slot fails
-//! and its waiters get a [`FetchError`]. A waiter is also answered with an error once it has
-//! waited [`FetchConfig::retry_timeout`], whatever the source does, and a worker that
-//! panics fails its slots instead of leaving them in flight.
+//! chunks that do not verify are retried under the mount's [`RetryPolicy`] (jittered
+//! backoff, each request bounded by the time left before [`FetchConfig::retry_timeout`]);
+//! then the slot fails and its waiters get a [`FetchError`]. A waiter is also answered with
+//! an error once it has waited [`FetchConfig::retry_timeout`], whatever the source does, and
+//! a worker that panics fails its slots instead of leaving them in flight.
 
 pub mod fill;
 pub mod readahead;
@@ -50,10 +50,16 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::cache::ChunkCache;
 use crate::format::{ChunkEntry, chunk_of_frame, decode_frame};
+use crate::retry::RetryPolicy;
 use crate::source::{RequestKind, Source};
-use crate::table::{LazyTable, RetryPolicy};
+use crate::table::LazyTable;
 
 pub use readahead::{ReadAhead, ReadAheadConfig};
+
+/// How long a failed slot stays failed: requests for it within this time fail at once
+/// instead of fetching again. Covers the kernel's own immediate retry of a failed page read,
+/// and is short enough that a program trying again a second later reaches the source.
+pub const FAILURE_MEMO: Duration = Duration::from_millis(500);
 
 /// Tunables of the scheduler.
 #[derive(Debug, Clone)]
@@ -88,21 +94,25 @@ pub struct FetchConfig {
     pub bridge_gap_bytes: u64,
     /// The per-file read-ahead policy.
     pub readahead: ReadAheadConfig,
-    /// Attempts per chunk before it fails. Default 5.
+    /// Attempts per request before its chunks fail. Default 20 ([`RetryPolicy`]).
     pub max_attempts: u32,
-    /// Wait before the first retry; doubles each time. Default 50 ms.
+    /// Wait before the first retry; doubles each time, jittered. Default 50 ms.
     pub initial_backoff: Duration,
-    /// Longest wait between retries. Default 2 s.
+    /// Longest wait between retries. Default 1 s.
     pub max_backoff: Duration,
-    /// Longest time spent retrying one request before its chunks fail, and longest time a
-    /// reader waits before it gets an error. Default 30 s.
+    /// Longest time spent on one request's chunks, every attempt and pause included, before
+    /// they fail (restarted when an attempt stores some of them), and longest time a reader
+    /// waits before it gets an error. Default 10 s ([`crate::retry::DEFAULT_DEADLINE`],
+    /// which explains the choice).
     pub retry_timeout: Duration,
 }
 
 impl FetchConfig {
-    /// The retry part, for loaders other than the scheduler (chunk-table segments).
+    /// The mount's one retry policy (for the scheduler, chunk-table segments and the
+    /// metadata at mount): `retry_timeout` is its deadline.
     pub fn retry(&self) -> RetryPolicy {
         RetryPolicy {
+            deadline: self.retry_timeout,
             max_attempts: self.max_attempts,
             initial_backoff: self.initial_backoff,
             max_backoff: self.max_backoff,
@@ -121,10 +131,10 @@ impl Default for FetchConfig {
             miss_amplify_bytes: 256 * 1024,
             bridge_gap_bytes: 16 * 1024,
             readahead: ReadAheadConfig::default(),
-            max_attempts: 5,
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_secs(2),
-            retry_timeout: Duration::from_secs(30),
+            max_attempts: RetryPolicy::default().max_attempts,
+            initial_backoff: RetryPolicy::default().initial_backoff,
+            max_backoff: RetryPolicy::default().max_backoff,
+            retry_timeout: RetryPolicy::default().deadline,
         }
     }
 }
@@ -239,7 +249,9 @@ struct State {
     slots: HashMap<u64, SlotState>,
     queues: [VecDeque<u64>; 3],
     entry_queues: [VecDeque<u64>; 3],
-    failed: HashMap<u64, Arc<str>>,
+    /// Slots that failed, with why and when: a new request for one within
+    /// [`FAILURE_MEMO`] fails at once.
+    failed: HashMap<u64, (Arc<str>, Instant)>,
     /// Requests in flight by priority.
     in_flight: [usize; 3],
     waiters: HashMap<u64, Waiter>,
@@ -445,7 +457,7 @@ impl Fetcher {
             if inner.cache.is_local(slot) {
                 continue;
             }
-            if let Some(reason) = st.failed.get(&slot) {
+            if let Some((reason, _)) = st.failed.get(&slot) {
                 let reason = Arc::clone(reason);
                 drop(st);
                 return done(Err(FetchError { slot, reason }));
@@ -560,9 +572,13 @@ impl Fetcher {
     }
 }
 
-impl Drop for Fetcher {
-    fn drop(&mut self) {
+impl Fetcher {
+    /// Stops the scheduler (at unmount): workers take no more work, a request in flight
+    /// stops at its next piece, retries and table loads stop, and every waiter gets an
+    /// error. Returns at once; dropping the scheduler waits (briefly) for the workers.
+    pub fn shutdown(&self) {
         self.inner.shutdown.store(true, Ordering::Release);
+        self.inner.table.cancel();
         let waiting: Vec<Waiter> = {
             let mut st = self.inner.state.lock();
             self.inner.work.notify_all();
@@ -573,17 +589,48 @@ impl Drop for Fetcher {
         };
         for w in waiting {
             (w.done)(Err(FetchError {
-                slot: 0,
+                slot: w.first,
                 reason: "the file system is shutting down".into(),
             }));
         }
-        // The last owner may be a completion running on a worker: it cannot join itself
+    }
+}
+
+/// How long dropping a [`Fetcher`] waits for its workers: a worker stuck in a request that
+/// sends nothing more is left to end by itself (by its timeout), so unmounting never waits
+/// for a stalled server.
+const WORKER_JOIN_WAIT: Duration = Duration::from_millis(300);
+
+impl Drop for Fetcher {
+    fn drop(&mut self) {
+        self.shutdown();
+        // The last owner may be a completion running on a worker: it cannot wait for itself
         // (that worker ends on its own once it sees the shutdown).
         let me = std::thread::current().id();
-        for t in self.threads.drain(..) {
-            if t.thread().id() != me {
-                let _ = t.join();
-            }
+        let others = |t: &JoinHandle<()>| t.thread().id() != me;
+        let deadline = Instant::now() + WORKER_JOIN_WAIT;
+        while Instant::now() < deadline
+            && self.threads.iter().any(|t| others(t) && !t.is_finished())
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let stuck = self
+            .threads
+            .iter()
+            .filter(|t| others(t) && !t.is_finished())
+            .count();
+        if stuck > 0 {
+            tracing::debug!(
+                stuck,
+                "fetch workers still in a request at shutdown; not waiting for them"
+            );
+        }
+        for t in self
+            .threads
+            .drain(..)
+            .filter(|t| others(t) && t.is_finished())
+        {
+            let _ = t.join();
         }
     }
 }
@@ -599,6 +646,16 @@ impl Inner {
         let mut added = false;
         for &slot in slots {
             if slot >= self.table.len() || self.cache.is_local(slot) {
+                continue;
+            }
+            // A slot that failed just now fails again at once: the kernel retries a failed
+            // page read by itself straight away, which would otherwise wait out a second
+            // deadline before the reader sees its EIO.
+            if st
+                .failed
+                .get(&slot)
+                .is_some_and(|(_, at)| at.elapsed() < FAILURE_MEMO)
+            {
                 continue;
             }
             st.failed.remove(&slot);
@@ -902,15 +959,13 @@ impl Inner {
 
     /// Fetches, verifies and stores `batch`, retrying what fails; then releases the slots.
     fn run(&self, batch: Vec<u64>, priority: Priority) {
-        let started = Instant::now();
+        let mut policy = self.config.retry().begin();
         let mut remaining = batch;
-        let mut backoff = self.config.initial_backoff;
-        let mut attempt = 1;
         loop {
             let mut retry = Vec::new();
             let mut last_error = String::new();
             for run in contiguous_runs(&self.table, &remaining) {
-                let (not_done, error) = self.fetch_run(&run, priority);
+                let (not_done, error) = self.fetch_run(&run, priority, policy.timeout());
                 if let Some((why, retryable)) = error {
                     if !retryable {
                         self.fail(&not_done, &why);
@@ -924,20 +979,26 @@ impl Inner {
             if retry.is_empty() {
                 return;
             }
-            if attempt >= self.config.max_attempts
-                || started.elapsed() + backoff > self.config.retry_timeout
-                || self.shutdown.load(Ordering::Acquire)
-            {
-                self.fail(
-                    &retry,
-                    &format!("gave up after {attempt} attempts: {last_error}"),
-                );
-                return;
+            if retry.len() < remaining.len() {
+                // Some chunks came: the rest get a new deadline (see `retry`).
+                policy.restart();
             }
+            let attempt = policy.attempt();
+            let pause = match policy.next_pause() {
+                Some(p) if !self.shutdown.load(Ordering::Acquire) => p,
+                _ => {
+                    self.fail(
+                        &retry,
+                        &format!(
+                            "gave up after {attempt} attempts in {:.1} s: {last_error}",
+                            policy.elapsed().as_secs_f64()
+                        ),
+                    );
+                    return;
+                }
+            };
             tracing::debug!(attempt, slots = retry.len(), error = %last_error, "retrying chunks");
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(self.config.max_backoff);
-            attempt += 1;
+            std::thread::sleep(pause);
             remaining = retry;
         }
     }
@@ -946,7 +1007,12 @@ impl Inner {
     /// stored as soon as its bytes have arrived, and its waiters are woken then. Returns the
     /// slots not stored (to retry or fail) and the error that stopped the request, with
     /// whether it is worth retrying.
-    fn fetch_run(&self, run: &[u64], priority: Priority) -> (Vec<u64>, Option<(String, bool)>) {
+    fn fetch_run(
+        &self,
+        run: &[u64],
+        priority: Priority,
+        timeout: Duration,
+    ) -> (Vec<u64>, Option<(String, bool)>) {
         let (Some(first), Some(last)) = (
             run.first().and_then(|s| self.table.get(*s)),
             run.last().and_then(|s| self.table.get(*s)),
@@ -964,10 +1030,11 @@ impl Inner {
         let mut received = 0u64;
         // The last frame decoded: (stored offset, raw bytes).
         let mut frame: Option<(u64, Vec<u8>)> = None;
-        let result = self.source.read_range_streaming(
+        let result = self.source.read_range_within(
             self.data_offset + start,
             len,
             priority.kind(),
+            timeout,
             &mut |piece: &[u8]| {
                 received += piece.len() as u64;
                 // Counted as it arrives: a reader woken below may read the stats at once.
@@ -1017,7 +1084,7 @@ impl Inner {
                     }
                 }
                 self.release(&done);
-                if received > len {
+                if received > len || self.shutdown.load(Ordering::Acquire) {
                     std::ops::ControlFlow::Break(())
                 } else {
                     std::ops::ControlFlow::Continue(())
@@ -1096,7 +1163,8 @@ impl Inner {
         }
     }
 
-    /// Marks slots failed and answers their waiters with the error.
+    /// Marks slots failed and answers their waiters with the error; slots nobody waits for
+    /// are forgotten instead.
     fn fail(&self, slots: &[u64], reason: &str) {
         let reason: Arc<str> = reason.into();
         let mut failed = Vec::new();
@@ -1104,9 +1172,17 @@ impl Inner {
             let mut st = self.state.lock();
             for &slot in slots {
                 st.slots.remove(&slot);
-                st.failed.insert(slot, Arc::clone(&reason));
                 self.chunks_failed.fetch_add(1, Ordering::Relaxed);
-                for id in st.slot_waiters.remove(&slot).unwrap_or_default() {
+                let ids = st.slot_waiters.remove(&slot).unwrap_or_default();
+                if ids.is_empty() {
+                    // Nobody waits for it (read-ahead, a widened miss, the fill): forget it,
+                    // so the next reader asks the source again instead of sharing this
+                    // failure (a request that failed for its neighbours' sake).
+                    continue;
+                }
+                st.failed
+                    .insert(slot, (Arc::clone(&reason), Instant::now()));
+                for id in ids {
                     if let Some(w) = st.waiters.remove(&id) {
                         st.deadlines.remove(&(w.deadline, id));
                         failed.push((slot, w));

@@ -125,6 +125,22 @@ impl Header {
         if self.manifest_offset != HEADER_LEN as u64 {
             return bad("manifest does not follow the header");
         }
+        // The lengths come from bytes no digest has checked yet: cap them before anything
+        // is allocated for them.
+        if self.manifest_len > MAX_MANIFEST_LEN {
+            return bad(&format!(
+                "manifest of {} bytes is larger than the {} MiB allowed",
+                self.manifest_len,
+                MAX_MANIFEST_LEN >> 20
+            ));
+        }
+        if self.chunk_table_len > MAX_CHUNK_TABLE_LEN {
+            return bad(&format!(
+                "chunk table of {} bytes is larger than the {} GiB allowed",
+                self.chunk_table_len,
+                MAX_CHUNK_TABLE_LEN >> 30
+            ));
+        }
         let end = |o: u64, l: u64| o.checked_add(l);
         match end(self.manifest_offset, self.manifest_len) {
             Some(e) if e == self.chunk_table_offset => {}
@@ -140,6 +156,13 @@ impl Header {
         Ok(())
     }
 }
+
+/// Largest manifest an image may declare: 512 MiB. A manifest holds ~100 bytes per inode
+/// plus names and one 32-byte digest per 56 KiB table segment: millions of files fit.
+pub const MAX_MANIFEST_LEN: u64 = 512 << 20;
+/// Largest chunk table an image may declare: 16 GiB, 2^28 chunks of 56 bytes (1 TiB of files
+/// at 4 KiB chunks). A mount reads it a segment at a time; `verify` and `inspect` whole.
+pub const MAX_CHUNK_TABLE_LEN: u64 = 16 << 30;
 
 fn arr8(b: &[u8]) -> [u8; 8] {
     let mut a = [0u8; 8];
@@ -174,6 +197,21 @@ mod tests {
             data_len: 1000,
             root_digest: Digest([7; 32]),
         }
+    }
+
+    #[test]
+    fn lengths_past_the_caps_are_refused_before_anything_is_allocated() {
+        let mut h = sample();
+        h.manifest_len = MAX_MANIFEST_LEN + 1;
+        h.chunk_table_offset = h.manifest_offset + h.manifest_len;
+        h.data_offset = h.chunk_table_offset + h.chunk_table_len;
+        let err = Header::decode(&h.encode()).unwrap_err().to_string();
+        assert!(err.contains("larger than the 512 MiB allowed"), "{err}");
+        let mut h = sample();
+        h.chunk_table_len = MAX_CHUNK_TABLE_LEN + 56;
+        h.data_offset = h.chunk_table_offset + h.chunk_table_len;
+        let err = Header::decode(&h.encode()).unwrap_err().to_string();
+        assert!(err.contains("larger than the 16 GiB allowed"), "{err}");
     }
 
     #[test]

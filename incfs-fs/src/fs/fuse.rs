@@ -27,6 +27,7 @@ use parking_lot::Mutex;
 use tracing::instrument;
 
 use super::{Attr, FsError, IncFs, NodeKind, OpenMode};
+use crate::cache::fds::FdPermit;
 
 /// Background (page-cache read) requests the kernel may have outstanding with us: enough
 /// that 32 readers' misses all wait at once, as the tests check, with room to spare.
@@ -88,10 +89,16 @@ impl Default for MountOptions {
     }
 }
 
+/// A passthrough backing id and its share of the descriptor budget, released together.
+struct Backing {
+    id: BackingId,
+    _permit: Option<FdPermit>,
+}
+
 #[derive(Default)]
 struct Backings {
-    by_inode: HashMap<u64, Weak<BackingId>>,
-    by_handle: HashMap<u64, Arc<BackingId>>,
+    by_inode: HashMap<u64, Weak<Backing>>,
+    by_handle: HashMap<u64, Arc<Backing>>,
 }
 
 /// The [`fuser::Filesystem`] over an [`IncFs`].
@@ -151,15 +158,21 @@ pub fn new_session(
 }
 
 /// Serves `session` on its threads until the mount goes away. At unmount the kernel normally
-/// ends the connection as gone (ENODEV), but on this kernel (6.18) with several reader
-/// threads it sometimes ends it as aborted (ECONNABORTED) instead — seen after hundreds of
-/// thousands of reads at 4 KiB chunks, with every read answered. Either way the mount is over
-/// and fuser has shut the file system down (cache closed), so both end the session cleanly.
+/// ends each reader's `read(/dev/fuse)` with ENODEV, but a reader that has just taken a
+/// request off the input queue when unmount disconnects the processing queues gets
+/// ECONNABORTED instead: `fs/fuse/dev.c` `fuse_dev_do_read`, "Must not put request on
+/// fpq->io queue after having been shut down by fuse_abort_conn()", which answers
+/// `-ECONNABORTED` whatever `fc->aborted` says. (The other ECONNABORTED there needs
+/// `fc->aborted`, which only a write to the fusectl `abort` file sets, and only for a server
+/// that asked for `FUSE_ABORT_ERROR`; incfs does not.) It is a race of the unmount with a
+/// request still queued, likelier the more reader threads (each cloned fd has its own queue)
+/// and requests there are; either way the mount is over and fuser has shut the file system
+/// down (cache closed), so both end the session cleanly.
 pub fn run_session(session: fuser::Session<FuseFs>) -> io::Result<()> {
     match session.run() {
         Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
-            tracing::warn!(
-                "the kernel ended the FUSE connection as aborted at unmount; the mount is over"
+            tracing::info!(
+                "a FUSE request raced with the unmount (ECONNABORTED); the mount is over"
             );
             Ok(())
         }
@@ -325,20 +338,33 @@ impl Filesystem for FuseFs {
         match mode {
             OpenMode::Cached => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             OpenMode::Direct => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
-            OpenMode::Passthrough(file) => {
+            OpenMode::Passthrough { file, permit } => {
                 let mut b = self.backings.lock();
-                let id = match b.by_inode.get(&ino.0).and_then(Weak::upgrade) {
-                    Some(id) => Ok(id),
-                    None => reply.open_backing(&file).map(Arc::new),
+                let backing = match b.by_inode.get(&ino.0).and_then(Weak::upgrade) {
+                    Some(backing) => Ok(backing),
+                    None => reply.open_backing(&file).map(|id| {
+                        Arc::new(Backing {
+                            id,
+                            _permit: permit,
+                        })
+                    }),
                 };
-                match id {
-                    Ok(id) => {
-                        b.by_inode.insert(ino.0, Arc::downgrade(&id));
-                        b.by_handle.insert(fh, Arc::clone(&id));
-                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                match backing {
+                    Ok(backing) => {
+                        b.by_inode.insert(ino.0, Arc::downgrade(&backing));
+                        b.by_handle.insert(fh, Arc::clone(&backing));
+                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing.id);
                     }
                     Err(err) => {
-                        tracing::warn!(error = %err, "registering a passthrough backing file failed; serving it cached");
+                        if err.raw_os_error() == Some(libc::EPERM) {
+                            // Registering a backing file needs CAP_SYS_ADMIN: an ordinary
+                            // user's mount never gets it, so stop asking (one log line).
+                            if self.fs.disable_passthrough() {
+                                tracing::warn!(error = %err, "the kernel refuses FUSE passthrough to this user; serving every file through incfs");
+                            }
+                        } else {
+                            tracing::warn!(error = %err, "registering a passthrough backing file failed; serving it cached");
+                        }
                         match self.fs.passthrough_failed(fh) {
                             Ok(()) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
                             Err(e) => {

@@ -23,6 +23,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
+use crate::cache::fds::FdPermit;
+use crate::cache::offline;
 use crate::cache::{CacheError, ChunkCache, RecoveryReport};
 use crate::fetch::fill::{FillConfig, FillStats, Filler};
 use crate::fetch::{Completion, FetchConfig, FetchError, FetchStats, Fetcher, FileRead, ReadAhead};
@@ -31,7 +33,7 @@ use crate::format::{
 };
 use crate::plan::{PlanError, PrefetchPlan};
 use crate::prefetch::{PrefetchConfig, PrefetchStats, Prefetcher};
-use crate::source::{MetaReader, Source};
+use crate::source::{MetaReaderWithin, Source};
 use crate::table::LazyTable;
 
 /// Name of the control directory in the root.
@@ -44,8 +46,31 @@ pub const READ_LOG_FILE: &str = "read-log";
 /// ~100 bytes an entry this bounds the log at ~50 MB, far more than a program start needs.
 pub const READ_LOG_CAPACITY: usize = 500_000;
 
-/// Tries at reading an image's metadata at mount before giving up.
-const META_ATTEMPTS: u32 = 4;
+/// Keeps the image's first bytes (the first read, when it holds the whole manifest, else the
+/// bytes through the manifest, read again) in its cache.
+fn keep_head(
+    source: &dyn Source,
+    cache_dir: &std::path::Path,
+    source_name: &str,
+    head: &ImageHead,
+) -> Result<(), std::io::Error> {
+    let end = head.header.chunk_table_offset;
+    if head.first.len() as u64 >= end {
+        return offline::save_head(
+            cache_dir,
+            source_name,
+            &head.header.root_digest,
+            &head.first,
+        );
+    }
+    let prefix = source
+        .read_range(0, end, crate::source::RequestKind::Background)
+        .map_err(std::io::Error::other)?;
+    offline::save_head(cache_dir, source_name, &head.header.root_digest, &prefix)
+}
+
+/// Reads of an image's metadata that did not verify before the mount gives up.
+const META_VERIFY_ATTEMPTS: u32 = 4;
 
 /// True when reading the metadata again may succeed: transient I/O errors and bytes that
 /// did not check out (a flip in transit), but not a source that cannot be used at all (an
@@ -177,7 +202,14 @@ pub enum OpenMode {
     Direct,
     /// The whole file is local: hand this backing file to the kernel (FUSE passthrough).
     /// If the kernel refuses, call [`IncFs::passthrough_failed`] and serve it cached.
-    Passthrough(File),
+    Passthrough {
+        /// The backing file, open read-only.
+        file: File,
+        /// The backing id's share of the descriptor budget: keep it as long as the kernel
+        /// holds the id. `None` when another open of the inode is passed through already
+        /// (its backing id, with its permit, is shared).
+        permit: Option<FdPermit>,
+    },
 }
 
 /// Tunables of a mount.
@@ -280,6 +312,10 @@ pub struct Stats {
     pub recovered_unclean: bool,
     /// Read-log entries dropped because the log was full.
     pub read_log_dropped: u64,
+    /// True when the mount started without its source (from the cache's copy of the
+    /// metadata): chunks not in the cache fail with EIO.
+    #[serde(default)]
+    pub offline: bool,
     /// The prefetcher's counters (`prefetch_hits` among them), when a plan runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefetch: Option<PrefetchStats>,
@@ -377,6 +413,8 @@ pub struct IncFs {
     /// Stored chunks (frame offset, offset in frame) counted in `bytes_used`.
     used_stored: Mutex<HashSet<(u64, u32)>>,
     mount_time: SystemTime,
+    /// Started without the source.
+    offline: bool,
 }
 
 impl IncFs {
@@ -384,24 +422,51 @@ impl IncFs {
     /// fetch workers. Fails when the source is unreachable or the image does not verify.
     pub fn new(source: Arc<dyn Source>, config: &FsConfig) -> Result<Self, FsError> {
         let source_name = source.describe();
-        // The metadata is read a few times if need be: a reset connection or a flipped bit
-        // in transit should not fail a mount. A source that is down fails after the last try.
-        let mut attempt = 1;
-        let mut backoff = config.fetch.initial_backoff;
+        // The metadata is read again if need be, under the mount's retry policy: a reset
+        // connection or a flipped bit in transit should not fail a mount. A source that is
+        // down fails at the deadline.
+        let mut retry = config.fetch.retry().begin();
+        let mut offline = false;
         let head = loop {
-            match read_head(&MetaReader(&*source), config.expect_digest.as_ref()) {
+            let reader = MetaReaderWithin {
+                source: &*source,
+                timeout: retry.timeout(),
+            };
+            match read_head(&reader, config.expect_digest.as_ref()) {
                 Ok(head) => break head,
-                Err(error) if attempt < META_ATTEMPTS && retry_meta(&error) => {
-                    tracing::warn!(source = %source_name, attempt, error = %error, "reading the image metadata failed; retrying");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(config.fetch.max_backoff);
-                    attempt += 1;
-                }
                 Err(error) => {
-                    return Err(FsError::Meta {
-                        source_name: source_name.clone(),
-                        error,
-                    });
+                    let attempt = retry.attempt();
+                    // Bytes that did not verify are read again a few times (a flip in
+                    // transit), not for the whole deadline (a wrong image stays wrong).
+                    let verify_failed = !matches!(error, FormatError::Io(_));
+                    match retry.next_pause() {
+                        Some(pause)
+                            if retry_meta(&error)
+                                && !(verify_failed && attempt >= META_VERIFY_ATTEMPTS) =>
+                        {
+                            tracing::warn!(source = %source_name, attempt, error = %error, "reading the image metadata failed; retrying");
+                            std::thread::sleep(pause);
+                        }
+                        _ => {
+                            // The source is not there (not: it served a wrong image): start
+                            // from the cache's verified copy of the metadata, if it has one.
+                            if !verify_failed
+                                && let Ok(Some(head)) = offline::load_head(
+                                    &config.cache_dir,
+                                    &source_name,
+                                    config.expect_digest.as_ref(),
+                                )
+                            {
+                                tracing::warn!(source = %source_name, error = %error, root = %head.header.root_digest, "the source is unreachable: mounting offline from the cache (chunks not in it fail with EIO)");
+                                offline = true;
+                                break head;
+                            }
+                            return Err(FsError::Meta {
+                                source_name: source_name.clone(),
+                                error,
+                            });
+                        }
+                    }
                 }
             }
         };
@@ -413,6 +478,21 @@ impl IncFs {
                 }
             })?;
         let table = Arc::new(table);
+        // Keep the metadata for a later start without the source (best effort: a cache that
+        // cannot keep it still serves this mount).
+        let root = head.header.root_digest;
+        match offline::TableStore::open(&config.cache_dir, &root, head.header.chunk_table_len) {
+            Ok(store) => {
+                table.attach_store(store, &head.first);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot keep the chunk table in the cache; an offline start will not find it")
+            }
+        }
+        if !offline && let Err(error) = keep_head(&*source, &config.cache_dir, &source_name, &head)
+        {
+            tracing::warn!(%error, "cannot keep the image metadata in the cache; an offline start will not find it");
+        }
         let ImageHead {
             header, manifest, ..
         } = head;
@@ -484,6 +564,7 @@ impl IncFs {
             used: (0..used_words).map(|_| AtomicU64::new(0)).collect(),
             used_stored: Mutex::new(HashSet::new()),
             mount_time: SystemTime::now(),
+            offline,
         })
     }
 
@@ -563,13 +644,23 @@ impl IncFs {
         &self.manifest
     }
 
-    /// Turns passthrough off (the kernel does not offer it).
-    pub fn disable_passthrough(&self) {
-        self.passthrough.store(false, Ordering::Relaxed);
+    /// Turns passthrough off (the kernel does not offer it, or refuses it to this user).
+    /// True when it was on until now.
+    pub fn disable_passthrough(&self) -> bool {
+        self.passthrough.swap(false, Ordering::Relaxed)
     }
 
-    /// Records everything in the cache and marks it cleanly shut down (on unmount).
+    /// At unmount: stops the prefetcher and the fetch scheduler (requests in flight are
+    /// abandoned, blocked reads fail), then records everything in the cache and marks it
+    /// cleanly shut down.
     pub fn shutdown(&self) -> Result<(), FsError> {
+        if let Some(p) = self.prefetcher.get() {
+            p.stop();
+        }
+        if let Some(f) = self.filler.get() {
+            f.stop();
+        }
+        self.fetcher.shutdown();
         self.cache.close()?;
         Ok(())
     }
@@ -786,9 +877,21 @@ impl IncFs {
             || (c.cached == 0
                 && self.passthrough.load(Ordering::Relaxed)
                 && self.cache.file_complete(idx));
-        let mode = if want_pt && self.file_size(idx) > 0 {
+        // A new backing id needs a share of the descriptor budget; a live one is shared.
+        let permit = if want_pt && c.passthrough == 0 {
+            self.cache.passthrough_permit()
+        } else {
+            None
+        };
+        let mode = if want_pt && c.passthrough == 0 && permit.is_none() {
+            tracing::debug!(
+                inode = idx,
+                "the descriptor budget is spent on passthrough; serving the file cached"
+            );
+            OpenMode::Cached
+        } else if want_pt && self.file_size(idx) > 0 {
             match self.cache.open_backing(idx) {
-                Ok(f) => OpenMode::Passthrough(f),
+                Ok(file) => OpenMode::Passthrough { file, permit },
                 Err(e) if c.passthrough == 0 => {
                     tracing::warn!(error = %e, "passthrough unavailable; serving the file cached");
                     OpenMode::Cached
@@ -798,7 +901,7 @@ impl IncFs {
         } else {
             OpenMode::Cached
         };
-        let passthrough = matches!(mode, OpenMode::Passthrough(_));
+        let passthrough = matches!(mode, OpenMode::Passthrough { .. });
         if passthrough {
             // Reads through this open bypass the file system: count the whole file as read.
             if let InodeKind::File { size, first_chunk } = inode.kind {
@@ -1132,6 +1235,7 @@ impl IncFs {
             recovered_dropped: rec.dropped,
             recovered_unclean: rec.unclean,
             read_log_dropped: c.read_log_dropped.load(Ordering::Relaxed),
+            offline: self.offline,
             prefetch: self.prefetch_stats(),
             fill: self.fill_stats(),
         }

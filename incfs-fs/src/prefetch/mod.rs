@@ -184,10 +184,17 @@ impl Prefetcher {
     }
 }
 
-impl Drop for Prefetcher {
-    fn drop(&mut self) {
+impl Prefetcher {
+    /// Stops walking the plan (at unmount); returns at once.
+    pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::Release);
         self.shared.poke();
+    }
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        self.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

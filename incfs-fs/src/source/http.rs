@@ -30,10 +30,14 @@ use reqwest::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, HeaderMap, R
 use tracing::{debug, trace};
 
 use super::{RequestKind, Source, SourceError};
+use crate::retry::RetryPolicy;
 
 /// Header telling the server why a range is read (`demand`, `prefetch`, `background`);
 /// `incfs serve` counts requests and bytes by it, other servers ignore it.
 pub const REQUEST_KIND_HEADER: &str = "x-incfs-request";
+
+/// Most bytes reserved before a response's body arrives.
+const MAX_PREALLOC: usize = 16 << 20;
 
 /// How an [`HttpSource`] talks to its server.
 #[derive(Debug, Clone)]
@@ -48,6 +52,10 @@ pub struct HttpConfig {
     pub extra_root_certs_pem: Vec<Vec<u8>>,
     /// Speak HTTP/1.1 only, even when the server offers HTTP/2 (default false).
     pub http1_only: bool,
+    /// Longest time a whole request may take, body included, when the caller gives none
+    /// ([`Source::read_range_within`] does): the one limit a server trickling a byte at a
+    /// time cannot defeat (default none, for whole-image downloads).
+    pub request_timeout: Option<Duration>,
 }
 
 impl Default for HttpConfig {
@@ -57,6 +65,20 @@ impl Default for HttpConfig {
             read_timeout: Duration::from_secs(30),
             extra_root_certs_pem: Vec::new(),
             http1_only: false,
+            request_timeout: None,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The configuration of a mount whose requests follow `retry`: connect, silence and
+    /// whole-request timeouts from it, so no request outlives the attempt it belongs to.
+    pub fn for_policy(retry: &RetryPolicy) -> Self {
+        HttpConfig {
+            connect_timeout: retry.connect_timeout(),
+            read_timeout: retry.attempt_timeout(),
+            request_timeout: Some(retry.attempt_timeout()),
+            ..HttpConfig::default()
         }
     }
 }
@@ -102,6 +124,9 @@ impl HttpSource {
             .user_agent(concat!("incfs/", env!("CARGO_PKG_VERSION")));
         if config.http1_only {
             builder = builder.http1_only();
+        }
+        if let Some(t) = config.request_timeout {
+            builder = builder.timeout(t);
         }
         for pem in &config.extra_root_certs_pem {
             let cert = reqwest::Certificate::from_pem(pem)
@@ -251,17 +276,20 @@ impl HttpSource {
         offset: u64,
         len: u64,
         kind: RequestKind,
+        timeout: Option<Duration>,
     ) -> Result<reqwest::Response, SourceError> {
         let last = offset + len - 1;
         trace!(offset, len, %kind, "http range request");
-        let resp = self
+        let mut req = self
             .client
             .get(self.url.clone())
             .header(RANGE, format!("bytes={offset}-{last}"))
-            .header(REQUEST_KIND_HEADER, kind.to_string())
-            .send()
-            .await
-            .map_err(|e| self.net_error(&e))?;
+            .header(REQUEST_KIND_HEADER, kind.to_string());
+        if let Some(t) = timeout {
+            // From the start of the connect to the end of the body.
+            req = req.timeout(t);
+        }
+        let resp = req.send().await.map_err(|e| self.net_error(&e))?;
         let status = resp.status().as_u16();
         match status {
             206 => {
@@ -318,9 +346,10 @@ impl HttpSource {
         offset: u64,
         len: u64,
         kind: RequestKind,
+        timeout: Option<Duration>,
         on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
     ) -> Result<(), SourceError> {
-        let mut resp = self.block_on(self.start(offset, len, kind))?;
+        let mut resp = self.block_on(self.start(offset, len, kind, timeout))?;
         let mut got = 0u64;
         while let Some(piece) =
             self.block_on(async { resp.chunk().await.map_err(|e| self.net_error(&e)) })?
@@ -370,7 +399,9 @@ impl Source for HttpSource {
             len,
             total: self.len,
         })?;
-        let mut buf = Vec::with_capacity(cap);
+        // The length is the caller's, maybe from an unverified header, and the image length
+        // is the server's word: allocate as bytes arrive, not all up front.
+        let mut buf = Vec::with_capacity(cap.min(MAX_PREALLOC));
         self.read_range_streaming(offset, len, kind, &mut |piece| {
             buf.extend_from_slice(piece);
             ControlFlow::Continue(())
@@ -397,7 +428,22 @@ impl Source for HttpSource {
         if len == 0 {
             return Ok(());
         }
-        self.fetch(offset, len, kind, on_piece)
+        self.fetch(offset, len, kind, None, on_piece)
+    }
+
+    fn read_range_within(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: RequestKind,
+        timeout: Duration,
+        on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.fetch(offset, len, kind, Some(timeout), on_piece)
     }
 }
 

@@ -13,6 +13,7 @@ use std::fmt;
 use std::io;
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use failing::{FailingSource, FailureKind, FailurePlan};
 pub use file::FileSource;
@@ -21,6 +22,7 @@ pub use mock::{MockRequest, MockSource};
 pub use throttled::ThrottledSource;
 
 use crate::format::RangeRead;
+use crate::retry::RetryPolicy;
 
 /// Why a range is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -139,6 +141,25 @@ pub trait Source: Send + Sync {
         let _ = on_piece(&data);
         Ok(())
     }
+
+    /// Like [`Source::read_range_streaming`], but the request fails (retryably, as timed
+    /// out) once it has taken `timeout`, however the server behaves: stalled, trickling a
+    /// byte at a time, or never answering a connect. The retry loops pass the time their
+    /// [`crate::retry::Retry`] leaves the attempt.
+    ///
+    /// The default ignores `timeout` (right for sources that cannot stall, such as a local
+    /// file); network sources override it.
+    fn read_range_within(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: RequestKind,
+        timeout: Duration,
+        on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        let _ = timeout;
+        self.read_range_streaming(offset, len, kind, on_piece)
+    }
 }
 
 impl<S: Source + ?Sized> Source for Arc<S> {
@@ -160,11 +181,69 @@ impl<S: Source + ?Sized> Source for Arc<S> {
     ) -> Result<(), SourceError> {
         (**self).read_range_streaming(offset, len, kind, on_piece)
     }
+    fn read_range_within(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: RequestKind,
+        timeout: Duration,
+        on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        (**self).read_range_within(offset, len, kind, timeout, on_piece)
+    }
+}
+
+/// Reads exactly `len` bytes at `offset` within `timeout` (see [`Source::read_range_within`]).
+pub fn read_within<S: Source + ?Sized>(
+    source: &S,
+    offset: u64,
+    len: u64,
+    kind: RequestKind,
+    timeout: Duration,
+) -> Result<Vec<u8>, SourceError> {
+    let mut buf = Vec::new();
+    source.read_range_within(offset, len, kind, timeout, &mut |piece| {
+        buf.extend_from_slice(piece);
+        ControlFlow::Continue(())
+    })?;
+    if buf.len() as u64 != len {
+        return Err(SourceError::Short {
+            source_name: source.describe(),
+            got: buf.len() as u64,
+            want: len,
+        });
+    }
+    Ok(buf)
 }
 
 /// Lets the format layer read an image's metadata through any source (as background
 /// requests).
 pub struct MetaReader<'a, S: ?Sized>(pub &'a S);
+
+/// Like [`MetaReader`], each request bounded by a timeout (the time a retry attempt has).
+pub struct MetaReaderWithin<'a, S: ?Sized> {
+    /// The source.
+    pub source: &'a S,
+    /// How long each request may take.
+    pub timeout: Duration,
+}
+
+impl<S: Source + ?Sized> RangeRead for MetaReaderWithin<'_, S> {
+    fn read_range(&self, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        read_within(
+            self.source,
+            offset,
+            len,
+            RequestKind::Background,
+            self.timeout,
+        )
+        .map_err(io::Error::other)
+    }
+
+    fn total_len(&self) -> io::Result<u64> {
+        self.source.total_len().map_err(io::Error::other)
+    }
+}
 
 impl<S: Source + ?Sized> RangeRead for MetaReader<'_, S> {
     fn read_range(&self, offset: u64, len: u64) -> io::Result<Vec<u8>> {
@@ -178,13 +257,88 @@ impl<S: Source + ?Sized> RangeRead for MetaReader<'_, S> {
     }
 }
 
-/// Opens a source from what a user typed: a path, a `file://` URL, or an `http(s)://` URL.
+/// A source that could not be reached when the mount started: every request fails at once
+/// (not retryably), naming the source and why. A mount over it serves what its cache holds
+/// ([`crate::cache::offline`]).
+#[derive(Debug)]
+pub struct OfflineSource {
+    name: String,
+    why: String,
+}
+
+impl OfflineSource {
+    /// The stand-in for `spec`, which failed to open with `error`.
+    pub fn new(spec: &str, error: &SourceError) -> Self {
+        // Named as the HTTP source would name itself: without the query (which may hold
+        // credentials), so that its cache is found under the same name.
+        let name = match reqwest::Url::parse(spec) {
+            Ok(mut url) if matches!(url.scheme(), "http" | "https") => {
+                if url.query().is_some() {
+                    url.set_query(Some("…"));
+                }
+                url.to_string()
+            }
+            _ => spec.to_string(),
+        };
+        OfflineSource {
+            name,
+            why: error.to_string(),
+        }
+    }
+
+    fn error(&self) -> SourceError {
+        SourceError::Unusable(format!(
+            "{} is unreachable (at mount: {}); this mount serves only what its cache holds",
+            self.name, self.why
+        ))
+    }
+}
+
+impl Source for OfflineSource {
+    fn read_range(&self, _: u64, _: u64, _: RequestKind) -> Result<Vec<u8>, SourceError> {
+        Err(self.error())
+    }
+    fn total_len(&self) -> Result<u64, SourceError> {
+        Err(self.error())
+    }
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
+
+/// Opens `spec` for a mount ([`open_for`]); when it cannot be reached (a network error, a
+/// server error), an [`OfflineSource`] stands in, so that a mount whose cache holds the
+/// image can still start.
+pub fn open_or_offline(spec: &str, retry: &RetryPolicy) -> Result<Arc<dyn Source>, SourceError> {
+    match open_for(spec, retry) {
+        Ok(s) => Ok(s),
+        Err(e) if e.is_retryable() => {
+            tracing::warn!(source = spec, error = %e, "the source is unreachable; trying the cache alone");
+            Ok(Arc::new(OfflineSource::new(spec, &e)))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens a source from what a user typed: a path, a `file://` URL, or an `http(s)://` URL
+/// (with [`HttpConfig::default`]).
 pub fn open(spec: &str) -> Result<Arc<dyn Source>, SourceError> {
+    open_with(spec, &HttpConfig::default())
+}
+
+/// Opens a source for a mount whose requests follow `retry`: an HTTP source gets its
+/// connect and request timeouts from it ([`HttpConfig::for_policy`]).
+pub fn open_for(spec: &str, retry: &RetryPolicy) -> Result<Arc<dyn Source>, SourceError> {
+    open_with(spec, &HttpConfig::for_policy(retry))
+}
+
+/// Like [`open`], with `http` for an HTTP(S) URL.
+pub fn open_with(spec: &str, http: &HttpConfig) -> Result<Arc<dyn Source>, SourceError> {
     if let Some(path) = spec.strip_prefix("file://") {
         return Ok(Arc::new(FileSource::open(path.as_ref())?));
     }
     if spec.starts_with("http://") || spec.starts_with("https://") {
-        return Ok(Arc::new(HttpSource::open(spec, &HttpConfig::default())?));
+        return Ok(Arc::new(HttpSource::open(spec, http)?));
     }
     if let Some((scheme, _)) = spec.split_once("://") {
         return Err(SourceError::Unusable(format!(

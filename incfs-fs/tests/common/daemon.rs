@@ -6,6 +6,7 @@
 //! on failure.
 
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use incfs_fs::fetch::FetchConfig;
 use incfs_fs::fetch::fill::FillConfig;
-use incfs_fs::fs::fuse::{MountOptions, new_session, run_session};
+use incfs_fs::fs::fuse::MountOptions;
 use incfs_fs::fs::{FsConfig, IncFs, Stats};
 use incfs_fs::link::LinkConfig;
 use incfs_fs::plan::PrefetchPlan;
@@ -30,6 +31,13 @@ const ENV_CORRUPT: &str = "INCFS_TEST_DAEMON_CORRUPT";
 pub const ENV_LATENCY: &str = "INCFS_TEST_DAEMON_LATENCY_MS";
 /// Prefetch this plan file (then every remaining chunk) from the start.
 pub const ENV_PLAN: &str = "INCFS_TEST_DAEMON_PLAN";
+/// Start the daemon with this `RLIMIT_NOFILE`, soft and hard (as `ulimit -n N` does), set
+/// in the child before exec.
+pub const ENV_NOFILE: &str = "INCFS_TEST_DAEMON_NOFILE";
+/// Write the daemon's log (warnings and errors) to this file.
+pub const ENV_LOG: &str = "INCFS_TEST_DAEMON_LOG";
+/// The daemon's retry deadline, in milliseconds.
+pub const ENV_RETRY_MS: &str = "INCFS_TEST_DAEMON_RETRY_MS";
 
 /// The body of the `daemon_child` test: does nothing unless started by [`Daemon::start`].
 pub fn child() {
@@ -40,8 +48,29 @@ pub fn child() {
     ) else {
         return;
     };
+    if let Ok(log) = std::env::var(ENV_LOG) {
+        let file = fs::File::create(log).expect("create the daemon log");
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "warn,fuser::session=error",
+            ))
+            .with_writer(std::sync::Mutex::new(file))
+            .with_ansi(false)
+            .init();
+    }
+    incfs_fs::cache::fds::raise_nofile_limit().expect("raise RLIMIT_NOFILE");
+    let mut cfg = FsConfig::new(cache.into());
+    cfg.fetch = FetchConfig {
+        initial_backoff: Duration::from_millis(5),
+        max_attempts: 3,
+        ..FetchConfig::default()
+    };
+    if let Ok(ms) = std::env::var(ENV_RETRY_MS) {
+        cfg.fetch.retry_timeout = Duration::from_millis(ms.parse().unwrap());
+        cfg.fetch.max_attempts = u32::MAX;
+    }
     let base: Arc<dyn Source> = if spec.contains("://") {
-        incfs_fs::source::open(&spec).expect("open source")
+        incfs_fs::source::open_or_offline(&spec, &cfg.fetch.retry()).expect("open source")
     } else {
         Arc::new(FileSource::open(Path::new(&spec)).expect("open image"))
     };
@@ -69,12 +98,6 @@ pub fn child() {
         )),
         Err(_) => source,
     };
-    let mut cfg = FsConfig::new(cache.into());
-    cfg.fetch = FetchConfig {
-        initial_backoff: Duration::from_millis(5),
-        max_attempts: 3,
-        ..FetchConfig::default()
-    };
     let fs = Arc::new(IncFs::new(source, &cfg).expect("open image"));
     if let Ok(plan_path) = std::env::var(ENV_PLAN) {
         let plan_path = Path::new(&plan_path);
@@ -83,8 +106,8 @@ pub fn child() {
             .expect("start prefetch");
         fs.start_fill(FillConfig::default()).expect("start fill");
     }
-    let session = new_session(fs, Path::new(&mnt), &MountOptions::default()).expect("mount");
-    run_session(session).expect("serve");
+    incfs_fs::run::serve_mount(fs, Path::new(&mnt), &MountOptions::default(), || Ok(()))
+        .expect("serve");
 }
 
 /// A mount served by a child process; unmounted (lazily if need be) and reaped on drop.
@@ -127,6 +150,23 @@ impl Daemon {
         }
         for (k, v) in env {
             cmd.env(k, v);
+            if *k == ENV_NOFILE {
+                let n: libc::rlim_t = v.parse().unwrap();
+                // SAFETY: between fork and exec the closure only calls setrlimit, which is
+                // async-signal-safe, on a limit struct on its own stack.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        let lim = libc::rlimit {
+                            rlim_cur: n,
+                            rlim_max: n,
+                        };
+                        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            }
         }
         let child = cmd.spawn().unwrap();
         let mut d = Daemon {
