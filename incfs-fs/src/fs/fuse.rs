@@ -12,7 +12,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
@@ -24,6 +24,7 @@ use fuser::{
 use parking_lot::Mutex;
 use tracing::instrument;
 
+use super::push::{PushConfig, Pusher};
 use super::{Attr, FsError, IncFs, NodeKind, OpenMode};
 
 /// How long the kernel may cache attributes and entries: the tree never changes.
@@ -69,6 +70,9 @@ pub struct MountOptions {
     /// prefetcher's job, and fully local files are opened with passthrough, where the
     /// backing file's own readahead applies.
     pub max_readahead: u32,
+    /// Pushing the local data of partly local files into the page cache at their first
+    /// open ([`super::push`]).
+    pub push: PushConfig,
 }
 
 impl Default for MountOptions {
@@ -77,6 +81,7 @@ impl Default for MountOptions {
             threads: 4,
             allow_other: false,
             max_readahead: 0,
+            push: PushConfig::default(),
         }
     }
 }
@@ -92,6 +97,8 @@ pub struct FuseFs {
     fs: Arc<IncFs>,
     max_readahead: u32,
     backings: Mutex<Backings>,
+    /// Set once the session exists (it needs the session's notifier).
+    pusher: Arc<OnceLock<Pusher>>,
 }
 
 impl FuseFs {
@@ -101,6 +108,7 @@ impl FuseFs {
             fs,
             max_readahead: MountOptions::default().max_readahead,
             backings: Mutex::new(Backings::default()),
+            pusher: Arc::new(OnceLock::new()),
         }
     }
 }
@@ -133,14 +141,20 @@ pub fn new_session(
     opts: &MountOptions,
 ) -> io::Result<fuser::Session<FuseFs>> {
     let cfg = session_config(&fs.source_name, opts);
-    let mut ffs = FuseFs::new(fs);
+    let mut ffs = FuseFs::new(Arc::clone(&fs));
     ffs.max_readahead = opts.max_readahead;
-    fuser::Session::new(ffs, mountpoint, &cfg).map_err(|e| {
+    let pusher = Arc::clone(&ffs.pusher);
+    let session = fuser::Session::new(ffs, mountpoint, &cfg).map_err(|e| {
         io::Error::new(
             e.kind(),
             format!("mounting FUSE at {}: {e}", mountpoint.display()),
         )
-    })
+    })?;
+    if opts.push.enabled {
+        let p = Pusher::start(fs, session.notifier(), opts.push.clone())?;
+        let _ = pusher.set(p);
+    }
+    Ok(session)
 }
 
 /// Serves `session` on its threads until the mount goes away. At unmount the kernel normally
@@ -266,6 +280,9 @@ impl Filesystem for FuseFs {
     }
 
     fn destroy(&mut self) {
+        if let Some(p) = self.pusher.get() {
+            p.stop();
+        }
         if let Err(e) = self.fs.shutdown() {
             tracing::error!(error = %e, "closing the cache on unmount failed");
         }
@@ -310,7 +327,12 @@ impl Filesystem for FuseFs {
             Err(e) => return reply.error(e.to_errno()),
         };
         match mode {
-            OpenMode::Cached => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            OpenMode::Cached => {
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+                if let Some(p) = self.pusher.get() {
+                    p.opened(ino.0);
+                }
+            }
             OpenMode::Direct => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             OpenMode::Passthrough(file) => {
                 let mut b = self.backings.lock();

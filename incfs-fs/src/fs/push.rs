@@ -1,0 +1,196 @@
+//! Local data pushed into the kernel's page cache, so that a partly local file costs what a
+//! local file costs.
+//!
+//! A file that is whole and verified is opened with passthrough. A file that is only partly
+//! local is served through incfs, with kernel readahead off (readahead of a lazy file would
+//! fetch chunks nobody asked for), so every page the program faults is one FUSE round trip,
+//! also when its chunk is local: a warm start of clang from a cache that holds its demand set
+//! made 9,688 round trips of 4 KiB. fanotify pre-content events cannot take the local part
+//! over through passthrough, because mmap() of a passthrough file raises none
+//! (`docs/local-reads.md`).
+//!
+//! So at the first cached open of a file on a mount, a background thread reads the chunks of
+//! that file which were already local when the mount started (verified, and not fetched by
+//! this mount) from the backing file and hands them to the kernel with `FUSE_NOTIFY_STORE`,
+//! which fills the inode's page cache. The program's faults on those pages are then page-cache
+//! hits; pages not yet pushed, or not local, are read through incfs as before. What is pushed:
+//! - only verified local chunks, clipped to the file's size (a store past the end would grow
+//!   the kernel's idea of the file);
+//! - only chunks this mount did not fetch: those the mount fetches reach the page cache
+//!   through the read that asked for them, and a cold mount's read-log stays complete (a
+//!   pushed page never shows as a read);
+//! - at most [`PushConfig::max_file_bytes`] per file, from the start of the file, in pieces of
+//!   [`PIECE`].
+//!
+//! The pushing thread is not a FUSE thread: a store waits for the lock of any page a pending
+//! read holds, and that read is answered by the FUSE threads meanwhile.
+
+use std::collections::HashSet;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+
+use parking_lot::Mutex;
+
+use super::IncFs;
+use crate::format::InodeKind;
+
+/// Bytes handed to the kernel in one store: large enough that a store's overhead vanishes,
+/// small enough that the pusher's buffer stays small.
+pub const PIECE: usize = 1 << 20;
+
+/// Tunables of the pusher.
+#[derive(Debug, Clone)]
+pub struct PushConfig {
+    /// Push local data of partly local files into the page cache. Default on.
+    pub enabled: bool,
+    /// Most bytes pushed per file and mount. Default 256 MiB: more than the local part of
+    /// any file the workloads here start with (libLLVM's demand set is ~20 MiB), and a cap on
+    /// the memory a start from a nearly complete cache of huge files can take.
+    pub max_file_bytes: u64,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            enabled: true,
+            max_file_bytes: 256 << 20,
+        }
+    }
+}
+
+/// Where pushed bytes go: the kernel, through `FUSE_NOTIFY_STORE` (a mock in tests).
+pub trait Store: Send + 'static {
+    /// Stores `data` at `offset` of FUSE inode `ino` in the kernel's page cache.
+    fn store(&self, ino: u64, offset: u64, data: &[u8]) -> std::io::Result<()>;
+}
+
+impl Store for fuser::Notifier {
+    fn store(&self, ino: u64, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        fuser::Notifier::store(self, fuser::INodeNo(ino), offset, data)
+    }
+}
+
+/// The pushing thread and the files it has taken on.
+pub struct Pusher {
+    tx: Mutex<Option<mpsc::Sender<u64>>>,
+    /// FUSE inodes already pushed (or queued) on this mount.
+    seen: Mutex<HashSet<u64>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Pusher {
+    /// Starts the pushing thread for `fs`, storing through `store`.
+    pub fn start(fs: Arc<IncFs>, store: impl Store, config: PushConfig) -> std::io::Result<Pusher> {
+        let (tx, rx) = mpsc::channel::<u64>();
+        let thread = std::thread::Builder::new()
+            .name("incfs-push".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; PIECE];
+                for ino in rx {
+                    if let Err(e) = fs.push_file(ino, config.max_file_bytes, &store, &mut buf) {
+                        // The mount going away ends every store with an error: stop quietly.
+                        tracing::debug!(ino, error = %e, "pushing local data stopped");
+                        if e.raw_os_error() == Some(libc::ENODEV)
+                            || e.raw_os_error() == Some(libc::EBADF)
+                        {
+                            return;
+                        }
+                    }
+                }
+            })?;
+        Ok(Pusher {
+            tx: Mutex::new(Some(tx)),
+            seen: Mutex::new(HashSet::new()),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// FUSE inode `ino` was opened cached: push its local data, the first time only.
+    pub fn opened(&self, ino: u64) {
+        if !self.seen.lock().insert(ino) {
+            return;
+        }
+        if let Some(tx) = &*self.tx.lock() {
+            let _ = tx.send(ino);
+        }
+    }
+
+    /// Stops taking files and waits for the thread to finish the queue.
+    pub fn stop(&self) {
+        self.tx.lock().take();
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl IncFs {
+    /// Byte ranges of file `ino` (a FUSE inode) whose chunks were local when the mount
+    /// started: verified and not fetched by this mount. Adjacent chunks merge; the last
+    /// range ends at the file's size; at most `budget` bytes in all, from the start.
+    pub fn preloaded_ranges(&self, ino: u64, budget: u64) -> Vec<Range<u64>> {
+        let Ok((_, inode)) = self.inode(ino) else {
+            return Vec::new();
+        };
+        let InodeKind::File { size, first_chunk } = inode.kind else {
+            return Vec::new();
+        };
+        let cs = u64::from(self.manifest.chunk_size);
+        let mut out: Vec<Range<u64>> = Vec::new();
+        let mut left = budget;
+        for c in 0..self.manifest.chunks_for(size) {
+            let slot = first_chunk + c;
+            if left == 0 {
+                break;
+            }
+            if !self.cache.is_local(slot) || self.fetcher.fetched(slot) {
+                continue;
+            }
+            let start = c * cs;
+            let end = (start + cs).min(size).min(start + left);
+            left -= end - start;
+            match out.last_mut() {
+                Some(r) if r.end == start => r.end = end,
+                _ => out.push(start..end),
+            }
+        }
+        out
+    }
+
+    /// Pushes the preloaded ranges of `ino` (at most `budget` bytes) through `store`, in
+    /// pieces of `buf.len()` bytes read from the backing file.
+    fn push_file(
+        &self,
+        ino: u64,
+        budget: u64,
+        store: &dyn Store,
+        buf: &mut [u8],
+    ) -> std::io::Result<()> {
+        let Ok((idx, _)) = self.inode(ino) else {
+            return Ok(());
+        };
+        let mut pushed = 0u64;
+        for r in self.preloaded_ranges(ino, budget) {
+            let mut off = r.start;
+            while off < r.end {
+                let n = (r.end - off).min(buf.len() as u64) as usize;
+                let piece = &mut buf[..n];
+                self.cache
+                    .read(idx, off, piece)
+                    .map_err(std::io::Error::other)?;
+                store.store(ino, off, piece)?;
+                self.counters
+                    .pushed_bytes
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                pushed += n as u64;
+                off += n as u64;
+            }
+        }
+        if pushed > 0 {
+            tracing::debug!(path = %self.paths[idx as usize], pushed, "local data pushed to the page cache");
+        }
+        Ok(())
+    }
+}
