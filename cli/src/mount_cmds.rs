@@ -69,6 +69,10 @@ pub struct MountArgs {
     /// chunks nobody asked for).
     #[arg(long, default_value_t = 0)]
     max_readahead: u32,
+    /// Do not push the cached part of partly local files into the page cache at their first
+    /// open (they are then read through incfs page by page; docs/local-reads.md).
+    #[arg(long)]
+    no_push_local: bool,
     /// Daemon log file (default: CACHE/daemon.log).
     #[arg(long)]
     log: Option<PathBuf>,
@@ -213,6 +217,9 @@ fn daemonize(a: &MountArgs, cache: &Path) -> anyhow::Result<ExitCode> {
         cmd.arg("--fetch-all");
     }
     cmd.arg("--max-readahead").arg(a.max_readahead.to_string());
+    if a.no_push_local {
+        cmd.arg("--no-push-local");
+    }
     if a.allow_other {
         cmd.arg("--allow-other");
     }
@@ -279,6 +286,10 @@ fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
         threads: a.threads.max(1),
         allow_other: a.allow_other,
         max_readahead: a.max_readahead,
+        push: incfs_fs::fs::push::PushConfig {
+            enabled: !a.no_push_local,
+            ..incfs_fs::fs::push::PushConfig::default()
+        },
     };
     let mut session = new_session(Arc::clone(&fs), &a.mountpoint, &opts)?;
     let mut unmounter = session.unmount_callable();
