@@ -22,8 +22,12 @@
 //! - at most [`PushConfig::max_file_bytes`] per file, from the start of the file, in pieces of
 //!   [`PIECE`].
 //!
-//! The pushing thread is not a FUSE thread: a store waits for the lock of any page a pending
-//! read holds, and that read is answered by the FUSE threads meanwhile.
+//! A file's ranges are cut into spans of [`SPAN`] that [`PushConfig::threads`] workers take in
+//! order, so that the files a program opens one after the other (a binary, then its
+//! libraries) and the parts of one big library are pushed side by side, not one after the
+//! other while the program faults on what is still to come. The workers are not FUSE
+//! threads: a store waits for the lock of any page a pending read holds, and that read is
+//! answered by the FUSE threads meanwhile.
 
 use std::collections::HashSet;
 use std::ops::Range;
@@ -39,6 +43,8 @@ use crate::format::InodeKind;
 /// Bytes handed to the kernel in one store: large enough that a store's overhead vanishes,
 /// small enough that the pusher's buffer stays small.
 pub const PIECE: usize = 1 << 20;
+/// Bytes of one job of a worker: a few pieces, so that a big file is spread over the workers.
+pub const SPAN: u64 = 4 << 20;
 
 /// Tunables of the pusher.
 #[derive(Debug, Clone)]
@@ -49,6 +55,9 @@ pub struct PushConfig {
     /// any file the workloads here start with (libLLVM's demand set is ~20 MiB), and a cap on
     /// the memory a start from a nearly complete cache of huge files can take.
     pub max_file_bytes: u64,
+    /// Worker threads. Default 4: the pushes wait on the disk (the backing files are cold
+    /// too), so a few more than the two cores keep both busy.
+    pub threads: usize,
 }
 
 impl Default for PushConfig {
@@ -56,6 +65,7 @@ impl Default for PushConfig {
         PushConfig {
             enabled: true,
             max_file_bytes: 256 << 20,
+            threads: 4,
         }
     }
 }
@@ -72,38 +82,59 @@ impl Store for fuser::Notifier {
     }
 }
 
-/// The pushing thread and the files it has taken on.
+/// One job: a span of a file's preloaded ranges.
+struct Job {
+    ino: u64,
+    range: Range<u64>,
+}
+
+/// The pushing workers and the files they have taken on.
 pub struct Pusher {
-    tx: Mutex<Option<mpsc::Sender<u64>>>,
+    fs: Arc<IncFs>,
+    budget: u64,
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
     /// FUSE inodes already pushed (or queued) on this mount.
     seen: Mutex<HashSet<u64>>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl Pusher {
-    /// Starts the pushing thread for `fs`, storing through `store`.
-    pub fn start(fs: Arc<IncFs>, store: impl Store, config: PushConfig) -> std::io::Result<Pusher> {
-        let (tx, rx) = mpsc::channel::<u64>();
-        let thread = std::thread::Builder::new()
-            .name("incfs-push".into())
-            .spawn(move || {
-                let mut buf = vec![0u8; PIECE];
-                for ino in rx {
-                    if let Err(e) = fs.push_file(ino, config.max_file_bytes, &store, &mut buf) {
-                        // The mount going away ends every store with an error: stop quietly.
-                        tracing::debug!(ino, error = %e, "pushing local data stopped");
-                        if e.raw_os_error() == Some(libc::ENODEV)
-                            || e.raw_os_error() == Some(libc::EBADF)
-                        {
-                            return;
+    /// Starts the workers for `fs`, storing through `store`.
+    pub fn start(
+        fs: Arc<IncFs>,
+        store: impl Store + Sync,
+        config: PushConfig,
+    ) -> std::io::Result<Pusher> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let store = Arc::new(store);
+        let mut threads = Vec::new();
+        for i in 0..config.threads.max(1) {
+            let (fs, rx, store) = (Arc::clone(&fs), Arc::clone(&rx), Arc::clone(&store));
+            let t = std::thread::Builder::new()
+                .name(format!("incfs-push-{i}"))
+                .spawn(move || {
+                    let mut buf = vec![0u8; PIECE];
+                    loop {
+                        let job = rx.lock().recv();
+                        let Ok(job) = job else { return };
+                        if let Err(e) = fs.push_range(job.ino, job.range, &*store, &mut buf) {
+                            // The mount going away ends every store with an error: stop.
+                            tracing::debug!(ino = job.ino, error = %e, "pushing local data failed");
+                            if matches!(e.raw_os_error(), Some(libc::ENODEV | libc::EBADF)) {
+                                return;
+                            }
                         }
                     }
-                }
-            })?;
+                })?;
+            threads.push(t);
+        }
         Ok(Pusher {
+            fs,
+            budget: config.max_file_bytes,
             tx: Mutex::new(Some(tx)),
             seen: Mutex::new(HashSet::new()),
-            thread: Mutex::new(Some(thread)),
+            threads: Mutex::new(threads),
         })
     }
 
@@ -112,15 +143,26 @@ impl Pusher {
         if !self.seen.lock().insert(ino) {
             return;
         }
+        let ranges = self.fs.preloaded_ranges(ino, self.budget);
         if let Some(tx) = &*self.tx.lock() {
-            let _ = tx.send(ino);
+            for r in ranges {
+                let mut start = r.start;
+                while start < r.end {
+                    let end = (start + SPAN).min(r.end);
+                    let _ = tx.send(Job {
+                        ino,
+                        range: start..end,
+                    });
+                    start = end;
+                }
+            }
         }
     }
 
-    /// Stops taking files and waits for the thread to finish the queue.
+    /// Stops taking files and waits for the workers to finish the queue.
     pub fn stop(&self) {
         self.tx.lock().take();
-        if let Some(t) = self.thread.lock().take() {
+        for t in self.threads.lock().drain(..) {
             let _ = t.join();
         }
     }
@@ -159,38 +201,32 @@ impl IncFs {
         out
     }
 
-    /// Pushes the preloaded ranges of `ino` (at most `budget` bytes) through `store`, in
-    /// pieces of `buf.len()` bytes read from the backing file.
-    fn push_file(
+    /// Pushes `range` of `ino` (a part of its preloaded ranges) through `store`, in pieces
+    /// of `buf.len()` bytes read from the backing file.
+    fn push_range(
         &self,
         ino: u64,
-        budget: u64,
+        range: Range<u64>,
         store: &dyn Store,
         buf: &mut [u8],
     ) -> std::io::Result<()> {
         let Ok((idx, _)) = self.inode(ino) else {
             return Ok(());
         };
-        let mut pushed = 0u64;
-        for r in self.preloaded_ranges(ino, budget) {
-            let mut off = r.start;
-            while off < r.end {
-                let n = (r.end - off).min(buf.len() as u64) as usize;
-                let piece = &mut buf[..n];
-                self.cache
-                    .read(idx, off, piece)
-                    .map_err(std::io::Error::other)?;
-                store.store(ino, off, piece)?;
-                self.counters
-                    .pushed_bytes
-                    .fetch_add(n as u64, Ordering::Relaxed);
-                pushed += n as u64;
-                off += n as u64;
-            }
+        let mut off = range.start;
+        while off < range.end {
+            let n = (range.end - off).min(buf.len() as u64) as usize;
+            let piece = &mut buf[..n];
+            self.cache
+                .read(idx, off, piece)
+                .map_err(std::io::Error::other)?;
+            store.store(ino, off, piece)?;
+            self.counters
+                .pushed_bytes
+                .fetch_add(n as u64, Ordering::Relaxed);
+            off += n as u64;
         }
-        if pushed > 0 {
-            tracing::debug!(path = %self.paths[idx as usize], pushed, "local data pushed to the page cache");
-        }
+        tracing::trace!(path = %self.paths[idx as usize], start = range.start, end = range.end, "local data pushed to the page cache");
         Ok(())
     }
 }
