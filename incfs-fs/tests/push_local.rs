@@ -1,9 +1,10 @@
 //! Local data of partly local files pushed into the page cache at their first open
-//! (`incfs_fs::fs::push`), on real mounts (root, /dev/fuse): a restart from a cache holding
-//! part of a file serves that part from the page cache, without a read reaching the daemon,
-//! by `read()` and by `mmap()`, with the right bytes; a chunk that was not local is fetched
-//! and verified on demand as before; a chunk that does not verify fails the read with EIO,
-//! never wrong bytes.
+//! (`incfs_fs::fs::push`). Without a mount: what is pushed is exactly the whole chunks that
+//! were local when the mount started, with their bytes. On real mounts (root, /dev/fuse): a
+//! restart from a cache holding part of a file serves that part from the page cache, without a
+//! read reaching the daemon, by `read()` and by `mmap()`, with the right bytes; a chunk that
+//! was not local is fetched and verified on demand as before; a chunk that does not verify
+//! fails the read with EIO, never wrong bytes.
 
 mod common;
 
@@ -11,10 +12,14 @@ use std::fs;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use incfs_datasets::require::{Need, require};
 use incfs_fs::format::{Image, PackOptions, pack_dir};
+use incfs_fs::fs::push::{PushConfig, Pusher, Store};
+use incfs_fs::fs::{FsConfig, IncFs};
+use incfs_fs::source::FileSource;
 
 use common::daemon::{Daemon, drop_caches};
 
@@ -65,6 +70,95 @@ fn read_mapped(f: &fs::File, off: u64, len: usize) -> Vec<u8> {
     }
 }
 
+/// Packs a tree holding one file `lib` of [`SIZE`] noise bytes into `root/img`; returns the
+/// image's path and the content.
+fn one_file_image(root: &Path) -> (PathBuf, Vec<u8>) {
+    let tree = dir(root, "tree");
+    let content = common::noise(SIZE as usize, 7);
+    fs::write(tree.join("lib"), &content).unwrap();
+    let img = root.join("img");
+    let opts = PackOptions {
+        chunk_size: CHUNK as u32,
+        ..PackOptions::default()
+    };
+    pack_dir(&tree, &img, &opts, &()).unwrap();
+    (img, content)
+}
+
+fn open_fs(img: &Path, cache: &Path) -> Arc<IncFs> {
+    let src = Arc::new(FileSource::open(img).unwrap());
+    Arc::new(IncFs::new(src, &FsConfig::new(cache.to_path_buf())).unwrap())
+}
+
+/// A [`Store`] that keeps what it was given.
+#[derive(Clone, Default)]
+struct Recorder(Arc<Mutex<Vec<(u64, u64, Vec<u8>)>>>);
+
+impl Store for Recorder {
+    fn store(&self, ino: u64, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.lock().unwrap().push((ino, offset, data.to_vec()));
+        Ok(())
+    }
+}
+
+#[test]
+fn only_whole_chunks_local_at_mount_are_pushed_with_their_bytes() {
+    let w = tempfile::tempdir().unwrap();
+    let (img, content) = one_file_image(w.path());
+    let cache = dir(w.path(), "cache");
+    // Lib is FUSE inode 2 (the root is 1, its only entry the next).
+    let ino = 2;
+    let fs = open_fs(&img, &cache);
+    assert_eq!(fs.getattr(ino).unwrap().size, SIZE);
+    let (fh, _) = fs.open(ino).unwrap();
+    // Chunks 3..6 and the last two (the last one 3,000 bytes) become local.
+    fs.read(ino, fh, 3 * CHUNK, (3 * CHUNK) as u32).unwrap();
+    fs.read(ino, fh, SIZE - 10_000, 10_000).unwrap();
+    // Nothing was local at mount: nothing to push.
+    assert_eq!(fs.preloaded_ranges(ino, u64::MAX), vec![]);
+    fs.release(fh);
+    fs.shutdown().unwrap();
+    drop(fs);
+
+    let fs = open_fs(&img, &cache);
+    let all = vec![3 * CHUNK..6 * CHUNK, 127 * CHUNK..SIZE];
+    assert_eq!(fs.preloaded_ranges(ino, u64::MAX), all);
+    // A budget takes whole chunks from the start, never part of one.
+    assert_eq!(
+        fs.preloaded_ranges(ino, 2 * CHUNK + 100),
+        vec![3 * CHUNK..5 * CHUNK]
+    );
+    // A chunk this mount fetches is not pushed (the read that fetched it filled the cache).
+    let (fh, _) = fs.open(ino).unwrap();
+    fs.read(ino, fh, 6 * CHUNK, 100).unwrap();
+    assert_eq!(fs.preloaded_ranges(ino, u64::MAX), all);
+
+    let rec = Recorder::default();
+    let config = PushConfig {
+        threads: 2,
+        ..PushConfig::default()
+    };
+    let pusher = Pusher::start(Arc::clone(&fs), rec.clone(), config).unwrap();
+    pusher.opened(ino);
+    pusher.opened(ino); // the second open of the mount pushes nothing more
+    pusher.stop();
+    let mut got = rec.0.lock().unwrap().clone();
+    got.sort_by_key(|(_, off, _)| *off);
+    let mut pushed = Vec::new();
+    for (i, off, data) in &got {
+        assert_eq!(*i, ino);
+        assert!(
+            data[..] == content[*off as usize..*off as usize + data.len()],
+            "at {off}"
+        );
+        pushed.push(*off..*off + data.len() as u64);
+    }
+    assert_eq!(pushed, all, "pushed exactly the local ranges, once");
+    assert_eq!(fs.stats().pushed_bytes, 3 * CHUNK + CHUNK + 3000);
+    fs.release(fh);
+    fs.shutdown().unwrap();
+}
+
 #[test]
 fn push_serves_chunks_local_at_mount_from_the_page_cache() {
     let name = "push_serves_chunks_local_at_mount_from_the_page_cache";
@@ -72,15 +166,7 @@ fn push_serves_chunks_local_at_mount_from_the_page_cache() {
         return;
     }
     let w = tempfile::tempdir().unwrap();
-    let tree = dir(w.path(), "tree");
-    let content = common::noise(SIZE as usize, 7);
-    fs::write(tree.join("lib"), &content).unwrap();
-    let img = w.path().join("img");
-    let opts = PackOptions {
-        chunk_size: CHUNK as u32,
-        ..PackOptions::default()
-    };
-    pack_dir(&tree, &img, &opts, &()).unwrap();
+    let (img, content) = one_file_image(w.path());
     let (mnt, cache) = (dir(w.path(), "mnt"), dir(w.path(), "cache"));
 
     // First mount: the first 64 chunks and the last two become local.

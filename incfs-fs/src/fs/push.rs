@@ -171,7 +171,8 @@ impl Pusher {
 impl IncFs {
     /// Byte ranges of file `ino` (a FUSE inode) whose chunks were local when the mount
     /// started: verified and not fetched by this mount. Adjacent chunks merge; the last
-    /// range ends at the file's size; at most `budget` bytes in all, from the start.
+    /// range ends at the file's size; whole chunks, at most `budget` bytes in all, from the
+    /// start.
     pub fn preloaded_ranges(&self, ino: u64, budget: u64) -> Vec<Range<u64>> {
         let Ok((_, inode)) = self.inode(ino) else {
             return Vec::new();
@@ -191,7 +192,13 @@ impl IncFs {
                 continue;
             }
             let start = c * cs;
-            let end = (start + cs).min(size).min(start + left);
+            let end = (start + cs).min(size);
+            // Whole chunks only: a store that ends inside a page leaves that page not up to
+            // date (`fuse_notify_store` marks a page only when it gets all of it or the end
+            // of the file).
+            if end - start > left {
+                break;
+            }
             left -= end - start;
             match out.last_mut() {
                 Some(r) if r.end == start => r.end = end,
