@@ -90,9 +90,12 @@ fn open_fs(img: &Path, cache: &Path) -> Arc<IncFs> {
     Arc::new(IncFs::new(src, &FsConfig::new(cache.to_path_buf())).unwrap())
 }
 
+/// One store: FUSE inode, offset, bytes.
+type Stored = (u64, u64, Vec<u8>);
+
 /// A [`Store`] that keeps what it was given.
 #[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<(u64, u64, Vec<u8>)>>>);
+struct Recorder(Arc<Mutex<Vec<Stored>>>);
 
 impl Store for Recorder {
     fn store(&self, ino: u64, offset: u64, data: &[u8]) -> std::io::Result<()> {
