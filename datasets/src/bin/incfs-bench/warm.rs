@@ -13,8 +13,8 @@
 //! - `incfs-warm`: partial cache, local data pushed into the page cache at first open (the
 //!   default);
 //! - `incfs-warm-no-push`: partial cache, `--no-push-local` (every local page a FUSE read);
-//! - `incfs-warm-readahead`: partial cache (its own copy: readahead fetches more), no push,
-//!   `--max-readahead 131072`;
+//! - `incfs-warm-readahead`: partial cache (a fresh copy for every run: readahead fetches
+//!   more), no push, `--max-readahead 131072`;
 //! - `incfs-warm-complete`: complete cache (passthrough).
 //!
 //! Besides the main table, `OUT/warm.md` lists each row's median against local cold with the
@@ -49,7 +49,6 @@ pub struct WarmStat {
 /// The prepared caches and what their runs reported.
 pub struct WarmCaches {
     partial: PathBuf,
-    partial_ra: PathBuf,
     complete: PathBuf,
     stats: RefCell<Vec<WarmStat>>,
 }
@@ -79,11 +78,10 @@ pub fn prepare(
     let url = fast.url(hot_img);
     let w = WarmCaches {
         partial: out.join("warm-cache-partial"),
-        partial_ra: out.join("warm-cache-partial-ra"),
         complete: out.join("warm-cache-complete"),
         stats: RefCell::new(Vec::new()),
     };
-    for d in [&w.partial, &w.partial_ra, &w.complete] {
+    for d in [&w.partial, &w.complete] {
         if d.exists() {
             std::fs::remove_dir_all(d).with_context(|| format!("emptying {}", d.display()))?;
         }
@@ -98,13 +96,6 @@ pub fn prepare(
             .arg("--")
             .args(argv),
         "the planned start filling the partial cache",
-    )?;
-    check(
-        Command::new("cp")
-            .args(["-a", "--sparse=always"])
-            .arg(&w.partial)
-            .arg(&w.partial_ra),
-        "copying the partial cache",
     )?;
     eprintln!("[bench] warm caches: every file read whole");
     check(
@@ -134,6 +125,18 @@ impl WarmCaches {
         m: Method,
         round: usize,
     ) -> Result<f64> {
+        if m == Method::IncfsWarmReadahead {
+            // A fresh copy of the partial cache, then the page cache dropped again.
+            let copy = scratch.join("warm-cache");
+            check(
+                Command::new("cp")
+                    .args(["-a", "--sparse=always"])
+                    .arg(&self.partial)
+                    .arg(&copy),
+                "copying the partial cache",
+            )?;
+            crate::drop_caches();
+        }
         let stats_file = scratch.join("warm-stats.json");
         let mut cmd = Command::new(incfs);
         cmd.args(["run", "--image", img_url, "--stats-json"])
@@ -143,7 +146,7 @@ impl WarmCaches {
             Method::IncfsWarm => cmd.arg(&self.partial),
             Method::IncfsWarmNoPush => cmd.arg(&self.partial).arg("--no-push-local"),
             Method::IncfsWarmReadahead => cmd
-                .arg(&self.partial_ra)
+                .arg(scratch.join("warm-cache"))
                 .arg("--no-push-local")
                 .args(["--max-readahead", &READAHEAD.to_string()]),
             Method::IncfsWarmComplete => cmd.arg(&self.complete),
