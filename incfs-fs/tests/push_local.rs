@@ -144,6 +144,12 @@ fn only_whole_chunks_local_at_mount_are_pushed_with_their_bytes() {
     let pusher = Pusher::start(Arc::clone(&fs), rec.clone(), config).unwrap();
     pusher.opened(ino);
     pusher.opened(ino); // the second open of the mount pushes nothing more
+    let expected = 3 * CHUNK + CHUNK + 3000;
+    let t = Instant::now();
+    while fs.stats().pushed_bytes < expected {
+        assert!(t.elapsed() < Duration::from_secs(20), "not pushed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     pusher.stop();
     let mut got = rec.0.lock().unwrap().clone();
     got.sort_by_key(|(_, off, _)| *off);
@@ -157,7 +163,7 @@ fn only_whole_chunks_local_at_mount_are_pushed_with_their_bytes() {
         pushed.push(*off..*off + data.len() as u64);
     }
     assert_eq!(pushed, all, "pushed exactly the local ranges, once");
-    assert_eq!(fs.stats().pushed_bytes, 3 * CHUNK + CHUNK + 3000);
+    assert_eq!(fs.stats().pushed_bytes, expected);
     fs.release(fh);
     fs.shutdown().unwrap();
 }

@@ -25,7 +25,7 @@ use fuser::{
 use parking_lot::Mutex;
 use tracing::instrument;
 
-use super::push::{PushConfig, Pusher};
+use super::push::{PushConfig, Pusher, Store};
 use super::{Attr, FsError, IncFs, NodeKind, OpenMode};
 
 /// How long the kernel may cache attributes and entries: the tree never changes.
@@ -89,6 +89,13 @@ impl Default for MountOptions {
             max_readahead: 0,
             push: PushConfig::default(),
         }
+    }
+}
+
+/// Pushed local data reaches the kernel's page cache as `FUSE_NOTIFY_STORE`.
+impl Store for fuser::Notifier {
+    fn store(&self, ino: u64, offset: u64, data: &[u8]) -> io::Result<()> {
+        fuser::Notifier::store(self, INodeNo(ino), offset, data)
     }
 }
 

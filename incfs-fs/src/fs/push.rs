@@ -5,11 +5,11 @@
 //! local is served through incfs, with kernel readahead off (readahead of a lazy file would
 //! fetch chunks nobody asked for), so every page the program faults is one FUSE round trip,
 //! also when its chunk is local: a warm start of clang from a cache that holds its demand set
-//! made 9,688 round trips of 4 KiB. fanotify pre-content events cannot take the local part
+//! makes ~10,000 round trips of 4 KiB. fanotify pre-content events cannot take the local part
 //! over through passthrough, because mmap() of a passthrough file raises none
 //! (`docs/local-reads.md`).
 //!
-//! So at the first cached open of a file on a mount, a background thread reads the chunks of
+//! So at the first cached open of a file on a mount, background workers read the chunks of
 //! that file which were already local when the mount started (verified, and not fetched by
 //! this mount) from the backing file and hands them to the kernel with `FUSE_NOTIFY_STORE`,
 //! which fills the inode's page cache. The program's faults on those pages are then page-cache
@@ -32,7 +32,7 @@
 use std::collections::HashSet;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
 use parking_lot::Mutex;
@@ -70,16 +70,11 @@ impl Default for PushConfig {
     }
 }
 
-/// Where pushed bytes go: the kernel, through `FUSE_NOTIFY_STORE` (a mock in tests).
+/// Where pushed bytes go: the kernel, through `FUSE_NOTIFY_STORE` (the FUSE adapter's
+/// notifier, [`super::fuse`]), or a recorder in tests.
 pub trait Store: Send + 'static {
     /// Stores `data` at `offset` of FUSE inode `ino` in the kernel's page cache.
     fn store(&self, ino: u64, offset: u64, data: &[u8]) -> std::io::Result<()>;
-}
-
-impl Store for fuser::Notifier {
-    fn store(&self, ino: u64, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        fuser::Notifier::store(self, fuser::INodeNo(ino), offset, data)
-    }
 }
 
 /// One job: a span of a file's preloaded ranges.
@@ -95,6 +90,8 @@ pub struct Pusher {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     /// FUSE inodes already pushed (or queued) on this mount.
     seen: Mutex<HashSet<u64>>,
+    /// Set by [`Pusher::stop`]: the workers drop what is still queued.
+    stopping: Arc<AtomicBool>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
@@ -108,9 +105,11 @@ impl Pusher {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         let store = Arc::new(store);
+        let stopping = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for i in 0..config.threads.max(1) {
             let (fs, rx, store) = (Arc::clone(&fs), Arc::clone(&rx), Arc::clone(&store));
+            let stopping = Arc::clone(&stopping);
             let t = std::thread::Builder::new()
                 .name(format!("incfs-push-{i}"))
                 .spawn(move || {
@@ -118,6 +117,9 @@ impl Pusher {
                     loop {
                         let job = rx.lock().recv();
                         let Ok(job) = job else { return };
+                        if stopping.load(Ordering::Relaxed) {
+                            return;
+                        }
                         if let Err(e) = fs.push_range(job.ino, job.range, &*store, &mut buf) {
                             // The mount going away ends every store with an error: stop.
                             tracing::debug!(ino = job.ino, error = %e, "pushing local data failed");
@@ -134,6 +136,7 @@ impl Pusher {
             budget: config.max_file_bytes,
             tx: Mutex::new(Some(tx)),
             seen: Mutex::new(HashSet::new()),
+            stopping,
             threads: Mutex::new(threads),
         })
     }
@@ -159,8 +162,10 @@ impl Pusher {
         }
     }
 
-    /// Stops taking files and waits for the workers to finish the queue.
+    /// Stops taking files, drops what is still queued (the mount is going away) and waits
+    /// for the workers to finish the span they are on.
     pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
         self.tx.lock().take();
         for t in self.threads.lock().drain(..) {
             let _ = t.join();
