@@ -164,8 +164,15 @@ pub fn new_session(
         )
     })?;
     if opts.push.enabled {
-        let p = Pusher::start(fs, session.notifier(), opts.push.clone())?;
-        let _ = pusher.set(p);
+        match Pusher::start(fs, session.notifier(), opts.push.clone()) {
+            Ok(p) => {
+                let _ = pusher.set(p);
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "starting the push workers failed; partly local files are read page by page"
+            ),
+        }
     }
     Ok(session)
 }
