@@ -46,6 +46,10 @@ pub struct RunArgs {
     /// Never open files with FUSE passthrough.
     #[arg(long)]
     no_passthrough: bool,
+    /// Do not push the cached part of partly local files into the page cache at their first
+    /// open (they are then read through incfs page by page; docs/local-reads.md).
+    #[arg(long)]
+    no_push_local: bool,
     /// Kernel readahead for files not yet local, in bytes (readahead of a lazy file fetches
     /// chunks nobody asked for).
     #[arg(long, default_value_t = 0)]
@@ -114,6 +118,10 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         fs,
         mount: MountOptions {
             max_readahead: a.max_readahead,
+            push: incfs_fs::fs::push::PushConfig {
+                enabled: !a.no_push_local,
+                ..incfs_fs::fs::push::PushConfig::default()
+            },
             ..MountOptions::default()
         },
         command: a.command.clone(),

@@ -15,7 +15,9 @@
 //! - `incfs lazy`: `incfs run` of the image, no plan;
 //! - `incfs + plan`: `incfs run` of the hot-first image with its plan, made from other runs
 //!   (never the measured one); `incfs + plan, pack layout` (not run by default): the same plan
-//!   on the image as `pack` laid it out.
+//!   on the image as `pack` laid it out;
+//! - `incfs warm, …` (not run by default; warm.rs): a start from a cache that a planned start
+//!   (partial) or a read of every file (complete) filled, page cache dropped.
 //!
 //! One server, the bench's own `incfs serve` (directory listings, single Range requests,
 //! per-request latency + one shared token bucket), serves every method over the same link
@@ -31,6 +33,7 @@ mod mount;
 mod nydus;
 mod rclone;
 mod report;
+mod warm;
 mod workload;
 
 use std::collections::{BTreeSet, HashSet};
@@ -130,6 +133,10 @@ pub enum Method {
     IncfsLazy,
     IncfsPlanPackLayout,
     IncfsPlan,
+    IncfsWarm,
+    IncfsWarmNoPush,
+    IncfsWarmReadahead,
+    IncfsWarmComplete,
 }
 
 impl Method {
@@ -145,6 +152,10 @@ impl Method {
             Method::IncfsLazy => "incfs lazy",
             Method::IncfsPlanPackLayout => "incfs + plan, pack layout",
             Method::IncfsPlan => "incfs + plan",
+            Method::IncfsWarm => "incfs warm, partial (push)",
+            Method::IncfsWarmNoPush => "incfs warm, partial (no push)",
+            Method::IncfsWarmReadahead => "incfs warm, partial (readahead 128K)",
+            Method::IncfsWarmComplete => "incfs warm, complete",
         }
     }
 }
@@ -219,6 +230,7 @@ struct Ctx {
     hot_plan: PathBuf,
     nydus_lazy: Option<nydus::NydusImage>,
     nydus_prefetch: Option<nydus::NydusImage>,
+    warm: Option<warm::WarmCaches>,
 }
 
 fn main() -> Result<()> {
@@ -426,6 +438,18 @@ fn main() -> Result<()> {
             Some(&read_files),
         )?);
     }
+    let warm = if methods.iter().any(|&m| warm::is_warm(m)) {
+        Some(warm::prepare(
+            &incfs,
+            &out,
+            &serve_dir,
+            "image-hot.img",
+            &hot_plan,
+            &work.argv("{mnt}"),
+        )?)
+    } else {
+        None
+    };
     let nydus_blob_bytes = nydus_lazy
         .as_ref()
         .or(nydus_prefetch.as_ref())
@@ -449,6 +473,7 @@ fn main() -> Result<()> {
         hot_plan,
         nydus_lazy,
         nydus_prefetch,
+        warm,
     };
     let json = a.json.clone().unwrap_or_else(|| out.join("results.json"));
     let mut results = Results {
@@ -507,8 +532,16 @@ fn main() -> Result<()> {
         std::fs::write(out.join("table.md"), report::markdown(&results))?;
         std::fs::write(out.join("plot.svg"), report::svg(&results))?;
         std::fs::write(&json, serde_json::to_vec_pretty(&results)?)?;
+        if let Some(w) = &ctx.warm {
+            let (md, raw) = w.report(&results.samples, &methods);
+            std::fs::write(out.join("warm.md"), md)?;
+            std::fs::write(out.join("warm.json"), raw)?;
+        }
     }
     println!("{}", report::markdown(&results));
+    if let Some(w) = &ctx.warm {
+        println!("{}", w.report(&results.samples, &methods).0);
+    }
     eprintln!(
         "[bench] raw runs in {}, table in {}, plot in {}",
         json.display(),
@@ -611,6 +644,21 @@ fn run_method(ctx: &Ctx, m: Method, round: usize) -> Result<Sample> {
             d.stop();
             secs
         }
+        Method::IncfsWarm
+        | Method::IncfsWarmNoPush
+        | Method::IncfsWarmReadahead
+        | Method::IncfsWarmComplete => ctx
+            .warm
+            .as_ref()
+            .context("the warm caches were not prepared")?
+            .run(
+                &ctx.incfs,
+                &ctx.hot_url,
+                &ctx.work.argv("{mnt}"),
+                scratch,
+                m,
+                round,
+            )?,
         Method::IncfsLazy | Method::IncfsPlan | Method::IncfsPlanPackLayout => {
             let stats_file = scratch.join("run-stats.json");
             let mut cmd = Command::new(&ctx.incfs);
