@@ -7,7 +7,7 @@ use polars::prelude::*;
 use serde::Serialize;
 
 use crate::touch::TouchKinds;
-use crate::trace::{EventKind, TraceMeta};
+use crate::trace::{EventKind, RecordedVia, TraceMeta};
 
 /// Number of equal time slices in [`TraceSummary::timeline`].
 pub const TIMELINE_BUCKETS: usize = 10;
@@ -31,6 +31,124 @@ pub struct TraceSummary {
     pub files: Vec<FileSummary>,
     /// Events and newly seen files in [`TIMELINE_BUCKETS`] equal slices of the run.
     pub timeline: Vec<TimelineBucket>,
+    /// How much of the start's demand set the trace is likely to hold.
+    pub completeness: Completeness,
+}
+
+/// How much of the demand set (the pages the start reads with nothing read ahead) a trace
+/// is likely to hold, from how it was recorded and what its events say.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Completeness {
+    /// How the trace was recorded.
+    pub recorded_via: RecordedVia,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// Distinct pages the trace counts as touched (`fault`, `get_pages`), all files.
+    pub touched_pages: u64,
+    /// Distinct pages the readahead-0 view served (0 when not recorded through one).
+    pub view_pages: u64,
+    /// Distinct pages that `add_to_cache` events brought in (readahead included).
+    pub cached_pages: u64,
+    /// Distinct pages of `map_pages` (fault-around) events that no touch event covers.
+    pub mapped_only_pages: u64,
+    /// One sentence for a user: what the verdict rests on and what to do.
+    pub hint: String,
+}
+
+/// The verdict of [`Completeness`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Recorded through a readahead-0 view, and the touched pages cover what it served.
+    Complete,
+    /// Readahead or fault-around brought in many pages without a touch event, or events
+    /// were missed: a plan from it will miss most of the start.
+    LikelyThin,
+    /// Nothing in the trace says either way (recorded directly, without readahead traces).
+    Unknown,
+}
+
+/// A trace counts as likely thin when the pages brought in or mapped without a touch event
+/// exceed this share of the touched pages. A readahead-0 recording of clang has no such
+/// pages beyond fault-around of already-read pages (about 2x, all of them touched by the
+/// read or fault that cached them); a direct one from ext4 with 8 MiB readahead counts 1,251
+/// pages touched against ~10,000 needed.
+const THIN_RATIO: f64 = 0.5;
+
+/// A view recording is complete when its touched pages cover this share of the pages the
+/// view served (they match exactly when no event was lost).
+const VIEW_COVERAGE: f64 = 0.95;
+
+fn completeness(
+    meta: &TraceMeta,
+    touched: u64,
+    cached_untouched: u64,
+    cached: u64,
+    mapped_only: u64,
+) -> Completeness {
+    let t = touched.max(1) as f64;
+    let (verdict, hint) = match meta.recorded_via {
+        RecordedVia::View
+            if meta.lost_events == 0
+                && touched as f64 >= VIEW_COVERAGE * meta.view_pages as f64 =>
+        {
+            (
+                Verdict::Complete,
+                format!(
+                    "recorded through a readahead-0 view: the {touched} touched pages cover \
+                     the {} pages the view served, the start's demand set",
+                    meta.view_pages
+                ),
+            )
+        }
+        RecordedVia::View => (
+            Verdict::LikelyThin,
+            format!(
+                "recorded through a readahead-0 view, but the trace touches {touched} of the \
+                 {} pages the view served ({} events lost): record again, with a larger \
+                 --ring-buffer-mib if events were lost",
+                meta.view_pages, meta.lost_events
+            ),
+        ),
+        _ if cached_untouched as f64 > THIN_RATIO * t => (
+            Verdict::LikelyThin,
+            format!(
+                "readahead brought in {cached} pages, {cached_untouched} of them without a \
+                 touch event, against {touched} touched: the trace likely holds only a part \
+                 of the demand set; record it again with `incfs record-trace --root TREE`, \
+                 which reads the tree through a readahead-0 view"
+            ),
+        ),
+        _ if mapped_only as f64 > THIN_RATIO * t => (
+            Verdict::LikelyThin,
+            format!(
+                "fault-around mapped {mapped_only} already cached pages without a touch \
+                 event, against {touched} touched (the files were cached before the start?): \
+                 the trace likely holds only a part of the demand set; record it again with \
+                 `incfs record-trace --root TREE`, which reads the tree through a \
+                 readahead-0 view"
+            ),
+        ),
+        RecordedVia::Direct => (
+            Verdict::Unknown,
+            "recorded on the file systems directly: readahead may have hidden pages of the \
+             demand set; `incfs record-trace --root TREE` records through a readahead-0 view"
+                .to_owned(),
+        ),
+        RecordedVia::Unknown => (
+            Verdict::Unknown,
+            "the trace does not say how it was recorded (an older recorder)".to_owned(),
+        ),
+    };
+    Completeness {
+        recorded_via: meta.recorded_via,
+        verdict,
+        touched_pages: touched,
+        view_pages: meta.view_pages,
+        cached_pages: cached,
+        mapped_only_pages: mapped_only,
+        hint,
+    }
 }
 
 /// What a trace says about one file.
@@ -70,6 +188,8 @@ struct FileAcc {
     events: u64,
     touched: Vec<(u64, u64)>,
     mapped: Vec<(u64, u64)>,
+    cached: Vec<(u64, u64)>,
+    around: Vec<(u64, u64)>,
 }
 
 /// Number of distinct integers covered by half-open ranges.
@@ -131,17 +251,30 @@ pub fn summarize(meta: &TraceMeta, df: &DataFrame) -> PolarsResult<TraceSummary>
         if count > 0 {
             let range = (first, first.saturating_add(count));
             acc.mapped.push(range);
-            if EventKind::from_name(kind_name).is_some_and(|k| touch.counts(k)) {
-                acc.touched.push(range);
+            match EventKind::from_name(kind_name) {
+                Some(k) if touch.counts(k) => acc.touched.push(range),
+                Some(EventKind::AddToCache) => acc.cached.push(range),
+                Some(EventKind::MapPages) => acc.around.push(range),
+                _ => {}
             }
         }
     }
 
     let page = u64::from(meta.page_size);
+    let (mut cached, mut cached_untouched, mut mapped_only) = (0, 0, 0);
     let mut files: Vec<FileSummary> = files
         .into_iter()
         .map(|(path, mut acc)| {
             let pages = union_len(&mut acc.touched);
+            let with = |mut other: Vec<(u64, u64)>| {
+                let alone = union_len(&mut other.clone());
+                other.extend_from_slice(&acc.touched);
+                (alone, union_len(&mut other) - pages)
+            };
+            let (c, c_only) = with(std::mem::take(&mut acc.cached));
+            cached += c;
+            cached_untouched += c_only;
+            mapped_only += with(std::mem::take(&mut acc.around)).1;
             FileSummary {
                 path,
                 pages,
@@ -175,7 +308,9 @@ pub fn summarize(meta: &TraceMeta, df: &DataFrame) -> PolarsResult<TraceSummary>
         timeline[bucket(f.first_ns)].new_files += 1;
     }
 
+    let touched: u64 = files.iter().map(|f| f.pages).sum();
     Ok(TraceSummary {
+        completeness: completeness(meta, touched, cached_untouched, cached, mapped_only),
         events: df.height() as u64,
         lost_events: meta.lost_events,
         command: meta.command.clone(),
@@ -185,4 +320,39 @@ pub fn summarize(meta: &TraceMeta, df: &DataFrame) -> PolarsResult<TraceSummary>
         files,
         timeline,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(via: RecordedVia, view_pages: u64) -> TraceMeta {
+        TraceMeta {
+            page_size: 4096,
+            recorded_via: via,
+            view_pages,
+            ..TraceMeta::default()
+        }
+    }
+
+    #[test]
+    fn a_view_recording_covering_the_view_is_complete() {
+        let c = completeness(&meta(RecordedVia::View, 10_111), 10_111, 0, 10_111, 9_000);
+        assert_eq!(c.verdict, Verdict::Complete);
+        let c = completeness(&meta(RecordedVia::View, 10_111), 5_000, 0, 5_000, 0);
+        assert_eq!(c.verdict, Verdict::LikelyThin);
+    }
+
+    #[test]
+    fn readahead_without_touches_is_thin() {
+        // The numbers of a cold direct recording of clang from ext4 (read_ahead_kb 8192).
+        let c = completeness(&meta(RecordedVia::Direct, 0), 1_300, 48_211, 49_416, 0);
+        assert_eq!(c.verdict, Verdict::LikelyThin);
+        assert!(c.hint.contains("--root TREE"), "{}", c.hint);
+        // A warm one: no readahead, fault-around maps the cached pages.
+        let c = completeness(&meta(RecordedVia::Unknown, 0), 1_207, 0, 0, 21_929);
+        assert_eq!(c.verdict, Verdict::LikelyThin);
+        let c = completeness(&meta(RecordedVia::Direct, 0), 1_000, 10, 1_010, 100);
+        assert_eq!(c.verdict, Verdict::Unknown);
+    }
 }
