@@ -436,19 +436,17 @@ fn mount_dev(pid: i32, root: &Path) -> Option<u64> {
 /// Finds the last `FS_TYPE` mount at `root` in a mountinfo text and returns its device.
 fn parse_mountinfo_dev(info: &str, root: &Path) -> Option<u64> {
     let root = root.to_str()?;
-    info.lines()
-        .rev()
-        .find_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let fields: Vec<&str> = left.split(' ').collect();
-            let fs_type = right.split(' ').next()?;
-            let mount_point = unescape_mountinfo(fields.get(4)?);
-            if fs_type != FS_TYPE || mount_point != root {
-                return None;
-            }
-            let (major, minor) = fields.get(2)?.split_once(':')?;
-            Some(libc::makedev(major.parse().ok()?, minor.parse().ok()?))
-        })
+    info.lines().rev().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fields: Vec<&str> = left.split(' ').collect();
+        let fs_type = right.split(' ').next()?;
+        let mount_point = unescape_mountinfo(fields.get(4)?);
+        if fs_type != FS_TYPE || mount_point != root {
+            return None;
+        }
+        let (major, minor) = fields.get(2)?.split_once(':')?;
+        Some(libc::makedev(major.parse().ok()?, minor.parse().ok()?))
+    })
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space, ...).
@@ -658,7 +656,10 @@ impl Filesystem for ViewFs {
             Err(e) => return reply.error(io_errno(e)),
         };
         let mut st = lock(&self.state);
-        if let Some(n) = st.nodes.get_mut(ino.0 as usize - 1) {
+        if let Some(n) = (ino.0 as usize)
+            .checked_sub(1)
+            .and_then(|i| st.nodes.get_mut(i))
+        {
             n.served = Some(id);
         }
         let fh = st.next_fh;
