@@ -257,6 +257,12 @@ impl View {
             }
         }
         let st = lock(&self.state);
+        if served.dev.or(st.dev).is_none() && st.reads > 0 {
+            tracing::warn!(
+                root = %self.root.display(),
+                "the view's device number is unknown: its files' events stay without a path"
+            );
+        }
         let files = st
             .nodes
             .iter()
@@ -406,7 +412,9 @@ fn serve(fs: ViewFs, fd: OwnedFd, pipe: OwnedFd, root: &Path) -> Served {
     let dev = mount_dev(pid, root);
     match dev {
         Some(_) => lock(&fs.state).dev = dev,
-        None => tracing::warn!(
+        // The command may already be gone (a failed exec): [`View::finish`] warns if the
+        // view served reads whose events then cannot be mapped back.
+        None => tracing::debug!(
             pid,
             root = %root.display(),
             "cannot find the view in the command's mountinfo"
