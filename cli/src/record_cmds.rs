@@ -118,6 +118,16 @@ pub fn record_trace(a: RecordTraceArgs) -> anyhow::Result<ExitCode> {
                  served {} pages in {} reads, the trace touches {} of those files' pages",
                 v.served_pages, v.reads, v.touched_pages
             )?;
+            let outside = s.files.saturating_sub(s.resolved_files);
+            if outside > 0 {
+                writeln!(
+                    err,
+                    "incfs: {outside} files outside the roots (system libraries, ...) were read \
+                     directly, with readahead: their events are in the trace without a path; if \
+                     the program's image should hold them, record with their directory as \
+                     another --root"
+                )?;
+            }
             if v.failed_reads > 0 {
                 writeln!(
                     err,

@@ -23,9 +23,10 @@
 //! 3. In the child, [`enter`] unshares the mount namespace, makes every mount private,
 //!    mounts each view over its root, re-enters the working directory (so relative paths
 //!    go through the views), and writes its pid to each pipe.
-//! 4. Each serving thread reads the view's device number from the child's
-//!    `/proc/PID/mountinfo`, answers the kernel's `INIT` (readahead 0) and serves until the
-//!    namespace dies.
+//! 4. Each serving thread holds the child's mount namespace (`/proc/PID/ns/mnt`), reads the
+//!    view's device number from its `/proc/PID/mountinfo`, answers the kernel's `INIT`
+//!    (readahead 0) and serves until the namespace dies: when the command has exited and
+//!    [`View::finish`] lets the namespace go.
 //!
 //! A symlink under a root whose target lies outside every root (the Debian install's
 //! `libLLVM.so.22.1`, for one) is shown as the regular file it leads to, so its pages pass
@@ -114,6 +115,10 @@ struct State {
     dev: Option<u64>,
     /// Page size, for `pages`.
     page_size: u64,
+    /// The command's mount namespace (`/proc/PID/ns/mnt`), held so the views outlive the
+    /// command until [`View::finish`]: the `RELEASE`s its exit sends are then answered
+    /// before the namespace (and the mount) goes, instead of racing its teardown.
+    ns: Option<OwnedFd>,
 }
 
 /// The [`fuser::Filesystem`] of a view.
@@ -237,6 +242,9 @@ impl View {
     /// Waits (briefly) for the view to end and reports what it saw.
     pub(crate) fn finish(mut self) -> ViewReport {
         self.pipe_write = None;
+        // Let the namespace go: when no process of the command is left in it, the view is
+        // unmounted and the serving threads end.
+        drop(lock(&self.state).ns.take());
         let mut served = Served::default();
         if let Some(thread) = self.thread.take() {
             let until = Instant::now() + FINISH_WAIT;
@@ -409,6 +417,10 @@ fn serve(fs: ViewFs, fd: OwnedFd, pipe: OwnedFd, root: &Path) -> Served {
         return Served::default();
     }
     let pid = i32::from_ne_bytes(pid);
+    match File::open(format!("/proc/{pid}/ns/mnt")) {
+        Ok(ns) => lock(&fs.state).ns = Some(OwnedFd::from(ns)),
+        Err(e) => tracing::debug!(pid, error = %e, "cannot hold the command's mount namespace"),
+    }
     let dev = mount_dev(pid, root);
     match dev {
         Some(_) => lock(&fs.state).dev = dev,
