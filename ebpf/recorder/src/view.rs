@@ -603,6 +603,27 @@ fn attr(ino: u64, m: &std::fs::Metadata) -> FileAttr {
     }
 }
 
+/// The attributes of a negative entry: node id 0, nothing else read by the kernel.
+fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
 fn dirent_type(ft: std::fs::FileType) -> FileType {
     if ft.is_dir() {
         FileType::Directory
@@ -638,6 +659,10 @@ impl Filesystem for ViewFs {
         };
         match self.stat(dir.join(name)) {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            // Node id 0: the kernel caches the miss (a negative dentry), so a program that
+            // probes many paths (Python's imports, the loader's search path) asks once. The
+            // view is read-only, so nothing appears under it during the recording.
+            Err(e) if e == Errno::ENOENT => reply.entry(&TTL, &negative_attr(), Generation(0)),
             Err(e) => reply.error(e),
         }
     }
