@@ -23,7 +23,7 @@ Record the program from the tree it lives in, as it is normally run, twice or mo
 
 With --root, the trace holds the start's demand set on any file system, cached or not (clang
 -c hello.c: 10,111 pages, the pages a readahead-0 `incfs run` reads; recorded with --no-view
-from ext4 with 8 MiB readahead: 1,300). `incfs trace show TRACE` says whether a trace is
+from ext4 with 8 MiB readahead: 1,161). `incfs trace show TRACE` says whether a trace is
 complete. Needs root (eBPF, and mounting the view).")]
 pub struct RecordTraceArgs {
     /// Where to write the trace (Parquet; see docs/trace.md).

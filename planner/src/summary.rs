@@ -43,13 +43,17 @@ pub struct Completeness {
     pub recorded_via: RecordedVia,
     /// The verdict.
     pub verdict: Verdict,
-    /// Distinct pages the trace counts as touched (`fault`, `get_pages`), all files.
+    /// Distinct pages the trace counts as touched (`fault`, `get_pages`) in the files under
+    /// the roots (those with a path; the counts below are over the same files).
     pub touched_pages: u64,
     /// Distinct pages the readahead-0 view served (0 when not recorded through one).
     pub view_pages: u64,
     /// Distinct pages that `add_to_cache` events brought in (readahead included).
     pub cached_pages: u64,
-    /// Distinct pages of `map_pages` (fault-around) events that no touch event covers.
+    /// Of those, the pages no touch event covers (read ahead, never asked for by an event).
+    pub cached_untouched_pages: u64,
+    /// Distinct pages of `map_pages` (fault-around) ranges that no touch event covers (the
+    /// ranges fault-around tried, cached or not: an upper bound).
     pub mapped_only_pages: u64,
     /// One sentence for a user: what the verdict rests on and what to do.
     pub hint: String,
@@ -68,12 +72,18 @@ pub enum Verdict {
     Unknown,
 }
 
-/// A trace counts as likely thin when the pages brought in or mapped without a touch event
-/// exceed this share of the touched pages. A readahead-0 recording of clang has no such
-/// pages beyond fault-around of already-read pages (about 2x, all of them touched by the
-/// read or fault that cached them); a direct one from ext4 with 8 MiB readahead counts 1,251
-/// pages touched against ~10,000 needed.
+/// A trace counts as likely thin when the pages `add_to_cache` brought in without a touch
+/// event exceed this share of the touched pages. Readahead-0 recordings of clang (through
+/// the view or an incfs mount) have none: every page cached was faulted or read; a cold
+/// direct one from ext4 with 8 MiB readahead has 43,910 against 1,161 touched.
 const THIN_RATIO: f64 = 0.5;
+
+/// A trace whose files were mostly cached before the start (fewer pages brought in than
+/// touched) counts as likely thin when fault-around ranges cover more than this many times
+/// the touched pages without a touch. `map_pages` reports the range fault-around tried,
+/// cached or not, so even a readahead-0 recording of clang shows 1.1x (11,525 against
+/// 10,111); a warm direct one shows 19x (20,320 against 1,083).
+const WARM_AROUND_RATIO: f64 = 2.0;
 
 /// A view recording is complete when its touched pages cover this share of the pages the
 /// view served (they match exactly when no event was lost).
@@ -119,11 +129,12 @@ fn completeness(
                  which reads the tree through a readahead-0 view"
             ),
         ),
-        _ if mapped_only as f64 > THIN_RATIO * t => (
+        _ if (cached as f64) < 0.5 * t && mapped_only as f64 > WARM_AROUND_RATIO * t => (
             Verdict::LikelyThin,
             format!(
-                "fault-around mapped {mapped_only} already cached pages without a touch \
-                 event, against {touched} touched (the files were cached before the start?): \
+                "nothing much was read from storage and fault-around ranges covered \
+                 {mapped_only} pages without a touch event, against {touched} touched (the \
+                 files were cached before the start): \
                  the trace likely holds only a part of the demand set; record it again with \
                  `incfs record-trace --root TREE`, which reads the tree through a \
                  readahead-0 view"
@@ -137,7 +148,9 @@ fn completeness(
         ),
         RecordedVia::Unknown => (
             Verdict::Unknown,
-            "the trace does not say how it was recorded (an older recorder)".to_owned(),
+            "the trace does not say how it was recorded (an older recorder); its events show \
+             no sign of readahead hiding pages"
+                .to_owned(),
         ),
     };
     Completeness {
@@ -146,6 +159,7 @@ fn completeness(
         touched_pages: touched,
         view_pages: meta.view_pages,
         cached_pages: cached,
+        cached_untouched_pages: cached_untouched,
         mapped_only_pages: mapped_only,
         hint,
     }
@@ -190,6 +204,8 @@ struct FileAcc {
     mapped: Vec<(u64, u64)>,
     cached: Vec<(u64, u64)>,
     around: Vec<(u64, u64)>,
+    /// The recorder resolved the file to a path (it lies under the roots).
+    resolved: bool,
 }
 
 /// Number of distinct integers covered by half-open ranges.
@@ -243,6 +259,7 @@ pub fn summarize(meta: &TraceMeta, df: &DataFrame) -> PolarsResult<TraceSummary>
         };
         let acc = files.entry(key).or_insert_with(|| FileAcc {
             first_ns: u64::MAX,
+            resolved: path.is_some(),
             ..FileAcc::default()
         });
         acc.first_ns = acc.first_ns.min(ts);
@@ -261,7 +278,9 @@ pub fn summarize(meta: &TraceMeta, df: &DataFrame) -> PolarsResult<TraceSummary>
     }
 
     let page = u64::from(meta.page_size);
-    let (mut cached, mut cached_untouched, mut mapped_only) = (0, 0, 0);
+    // Completeness is judged on the files under the roots: those outside them (system
+    // libraries) are read directly, with readahead, however the roots were recorded.
+    let (mut touched, mut cached, mut cached_untouched, mut mapped_only) = (0, 0, 0, 0);
     let mut files: Vec<FileSummary> = files
         .into_iter()
         .map(|(path, mut acc)| {
@@ -272,9 +291,13 @@ pub fn summarize(meta: &TraceMeta, df: &DataFrame) -> PolarsResult<TraceSummary>
                 (alone, union_len(&mut other) - pages)
             };
             let (c, c_only) = with(std::mem::take(&mut acc.cached));
-            cached += c;
-            cached_untouched += c_only;
-            mapped_only += with(std::mem::take(&mut acc.around)).1;
+            let around_only = with(std::mem::take(&mut acc.around)).1;
+            if acc.resolved {
+                touched += pages;
+                cached += c;
+                cached_untouched += c_only;
+                mapped_only += around_only;
+            }
             FileSummary {
                 path,
                 pages,
@@ -308,7 +331,6 @@ pub fn summarize(meta: &TraceMeta, df: &DataFrame) -> PolarsResult<TraceSummary>
         timeline[bucket(f.first_ns)].new_files += 1;
     }
 
-    let touched: u64 = files.iter().map(|f| f.pages).sum();
     Ok(TraceSummary {
         completeness: completeness(meta, touched, cached_untouched, cached, mapped_only),
         events: df.height() as u64,
@@ -346,12 +368,15 @@ mod tests {
     #[test]
     fn readahead_without_touches_is_thin() {
         // The numbers of a cold direct recording of clang from ext4 (read_ahead_kb 8192).
-        let c = completeness(&meta(RecordedVia::Direct, 0), 1_300, 48_211, 49_416, 0);
+        let c = completeness(&meta(RecordedVia::Direct, 0), 1_161, 43_910, 45_071, 20_242);
         assert_eq!(c.verdict, Verdict::LikelyThin);
         assert!(c.hint.contains("--root TREE"), "{}", c.hint);
         // A warm one: no readahead, fault-around maps the cached pages.
-        let c = completeness(&meta(RecordedVia::Unknown, 0), 1_207, 0, 0, 21_929);
+        let c = completeness(&meta(RecordedVia::Unknown, 0), 1_083, 0, 0, 20_320);
         assert_eq!(c.verdict, Verdict::LikelyThin);
+        // Through an incfs mount (readahead 0): every page brought in was touched.
+        let c = completeness(&meta(RecordedVia::Unknown, 0), 10_111, 0, 10_111, 11_525);
+        assert_eq!(c.verdict, Verdict::Unknown);
         let c = completeness(&meta(RecordedVia::Direct, 0), 1_000, 10, 1_010, 100);
         assert_eq!(c.verdict, Verdict::Unknown);
     }
