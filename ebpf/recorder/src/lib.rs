@@ -6,15 +6,18 @@
 //! 1. **Prepare.** Check privileges, mount tracefs if needed, read the tracepoint record
 //!    layouts from the format files into the probe's config, and with `cold` evict the
 //!    roots' files from the page cache.
+//!    With `view`, prepare a readahead-0 FUSE view of each root (`view` module).
 //! 2. **Attach, then spawn.** Load and attach the probe, start the drain thread, put the
 //!    recorder's own tgid in the tracked set, spawn the command (the kernel's fork event
 //!    adds the child before it runs a single instruction), and untrack the recorder again.
-//!    From then on the probe follows forks and exits in the kernel.
+//!    From then on the probe follows forks and exits in the kernel. With `view`, the child
+//!    enters a private mount namespace and mounts the views over the roots before `exec`,
+//!    and the recorder serves them.
 //! 3. **Wait.** Until the command exits, `duration` runs out or a signal (Ctrl-C) arrives;
 //!    in the last two cases the command is asked to stop and, after a grace period, killed.
 //! 4. **Collect.** Drain the rest of the ring buffer, read the lost-event counter, detach,
-//!    turn kernel device numbers into userspace ones, resolve (dev, ino) to paths under the
-//!    roots and sort by time.
+//!    turn kernel device numbers into userspace ones, map events on a view's inodes to the
+//!    real files, resolve (dev, ino) to paths under the roots and sort by time.
 //!
 //! [`Recording::write`] stores the result as a Parquet trace (`docs/trace.md`).
 
