@@ -836,6 +836,24 @@ mod tests {
     }
 
     #[test]
+    fn nested_roots_get_one_view() {
+        let roots: Vec<PathBuf> = ["/t", "/t/lib", "/u", "/t", "/tt"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        assert_eq!(
+            outermost(&roots),
+            ["/t", "/u", "/tt"].map(PathBuf::from).to_vec()
+        );
+    }
+
+    #[test]
+    fn union_counts_overlaps_once() {
+        assert_eq!(union_len(&mut [(5, 8), (0, 2), (1, 3), (7, 9)]), 7);
+        assert_eq!(union_len(&mut []), 0);
+    }
+
+    #[test]
     fn comm_stops_at_nul() {
         let mut raw = [0u8; COMM_LEN];
         raw[..3].copy_from_slice(b"cat");
