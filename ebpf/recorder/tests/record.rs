@@ -470,3 +470,12 @@ fn the_view_serves_the_roots_without_readahead() {
         "a view is left mounted:\n{mounts}"
     );
 }
+
+#[test]
+fn the_view_needs_a_root() {
+    let mut opts = RecordOptions::new(args(&["true"]));
+    opts.view = true;
+    let err = record(&opts).expect_err("a view without roots");
+    assert!(matches!(err, RecordError::ViewWithoutRoots), "{err}");
+    assert!(err.to_string().contains("--root"), "{err}");
+}
