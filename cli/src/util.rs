@@ -94,23 +94,30 @@ pub fn check_trace_in_child(path: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     let exe = std::env::current_exe().context("finding the incfs executable")?;
-    let status = Command::new(exe)
+    let out = Command::new(exe)
         .args(["trace", "show", "--json", "--top", "1"])
         .arg(path)
         .env("RUST_LOG", "off")
         .env(TRACE_CHECK_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
+        .stderr(Stdio::piped())
+        .output()
         .with_context(|| format!("checking the trace {} in a child process", path.display()))?;
-    if let Some(sig) = status.signal() {
+    if let Some(sig) = out.status.signal() {
         anyhow::bail!(
             "{}: not a usable trace: the Parquet reader crashed on it (signal {sig}; a malformed \
              page, as in fuzz/known-aborts/); record it again",
             path.display()
         );
     }
-    // Any other failure is reported, with its reason, by reading the file here.
+    if !out.status.success() {
+        // The child's reason, as it would have been printed here. Not read again in this
+        // process: which of a malformed file's errors polars meets first (a clean error or
+        // an abort) depends on its threads, so a second read could still abort.
+        let why = String::from_utf8_lossy(&out.stderr);
+        let why = why.trim().trim_start_matches("incfs: error: ");
+        anyhow::bail!("{why}");
+    }
     Ok(())
 }
