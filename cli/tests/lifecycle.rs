@@ -2,9 +2,13 @@
 //! in the middle of long requests over a slow link, `incfs run` returns within a second of
 //! its command's exit, and `incfs umount` returns within a second once the daemon is gone.
 
+mod common;
+
+use common::{incfs, ok};
+
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use incfs_datasets::require::{Need, require};
@@ -13,21 +17,6 @@ use incfs_fs::format::Image;
 use incfs_fs::link::LinkConfig;
 use incfs_fs::plan::{PLAN_VERSION, PlanEntry, PrefetchPlan};
 use incfs_fs::serve::{ServeConfig, Server};
-
-fn incfs() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_incfs"))
-}
-
-fn ok(out: Output) -> Output {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 /// A tree of 8 files of 2 MiB of noise packed into `dir/app.img`, and a plan naming all of
 /// them (`dir/plan.json`).

@@ -2,12 +2,16 @@
 //! a user the test creates (and removes): bytes right, passthrough turned off at the first
 //! EPERM with one log line, nothing left mounted.
 
+mod common;
+
+use common::ok;
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::fs::chown;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Instant;
 
 use incfs_datasets::require::{Need, require};
@@ -122,17 +126,6 @@ impl Drop for DevFuseOpen {
             let _ = fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(mode));
         }
     }
-}
-
-fn ok(out: Output) -> Output {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 fn fuse_mounts_under(dir: &Path) -> usize {

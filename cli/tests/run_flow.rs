@@ -3,31 +3,20 @@
 //! reads; exit status is propagated; a plan for another image is refused; Ctrl-C leaves no
 //! mount behind.
 
+mod common;
+
+use common::{incfs, ok};
+
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use incfs_datasets::require::{Need, require};
 use incfs_datasets::synth::noise;
 use incfs_fs::link::LinkConfig;
 use incfs_fs::serve::{ServeConfig, Server};
-
-fn incfs() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_incfs"))
-}
-
-fn ok(out: Output) -> Output {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 /// 16 files of 2 MiB, and a script that, after 0.4 s of "initialisation", reads 160
 /// scattered 4 KiB blocks of them and prints their checksum.

@@ -2,14 +2,13 @@
 //! polars-parquet abort the process (`fuzz/known-aborts/trace/`) are read first in a child
 //! process, so `incfs plan` and `incfs trace show` report them instead of dying with SIGABRT.
 
+mod common;
+
+use common::incfs;
+
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::Command;
-
-fn incfs() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_incfs"))
-}
 
 #[test]
 fn incfs_plan_names_a_trace_that_aborts_the_parquet_reader() {
