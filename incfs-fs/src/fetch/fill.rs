@@ -227,6 +227,7 @@ fn run(s: &Shared, fetcher: &Fetcher, config: &FillConfig) {
         if let Some(p) = pending.replace(batch) {
             match fetcher.fetch(&p, Priority::Background) {
                 Ok(()) => pause = Duration::from_millis(100),
+                Err(_) if stopped() => return,
                 Err(e) => {
                     tracing::warn!(error = %e, "background fill: a batch failed; will retry");
                     if s.pause(pause) {

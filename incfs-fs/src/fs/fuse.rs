@@ -172,9 +172,17 @@ pub fn new_session(
     ffs.max_readahead = opts.max_readahead;
     let pusher = Arc::clone(&ffs.pusher);
     let session = fuser::Session::new(ffs, mountpoint, &cfg).map_err(|e| {
+        // Without root, the device must be open to the user (Debian's udev rule makes it
+        // 0666) and fusermount3 setuid root: say so rather than a bare EACCES.
+        let hint = if e.kind() == io::ErrorKind::PermissionDenied {
+            " (without root, /dev/fuse must be readable and writable by you, as Debian's \
+             default mode 0666 allows, and fusermount3 setuid root: apt-get install fuse3)"
+        } else {
+            ""
+        };
         io::Error::new(
             e.kind(),
-            format!("mounting FUSE at {}: {e}", mountpoint.display()),
+            format!("mounting FUSE at {}: {e}{hint}", mountpoint.display()),
         )
     })?;
     if opts.push.enabled {
