@@ -3,6 +3,7 @@
 //! This binary parses arguments, shows progress and formats output; every piece of logic
 //! lives in the library crates.
 
+mod fetch_args;
 mod image_cmds;
 mod mount_cmds;
 mod plan_cmds;

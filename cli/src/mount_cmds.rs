@@ -5,6 +5,7 @@
 //! or failed on its stdout, so a source that cannot be reached is a non-zero exit with the
 //! reason, not a silent dead daemon.
 
+use crate::fetch_args::FetchArgs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -46,9 +47,8 @@ pub struct MountArgs {
     /// FUSE request threads.
     #[arg(long, default_value_t = 4)]
     threads: usize,
-    /// Fetch worker threads.
-    #[arg(long, default_value_t = 4)]
-    fetch_workers: usize,
+    #[command(flatten)]
+    fetch: FetchArgs,
     /// Seconds a read may spend fetching, all retries included, before it fails with EIO
     /// (also bounds each request: a stalled or trickling server cannot hold a read longer).
     #[arg(long, default_value_t = 10)]
@@ -63,9 +63,6 @@ pub struct MountArgs {
     /// mount time on, ahead of the program.
     #[arg(long)]
     prefetch: Option<PathBuf>,
-    /// After the plan, fetch the rest of the image at low priority.
-    #[arg(long)]
-    fetch_all: bool,
     /// Kernel readahead for files not yet local, in bytes (readahead of a lazy file fetches
     /// chunks nobody asked for).
     #[arg(long, default_value_t = 0)]
@@ -193,10 +190,9 @@ fn daemonize(a: &MountArgs, cache: &Path) -> anyhow::Result<ExitCode> {
         .arg(cache)
         .arg("--threads")
         .arg(a.threads.to_string())
-        .arg("--fetch-workers")
-        .arg(a.fetch_workers.to_string())
         .arg("--retry-timeout")
         .arg(a.retry_timeout.to_string());
+    a.fetch.forward(&mut cmd);
     // The signature is checked here; the daemon is handed the signed digest to insist on.
     if let Some(d) = required_digest(&source, a.expect_digest.as_deref(), a.trust.as_deref())? {
         cmd.arg("--expect-digest").arg(d.to_hex());
@@ -209,9 +205,6 @@ fn daemonize(a: &MountArgs, cache: &Path) -> anyhow::Result<ExitCode> {
             .canonicalize()
             .with_context(|| format!("opening the prefetch plan {}", p.display()))?;
         cmd.arg("--prefetch").arg(p);
-    }
-    if a.fetch_all {
-        cmd.arg("--fetch-all");
     }
     cmd.arg("--max-readahead").arg(a.max_readahead.to_string());
     if a.allow_other {
@@ -261,7 +254,7 @@ fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     let mut config = FsConfig::new(cache.to_path_buf());
     config.expect_digest = expect_digest;
     config.passthrough = !a.no_passthrough;
-    config.fetch.workers = a.fetch_workers.max(2);
+    let fill = a.fetch.apply(&mut config);
     config.fetch.retry_timeout = Duration::from_secs(a.retry_timeout);
     let source = incfs_fs::source::open_or_offline(&a.source, &config.fetch.retry())
         .with_context(|| format!("opening the source {} (check the path or URL)", a.source))?;
@@ -271,12 +264,12 @@ fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     );
     if let Some(path) = &a.prefetch {
         let plan = PrefetchPlan::load(path)?;
-        let cfg = PrefetchConfig {
-            fetch_all: a.fetch_all,
-            ..PrefetchConfig::default()
-        };
-        fs.start_prefetch(&plan, path, cfg)
+        fs.start_prefetch(&plan, path, PrefetchConfig::default())
             .with_context(|| format!("cannot prefetch {} with {}", a.source, path.display()))?;
+    }
+    if let Some(fill) = fill {
+        fs.start_fill(fill)
+            .context("starting the background fill")?;
     }
     let opts = MountOptions {
         threads: a.threads.max(1),
@@ -367,6 +360,26 @@ pub fn stats(a: StatsArgs) -> anyhow::Result<ExitCode> {
         )?;
     }
     let width = map.keys().map(String::len).max().unwrap_or(0);
+    // How much of the image is here, first: what a user asks before going offline.
+    let count = |k: &str| map.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    let (local, total) = (count("chunks_local"), count("chunks_total"));
+    let fill = match map.get("fill") {
+        Some(f) if f.get("done").and_then(serde_json::Value::as_bool) == Some(true) => {
+            "background fill done"
+        }
+        Some(_) => "background fill running",
+        None => "no background fill",
+    };
+    writeln!(
+        out,
+        "{:<width$}  {local} of {total} chunks ({:.1} %), {fill}",
+        "local",
+        if total == 0 {
+            100.0
+        } else {
+            local as f64 * 100.0 / total as f64
+        }
+    )?;
     for (k, val) in map {
         let shown = match (k.as_str(), val.as_u64()) {
             ("bytes_fetched" | "bytes_used" | "bytes_cached" | "table_bytes", Some(n)) => {

@@ -1,5 +1,6 @@
 //! `incfs run`: mount, prefetch, run a command on the mount, unmount, summarize.
 
+use crate::fetch_args::FetchArgs;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -41,9 +42,6 @@ pub struct RunArgs {
     /// Save the mount's read-log (NDJSON, an input for `incfs plan`) to this file.
     #[arg(long)]
     read_log_out: Option<PathBuf>,
-    /// After the plan, fetch the rest of the image at low priority.
-    #[arg(long)]
-    fetch_all: bool,
     /// Never open files with FUSE passthrough.
     #[arg(long)]
     no_passthrough: bool,
@@ -51,9 +49,8 @@ pub struct RunArgs {
     /// chunks nobody asked for).
     #[arg(long, default_value_t = 0)]
     max_readahead: u32,
-    /// Fetch worker threads (one serves demand misses only).
-    #[arg(long, default_value_t = 4)]
-    fetch_workers: usize,
+    #[command(flatten)]
+    fetch: FetchArgs,
     /// Seconds a read may spend fetching, all retries included, before it fails with EIO
     /// (also bounds each request: a stalled or trickling server cannot hold a read longer).
     #[arg(long, default_value_t = 10)]
@@ -104,15 +101,13 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let mut fs = FsConfig::new(cache);
     fs.expect_digest = required_digest(&a.image, a.expect_digest.as_deref(), a.trust.as_deref())?;
     fs.passthrough = !a.no_passthrough;
-    fs.fetch.workers = a.fetch_workers.max(2);
+    let fill = a.fetch.apply(&mut fs);
     fs.fetch.retry_timeout = std::time::Duration::from_secs(a.retry_timeout);
     let cfg = RunConfig {
         source: a.image.clone(),
         plan: a.prefetch.clone(),
-        prefetch: PrefetchConfig {
-            fetch_all: a.fetch_all,
-            ..PrefetchConfig::default()
-        },
+        prefetch: PrefetchConfig::default(),
+        fill,
         fs,
         mount: MountOptions {
             max_readahead: a.max_readahead,

@@ -78,8 +78,9 @@ const TRACE_CHECK_ENV: &str = "INCFS_TRACE_CHECK_CHILD";
 /// Reads the Parquet trace at `path` once in a child process (`incfs trace show`) before this
 /// process reads it: polars-parquet aborts the whole process on some malformed files (a data
 /// page header with a negative value count makes it reserve ~2^61 bytes; see
-/// `fuzz/known-aborts/`), which no error handling can catch. A child killed that way becomes
-/// an error naming the file. Inputs that are not Parquet (read-logs) are left alone.
+/// `fuzz/known-aborts/`), which no error handling can catch. A child killed that way, or one
+/// that fails, becomes an error naming the file, and this process does not read it. Inputs
+/// that are not Parquet (read-logs) are left alone.
 pub fn check_trace_in_child(path: &Path) -> anyhow::Result<()> {
     // The child is the check: it reads the file itself.
     if std::env::var_os(TRACE_CHECK_ENV).is_some() {
@@ -94,23 +95,32 @@ pub fn check_trace_in_child(path: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     let exe = std::env::current_exe().context("finding the incfs executable")?;
-    let status = Command::new(exe)
+    let out = Command::new(exe)
         .args(["trace", "show", "--json", "--top", "1"])
         .arg(path)
         .env("RUST_LOG", "off")
         .env(TRACE_CHECK_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
+        .stderr(Stdio::piped())
+        .output()
         .with_context(|| format!("checking the trace {} in a child process", path.display()))?;
-    if let Some(sig) = status.signal() {
+    if let Some(sig) = out.status.signal() {
         anyhow::bail!(
             "{}: not a usable trace: the Parquet reader crashed on it (signal {sig}; a malformed \
              page, as in fuzz/known-aborts/); record it again",
             path.display()
         );
     }
-    // Any other failure is reported, with its reason, by reading the file here.
+    if !out.status.success() {
+        // The reader's error, as the child reported it. (Not read again here: on some
+        // malformed files the reader sometimes errs and sometimes aborts.)
+        let text = String::from_utf8_lossy(&out.stderr);
+        let why = text
+            .lines()
+            .find_map(|l| l.strip_prefix("incfs: error: "))
+            .unwrap_or("the trace reader failed on it");
+        anyhow::bail!("{why}");
+    }
     Ok(())
 }

@@ -118,11 +118,13 @@ fn a_plan_from_the_programs_own_read_log_removes_its_blocked_reads() {
         .stdout;
     assert_eq!(want.len(), 160 * 4096);
 
-    // Run 1: no plan. The program's read-log becomes the planner's input.
+    // Run 1: no plan, and none of the read policy's guessing (no fill, no widened misses),
+    // so every read the plan should cover blocks. Its read-log becomes the planner's input.
     let log = tmp.path().join("read-log.ndjson");
     let s1 = tmp.path().join("s1.json");
     let out = ok(incfs()
-        .args(["run", "--image", &url, "--stats-json"])
+        .args(["run", "--no-fill", "--miss-amplify", "0", "--image", &url])
+        .arg("--stats-json")
         .arg(&s1)
         .arg("--")
         .args(["sh", "-c"])
@@ -150,7 +152,8 @@ fn a_plan_from_the_programs_own_read_log_removes_its_blocked_reads() {
     // Run 2: with the plan, prefetched from mount time on.
     let s2 = tmp.path().join("s2.json");
     let out = ok(incfs()
-        .args(["run", "--image", &url, "--prefetch"])
+        .args(["run", "--no-fill", "--miss-amplify", "0", "--image", &url])
+        .arg("--prefetch")
         .arg(&plan)
         .arg("--stats-json")
         .arg(&s2)

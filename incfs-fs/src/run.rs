@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use crate::fetch::fill::FillConfig;
 use crate::fs::fuse::{MountOptions, new_session, run_session, spawn_mount};
 use crate::fs::{FsConfig, FsError, IncFs, Stats};
 use crate::plan::{PlanError, PrefetchPlan};
@@ -42,6 +43,8 @@ pub struct RunConfig {
     pub plan: Option<PathBuf>,
     /// Prefetcher tunables.
     pub prefetch: PrefetchConfig,
+    /// The background fill of the rest of the image (`None`: off).
+    pub fill: Option<FillConfig>,
     /// File system tunables (cache directory, expected digest, fetch scheduler).
     pub fs: FsConfig,
     /// FUSE session options.
@@ -163,6 +166,9 @@ pub fn run(
     if let Some(path) = &cfg.plan {
         let plan = PrefetchPlan::load(path)?;
         fs.start_prefetch(&plan, path, cfg.prefetch.clone())?;
+    }
+    if let Some(fill) = &cfg.fill {
+        fs.start_fill(fill.clone())?;
     }
     let dir = tempfile::Builder::new()
         .prefix("incfs-run-")

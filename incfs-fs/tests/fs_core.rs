@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use incfs_fs::fetch::ReadAheadConfig;
 use incfs_fs::fetch::{FetchConfig, Priority};
 use incfs_fs::format::{Image, InodeKind, PackOptions, pack_dir};
 use incfs_fs::fs::{FsConfig, FsError, IncFs, NodeKind, OpenMode, Stats};
@@ -64,14 +65,22 @@ fn quick_fetch() -> FetchConfig {
         initial_backoff: Duration::from_millis(1),
         max_backoff: Duration::from_millis(5),
         max_attempts: 3,
+        // Exact request accounting: no miss widening, gap bridging or whole small files
+        // unless a test asks.
+        miss_amplify_bytes: 0,
+        bridge_gap_bytes: 0,
+        readahead: ReadAheadConfig {
+            small_file: 0,
+            ..ReadAheadConfig::default()
+        },
         ..FetchConfig::default()
     }
 }
 
-fn mount(src: Arc<dyn Source>, cache: &Path) -> IncFs {
+fn mount(src: Arc<dyn Source>, cache: &Path) -> Arc<IncFs> {
     let mut cfg = FsConfig::new(cache.to_path_buf());
     cfg.fetch = quick_fetch();
-    IncFs::new(src, &cfg).unwrap()
+    Arc::new(IncFs::new(src, &cfg).unwrap())
 }
 
 /// Resolves a relative path (bytes) to a FUSE inode number.
@@ -84,7 +93,7 @@ fn resolve(fs: &IncFs, path: &[u8]) -> u64 {
 }
 
 /// Reads a whole file through the core in `piece`-byte reads.
-fn read_all(fs: &IncFs, ino: u64, piece: u32) -> Result<Vec<u8>, FsError> {
+fn read_all(fs: &Arc<IncFs>, ino: u64, piece: u32) -> Result<Vec<u8>, FsError> {
     let (fh, _) = fs.open(ino)?;
     let size = fs.getattr(ino)?.size;
     let mut out = Vec::new();
@@ -100,7 +109,7 @@ fn read_all(fs: &IncFs, ino: u64, piece: u32) -> Result<Vec<u8>, FsError> {
     r.map(|()| out)
 }
 
-fn read_control(fs: &IncFs, name: &str) -> Vec<u8> {
+fn read_control(fs: &Arc<IncFs>, name: &str) -> Vec<u8> {
     let dir = fs.lookup(1, b".incfs").unwrap().ino;
     let ino = fs.lookup(dir, name.as_bytes()).unwrap().ino;
     let (fh, mode) = fs.open(ino).unwrap();
@@ -117,7 +126,7 @@ fn read_control(fs: &IncFs, name: &str) -> Vec<u8> {
     out
 }
 
-fn stats(fs: &IncFs) -> Stats {
+fn stats(fs: &Arc<IncFs>) -> Stats {
     serde_json::from_slice(&read_control(fs, "stats")).unwrap()
 }
 
@@ -235,21 +244,26 @@ fn adjacent_missing_chunks_coalesce_into_one_request() {
 }
 
 #[test]
-fn a_sequential_miss_fetches_ahead_in_the_same_request() {
+fn a_sequential_reader_gets_a_window_ahead_and_a_random_read_does_not() {
     let fx = big(64 * CHUNK as usize);
     let want = fs::read(fx.tree.join("big")).unwrap();
     let cache = tempfile::tempdir().unwrap();
     let src = Arc::new(MockSource::new(fx.bytes.clone()));
     let mut cfg = FsConfig::new(cache.path().to_path_buf());
     cfg.fetch = quick_fetch();
-    cfg.seq_readahead = 16 * u64::from(CHUNK);
-    let fs = IncFs::new(src.clone(), &cfg).unwrap();
+    cfg.fetch.readahead = ReadAheadConfig {
+        small_file: 0,
+        initial_window: 16 * u64::from(CHUNK),
+        max_window: 16 * u64::from(CHUNK),
+    };
+    let fs = Arc::new(IncFs::new(src.clone(), &cfg).unwrap());
     src.clear_requests();
     let ino = resolve(&fs, b"big");
     let (fh, _) = fs.open(ino).unwrap();
     // A first read fetches only what it touches.
     assert_eq!(fs.read(ino, fh, 0, CHUNK).unwrap(), want[..CHUNK as usize]);
-    // The next read continues where it ended: its chunk and 16 more travel as one range.
+    // The next read continues where it ended: its own chunk comes at demand priority, and
+    // the 16 chunks after it as one read-ahead request.
     assert_eq!(
         fs.read(ino, fh, u64::from(CHUNK), CHUNK).unwrap(),
         want[CHUNK as usize..2 * CHUNK as usize]
@@ -257,20 +271,27 @@ fn a_sequential_miss_fetches_ahead_in_the_same_request() {
     fs.fetcher()
         .fetch(&(2..18).collect::<Vec<u64>>(), Priority::Background)
         .unwrap();
-    let reqs = src.requests();
     let stored = |r: std::ops::Range<usize>| -> u64 {
         fx.img.table().entries()[r]
             .iter()
             .map(|e| u64::from(e.stored_len))
             .sum()
     };
-    assert_eq!(reqs.len(), 2, "{reqs:?}");
-    assert_eq!(reqs[0].len, stored(0..1));
-    assert_eq!(reqs[1].len, stored(1..18));
-    assert_eq!(reqs[1].kind, RequestKind::Demand);
+    let mut reqs: Vec<(u64, RequestKind)> =
+        src.requests().iter().map(|r| (r.len, r.kind)).collect();
+    assert_eq!(reqs.len(), 3, "{reqs:?}");
+    assert_eq!(reqs[0], (stored(0..1), RequestKind::Demand));
+    reqs.sort();
+    let mut expect = vec![
+        (stored(0..1), RequestKind::Demand),
+        (stored(1..2), RequestKind::Demand),
+        (stored(2..18), RequestKind::Prefetch),
+    ];
+    expect.sort();
+    assert_eq!(reqs, expect);
     // A random read elsewhere fetches only its chunk.
     fs.read(ino, fh, 40 * u64::from(CHUNK), 10).unwrap();
-    assert_eq!(src.requests()[2].len, stored(40..41));
+    assert_eq!(src.requests()[3].len, stored(40..41));
     fs.release(fh);
     fs.shutdown().unwrap();
 }
@@ -310,7 +331,7 @@ fn requests_are_capped_at_max_request_bytes() {
     let mut cfg = FsConfig::new(cache.path().to_path_buf());
     cfg.fetch = quick_fetch();
     cfg.fetch.max_request_bytes = 10 * u64::from(CHUNK);
-    let fs = IncFs::new(src.clone(), &cfg).unwrap();
+    let fs = Arc::new(IncFs::new(src.clone(), &cfg).unwrap());
     src.clear_requests();
     let ino = resolve(&fs, b"big");
     let got = read_all(&fs, ino, 64 * CHUNK).unwrap();
@@ -633,7 +654,7 @@ fn demand_is_served_before_queued_prefetch() {
     cfg.fetch = quick_fetch();
     cfg.fetch.workers = 2;
     cfg.fetch.max_request_bytes = 1; // one chunk per request
-    let fs = IncFs::new(src.clone(), &cfg).unwrap();
+    let fs = Arc::new(IncFs::new(src.clone(), &cfg).unwrap());
     src.clear_requests();
     src.set_delay(Duration::from_millis(20));
     // Queue 40 chunks of prefetch, then demand the last chunk of the file.

@@ -52,18 +52,21 @@ fn fixture() -> Fixture {
     }
 }
 
-fn mount(src: Arc<dyn Source>, cache: &std::path::Path) -> IncFs {
+fn mount(src: Arc<dyn Source>, cache: &std::path::Path) -> Arc<IncFs> {
     let mut cfg = FsConfig::new(cache.to_path_buf());
     cfg.fetch = FetchConfig {
         initial_backoff: Duration::from_millis(1),
         max_backoff: Duration::from_millis(5),
         max_attempts: 3,
+        // Exact request accounting: no miss widening or gap bridging unless a test asks.
+        miss_amplify_bytes: 0,
+        bridge_gap_bytes: 0,
         ..FetchConfig::default()
     };
-    IncFs::new(src, &cfg).unwrap()
+    Arc::new(IncFs::new(src, &cfg).unwrap())
 }
 
-fn read_chunk(fs: &IncFs, ino: u64, i: u64) -> Result<Vec<u8>, FsError> {
+fn read_chunk(fs: &Arc<IncFs>, ino: u64, i: u64) -> Result<Vec<u8>, FsError> {
     let (fh, _) = fs.open(ino)?;
     let r = fs.read(ino, fh, i * CHUNK, CHUNK as u32);
     fs.release(fh);

@@ -447,8 +447,10 @@ fn kill9_then_remount(http: bool) {
         .read_exact_at(&mut half, 0)
         .unwrap();
     assert!(half == want[..half.len()]);
+    // Every read of what the first mount recorded was a hit (read-ahead past it may fetch
+    // what follows, which is new).
     assert_eq!(
-        d.stats().bytes_fetched,
+        d.stats().demand_misses,
         0,
         "already-read data was fetched again"
     );
@@ -551,6 +553,57 @@ fn mount_a_blocked_miss_does_not_stall_other_requests() {
     );
     let want = fs::read(w.path("tree").join("big-noise")).unwrap();
     assert!(reader.join().unwrap() == want[..1000]);
+    d.unmount();
+}
+
+#[test]
+fn mount_32_readers_of_different_files_wait_together_not_in_turn() {
+    if !privileged("mount_32_readers_of_different_files_wait_together_not_in_turn") {
+        return;
+    }
+    let w = Work::new();
+    let tree = w.path("tree");
+    fs::create_dir_all(&tree).unwrap();
+    for i in 0..32u64 {
+        fs::write(tree.join(format!("f{i:02}")), common::noise(64 * 1024, i)).unwrap();
+    }
+    pack(&tree, &w.path("img"), 4096);
+    // Every request to the source takes 1.5 s: the FUSE session has 4 threads, so readers
+    // blocking them would be answered four at a time.
+    let d = Daemon::start_with(
+        w.path("img").to_str().unwrap(),
+        &w.path("mnt"),
+        &w.path("cache"),
+        None,
+        &[(ENV_LATENCY, "1500".into())],
+    );
+    let readers: Vec<_> = (0..32u64)
+        .map(|i| {
+            let path = w.path("mnt").join(format!("f{i:02}"));
+            std::thread::spawn(move || fs::read(path).unwrap())
+        })
+        .collect();
+    // All 32 reads are waiting at once, each holding no thread of the session...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut most = 0;
+    while most < 32 {
+        most = most.max(d.stats().reads_waiting);
+        assert!(
+            Instant::now() < deadline,
+            "at most {most} reads were waiting at once"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // ...and the mount still answers everything else meanwhile.
+    let listed = fs::read_dir(w.path("mnt"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().as_bytes().starts_with(b"f"))
+        .count();
+    assert_eq!(listed, 32);
+    for (i, r) in readers.into_iter().enumerate() {
+        let want = fs::read(tree.join(format!("f{i:02}"))).unwrap();
+        assert!(r.join().unwrap() == want, "f{i:02} read back wrong");
+    }
     d.unmount();
 }
 

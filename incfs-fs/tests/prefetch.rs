@@ -152,7 +152,6 @@ fn a_demand_miss_overtakes_queued_prefetch() {
     let plan: Vec<u64> = (0..150u64).map(|i| i * 2).collect();
     let cfg = PrefetchConfig {
         window_bytes: u64::MAX,
-        ..PrefetchConfig::default()
     };
     let p = Prefetcher::start(Arc::clone(&r.fetcher), Arc::clone(&r.table), &plan, cfg).unwrap();
     wait_until("prefetch to start", || !r.source.requests().is_empty());
@@ -178,7 +177,6 @@ fn the_window_jumps_forward_with_the_program() {
     let plan: Vec<u64> = (0..400u64).step_by(2).collect(); // 200 non-adjacent chunks
     let cfg = PrefetchConfig {
         window_bytes: 8 * CHUNK,
-        fetch_all: false,
     };
     let p = Prefetcher::start(Arc::clone(&r.fetcher), Arc::clone(&r.table), &plan, cfg).unwrap();
     wait_until("prefetch to start", || !r.source.requests().is_empty());
@@ -198,6 +196,35 @@ fn the_window_jumps_forward_with_the_program() {
     assert_eq!(
         skipped_local, 0,
         "the prefetcher filled in chunks the program went past"
+    );
+}
+
+#[test]
+fn a_jump_takes_what_the_window_had_queued_behind_it_off_the_queue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = rig(image(tmp.path()));
+    r.source.set_delay(Duration::from_millis(200));
+    // 40 ranges too far apart to bridge, all queued at once (the window holds the plan).
+    let plan: Vec<u64> = (0..400u64).step_by(10).collect();
+    let cfg = PrefetchConfig {
+        window_bytes: u64::MAX,
+    };
+    let p = Prefetcher::start(Arc::clone(&r.fetcher), Arc::clone(&r.table), &plan, cfg).unwrap();
+    wait_until("prefetch to start", || !r.source.requests().is_empty());
+    // The program reads plan entry 30 (slot 300) while the first requests are in flight.
+    p.on_read(0, 300, 300, false);
+    r.fetcher.fetch(&[300], Priority::Demand).unwrap();
+    wait_until("the rest of the plan", || {
+        (30..40).all(|i| r.fetcher.cache().is_local(plan[i]))
+    });
+    // What was queued (not yet in flight) between the window's start and the jump was
+    // dropped, not fetched.
+    let fetched_behind = (16..30)
+        .filter(|&i| r.fetcher.cache().is_local(plan[i]))
+        .count();
+    assert_eq!(
+        fetched_behind, 0,
+        "chunks the program went past were fetched"
     );
 }
 

@@ -389,7 +389,7 @@ fn stalled_trickling_and_dead_servers_give_eio_within_the_deadline_then_recover(
     // One file per phase, each read for the first time in its phase: every read misses.
     let phases = ["stall", "trickle", "dead"];
     for (i, name) in phases.iter().enumerate() {
-        fs::write(tree.join(name), common::noise(200_000, i as u64)).unwrap();
+        fs::write(tree.join(name), common::noise(2 << 20, i as u64)).unwrap();
         fs::write(
             tree.join(format!("{name}-after")),
             common::noise(50_000, 9 + i as u64),

@@ -1,23 +1,46 @@
-//! The fetch scheduler: brings chunks from the source into the cache, verified.
+//! The fetch scheduler: brings chunks from the source into the cache, verified, and decides
+//! what to ask for.
 //!
 //! One scheduler per mount, with three queues in strict priority order: demand (a reader is
-//! blocked), prefetch (the plan asked), background (everything else). Callers
-//! [`Fetcher::submit`] slots at a priority (a later prefetcher uses this) or
-//! [`Fetcher::fetch`] them and block until they are local.
+//! waiting), prefetch (the plan or a sequential reader's window asked), background (the fill
+//! of the rest of the image). Readers do not block a thread while they wait: a read hands
+//! [`Fetcher::read`] a completion, which runs on the worker thread that stored the last chunk
+//! it needed (or at once, when everything is local), so FUSE replies are sent when the data
+//! is there and a slow miss holds no FUSE thread. [`Fetcher::fetch`] is the blocking form.
 //!
-//! Worker threads take the first slot of the highest non-empty queue and extend it with the
-//! queued slots that follow it in the image's data section (any priority), up to
-//! [`FetchConfig::max_request_bytes`], so adjacent missing chunks travel as one range
-//! request. Worker 0 serves only demand, so a miss never waits behind a prefetch.
+//! **What is asked for.** The read-ahead policy ([`readahead`]) adds, per open file, the
+//! rest of a small file and a window that grows while access stays sequential. A demand
+//! miss that no plan covers is widened in stored order over the chunks that follow it, up to
+//! [`FetchConfig::miss_amplify_bytes`] (Nydus's `amplify_io`), since a start that faults a
+//! page of a library usually faults its neighbours next. A prefetch request bridges gaps of
+//! up to [`FetchConfig::bridge_gap_bytes`] between planned chunks, so a plan on an image
+//! that was not laid out for it travels as fewer, longer requests.
+//!
+//! **Workers.** [`FetchConfig::workers`] threads take the first slot of the highest
+//! non-empty queue and extend it with the chunks that follow it in the image's data section,
+//! up to [`FetchConfig::max_request_bytes`], so adjacent missing chunks travel as one range
+//! request; many requests are in flight at once, so a plan's scattered ranges pay their
+//! round trips in parallel. [`FetchConfig::demand_workers`] of them serve only demand, so a
+//! miss never waits behind a prefetch; at most [`FetchConfig::background_requests`]
+//! background requests are in flight, so the fill never takes the link from a reader.
+//! A chunk whose table entry is not loaded yet has its segment loaded by a worker, at the
+//! priority of the read that needs it, never on the reader's thread.
 //!
 //! A slot is queued or in flight at most once: concurrent readers of one chunk cause one
 //! fetch. Every chunk is decoded and checked against its digest ([`chunk_of_frame`]) before
 //! it is stored; bytes that do not match are never stored or returned. Failed requests and
 //! chunks that do not verify are retried under the mount's [`RetryPolicy`] (jittered
 //! backoff, each request bounded by the time left before [`FetchConfig::retry_timeout`]);
-//! then the slot fails and its waiters get a [`FetchError`].
+//! then the slot fails and its waiters get a [`FetchError`]. A waiter is also answered with an error once it has
+//! waited [`FetchConfig::retry_timeout`], whatever the source does, and a worker that
+//! panics fails its slots instead of leaving them in flight.
 
-use std::collections::{HashMap, VecDeque};
+pub mod fill;
+pub mod readahead;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::ops::Range;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -31,30 +54,56 @@ use crate::retry::RetryPolicy;
 use crate::source::{RequestKind, Source};
 use crate::table::LazyTable;
 
-/// How long a failed slot stays failed: requests for it within this time fail at once
-/// instead of fetching again. Covers the kernel's own immediate retry of a failed page read,
+pub use readahead::{ReadAhead, ReadAheadConfig};
+
+/// How long a slot that failed a reader stays failed: requests for it within this time fail
+/// at once instead of fetching again. Covers the kernel's own immediate retry of a failed page read,
 /// and is short enough that a program trying again a second later reaches the source.
 pub const FAILURE_MEMO: Duration = Duration::from_millis(500);
 
 /// Tunables of the scheduler.
 #[derive(Debug, Clone)]
 pub struct FetchConfig {
-    /// Worker threads (at least 2: worker 0 serves demand only). Default 4: requests are
-    /// I/O-bound, and four in flight keep a loopback or LAN link busy on two cores.
+    /// Worker threads, so requests in flight at most. Default 16: requests are I/O-bound
+    /// (a worker mostly waits for its round trip), and a plan on an image not laid out for
+    /// it has hundreds of separate ranges whose round trips should overlap.
     pub workers: usize,
-    /// Largest range request, in stored bytes. Default 4 MiB: large enough that a request's
-    /// fixed cost (one round trip) is small next to its transfer on a 100 Mbit link, small
-    /// enough that a demand read never waits long behind one.
+    /// Of `workers`, those that serve demand only (at least 1). Default 4: a start rarely
+    /// has more misses outstanding than it has threads.
+    pub demand_workers: usize,
+    /// Background (fill) requests in flight at most. Default 2: one alone leaves the link
+    /// idle for a round trip between requests (clang's lazy start: 10.4 s with one, 7.3 s
+    /// with two at 20 ms / 100 Mbit/s); a demand request shares the link with at most two.
+    pub background_requests: usize,
+    /// Largest range request, in stored bytes. Default 8 MiB: large enough that a request's
+    /// fixed cost (one round trip) is small next to its transfer on a 100 Mbit link.
     pub max_request_bytes: u64,
+    /// Largest background request, in stored bytes. Default 1 MiB (~80 ms at 100 Mbit/s):
+    /// a demand miss that arrives while one is in flight shares the link only that long.
+    pub background_request_bytes: u64,
+    /// Stored bytes a demand miss that no plan covers is widened by, over the chunks that
+    /// follow it in the data section and are not local. Default 256 KiB, chosen by
+    /// measurement (BENCHMARKS.md, "Fast without a plan"): clang's lazy start blocks 1.6×
+    /// less often than at 128 KiB without the fill, and larger values gain nothing with it.
+    pub miss_amplify_bytes: u64,
+    /// Largest gap, in stored bytes, between two queued prefetch chunks that one request
+    /// bridges (fetching the gap's chunks too). Default 16 KiB, chosen by measurement
+    /// (BENCHMARKS.md, "Fast without a plan"): clang's plan on the pack layout takes 2.2×
+    /// fewer requests than without bridging and moves 1.3× its bytes; wider gaps move more
+    /// bytes than the round trips they save.
+    pub bridge_gap_bytes: u64,
+    /// The per-file read-ahead policy.
+    pub readahead: ReadAheadConfig,
     /// Attempts per request before its chunks fail. Default 20 ([`RetryPolicy`]).
     pub max_attempts: u32,
-    /// Wait before the first retry; doubles each time, jittered. Default 50 ms.
+    /// Wait before the first retry; doubles each time. Default 50 ms.
     pub initial_backoff: Duration,
-    /// Longest wait between retries. Default 1 s.
+    /// Longest wait between retries. Default 2 s.
     pub max_backoff: Duration,
-    /// Longest time spent on one request's chunks, every attempt and pause included, before
-    /// they fail (restarted when an attempt stores some of them). Default 10 s
-    /// ([`crate::retry::DEFAULT_DEADLINE`], which explains the choice).
+    /// Longest time spent retrying one request before its chunks fail, and longest time a
+    /// reader waits before it gets an error (restarted for the rest of a request when an
+    /// attempt stores some of its chunks). Default 10 s ([`crate::retry::DEFAULT_DEADLINE`],
+    /// which explains the choice).
     pub retry_timeout: Duration,
 }
 
@@ -74,8 +123,14 @@ impl FetchConfig {
 impl Default for FetchConfig {
     fn default() -> Self {
         FetchConfig {
-            workers: 4,
-            max_request_bytes: 4 * 1024 * 1024,
+            workers: 16,
+            demand_workers: 4,
+            background_requests: 2,
+            max_request_bytes: 8 * 1024 * 1024,
+            background_request_bytes: 1024 * 1024,
+            miss_amplify_bytes: 256 * 1024,
+            bridge_gap_bytes: 16 * 1024,
+            readahead: ReadAheadConfig::default(),
             max_attempts: RetryPolicy::default().max_attempts,
             initial_backoff: RetryPolicy::default().initial_backoff,
             max_backoff: RetryPolicy::default().max_backoff,
@@ -89,7 +144,7 @@ impl Default for FetchConfig {
 pub enum Priority {
     /// A reader is blocked on it.
     Demand = 0,
-    /// The prefetch plan names it.
+    /// The prefetch plan or a sequential reader's window names it.
     Prefetch = 1,
     /// Anything else (background fill).
     Background = 2,
@@ -115,6 +170,36 @@ pub struct FetchError {
     pub reason: Arc<str>,
 }
 
+/// What runs when a read's chunks are local (`Ok`) or cannot be had (`Err`).
+pub type Completion = Box<dyn FnOnce(Result<(), FetchError>) + Send>;
+
+/// A read of one file, as the scheduler needs to know it.
+#[derive(Debug, Clone)]
+pub struct FileRead {
+    /// The file's first chunk slot.
+    pub first_slot: u64,
+    /// The image's chunk size.
+    pub chunk_size: u64,
+    /// The file's size.
+    pub file_size: u64,
+    /// The bytes read (within the file).
+    pub range: Range<u64>,
+    /// Widen a miss over the chunks that follow it (no plan covers this read).
+    pub amplify: bool,
+}
+
+impl FileRead {
+    /// The slots holding file bytes `range`.
+    fn slots(&self, range: &Range<u64>) -> Range<u64> {
+        let end = range.end.min(self.file_size);
+        if range.start >= end || self.chunk_size == 0 {
+            return self.first_slot..self.first_slot;
+        }
+        self.first_slot + range.start / self.chunk_size
+            ..self.first_slot + (end - 1) / self.chunk_size + 1
+    }
+}
+
 /// Counters of the scheduler.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct FetchStats {
@@ -128,21 +213,52 @@ pub struct FetchStats {
     pub fetch_errors: u64,
     /// Chunks given up on after retries.
     pub chunks_failed: u64,
+    /// Reads answered with an error because they waited longer than the retry timeout.
+    pub reads_timed_out: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SlotState {
-    Queued(Priority),
+    /// Waiting for its chunk-table entry, at this priority.
+    NeedsEntry(Priority),
+    /// Queued at this priority (`true`: a demand miss that may be widened).
+    Queued(Priority, bool),
     InFlight,
+}
+
+/// A reader waiting for slots.
+struct Waiter {
+    /// The first slot it waits for (named in a timeout's error).
+    first: u64,
+    /// Slots not local yet.
+    remaining: usize,
+    deadline: Instant,
+    done: Completion,
+}
+
+/// What a worker does next.
+enum Job {
+    /// Load the table entries of these slots, then queue them at the priority.
+    Entries(Vec<u64>, Priority),
+    /// Fetch this batch of stored-adjacent slots.
+    Chunks(Vec<u64>, Priority),
 }
 
 #[derive(Default)]
 struct State {
     slots: HashMap<u64, SlotState>,
     queues: [VecDeque<u64>; 3],
-    /// Slots that failed, with why and when: a new request for one within
-    /// [`FAILURE_MEMO`] fails at once.
-    failed: HashMap<u64, (Arc<str>, Instant)>,
+    entry_queues: [VecDeque<u64>; 3],
+    /// Slots that failed, with why, and when if a reader was told: a new request for one of
+    /// those within [`FAILURE_MEMO`] fails at once.
+    failed: HashMap<u64, (Arc<str>, Option<Instant>)>,
+    /// Requests in flight by priority.
+    in_flight: [usize; 3],
+    waiters: HashMap<u64, Waiter>,
+    /// Waiter ids by the slot they wait for.
+    slot_waiters: HashMap<u64, Vec<u64>>,
+    deadlines: BTreeSet<(Instant, u64)>,
+    next_waiter: u64,
 }
 
 struct Inner {
@@ -154,22 +270,26 @@ struct Inner {
     state: Mutex<State>,
     /// Wakes workers when work is queued.
     work: Condvar,
-    /// Wakes waiters when slots finish.
-    done: Condvar,
+    /// Wakes the deadline thread when a waiter is added.
+    timer: Condvar,
     shutdown: AtomicBool,
     bytes_fetched: AtomicU64,
     requests: AtomicU64,
     chunks_fetched: AtomicU64,
     fetch_errors: AtomicU64,
     chunks_failed: AtomicU64,
+    reads_timed_out: AtomicU64,
     /// Slots fetched and stored by this scheduler, one bit each.
     fetched: Vec<AtomicU64>,
+    /// Stored offset of the latest demand request, plus one (0: none yet): where the
+    /// program reads now, which the background fill follows.
+    last_demand: AtomicU64,
 }
 
-/// The scheduler. Dropping it stops the workers.
+/// The scheduler. Dropping it stops the workers and answers every waiter.
 pub struct Fetcher {
     inner: Arc<Inner>,
-    workers: Vec<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Fetcher {
@@ -183,6 +303,7 @@ impl Fetcher {
         config: FetchConfig,
     ) -> std::io::Result<Self> {
         let n = config.workers.max(2);
+        let demand = config.demand_workers.clamp(1, n - 1);
         let words = table.len().div_ceil(64);
         let inner = Arc::new(Inner {
             source,
@@ -192,113 +313,194 @@ impl Fetcher {
             config,
             state: Mutex::new(State::default()),
             work: Condvar::new(),
-            done: Condvar::new(),
+            timer: Condvar::new(),
             shutdown: AtomicBool::new(false),
             bytes_fetched: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             chunks_fetched: AtomicU64::new(0),
             fetch_errors: AtomicU64::new(0),
             chunks_failed: AtomicU64::new(0),
+            reads_timed_out: AtomicU64::new(0),
             fetched: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            last_demand: AtomicU64::new(0),
         });
-        let mut workers = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n + 1);
         for i in 0..n {
             let inner = Arc::clone(&inner);
-            workers.push(
+            threads.push(
                 std::thread::Builder::new()
                     .name(format!("incfs-fetch-{i}"))
-                    .spawn(move || inner.worker(i == 0))?,
+                    .spawn(move || inner.worker(i < demand))?,
             );
         }
-        Ok(Fetcher { inner, workers })
+        let timer = Arc::clone(&inner);
+        threads.push(
+            std::thread::Builder::new()
+                .name("incfs-fetch-deadlines".into())
+                .spawn(move || timer.deadlines())?,
+        );
+        Ok(Fetcher { inner, threads })
     }
 
     /// Queues the slots that are not local at `priority` (raising the priority of slots
     /// already queued lower). Returns once their chunk-table entries are loaded: slots
-    /// whose entries could not be loaded are left out (and logged).
+    /// whose entries could not be loaded are left out (and logged). For threads that may
+    /// block (the prefetcher, the fill); a reader uses [`Fetcher::read`].
     pub fn submit(&self, slots: &[u64], priority: Priority) {
         if let Err(e) = self.inner.table.load(slots, priority.kind()) {
             tracing::warn!(error = %e, "not queueing chunks whose table entries did not load");
         }
         let mut st = self.inner.state.lock();
-        if self.inner.queue(&mut st, slots, priority) {
+        if self.inner.queue(&mut st, slots, priority, false) {
             self.inner.work.notify_all();
+        }
+    }
+
+    /// A read of `file`: queues its missing chunks at demand priority and what the
+    /// read-ahead policy (state `ra` of the reader's open file) adds, and calls `done` once
+    /// the read's own chunks are local — at once, on this thread, when they already are.
+    pub fn read(&self, file: &FileRead, ra: &mut ReadAhead, done: Completion) {
+        let inner = &self.inner;
+        let own = file.slots(&file.range);
+        let hit = own.clone().all(|s| inner.cache.is_local(s));
+        let ahead = ra.on_read(
+            &inner.config.readahead,
+            file.range.clone(),
+            file.file_size,
+            hit,
+        );
+        let ahead_slots = file.slots(&ahead);
+        // The rest of a small file rides in the miss's request; a sequential window is a
+        // request of its own (it is wanted later, not now).
+        let small_file_rest = ahead.start == file.range.end.min(file.file_size)
+            && ahead.end == file.file_size
+            && file.file_size <= inner.config.readahead.small_file;
+        let ahead_priority = if small_file_rest {
+            Priority::Demand
+        } else {
+            Priority::Prefetch
+        };
+        let own: Vec<u64> = own.collect();
+        let ahead: Vec<u64> = ahead_slots.filter(|s| !own.contains(s)).collect();
+        self.wait_for(
+            &own,
+            Priority::Demand,
+            file.amplify,
+            &ahead,
+            ahead_priority,
+            done,
+        );
+    }
+
+    /// Takes `slots` off the queue where they wait at `priority` (not those a reader has
+    /// asked for since, nor those in flight): the prefetcher's window moved past them.
+    pub fn unqueue(&self, slots: &[u64], priority: Priority) {
+        let mut st = self.inner.state.lock();
+        for slot in slots {
+            if matches!(st.slots.get(slot), Some(SlotState::Queued(p, _)) if *p == priority)
+                && !st.slot_waiters.contains_key(slot)
+            {
+                // Its queue entry goes stale and is skipped.
+                st.slots.remove(slot);
+            }
         }
     }
 
     /// Fetches the slots that are not local at `priority` and blocks until all are local,
     /// or returns the first failure.
     pub fn fetch(&self, slots: &[u64], priority: Priority) -> Result<(), FetchError> {
-        self.fetch_ahead(slots, priority, &[])
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.wait_for(
+            slots,
+            priority,
+            false,
+            &[],
+            priority,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv().unwrap_or_else(|_| {
+            Err(FetchError {
+                slot: slots.first().copied().unwrap_or(0),
+                reason: "the file system is shutting down".into(),
+            })
+        })
     }
 
-    /// Like [`Fetcher::fetch`], and queues `ahead` (slots that follow `slots` in the data
-    /// section) at background priority in the same step, so that the request for `slots`
-    /// extends over them; returns once `slots` are local, without waiting for `ahead`.
-    pub fn fetch_ahead(
+    /// Queues `slots` (and `ahead`, not waited for) and calls `done` when `slots` are local.
+    fn wait_for(
         &self,
         slots: &[u64],
         priority: Priority,
+        amplify: bool,
         ahead: &[u64],
-    ) -> Result<(), FetchError> {
+        ahead_priority: Priority,
+        done: Completion,
+    ) {
         let inner = &self.inner;
-        if let Err(e) = inner.table.load(slots, priority.kind()) {
-            return Err(FetchError {
-                slot: slots.first().copied().unwrap_or(0),
-                reason: e.to_string().into(),
-            });
-        }
-        // Read-ahead is best effort: its entries load with the request's, or it is dropped.
-        let _ = inner.table.load(ahead, Priority::Background.kind());
         let mut st = inner.state.lock();
-        let a = inner.queue(&mut st, slots, priority);
-        let b = inner.queue(&mut st, ahead, Priority::Background);
+        let a = inner.queue(&mut st, slots, priority, amplify);
+        let b = inner.queue(&mut st, ahead, ahead_priority, false);
         if a || b {
             inner.work.notify_all();
         }
-        loop {
-            let mut all_local = true;
-            for &slot in slots {
-                if inner.cache.is_local(slot) {
-                    continue;
-                }
-                if let Some((reason, _)) = st.failed.get(&slot) {
-                    return Err(FetchError {
-                        slot,
-                        reason: Arc::clone(reason),
-                    });
-                }
-                if slot >= inner.table.len() {
-                    return Err(FetchError {
-                        slot,
-                        reason: "no such chunk slot".into(),
-                    });
-                }
-                if inner.table.get(slot).is_none() {
-                    return Err(FetchError {
-                        slot,
-                        reason: "its chunk table entry is not loaded".into(),
-                    });
-                }
-                if let std::collections::hash_map::Entry::Vacant(e) = st.slots.entry(slot) {
-                    // Finished without becoming local and without a recorded failure (the
-                    // failure was cleared by another submit): queue it again.
-                    e.insert(SlotState::Queued(priority));
-                    st.queues[priority as usize].push_back(slot);
-                    inner.work.notify_all();
-                }
-                all_local = false;
+        if inner.shutdown.load(Ordering::Acquire) {
+            drop(st);
+            return done(Err(FetchError {
+                slot: slots.first().copied().unwrap_or(0),
+                reason: "the file system is shutting down".into(),
+            }));
+        }
+        let mut remaining = Vec::new();
+        for &slot in slots {
+            if inner.cache.is_local(slot) {
+                continue;
             }
-            if all_local {
-                return Ok(());
+            if let Some((reason, _)) = st.failed.get(&slot) {
+                let reason = Arc::clone(reason);
+                drop(st);
+                return done(Err(FetchError { slot, reason }));
             }
-            if inner.shutdown.load(Ordering::Acquire) {
-                return Err(FetchError {
-                    slot: slots.first().copied().unwrap_or(0),
-                    reason: "the file system is shutting down".into(),
-                });
+            if slot >= inner.table.len() {
+                drop(st);
+                return done(Err(FetchError {
+                    slot,
+                    reason: "no such chunk slot".into(),
+                }));
             }
-            inner.done.wait(&mut st);
+            if !st.slots.contains_key(&slot) {
+                // Finished without becoming local and without a recorded failure (the
+                // failure was cleared by another read): queue it again.
+                inner.queue(&mut st, &[slot], priority, amplify);
+                inner.work.notify_all();
+            }
+            remaining.push(slot);
+        }
+        remaining.dedup();
+        if remaining.is_empty() {
+            drop(st);
+            return done(Ok(()));
+        }
+        let id = st.next_waiter;
+        st.next_waiter += 1;
+        let deadline = Instant::now() + inner.config.retry_timeout;
+        for &slot in &remaining {
+            st.slot_waiters.entry(slot).or_default().push(id);
+        }
+        st.waiters.insert(
+            id,
+            Waiter {
+                first: remaining[0],
+                remaining: remaining.len(),
+                deadline,
+                done,
+            },
+        );
+        let earliest = st.deadlines.first().is_none_or(|(d, _)| deadline < *d);
+        st.deadlines.insert((deadline, id));
+        if earliest {
+            inner.timer.notify_all();
         }
     }
 
@@ -311,6 +513,7 @@ impl Fetcher {
             chunks_fetched: i.chunks_fetched.load(Ordering::Relaxed),
             fetch_errors: i.fetch_errors.load(Ordering::Relaxed),
             chunks_failed: i.chunks_failed.load(Ordering::Relaxed),
+            reads_timed_out: i.reads_timed_out.load(Ordering::Relaxed),
         }
     }
 
@@ -322,31 +525,79 @@ impl Fetcher {
             .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (slot % 64)) != 0)
     }
 
+    /// Reads waiting for chunks now.
+    pub fn waiting(&self) -> usize {
+        self.inner.state.lock().waiters.len()
+    }
+
     /// Slots queued or in flight now.
     pub fn pending(&self) -> usize {
         self.inner.state.lock().slots.len()
+    }
+
+    /// True when nothing is queued or in flight at `priority` or above.
+    pub fn idle_at(&self, priority: Priority) -> bool {
+        let st = self.inner.state.lock();
+        (0..=priority as usize).all(|p| {
+            st.in_flight[p] == 0 && st.queues[p].is_empty() && st.entry_queues[p].is_empty()
+        })
     }
 
     /// The cache this scheduler fills.
     pub fn cache(&self) -> &ChunkCache {
         &self.inner.cache
     }
+
+    /// The chunk table it fetches by.
+    pub fn table(&self) -> &Arc<LazyTable> {
+        &self.inner.table
+    }
+
+    /// The scheduler's tunables.
+    pub fn config(&self) -> &FetchConfig {
+        &self.inner.config
+    }
+
+    /// Stored offset (in the data section) of the latest demand request, if any.
+    pub fn last_demand_offset(&self) -> Option<u64> {
+        self.inner
+            .last_demand
+            .load(Ordering::Relaxed)
+            .checked_sub(1)
+    }
+
+    /// True once the scheduler is shutting down.
+    pub fn is_shut_down(&self) -> bool {
+        self.inner.shutdown.load(Ordering::Acquire)
+    }
 }
 
 impl Fetcher {
     /// Stops the scheduler (at unmount): workers take no more work, a request in flight
-    /// stops at its next piece, retries and table loads stop, and waiters fail. Returns at
-    /// once; dropping the scheduler waits (briefly) for the workers.
+    /// stops at its next piece, retries and table loads stop, and every waiter is answered
+    /// with an error. Returns at once; dropping the scheduler waits (briefly) for the
+    /// workers.
     pub fn shutdown(&self) {
         self.inner.shutdown.store(true, Ordering::Release);
         self.inner.table.cancel();
-        let _st = self.inner.state.lock();
-        self.inner.work.notify_all();
-        self.inner.done.notify_all();
+        let waiting: Vec<Waiter> = {
+            let mut st = self.inner.state.lock();
+            self.inner.work.notify_all();
+            self.inner.timer.notify_all();
+            st.slot_waiters.clear();
+            st.deadlines.clear();
+            st.waiters.drain().map(|(_, w)| w).collect()
+        };
+        for w in waiting {
+            (w.done)(Err(FetchError {
+                slot: 0,
+                reason: "the file system is shutting down".into(),
+            }));
+        }
     }
 }
 
-/// How long dropping a [`Fetcher`] waits for its workers: a worker stuck in a request that
+/// How long dropping a [`Fetcher`] waits for its threads: a worker stuck in a request that
 /// sends nothing more is left to end by itself (by its timeout), so unmounting never waits
 /// for a stalled server.
 const WORKER_JOIN_WAIT: Duration = Duration::from_millis(300);
@@ -354,30 +605,46 @@ const WORKER_JOIN_WAIT: Duration = Duration::from_millis(300);
 impl Drop for Fetcher {
     fn drop(&mut self) {
         self.shutdown();
+        // The last owner may be a completion running on a worker: it cannot join itself
+        // (that worker ends on its own once it sees the shutdown).
+        let me = std::thread::current().id();
+        let others = |t: &JoinHandle<()>| t.thread().id() != me;
         let deadline = Instant::now() + WORKER_JOIN_WAIT;
-        while Instant::now() < deadline && self.workers.iter().any(|w| !w.is_finished()) {
+        while Instant::now() < deadline
+            && self.threads.iter().any(|t| others(t) && !t.is_finished())
+        {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let stuck = self.workers.iter().filter(|w| !w.is_finished()).count();
+        let stuck = self
+            .threads
+            .iter()
+            .filter(|t| others(t) && !t.is_finished())
+            .count();
         if stuck > 0 {
             tracing::debug!(
                 stuck,
-                "fetch workers still in a request at shutdown; not waiting for them"
+                "fetch threads still in a request at shutdown; not waiting for them"
             );
         }
-        for w in self.workers.drain(..).filter(|w| w.is_finished()) {
-            let _ = w.join();
+        for t in self.threads.drain(..) {
+            if others(&t) && t.is_finished() {
+                let _ = t.join();
+            }
         }
     }
 }
 
 impl Inner {
-    /// Queues the slots that are not local at `priority`; true when any was added.
-    fn queue(&self, st: &mut State, slots: &[u64], priority: Priority) -> bool {
+    /// Queues the slots that are not local at `priority`; true when any was added. When
+    /// some of them lack their table entry, all of them wait for a worker to load the
+    /// entries, so they still travel together.
+    fn queue(&self, st: &mut State, slots: &[u64], priority: Priority, amplify: bool) -> bool {
+        let all_entries = slots
+            .iter()
+            .all(|&s| s >= self.table.len() || self.table.get(s).is_some());
         let mut added = false;
         for &slot in slots {
-            // A slot is queued only once its table entry is loaded: the worker needs it.
-            if self.cache.is_local(slot) || self.table.get(slot).is_none() {
+            if slot >= self.table.len() || self.cache.is_local(slot) {
                 continue;
             }
             // A slot that failed just now fails again at once: the kernel retries a failed
@@ -386,18 +653,28 @@ impl Inner {
             if st
                 .failed
                 .get(&slot)
-                .is_some_and(|(_, at)| at.elapsed() < FAILURE_MEMO)
+                .is_some_and(|(_, at)| at.is_some_and(|t| t.elapsed() < FAILURE_MEMO))
             {
                 continue;
             }
             st.failed.remove(&slot);
             match st.slots.get(&slot) {
                 Some(SlotState::InFlight) => continue,
-                Some(SlotState::Queued(p)) if *p <= priority => continue,
+                Some(SlotState::Queued(p, a))
+                    if *p < priority || (*p == priority && *a >= amplify) =>
+                {
+                    continue;
+                }
+                Some(SlotState::NeedsEntry(p)) if *p <= priority => continue,
                 _ => {}
             }
-            st.slots.insert(slot, SlotState::Queued(priority));
-            st.queues[priority as usize].push_back(slot);
+            if all_entries {
+                st.slots.insert(slot, SlotState::Queued(priority, amplify));
+                st.queues[priority as usize].push_back(slot);
+            } else {
+                st.slots.insert(slot, SlotState::NeedsEntry(priority));
+                st.entry_queues[priority as usize].push_back(slot);
+            }
             added = true;
         }
         added
@@ -405,89 +682,278 @@ impl Inner {
 
     fn worker(&self, demand_only: bool) {
         loop {
-            let (batch, priority) = {
+            let job = {
                 let mut st = self.state.lock();
                 loop {
                     if self.shutdown.load(Ordering::Acquire) {
                         return;
                     }
-                    if let Some(b) = self.pick(&mut st, demand_only) {
-                        break b;
+                    if let Some(job) = self.pick(&mut st, demand_only) {
+                        break job;
                     }
                     self.work.wait(&mut st);
                 }
             };
-            self.run(batch, priority);
+            let (slots, priority) = match &job {
+                Job::Entries(s, p) | Job::Chunks(s, p) => (s.clone(), *p),
+            };
+            let r = std::panic::catch_unwind(AssertUnwindSafe(|| match job {
+                Job::Entries(slots, p) => self.load_entries(slots, p),
+                Job::Chunks(batch, p) => self.run(batch, p),
+            }));
+            let mut st = self.state.lock();
+            st.in_flight[priority as usize] -= 1;
+            // Freeing a background place may let more work start.
+            self.work.notify_all();
+            drop(st);
+            if r.is_err() {
+                tracing::error!(
+                    slots = slots.len(),
+                    "a fetch worker panicked; failing its chunks"
+                );
+                let still: Vec<u64> = {
+                    let st = self.state.lock();
+                    slots
+                        .iter()
+                        .copied()
+                        .filter(|s| matches!(st.slots.get(s), Some(SlotState::InFlight)))
+                        .collect()
+                };
+                self.fail(&still, "the fetch worker handling it failed");
+            }
         }
     }
 
-    /// Takes the next run of stored-adjacent queued slots, marking them in flight.
-    fn pick(&self, st: &mut State, demand_only: bool) -> Option<(Vec<u64>, Priority)> {
+    /// The next job: table entries to load or a run of stored-adjacent chunks, highest
+    /// priority first; marks its slots in flight.
+    fn pick(&self, st: &mut State, demand_only: bool) -> Option<Job> {
         let prios: &[Priority] = if demand_only {
             &[Priority::Demand]
         } else {
             &[Priority::Demand, Priority::Prefetch, Priority::Background]
         };
         for &p in prios {
-            while let Some(first) = st.queues[p as usize].pop_front() {
-                if st.slots.get(&first) != Some(&SlotState::Queued(p)) {
-                    continue; // stale entry: raised, in flight or done
-                }
-                if self.cache.is_local(first) {
-                    st.slots.remove(&first);
-                    continue;
-                }
-                st.slots.insert(first, SlotState::InFlight);
-                let mut batch = vec![first];
-                let Some(first_entry) = self.table.get(first) else {
-                    continue;
+            if p == Priority::Background
+                && st.in_flight[p as usize] >= self.config.background_requests.max(1)
+            {
+                continue;
+            }
+            let job = self
+                .pick_entries(st, p)
+                .map(|s| Job::Entries(s, p))
+                .or_else(|| self.pick_chunks(st, p).map(|b| Job::Chunks(b, p)));
+            if job.is_some() {
+                st.in_flight[p as usize] += 1;
+                return job;
+            }
+        }
+        None
+    }
+
+    /// Every slot queued at `p` for its table entry.
+    fn pick_entries(&self, st: &mut State, p: Priority) -> Option<Vec<u64>> {
+        let mut out = Vec::new();
+        while let Some(slot) = st.entry_queues[p as usize].pop_front() {
+            if st.slots.get(&slot) == Some(&SlotState::NeedsEntry(p)) {
+                st.slots.insert(slot, SlotState::InFlight);
+                out.push(slot);
+            }
+        }
+        (!out.is_empty()).then_some(out)
+    }
+
+    /// Takes the next queued slot at `p` and the chunks that follow it in stored order:
+    /// queued ones at `p` or above; for a demand miss that may be widened, any that are not
+    /// local up to the amplification budget; for prefetch, gaps up to the bridge size
+    /// between queued ones.
+    fn pick_chunks(&self, st: &mut State, p: Priority) -> Option<Vec<u64>> {
+        let limit = if p == Priority::Background {
+            self.config.background_request_bytes
+        } else {
+            self.config.max_request_bytes
+        };
+        while let Some(first) = st.queues[p as usize].pop_front() {
+            let amplify = match st.slots.get(&first) {
+                Some(SlotState::Queued(q, a)) if *q == p => *a,
+                _ => continue, // stale entry: raised, in flight or done
+            };
+            if self.cache.is_local(first) {
+                st.slots.remove(&first);
+                continue;
+            }
+            let Some(first_entry) = self.table.get(first) else {
+                st.slots.remove(&first);
+                continue;
+            };
+            st.slots.insert(first, SlotState::InFlight);
+            if p == Priority::Demand {
+                self.last_demand
+                    .store(first_entry.stored_offset + 1, Ordering::Relaxed);
+            }
+            let mut batch = vec![first];
+            let mut amplify_left = if amplify {
+                self.config.miss_amplify_bytes
+            } else {
+                0
+            };
+            // Wanted at `p` or sooner.
+            let wanted = |st: &State, s: u64| {
+                s == first || matches!(st.slots.get(&s), Some(SlotState::Queued(q, _)) if *q <= p)
+            };
+            // Neither local nor queued or in flight anywhere: free to take along.
+            let free = |st: &State, s: u64| !st.slots.contains_key(&s) && !self.cache.is_local(s);
+            let mut at = first_entry.stored_offset;
+            let mut bytes = 0u64;
+            loop {
+                let here = self.table.slots_at(at);
+                let Some(len) = here
+                    .first()
+                    .and_then(|s| self.table.get(*s))
+                    .map(|e| u64::from(e.stored_len))
+                else {
+                    break;
                 };
-                // Extend with queued slots whose stored bytes come next in the data section
-                // (and with queued slots sharing a stored chunk), whatever their slot numbers:
-                // a hot-first image stores planned chunks back to back in plan order.
-                let mut at = first_entry.stored_offset;
-                let mut bytes = 0u64;
-                loop {
-                    let here = self.table.slots_at(at);
-                    let queued = |s: &u64| {
-                        *s == first || matches!(st.slots.get(s), Some(SlotState::Queued(_)))
-                    };
-                    if !here.iter().any(queued) {
-                        break;
+                if bytes > 0 && bytes + len > limit {
+                    break;
+                }
+                let take = if here.iter().any(|&s| wanted(st, s)) {
+                    true
+                } else if amplify_left >= len && here.iter().any(|&s| free(st, s)) {
+                    amplify_left -= len;
+                    true
+                } else if p == Priority::Prefetch {
+                    // Bridge to the next wanted chunk if it is near.
+                    let mut gap = 0u64;
+                    let mut probe = at;
+                    let mut found = false;
+                    while gap <= self.config.bridge_gap_bytes {
+                        let slots = self.table.slots_at(probe);
+                        let Some(l) = slots
+                            .first()
+                            .and_then(|s| self.table.get(*s))
+                            .map(|e| u64::from(e.stored_len))
+                        else {
+                            break;
+                        };
+                        if slots.iter().any(|&s| wanted(st, s)) {
+                            found = gap > 0;
+                            break;
+                        }
+                        if slots
+                            .iter()
+                            .any(|&s| matches!(st.slots.get(&s), Some(SlotState::InFlight)))
+                        {
+                            break;
+                        }
+                        gap += l;
+                        probe += l;
                     }
-                    // A frame of several chunks comes whole: take every chunk of it that is
-                    // neither local nor in flight, asked for or not, so it is stored now
-                    // rather than fetched again with the next miss in the frame.
-                    let queued: Vec<u64> = here
-                        .iter()
-                        .copied()
-                        .filter(|s| {
-                            queued(s) || (!st.slots.contains_key(s) && !self.cache.is_local(*s))
-                        })
-                        .collect();
-                    let Some(len) = queued
-                        .first()
-                        .and_then(|s| self.table.get(*s))
-                        .map(|e| u64::from(e.stored_len))
-                    else {
-                        break;
-                    };
-                    if bytes > 0 && bytes + len > self.config.max_request_bytes {
-                        break;
+                    found && bytes + gap <= limit
+                } else {
+                    false
+                };
+                if !take {
+                    break;
+                }
+                // A frame comes whole: take every chunk of it that is neither local nor in
+                // flight, asked for or not, so it is stored now rather than fetched again.
+                for s in here {
+                    if s == first || self.cache.is_local(s) {
+                        continue;
                     }
-                    for s in queued {
-                        if s != first {
+                    match st.slots.get(&s) {
+                        Some(SlotState::InFlight) | Some(SlotState::NeedsEntry(_)) => {}
+                        _ => {
                             st.slots.insert(s, SlotState::InFlight);
                             batch.push(s);
                         }
                     }
-                    bytes += len;
-                    at += len;
                 }
-                return Some((batch, p));
+                bytes += len;
+                at += len;
             }
+            return Some(batch);
         }
         None
+    }
+
+    /// Loads the table entries of `slots`, then queues them at `p`; a load that fails fails
+    /// them. Below demand priority (a read-ahead window, a plan) the entries of as many slots
+    /// again after them are loaded in the same request, so the next window finds its entries
+    /// there.
+    fn load_entries(&self, slots: Vec<u64>, p: Priority) {
+        let mut want = slots.clone();
+        if p != Priority::Demand
+            && let (Some(&lo), Some(&hi)) = (slots.iter().min(), slots.iter().max())
+        {
+            let n = (hi - lo + 1).max(slots.len() as u64);
+            want.extend(hi + 1..(hi + 1 + n).min(self.table.len()));
+        }
+        match self.table.load(&want, p.kind()) {
+            Ok(()) => {
+                let mut st = self.state.lock();
+                let mut local = Vec::new();
+                for &slot in &slots {
+                    if st.slots.get(&slot) != Some(&SlotState::InFlight) {
+                        continue;
+                    }
+                    st.slots.remove(&slot);
+                    if self.cache.is_local(slot) {
+                        local.push(slot);
+                    }
+                }
+                self.queue(&mut st, &slots, p, p == Priority::Demand);
+                self.work.notify_all();
+                drop(st);
+                self.release(&local);
+            }
+            Err(e) => self.fail(&slots, &e.to_string()),
+        }
+    }
+
+    /// The deadline thread: answers waiters that waited longer than the retry timeout.
+    fn deadlines(&self) {
+        let mut st = self.state.lock();
+        loop {
+            if self.shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            let now = Instant::now();
+            let mut expired = Vec::new();
+            while let Some(&(when, id)) = st.deadlines.first() {
+                if when > now {
+                    break;
+                }
+                st.deadlines.pop_first();
+                if let Some(w) = st.waiters.remove(&id) {
+                    expired.push(w);
+                }
+            }
+            if !expired.is_empty() {
+                drop(st);
+                let why: Arc<str> = format!(
+                    "no answer from {} within the retry timeout ({:?})",
+                    self.source.describe(),
+                    self.config.retry_timeout
+                )
+                .into();
+                for w in expired {
+                    self.reads_timed_out.fetch_add(1, Ordering::Relaxed);
+                    (w.done)(Err(FetchError {
+                        slot: w.first,
+                        reason: Arc::clone(&why),
+                    }));
+                }
+                st = self.state.lock();
+                continue;
+            }
+            match st.deadlines.first() {
+                Some(&(when, _)) => {
+                    self.timer.wait_until(&mut st, when);
+                }
+                None => self.timer.wait(&mut st),
+            }
+        }
     }
 
     /// Fetches, verifies and stores `batch`, retrying what fails; then releases the slots.
@@ -669,28 +1135,61 @@ impl Inner {
         }
     }
 
-    /// Marks stored slots finished and wakes their waiters.
+    /// Marks stored slots finished and answers the waiters that have all they need.
     fn release(&self, done: &[u64]) {
         if done.is_empty() {
             return;
         }
-        let mut st = self.state.lock();
-        for slot in done {
-            st.slots.remove(slot);
+        let mut ready = Vec::new();
+        {
+            let mut st = self.state.lock();
+            for slot in done {
+                st.slots.remove(slot);
+                for id in st.slot_waiters.remove(slot).unwrap_or_default() {
+                    let finished = st.waiters.get_mut(&id).is_some_and(|w| {
+                        w.remaining -= 1;
+                        w.remaining == 0
+                    });
+                    if finished && let Some(w) = st.waiters.remove(&id) {
+                        st.deadlines.remove(&(w.deadline, id));
+                        ready.push(w);
+                    }
+                }
+            }
         }
-        self.done.notify_all();
+        for w in ready {
+            (w.done)(Ok(()));
+        }
     }
 
+    /// Marks slots failed and answers their waiters with the error.
     fn fail(&self, slots: &[u64], reason: &str) {
         let reason: Arc<str> = reason.into();
-        let mut st = self.state.lock();
-        for &slot in slots {
-            st.slots.remove(&slot);
-            st.failed
-                .insert(slot, (Arc::clone(&reason), Instant::now()));
-            self.chunks_failed.fetch_add(1, Ordering::Relaxed);
+        let mut failed = Vec::new();
+        {
+            let mut st = self.state.lock();
+            for &slot in slots {
+                st.slots.remove(&slot);
+                let waiters = st.slot_waiters.remove(&slot).unwrap_or_default();
+                // Remembered only for a slot a reader waited for (its page read may come
+                // again at once); read-ahead that failed beside it is fetched again freely.
+                let told = (!waiters.is_empty()).then(Instant::now);
+                st.failed.insert(slot, (Arc::clone(&reason), told));
+                self.chunks_failed.fetch_add(1, Ordering::Relaxed);
+                for id in waiters {
+                    if let Some(w) = st.waiters.remove(&id) {
+                        st.deadlines.remove(&(w.deadline, id));
+                        failed.push((slot, w));
+                    }
+                }
+            }
         }
-        self.done.notify_all();
+        for (slot, w) in failed {
+            (w.done)(Err(FetchError {
+                slot,
+                reason: Arc::clone(&reason),
+            }));
+        }
     }
 }
 

@@ -1,9 +1,11 @@
 //! The FUSE adapter: a thin [`fuser::Filesystem`] over [`IncFs`].
 //!
 //! Each handler is one span, one call into [`IncFs`], one reply; errors become errnos in one
-//! place ([`ToErrno`]). The session runs several event-loop threads (fuser's `n_threads`,
-//! each with its own cloned `/dev/fuse` fd), so one read blocked on a miss does not stall
-//! the others. Regular files are opened with `FOPEN_KEEP_CACHE` (content never changes),
+//! place ([`ToErrno`]). A read is answered when its data is there: the reply object moves to
+//! the fetch worker that stores the read's last missing chunk ([`IncFs::read_then`]), so a
+//! miss holds none of the session's event-loop threads (fuser's `n_threads`, each with its
+//! own cloned `/dev/fuse` fd) and the kernel may have 128 reads outstanding.
+//! Regular files are opened with `FOPEN_KEEP_CACHE` (content never changes),
 //! or with passthrough when [`IncFs::open`] says so; the backing id of a passthrough inode is
 //! shared by all its live opens, as the kernel requires.
 
@@ -26,6 +28,10 @@ use tracing::instrument;
 
 use super::{Attr, FsError, IncFs, NodeKind, OpenMode};
 use crate::cache::fds::FdPermit;
+
+/// Background (page-cache read) requests the kernel may have outstanding with us: enough
+/// that 32 readers' misses all wait at once, as the tests check, with room to spare.
+const MAX_BACKGROUND: u16 = 128;
 
 /// How long the kernel may cache attributes and entries: the tree never changes.
 const TTL: Duration = Duration::from_secs(3600);
@@ -51,6 +57,7 @@ impl ToErrno for FsError {
             FsError::Meta { .. } => Errno::EIO,
             FsError::Thread(_) => Errno::EIO,
             FsError::Plan(_) => Errno::EINVAL,
+            FsError::ShuttingDown => Errno::EIO,
         }
     }
 }
@@ -259,6 +266,12 @@ impl Filesystem for FuseFs {
         if let Err(max) = config.set_max_readahead(self.max_readahead) {
             let _ = config.set_max_readahead(max);
         }
+        // Page-cache reads reach us as background requests, of which the kernel keeps at
+        // most `max_background` outstanding (fuser's default: 16). Misses no longer hold a
+        // thread here, so let many more programs' reads wait at once (the kernel caps it
+        // for unprivileged mounts at fuse.max_user_bgreq).
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let _ = config.set_congestion_threshold(MAX_BACKGROUND / 4 * 3);
         Ok(())
     }
 
@@ -377,10 +390,13 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(ino.0, fh.0, offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(e.to_errno()),
-        }
+        // Answered when the data is there, from whichever thread has it: a miss holds no
+        // event-loop thread while it waits for the source.
+        self.fs
+            .read_then(ino.0, fh.0, offset, size, move |r| match r {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(e.to_errno()),
+            });
     }
 
     #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0))]

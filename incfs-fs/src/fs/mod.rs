@@ -26,7 +26,8 @@ use parking_lot::Mutex;
 use crate::cache::fds::FdPermit;
 use crate::cache::offline;
 use crate::cache::{CacheError, ChunkCache, RecoveryReport};
-use crate::fetch::{FetchConfig, FetchError, FetchStats, Fetcher, Priority};
+use crate::fetch::fill::{FillConfig, FillStats, Filler};
+use crate::fetch::{Completion, FetchConfig, FetchError, FetchStats, Fetcher, FileRead, ReadAhead};
 use crate::format::{
     Digest, FormatError, Header, ImageHead, Inode, InodeKind, Manifest, ROOT_INODE, read_head,
 };
@@ -141,6 +142,9 @@ pub enum FsError {
     /// The prefetch plan does not fit the image.
     #[error(transparent)]
     Plan(#[from] PlanError),
+    /// The file system stopped before the read could be answered.
+    #[error("the file system is shutting down")]
+    ShuttingDown,
 }
 
 /// What kind of node an inode is.
@@ -219,11 +223,6 @@ pub struct FsConfig {
     pub fetch: FetchConfig,
     /// Offer passthrough for fully local files.
     pub passthrough: bool,
-    /// Bytes fetched ahead of a sequential reader's miss, in the same request. Default
-    /// 2 MiB: a `cat` or `cp` then moves in ranges of megabytes instead of the kernel's
-    /// 128 KiB reads; random and first reads (page faults, headers) fetch only what they
-    /// touch.
-    pub seq_readahead: u64,
 }
 
 impl FsConfig {
@@ -234,7 +233,6 @@ impl FsConfig {
             expect_digest: None,
             fetch: FetchConfig::default(),
             passthrough: true,
-            seq_readahead: 2 * 1024 * 1024,
         }
     }
 }
@@ -287,6 +285,13 @@ pub struct Stats {
     pub blocked_reads: u64,
     /// Total time reads waited for the source, in milliseconds.
     pub blocked_ms: u64,
+    /// Reads waiting for the source right now (each holds no thread while it waits).
+    #[serde(default)]
+    pub reads_waiting: u64,
+    /// Reads answered with EIO because the source did not deliver within the retry
+    /// timeout.
+    #[serde(default)]
+    pub reads_timed_out: u64,
     /// Failed requests plus chunks that did not verify.
     pub fetch_errors: u64,
     /// Reads that failed with EIO.
@@ -314,6 +319,9 @@ pub struct Stats {
     /// The prefetcher's counters (`prefetch_hits` among them), when a plan runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefetch: Option<PrefetchStats>,
+    /// The background fill's counters, when it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fill: Option<FillStats>,
 }
 
 #[derive(Debug, Clone)]
@@ -335,13 +343,25 @@ struct ReadLogLine<'a> {
     result: &'static str,
 }
 
+/// What a read is of.
+enum ReadTarget {
+    /// A control file's bytes, already cut to the read.
+    Bytes(Vec<u8>),
+    /// A file of the image.
+    File {
+        idx: u32,
+        first_chunk: u64,
+        size: u64,
+    },
+}
+
 /// What a control file open holds: a snapshot taken at open.
 enum Handle {
     File {
         inode: u32,
         passthrough: bool,
-        /// Where the next read starts if this handle reads sequentially.
-        next: u64,
+        /// The read-ahead state of this open.
+        ra: ReadAhead,
     },
     Control(Arc<Vec<u8>>),
 }
@@ -374,13 +394,14 @@ pub struct IncFs {
     fetcher: Arc<Fetcher>,
     /// The plan walker, when a prefetch plan was given.
     prefetcher: OnceLock<Prefetcher>,
+    /// The background fill, when started.
+    filler: OnceLock<Filler>,
     cache: ChunkCache,
     /// Parent of each directory inode (manifest index).
     parents: Vec<u32>,
     /// First path of each inode (lossy UTF-8), for logs and the read log.
     paths: Vec<Arc<str>>,
     passthrough: AtomicBool,
-    seq_readahead: u64,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     opens: Mutex<HashMap<u32, OpenCounts>>,
@@ -530,11 +551,11 @@ impl IncFs {
             source_name,
             fetcher,
             prefetcher: OnceLock::new(),
+            filler: OnceLock::new(),
             cache,
             parents,
             paths,
             passthrough: AtomicBool::new(config.passthrough),
-            seq_readahead: config.seq_readahead,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             opens: Mutex::new(HashMap::new()),
@@ -571,6 +592,31 @@ impl IncFs {
                 reason: "a prefetch plan is already running on this mount".into(),
             })
         })
+    }
+
+    /// Starts fetching the rest of the image in the background, at the lowest priority:
+    /// after the prefetch plan has been fetched when one runs (call [`IncFs::start_prefetch`]
+    /// first), at once otherwise. Call it once.
+    pub fn start_fill(&self, config: FillConfig) -> Result<(), FsError> {
+        let fetcher = Arc::clone(&self.fetcher);
+        let ready: Box<dyn Fn() -> bool + Send> = match self.prefetcher.get() {
+            Some(p) => {
+                let plan_queued = p.plan_queued_probe();
+                let f = Arc::clone(&self.fetcher);
+                Box::new(move || plan_queued() && f.idle_at(crate::fetch::Priority::Prefetch))
+            }
+            None => Box::new(|| true),
+        };
+        let filler = Filler::start(fetcher, config, ready).map_err(FsError::Thread)?;
+        if self.filler.set(filler).is_err() {
+            tracing::warn!("the background fill was already running");
+        }
+        Ok(())
+    }
+
+    /// The background fill's counters, when it runs.
+    pub fn fill_stats(&self) -> Option<FillStats> {
+        self.filler.get().map(Filler::stats)
     }
 
     /// The prefetcher's counters, when a plan is running.
@@ -872,7 +918,7 @@ impl IncFs {
             Handle::File {
                 inode: idx,
                 passthrough,
-                next: 0,
+                ra: ReadAhead::default(),
             },
         );
         Ok((fh, mode))
@@ -933,17 +979,108 @@ impl IncFs {
     }
 
     /// Reads up to `size` bytes at `offset` of the file open as `fh` (inode `ino`), fetching
-    /// and verifying missing chunks first. Never returns unverified bytes.
-    pub fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
-        let end_hint = offset.saturating_add(u64::from(size));
-        let mut sequential = false;
-        let control = match self.handles.lock().get_mut(&fh) {
-            Some(Handle::Control(c)) => Some(Arc::clone(c)),
-            Some(Handle::File { next, .. }) => {
-                sequential = offset > 0 && *next == offset;
-                *next = end_hint;
-                None
+    /// and verifying missing chunks first; blocks until they are there. Never returns
+    /// unverified bytes. (The FUSE adapter uses [`IncFs::read_then`], which blocks no thread.)
+    pub fn read(
+        self: &Arc<Self>,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>, FsError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.read_then(ino, fh, offset, size, move |r| {
+            let _ = tx.send(r);
+        });
+        rx.recv().unwrap_or(Err(FsError::ShuttingDown))
+    }
+
+    /// Reads up to `size` bytes at `offset` of the file open as `fh` (inode `ino`) and hands
+    /// them to `reply`: at once, on this thread, when the chunks are local; otherwise from
+    /// the fetch worker that stored the last of them (or with the error that stopped it).
+    /// What to fetch besides the read itself is the scheduler's decision
+    /// ([`crate::fetch::readahead`]); this keeps the handle's state and answers.
+    pub fn read_then(
+        self: &Arc<Self>,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        reply: impl FnOnce(Result<Vec<u8>, FsError>) + Send + 'static,
+    ) {
+        let (idx, first_chunk, fsize) = match self.read_target(ino, fh, offset, size) {
+            Ok(ReadTarget::File {
+                idx,
+                first_chunk,
+                size,
+            }) => (idx, first_chunk, size),
+            Ok(ReadTarget::Bytes(b)) => return reply(Ok(b)),
+            Err(e) => return reply(Err(e)),
+        };
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        if offset >= fsize || size == 0 {
+            return reply(Ok(Vec::new()));
+        }
+        let end = offset.saturating_add(u64::from(size)).min(fsize);
+        let cs = u64::from(self.manifest.chunk_size);
+        let first = first_chunk + offset / cs;
+        let last = first_chunk + (end - 1) / cs;
+        let hit = (first..=last).all(|s| self.cache.is_local(s));
+        self.log_read(idx, offset, end - offset, hit);
+        let planned = match self.prefetcher.get() {
+            Some(p) => {
+                p.on_read(first_chunk, first - first_chunk, last - first_chunk, hit);
+                (first..=last).all(|s| p.is_planned(s))
             }
+            None => false,
+        };
+        if !hit {
+            self.counters.demand_misses.fetch_add(1, Ordering::Relaxed);
+            self.counters.blocked_reads.fetch_add(1, Ordering::Relaxed);
+        }
+        let read = FileRead {
+            first_slot: first_chunk,
+            chunk_size: cs,
+            file_size: fsize,
+            range: offset..end,
+            amplify: !planned,
+        };
+        let started = Instant::now();
+        let fs = Arc::clone(self);
+        let done: Completion = Box::new(move |r: Result<(), FetchError>| {
+            if !hit {
+                fs.counters
+                    .blocked_us
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
+            reply(fs.finish_read(idx, first_chunk, first..last + 1, offset..end, r));
+        });
+        let mut handles = self.handles.lock();
+        let mut scratch = ReadAhead::default();
+        let ra = match handles.get_mut(&fh) {
+            Some(Handle::File { ra, .. }) => ra,
+            _ => &mut scratch,
+        };
+        // The scheduler may answer at once (all local): it must not find the lock held.
+        let mut ra_now = std::mem::take(ra);
+        drop(handles);
+        self.fetcher.read(&read, &mut ra_now, done);
+        if let Some(Handle::File { ra, .. }) = self.handles.lock().get_mut(&fh) {
+            *ra = ra_now;
+        }
+    }
+
+    /// What a read is of: a control file's snapshot, or a file of the image.
+    fn read_target(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<ReadTarget, FsError> {
+        let control = match self.handles.lock().get(&fh) {
+            Some(Handle::Control(c)) => Some(Arc::clone(c)),
+            Some(Handle::File { .. }) => None,
             None if ino == self.stats_ino() || ino == self.read_log_ino() => {
                 return Err(FsError::BadHandle(fh));
             }
@@ -952,7 +1089,7 @@ impl IncFs {
         if let Some(c) = control {
             let start = (offset as usize).min(c.len());
             let end = start.saturating_add(size as usize).min(c.len());
-            return Ok(c[start..end].to_vec());
+            return Ok(ReadTarget::Bytes(c[start..end].to_vec()));
         }
         let (idx, inode) = self.inode(ino)?;
         let InodeKind::File {
@@ -962,56 +1099,35 @@ impl IncFs {
         else {
             return Err(FsError::IsDir);
         };
-        self.counters.reads.fetch_add(1, Ordering::Relaxed);
-        if offset >= fsize || size == 0 {
-            return Ok(Vec::new());
-        }
-        let end = offset.saturating_add(u64::from(size)).min(fsize);
-        let cs = u64::from(self.manifest.chunk_size);
-        let first = first_chunk + offset / cs;
-        let last = first_chunk + (end - 1) / cs;
-        let missing: Vec<u64> = (first..=last)
-            .filter(|s| !self.cache.is_local(*s))
-            .collect();
-        let hit = missing.is_empty();
-        self.log_read(idx, offset, end - offset, hit);
-        if let Some(p) = self.prefetcher.get() {
-            p.on_read(first_chunk, first - first_chunk, last - first_chunk, hit);
-        }
-        if !hit {
-            self.counters.demand_misses.fetch_add(1, Ordering::Relaxed);
-            self.counters.blocked_reads.fetch_add(1, Ordering::Relaxed);
-            // A sequential reader will want what follows: queue it with the miss, so the
-            // demand request extends over it (one larger range; chunks are verified and handed
-            // out as they stream in, so the demand does not wait for the rest).
-            let ahead: Vec<u64> = if sequential && self.seq_readahead > 0 {
-                let n = self.manifest.chunks_for(fsize);
-                let ahead_end = (last + 1 + self.seq_readahead.div_ceil(cs)).min(first_chunk + n);
-                (last + 1..ahead_end)
-                    .filter(|s| !self.cache.is_local(*s))
-                    .collect()
-            } else {
-                Vec::new()
+        Ok(ReadTarget::File {
+            idx,
+            first_chunk,
+            size: fsize,
+        })
+    }
+
+    /// The bytes of a read whose chunks are local (or the error that kept them away).
+    fn finish_read(
+        &self,
+        idx: u32,
+        first_chunk: u64,
+        slots: std::ops::Range<u64>,
+        range: std::ops::Range<u64>,
+        fetched: Result<(), FetchError>,
+    ) -> Result<Vec<u8>, FsError> {
+        if let Err(error) = fetched {
+            self.counters.read_errors.fetch_add(1, Ordering::Relaxed);
+            let err = FsError::Fetch {
+                path: self.paths[idx as usize].to_string(),
+                chunk_index: error.slot.saturating_sub(first_chunk),
+                error,
             };
-            let t = Instant::now();
-            let r = self.fetcher.fetch_ahead(&missing, Priority::Demand, &ahead);
-            self.counters
-                .blocked_us
-                .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
-            if let Err(error) = r {
-                self.counters.read_errors.fetch_add(1, Ordering::Relaxed);
-                let err = FsError::Fetch {
-                    path: self.paths[idx as usize].to_string(),
-                    chunk_index: error.slot.saturating_sub(first_chunk),
-                    error,
-                };
-                tracing::error!(error = %err, "read failed");
-                return Err(err);
-            }
+            tracing::error!(error = %err, "read failed");
+            return Err(err);
         }
-        let mut buf = vec![0u8; (end - offset) as usize];
-        self.cache.read(idx, offset, &mut buf)?;
-        self.mark_used(first..last + 1);
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        self.cache.read(idx, range.start, &mut buf)?;
+        self.mark_used(slots);
         Ok(buf)
     }
 
@@ -1105,6 +1221,8 @@ impl IncFs {
             demand_misses: c.demand_misses.load(Ordering::Relaxed),
             blocked_reads: c.blocked_reads.load(Ordering::Relaxed),
             blocked_ms: c.blocked_us.load(Ordering::Relaxed) / 1000,
+            reads_waiting: self.fetcher.waiting() as u64,
+            reads_timed_out: f.reads_timed_out,
             fetch_errors: f.fetch_errors,
             read_errors: c.read_errors.load(Ordering::Relaxed),
             reads: c.reads.load(Ordering::Relaxed),
@@ -1116,6 +1234,7 @@ impl IncFs {
             read_log_dropped: c.read_log_dropped.load(Ordering::Relaxed),
             offline: self.offline,
             prefetch: self.prefetch_stats(),
+            fill: self.fill_stats(),
         }
     }
 }

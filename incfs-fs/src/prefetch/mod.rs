@@ -8,15 +8,13 @@
 //! before prefetch), adjacent queued chunks travel as one range request, so with a hot-first
 //! image the whole window goes out as a few long requests.
 //!
-//! Two rules keep it useful when the program does not follow the plan exactly:
-//! - **Skip forward**: when the program touches a planned chunk beyond the window's start,
-//!   the window jumps to it, so the prefetcher stays ahead of the program instead of filling
-//!   in chunks this run went past.
-//! - **Fetch all** (optional): after the plan, every other chunk is queued at
-//!   [`Priority::Background`], so the image becomes wholly local without ever delaying a miss.
+//! **Skip forward** keeps it useful when the program does not follow the plan exactly: when
+//! the program touches a planned chunk beyond the window's start, the window jumps to it, so
+//! the prefetcher stays ahead of the program instead of filling in chunks this run went past.
 //!
-//! Chunks outside the plan that a program reads sequentially are read ahead by the file
-//! system itself (`FsConfig::seq_readahead`), plan or no plan.
+//! Everything outside the plan is the scheduler's: its read-ahead policy for the program's
+//! own reads ([`crate::fetch::readahead`]) and the background fill of the rest of the image
+//! ([`crate::fetch::fill`]), which starts once the plan is done.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,15 +34,12 @@ pub struct PrefetchConfig {
     /// 100 Mbit/s that is ~2.7 s of transfer, enough to keep every fetch worker busy with
     /// 4 MiB requests, and small enough that skipping forward abandons little.
     pub window_bytes: u64,
-    /// Queue every remaining chunk at background priority once the plan is done.
-    pub fetch_all: bool,
 }
 
 impl Default for PrefetchConfig {
     fn default() -> Self {
         PrefetchConfig {
             window_bytes: 32 << 20,
-            fetch_all: false,
         }
     }
 }
@@ -162,6 +157,18 @@ impl Prefetcher {
         }
     }
 
+    /// True when the plan names `slot`.
+    pub fn is_planned(&self, slot: u64) -> bool {
+        self.shared.index.contains_key(&slot)
+    }
+
+    /// A probe that turns true once every planned chunk has been handed to the scheduler
+    /// (it holds no reference to the prefetcher's owner).
+    pub fn plan_queued_probe(&self) -> impl Fn() -> bool + Send + 'static {
+        let s = Arc::clone(&self.shared);
+        move || s.queued_all.load(Ordering::Relaxed)
+    }
+
     /// The counters so far.
     pub fn stats(&self) -> PrefetchStats {
         let s = &self.shared;
@@ -218,9 +225,22 @@ impl Shared {
         let cache = self.fetcher.cache();
         // Next plan index not yet handed to the scheduler.
         let mut queued_to = 0usize;
+        // Where the window started last time round.
+        let mut last_start = 0usize;
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return;
+            }
+            // The program jumped ahead: what the window had queued behind the jump is of no
+            // use now; take it off the scheduler's queue rather than fetch it.
+            let jumped = self.start.load(Ordering::Acquire);
+            if jumped > last_start {
+                let behind: Vec<u64> = self.plan[last_start..jumped.min(queued_to).max(last_start)]
+                    .iter()
+                    .copied()
+                    .filter(|&slot| !cache.is_local(slot))
+                    .collect();
+                self.fetcher.unqueue(&behind, Priority::Prefetch);
             }
             // Advance the window start past chunks already local.
             let mut start = self.start.load(Ordering::Acquire);
@@ -229,8 +249,16 @@ impl Shared {
             }
             self.start.fetch_max(start, Ordering::AcqRel);
             let start = self.start.load(Ordering::Acquire);
+            last_start = start;
             if start >= self.plan.len() {
                 break;
+            }
+            if queued_to >= self.plan.len() {
+                // Everything is queued; the scheduler finishes the rest, and this thread
+                // stays to follow the program's jumps until the plan is local.
+                self.queued_all.store(true, Ordering::Relaxed);
+                self.sleep();
+                continue;
             }
             // Queue from max(start, queued_to) until the window holds window_bytes.
             let mut bytes_ahead: u64 = self.plan[start..queued_to.max(start)]
@@ -252,23 +280,9 @@ impl Shared {
             if !batch.is_empty() {
                 self.fetcher.submit(&batch, Priority::Prefetch);
             }
-            if queued_to >= self.plan.len() {
-                self.queued_all.store(true, Ordering::Relaxed);
-                if !self.config.fetch_all {
-                    // Everything is queued; the scheduler finishes the rest.
-                    return;
-                }
-                break;
-            }
             self.sleep();
         }
         self.queued_all.store(true, Ordering::Relaxed);
-        if self.config.fetch_all && !self.stop.load(Ordering::Acquire) {
-            let rest: Vec<u64> = (0..self.table.len())
-                .filter(|&slot| !cache.is_local(slot))
-                .collect();
-            self.fetcher.submit(&rest, Priority::Background);
-        }
     }
 
     fn stored_len(&self, slot: u64) -> u64 {

@@ -29,6 +29,8 @@ pub struct MockSource {
     piece: AtomicU64,
     log: Mutex<Vec<MockRequest>>,
     bytes: AtomicU64,
+    in_flight: AtomicU64,
+    peak_in_flight: AtomicU64,
 }
 
 impl MockSource {
@@ -40,6 +42,8 @@ impl MockSource {
             piece: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
             bytes: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            peak_in_flight: AtomicU64::new(0),
         }
     }
 
@@ -67,15 +71,23 @@ impl MockSource {
     pub fn bytes_served(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
     }
+
+    /// The most requests that were in flight at once so far.
+    pub fn peak_in_flight(&self) -> u64 {
+        self.peak_in_flight.load(Ordering::Relaxed)
+    }
 }
 
 impl Source for MockSource {
     fn read_range(&self, offset: u64, len: u64, kind: RequestKind) -> Result<Vec<u8>, SourceError> {
         self.log.lock().push(MockRequest { offset, len, kind });
+        let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak_in_flight.fetch_max(now, Ordering::Relaxed);
         let delay = *self.delay.lock();
         if !delay.is_zero() {
             std::thread::sleep(delay);
         }
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let total = self.data.len() as u64;
         match offset.checked_add(len) {
             Some(end) if end <= total => {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use incfs_fs::fetch::FetchConfig;
+use incfs_fs::fetch::fill::FillConfig;
 use incfs_fs::fs::fuse::MountOptions;
 use incfs_fs::fs::{FsConfig, IncFs, Stats};
 use incfs_fs::link::LinkConfig;
@@ -101,12 +102,9 @@ pub fn child() {
     if let Ok(plan_path) = std::env::var(ENV_PLAN) {
         let plan_path = Path::new(&plan_path);
         let plan = PrefetchPlan::load(plan_path).expect("load plan");
-        let pcfg = PrefetchConfig {
-            fetch_all: true,
-            ..PrefetchConfig::default()
-        };
-        fs.start_prefetch(&plan, plan_path, pcfg)
+        fs.start_prefetch(&plan, plan_path, PrefetchConfig::default())
             .expect("start prefetch");
+        fs.start_fill(FillConfig::default()).expect("start fill");
     }
     incfs_fs::run::serve_mount(fs, Path::new(&mnt), &MountOptions::default(), || Ok(()))
         .expect("serve");

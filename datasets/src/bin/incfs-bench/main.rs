@@ -105,6 +105,10 @@ struct Args {
     /// Write every run and the medians as JSON here (default: OUT/results.json).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Extra argument for every measured `incfs run` (repeat it; e.g. `--incfs-arg=--no-fill`
+    /// or `--incfs-arg=--miss-amplify=64K`), to measure the fetch policy's tunables.
+    #[arg(long, allow_hyphen_values = true)]
+    incfs_arg: Vec<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -197,6 +201,8 @@ pub struct Results {
 /// What the methods share: paths, servers, images.
 struct Ctx {
     incfs: PathBuf,
+    /// Extra arguments of every measured `incfs run`.
+    incfs_args: Vec<String>,
     peers_bin: PathBuf,
     work: Workload,
     tree: PathBuf,
@@ -422,6 +428,7 @@ fn main() -> Result<()> {
         work.title, a.runs, a.latency_ms, a.bandwidth_mbit
     );
     let ctx = Ctx {
+        incfs_args: a.incfs_arg.clone(),
         incfs: incfs.clone(),
         peers_bin,
         img_url: server.url("image.img"),
@@ -613,6 +620,7 @@ fn run_method(ctx: &Ctx, m: Method, round: usize) -> Result<Sample> {
                         .arg(&ctx.hot_plan);
                 }
             }
+            cmd.args(&ctx.incfs_args);
             cmd.arg("--").args(ctx.work.argv("{mnt}"));
             check(&mut cmd, m.label())?;
             // The mount (the image's metadata fetched over the link) and the command, as
