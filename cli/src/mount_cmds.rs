@@ -67,6 +67,10 @@ pub struct MountArgs {
     /// chunks nobody asked for).
     #[arg(long, default_value_t = 0)]
     max_readahead: u32,
+    /// Do not push the cached part of partly local files into the page cache at their first
+    /// open (they are then read through incfs page by page; docs/local-reads.md).
+    #[arg(long)]
+    no_push_local: bool,
     /// Daemon log file (default: CACHE/daemon.log).
     #[arg(long)]
     log: Option<PathBuf>,
@@ -207,6 +211,9 @@ fn daemonize(a: &MountArgs, cache: &Path) -> anyhow::Result<ExitCode> {
         cmd.arg("--prefetch").arg(p);
     }
     cmd.arg("--max-readahead").arg(a.max_readahead.to_string());
+    if a.no_push_local {
+        cmd.arg("--no-push-local");
+    }
     if a.allow_other {
         cmd.arg("--allow-other");
     }
@@ -275,6 +282,10 @@ fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
         threads: a.threads.max(1),
         allow_other: a.allow_other,
         max_readahead: a.max_readahead,
+        push: incfs_fs::fs::push::PushConfig {
+            enabled: !a.no_push_local,
+            ..incfs_fs::fs::push::PushConfig::default()
+        },
     };
     let notify = a.notify_ready;
     incfs_fs::run::serve_mount(fs, &a.mountpoint, &opts, || {

@@ -11,7 +11,7 @@ use incfs_planner::image_index::ImageIndex;
 use incfs_planner::input::load_input;
 use incfs_planner::pipeline::{MappedRun, MinRuns, PlanOptions, PlanStats, map_run, plan_runs};
 use incfs_planner::report::{Report, report};
-use incfs_planner::summary::summarize;
+use incfs_planner::summary::{Verdict, summarize};
 use incfs_planner::timeline::draw_timeline;
 use incfs_planner::touch::TouchKinds;
 use incfs_planner::trace::read_trace;
@@ -431,6 +431,13 @@ fn trace_show(a: ShowArgs) -> anyhow::Result<ExitCode> {
         "files:      {}, {pages} pages touched = {mib:.1} MiB",
         s.files.len()
     )?;
+    let c = &s.completeness;
+    let verdict = match c.verdict {
+        Verdict::Complete => "complete",
+        Verdict::LikelyThin => "LIKELY THIN",
+        Verdict::Unknown => "unknown",
+    };
+    writeln!(out, "complete:   {verdict}: {}", c.hint)?;
     writeln!(out)?;
     writeln!(
         out,

@@ -39,12 +39,17 @@ pub struct RunArgs {
     /// Write the run's figures as JSON to this file.
     #[arg(long)]
     stats_json: Option<PathBuf>,
-    /// Save the mount's read-log (NDJSON, an input for `incfs plan`) to this file.
+    /// Save the mount's read-log (NDJSON, an input for `incfs plan`) to this file. Such a
+    /// run opens no file with passthrough (its reads would not be logged).
     #[arg(long)]
     read_log_out: Option<PathBuf>,
     /// Never open files with FUSE passthrough.
     #[arg(long)]
     no_passthrough: bool,
+    /// Do not push the cached part of partly local files into the page cache at their first
+    /// open (they are then read through incfs page by page; docs/local-reads.md).
+    #[arg(long)]
+    no_push_local: bool,
     /// Kernel readahead for files not yet local, in bytes (readahead of a lazy file fetches
     /// chunks nobody asked for).
     #[arg(long, default_value_t = 0)]
@@ -100,9 +105,11 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("creating the cache directory {}", cache.display()))?;
     let mut fs = FsConfig::new(cache);
     fs.expect_digest = required_digest(&a.image, a.expect_digest.as_deref(), a.trust.as_deref())?;
-    fs.passthrough = !a.no_passthrough;
-    let fill = a.fetch.apply(&mut fs);
+    // A read served by passthrough never reaches incfs, so it would be missing from the
+    // read-log: a run that saves one serves every read itself.
+    fs.passthrough = !a.no_passthrough && a.read_log_out.is_none();
     fs.fetch.retry_timeout = std::time::Duration::from_secs(a.retry_timeout);
+    let fill = a.fetch.apply(&mut fs);
     let cfg = RunConfig {
         source: a.image.clone(),
         plan: a.prefetch.clone(),
@@ -111,6 +118,10 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         fs,
         mount: MountOptions {
             max_readahead: a.max_readahead,
+            push: incfs_fs::fs::push::PushConfig {
+                enabled: !a.no_push_local,
+                ..incfs_fs::fs::push::PushConfig::default()
+            },
             ..MountOptions::default()
         },
         command: a.command.clone(),

@@ -387,9 +387,16 @@ fn stalled_trickling_and_dead_servers_give_eio_within_the_deadline_then_recover(
     let tree = w.path().join("tree");
     fs::create_dir_all(&tree).unwrap();
     // One file per phase, each read for the first time in its phase: every read misses.
+    // A padding file after each keeps a miss widened over what follows it (the read policy)
+    // from bringing the next phase's file along.
     let phases = ["stall", "trickle", "dead"];
     for (i, name) in phases.iter().enumerate() {
-        fs::write(tree.join(name), common::noise(2 << 20, i as u64)).unwrap();
+        fs::write(tree.join(name), common::noise(200_000, i as u64)).unwrap();
+        fs::write(
+            tree.join(format!("{name}-pad")),
+            common::noise(2 << 20, 20 + i as u64),
+        )
+        .unwrap();
         fs::write(
             tree.join(format!("{name}-after")),
             common::noise(50_000, 9 + i as u64),

@@ -123,6 +123,7 @@ fn generate(dir: &Path, traces: usize, events: usize) -> anyhow::Result<()> {
             start_unix_ns: 0,
             tool_version: "bench".into(),
             lost_events: 0,
+            ..TraceMeta::default()
         };
         write_trace(&dir.join(format!("run{r:02}.parquet")), &meta, &evs)?;
         eprintln!(

@@ -101,6 +101,37 @@ pub struct TraceMeta {
     pub tool_version: String,
     /// Events the kernel side could not deliver (ring buffer full).
     pub lost_events: u64,
+    /// How the pages reached the recorded program (`incfs.recorded_via`).
+    pub recorded_via: RecordedVia,
+    /// Distinct pages the readahead-0 view served the program (`incfs.view_pages`; 0 when
+    /// not recorded through a view).
+    pub view_pages: u64,
+}
+
+/// How a trace was recorded, which says how much of the demand set it can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordedVia {
+    /// Unknown (a trace written before the key existed).
+    #[default]
+    Unknown,
+    /// Through a readahead-0 view of the roots: every page the program needed reached the
+    /// view as its own request, so `fault` and `get_pages` events give the demand set.
+    View,
+    /// On the file system directly: readahead and fault-around may have brought most of
+    /// the pages in without an event the planner counts.
+    Direct,
+}
+
+impl RecordedVia {
+    /// The value stored in the metadata.
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordedVia::Unknown => "",
+            RecordedVia::View => "view",
+            RecordedVia::Direct => "direct",
+        }
+    }
 }
 
 /// Version of the trace file this build writes and reads (`incfs.trace.version`).
@@ -238,6 +269,8 @@ impl TraceMeta {
             ("incfs.start_unix_ns".into(), self.start_unix_ns.to_string()),
             ("incfs.tool_version".into(), self.tool_version.clone()),
             ("incfs.lost_events".into(), self.lost_events.to_string()),
+            ("incfs.recorded_via".into(), self.recorded_via.name().into()),
+            ("incfs.view_pages".into(), self.view_pages.to_string()),
         ]
     }
 
@@ -270,6 +303,15 @@ impl TraceMeta {
                 "incfs.start_unix_ns" => meta.start_unix_ns = num(value)?,
                 "incfs.tool_version" => meta.tool_version = value.to_string(),
                 "incfs.lost_events" => meta.lost_events = num(value)?,
+                "incfs.recorded_via" => {
+                    meta.recorded_via = match value {
+                        "view" => RecordedVia::View,
+                        "direct" => RecordedVia::Direct,
+                        // Unknown values (a newer recorder): claim nothing.
+                        _ => RecordedVia::Unknown,
+                    }
+                }
+                "incfs.view_pages" => meta.view_pages = num(value)?,
                 _ => {}
             }
         }

@@ -17,6 +17,8 @@ fn meta() -> TraceMeta {
         start_unix_ns: 1_700_000_000_000_000_000,
         tool_version: "0.1.0".into(),
         lost_events: 3,
+        recorded_via: incfs_planner::trace::RecordedVia::View,
+        view_pages: 1234,
     }
 }
 

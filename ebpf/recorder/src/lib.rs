@@ -6,15 +6,18 @@
 //! 1. **Prepare.** Check privileges, mount tracefs if needed, read the tracepoint record
 //!    layouts from the format files into the probe's config, and with `cold` evict the
 //!    roots' files from the page cache.
+//!    With `view`, prepare a readahead-0 FUSE view of each root (`view` module).
 //! 2. **Attach, then spawn.** Load and attach the probe, start the drain thread, put the
 //!    recorder's own tgid in the tracked set, spawn the command (the kernel's fork event
 //!    adds the child before it runs a single instruction), and untrack the recorder again.
-//!    From then on the probe follows forks and exits in the kernel.
+//!    From then on the probe follows forks and exits in the kernel. With `view`, the child
+//!    enters a private mount namespace and mounts the views over the roots before `exec`,
+//!    and the recorder serves them.
 //! 3. **Wait.** Until the command exits, `duration` runs out or a signal (Ctrl-C) arrives;
 //!    in the last two cases the command is asked to stop and, after a grace period, killed.
 //! 4. **Collect.** Drain the rest of the ring buffer, read the lost-event counter, detach,
-//!    turn kernel device numbers into userspace ones, resolve (dev, ino) to paths under the
-//!    roots and sort by time.
+//!    turn kernel device numbers into userspace ones, map events on a view's inodes to the
+//!    real files, resolve (dev, ino) to paths under the roots and sort by time.
 //!
 //! [`Recording::write`] stores the result as a Parquet trace (`docs/trace.md`).
 
@@ -23,6 +26,7 @@ mod drain;
 mod files;
 mod probe;
 mod tracefs;
+mod view;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -30,13 +34,15 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use incfs_common::{COMM_LEN, Counter, Kind, NamedEvent};
-use incfs_planner::trace::{EventKind, TraceEvent, TraceMeta};
+use incfs_planner::trace::{EventKind, RecordedVia, TraceEvent, TraceMeta};
 
 pub use child::StopReason;
 pub use files::Evicted;
+pub use view::ViewError;
 
 /// Default ring buffer size: 64 MiB holds one million page events, more than a cold start
 /// of clang (about 30,000 events) produces between two wake-ups of the drain thread.
@@ -61,6 +67,10 @@ pub struct RecordOptions {
     pub ring_buffer_bytes: u32,
     /// Record `openat` calls (file-level order).
     pub trace_opens: bool,
+    /// Run the command in a private mount namespace where each root is covered by a
+    /// readahead-0 FUSE view of itself (`view` module), so the trace holds the demand set.
+    /// Needs roots and `/dev/fuse`.
+    pub view: bool,
 }
 
 impl RecordOptions {
@@ -73,6 +83,7 @@ impl RecordOptions {
             duration: None,
             ring_buffer_bytes: DEFAULT_RING_BUFFER_BYTES,
             trace_opens: true,
+            view: false,
         }
     }
 }
@@ -94,6 +105,25 @@ pub struct RecordStats {
     pub evicted: Option<Evicted>,
     /// Wall time from spawning the command to its exit.
     pub elapsed: Duration,
+    /// What the readahead-0 views served, when the recording went through them.
+    pub view: Option<ViewStats>,
+}
+
+/// What the readahead-0 views served during a recording: the demand set as the file system
+/// saw it, against which the trace's touched pages are checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ViewStats {
+    /// Distinct pages the views read from the roots for the command.
+    pub served_pages: u64,
+    /// Distinct pages of files served by the views that the trace counts as touched
+    /// (`fault`, `get_pages`), clipped to the file sizes.
+    pub touched_pages: u64,
+    /// Read requests the views answered.
+    pub reads: u64,
+    /// Reads that failed on the underlying files (the command saw EIO).
+    pub failed_reads: u64,
+    /// Views that stopped serving with an error (root and why).
+    pub errors: Vec<String>,
 }
 
 /// The result of [`record`].
@@ -143,6 +173,27 @@ pub enum RecordError {
     /// No command was given.
     #[error("no command to record")]
     EmptyCommand,
+    /// The view covers roots; without one there is nothing to cover.
+    #[error(
+        "the readahead-0 view covers the --root directories: give at least one --root \
+         (or record without the view, where readahead hides most of the demand set)"
+    )]
+    ViewWithoutRoots,
+    /// A view could not be prepared.
+    #[error(transparent)]
+    View(#[from] ViewError),
+    /// The command could not be started inside the views' mount namespace.
+    #[error(
+        "cannot start {command} in a private mount namespace with the readahead-0 views \
+         (it needs root or CAP_SYS_ADMIN, and a kernel that lets it mount FUSE)"
+    )]
+    ViewSpawn {
+        /// The program name as given.
+        command: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// `cold` without roots would evict every file on the machine.
     #[error("--cold evicts the files under the --root directories: give at least one --root")]
     ColdWithoutRoots,
@@ -270,6 +321,9 @@ pub fn record(opts: &RecordOptions) -> Result<Recording, RecordError> {
         return Err(RecordError::RingBufferSize(ring));
     }
     let roots = canonical_roots(&opts.roots)?;
+    if opts.view && roots.is_empty() {
+        return Err(RecordError::ViewWithoutRoots);
+    }
     check_privileges()?;
     let tracefs = tracefs::ensure_mounted()?;
     // Wake the drain thread early when an eighth of the ring is used; otherwise it reads
@@ -286,6 +340,16 @@ pub fn record(opts: &RecordOptions) -> Result<Recording, RecordError> {
         );
         done
     });
+
+    let mut views = if opts.view {
+        let shared = Arc::new(roots.clone());
+        outermost(&roots)
+            .iter()
+            .map(|r| view::View::new(r, Arc::clone(&shared)))
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
 
     let mut probe = probe::Probe::load(&config, ring)?;
     let own_pid = std::process::id();
@@ -316,20 +380,40 @@ pub fn record(opts: &RecordOptions) -> Result<Recording, RecordError> {
         let _window = SPAWN_WINDOW
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(&opts.command[1..]);
+        if !views.is_empty() {
+            for v in &mut views {
+                v.serve()?;
+            }
+            let plan = view::EnterPlan::new(&views);
+            // SAFETY: `enter` makes only async-signal-safe calls (unshare, mount, write,
+            // chdir, getpid) on data prepared before the fork.
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                cmd.pre_exec(move || view::enter(&plan));
+            }
+        }
         probe.track(own_pid)?;
-        let spawned = std::process::Command::new(program)
-            .args(&opts.command[1..])
-            .spawn();
+        let spawned = cmd.spawn();
         probe.untrack(own_pid);
+        for v in &mut views {
+            v.spawned();
+        }
         spawned
     };
     let mut child = match spawned {
         Ok(child) => child,
         Err(source) => {
             drop(drainer);
+            for v in views {
+                v.finish();
+            }
             let command = program.to_string_lossy().into_owned();
             return Err(if source.kind() == std::io::ErrorKind::NotFound {
                 RecordError::CommandNotFound { command }
+            } else if opts.view && source.raw_os_error().is_some_and(is_setup_errno) {
+                RecordError::ViewSpawn { command, source }
             } else {
                 RecordError::Spawn { command, source }
             });
@@ -367,7 +451,8 @@ pub fn record(opts: &RecordOptions) -> Result<Recording, RecordError> {
         );
     }
 
-    let (events, mut stats) = collect(&drained, &roots, start_mono);
+    let reports: Vec<view::ViewReport> = views.into_iter().map(view::View::finish).collect();
+    let (events, mut stats) = collect(&drained, &roots, start_mono, &reports);
     stats.lost_events = lost_events;
     stats.untracked_forks = untracked_forks;
     stats.evicted = evicted;
@@ -391,6 +476,12 @@ pub fn record(opts: &RecordOptions) -> Result<Recording, RecordError> {
         start_unix_ns,
         tool_version: env!("CARGO_PKG_VERSION").to_owned(),
         lost_events,
+        recorded_via: if opts.view {
+            RecordedVia::View
+        } else {
+            RecordedVia::Direct
+        },
+        view_pages: stats.view.as_ref().map_or(0, |v| v.served_pages),
     };
     Ok(Recording {
         meta,
@@ -406,8 +497,20 @@ fn collect(
     drained: &drain::Drained,
     roots: &[PathBuf],
     start_mono: u64,
+    views: &[view::ViewReport],
 ) -> (Vec<TraceEvent>, RecordStats) {
     let mut stats = RecordStats::default();
+    // Events on a view's inodes name the view's device and node id: map them to the file
+    // the view served (its real dev and ino) and the path the program used.
+    let by_dev: HashMap<u64, &view::ViewReport> =
+        views.iter().filter_map(|v| v.dev.map(|d| (d, v))).collect();
+    let real_id = |kernel_dev: u32, ino: u64| -> (files::FileId, Option<&String>) {
+        let dev = user_dev(kernel_dev);
+        match by_dev.get(&dev).and_then(|v| v.files.get(&ino)) {
+            Some((id, path)) => (*id, Some(path)),
+            None => ((dev, ino), None),
+        }
+    };
     // Named events: resolve each distinct (name, cwd) once.
     let mut names: HashMap<PathBuf, Option<files::KnownName>> = HashMap::new();
     let mut named_ids: Vec<Option<files::FileId>> = Vec::with_capacity(drained.named.len());
@@ -423,19 +526,32 @@ fn collect(
         named_ids.push(id);
     }
     let known: Vec<files::KnownName> = names.values().flatten().cloned().collect();
-    let mut wanted: HashSet<files::FileId> = drained
-        .pages
-        .iter()
-        .map(|e| (user_dev(e.kernel_dev), e.ino))
-        .collect();
-    wanted.extend(known.iter().map(|k| k.id));
+    let mut view_paths: HashMap<files::FileId, String> = HashMap::new();
+    let mut wanted: HashSet<files::FileId> = HashSet::new();
+    for e in &drained.pages {
+        match real_id(e.kernel_dev, e.ino) {
+            (id, Some(path)) => {
+                view_paths.entry(id).or_insert_with(|| path.clone());
+            }
+            (id, None) => {
+                wanted.insert(id);
+            }
+        }
+    }
+    wanted.extend(
+        known
+            .iter()
+            .map(|k| k.id)
+            .filter(|id| !view_paths.contains_key(id)),
+    );
     let search_roots: Vec<PathBuf> = if roots.is_empty() {
         vec![PathBuf::from("/")]
     } else {
         roots.to_vec()
     };
-    let paths = files::resolve(&search_roots, &wanted, &known);
-    stats.files = wanted.len();
+    let mut paths = files::resolve(&search_roots, &wanted, &known);
+    stats.files = wanted.len() + view_paths.len();
+    paths.extend(view_paths);
     stats.resolved_files = paths.len();
 
     let mut events = Vec::with_capacity(drained.pages.len() + drained.named.len());
@@ -443,7 +559,7 @@ fn collect(
         let Some(kind) = Kind::from_u32(e.kind).and_then(event_kind) else {
             continue;
         };
-        let id = (user_dev(e.kernel_dev), e.ino);
+        let (id, _) = real_id(e.kernel_dev, e.ino);
         events.push(TraceEvent {
             ts_ns: e.ts_ns.saturating_sub(start_mono),
             pid: e.pid,
@@ -479,7 +595,86 @@ fn collect(
         });
     }
     events.sort_by_key(|e| e.ts_ns);
+    if !views.is_empty() {
+        stats.view = Some(view_stats(&events, views));
+    }
     (events, stats)
+}
+
+/// The views' counts, and how many pages of the files they served the trace counts as
+/// touched (clipped to each file's size: a `read` past the end asks for pages that do not
+/// exist).
+fn view_stats(events: &[TraceEvent], views: &[view::ViewReport]) -> ViewStats {
+    let served: HashMap<files::FileId, &String> = views
+        .iter()
+        .flat_map(|v| v.files.values().map(|(id, path)| (*id, path)))
+        .collect();
+    let mut touched: HashMap<files::FileId, Vec<(u64, u64)>> = HashMap::new();
+    for e in events {
+        if matches!(e.kind, EventKind::Fault | EventKind::GetPages)
+            && served.contains_key(&(e.dev, e.ino))
+        {
+            touched
+                .entry((e.dev, e.ino))
+                .or_default()
+                .push((e.first_page, e.first_page + u64::from(e.page_count)));
+        }
+    }
+    let page = u64::from(page_size());
+    let touched_pages = touched
+        .iter_mut()
+        .map(|(id, ranges)| {
+            let pages = served
+                .get(id)
+                .and_then(|p| std::fs::metadata(p.as_str()).ok())
+                .map_or(u64::MAX, |m| m.len().div_ceil(page));
+            for r in ranges.iter_mut() {
+                r.1 = r.1.min(pages);
+                r.0 = r.0.min(r.1);
+            }
+            union_len(ranges)
+        })
+        .sum();
+    ViewStats {
+        served_pages: views.iter().map(|v| v.pages).sum(),
+        touched_pages,
+        reads: views.iter().map(|v| v.reads).sum(),
+        failed_reads: views.iter().map(|v| v.failed_reads).sum(),
+        errors: views.iter().filter_map(|v| v.error.clone()).collect(),
+    }
+}
+
+/// Distinct integers covered by half-open ranges.
+fn union_len(ranges: &mut [(u64, u64)]) -> u64 {
+    ranges.sort_unstable();
+    let (mut total, mut end) = (0, 0);
+    for &(s, e) in ranges.iter() {
+        let s = s.max(end);
+        if e > s {
+            total += e - s;
+            end = e;
+        }
+    }
+    total
+}
+
+/// The roots that no other root contains (a view covers everything below its root).
+fn outermost(roots: &[PathBuf]) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for r in roots {
+        if !roots.iter().any(|o| o != r && r.starts_with(o)) && !out.contains(r) {
+            out.push(r.clone());
+        }
+    }
+    out
+}
+
+/// Errors of the views' setup in the child (unshare, mount) rather than of the exec.
+fn is_setup_errno(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::EPERM | libc::EINVAL | libc::ENODEV | libc::EBUSY
+    )
 }
 
 fn event_kind(kind: Kind) -> Option<EventKind> {
@@ -585,7 +780,7 @@ fn check_privileges() -> Result<(), RecordError> {
     }
 }
 
-fn page_size() -> u32 {
+pub(crate) fn page_size() -> u32 {
     // SAFETY: sysconf has no memory preconditions.
     let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     u32::try_from(n).unwrap_or(4096)
@@ -638,6 +833,24 @@ mod tests {
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(exit_code(&ExitStatus::from_raw(3 << 8)), 3);
         assert_eq!(exit_code(&ExitStatus::from_raw(libc::SIGKILL)), 137);
+    }
+
+    #[test]
+    fn nested_roots_get_one_view() {
+        let roots: Vec<PathBuf> = ["/t", "/t/lib", "/u", "/t", "/tt"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        assert_eq!(
+            outermost(&roots),
+            ["/t", "/u", "/tt"].map(PathBuf::from).to_vec()
+        );
+    }
+
+    #[test]
+    fn union_counts_overlaps_once() {
+        assert_eq!(union_len(&mut [(5, 8), (0, 2), (1, 3), (7, 9)]), 7);
+        assert_eq!(union_len(&mut []), 0);
     }
 
     #[test]

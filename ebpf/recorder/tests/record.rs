@@ -406,3 +406,76 @@ fn trace_round_trips_through_parquet() {
     assert_eq!(meta.roots, vec!["/".to_owned()]);
     assert_eq!(meta.page_size, 4096);
 }
+
+/// Through the readahead-0 view: a 4 KiB read of a file under the root is one page, not the
+/// disk's readahead window; a symlink under the root leading outside it is read through the
+/// view too, named by the symlink, with the target's dev and ino; nothing stays mounted.
+#[test]
+fn the_view_serves_the_roots_without_readahead() {
+    if !require(
+        "the_view_serves_the_roots_without_readahead",
+        &[Need::Bpf, Need::Fuse],
+    ) {
+        return;
+    }
+    let dir = tmpdir();
+    let base = dir.path().canonicalize().unwrap();
+    let root = base.join("root");
+    std::fs::create_dir_all(root.join("lib")).unwrap();
+    std::fs::create_dir_all(base.join("elsewhere")).unwrap();
+    let inside = root.join("data");
+    let outside = base.join("elsewhere/libx.so");
+    make_file(&inside, 256);
+    make_file(&outside, 256);
+    std::os::unix::fs::symlink("../../elsewhere/libx.so", root.join("lib/libx.so")).unwrap();
+    let script = format!(
+        "dd if={} of=/dev/null bs=4096 skip=10 count=1 status=none && \
+         dd if={} of=/dev/null bs=4096 skip=20 count=1 status=none",
+        inside.display(),
+        root.join("lib/libx.so").display()
+    );
+    let mut opts = RecordOptions::new(args(&["sh", "-c", &script]));
+    opts.roots = vec![root.clone()];
+    opts.view = true;
+    let rec = record(&opts).expect("record through the view");
+    assert_eq!(rec.exit_code(), 0);
+    let touched = [EventKind::Fault, EventKind::GetPages];
+    assert_eq!(
+        pages_of(&rec, &inside, &touched),
+        BTreeSet::from([10]),
+        "one page of the file under the root"
+    );
+    assert_eq!(
+        pages_of(&rec, &inside, &[EventKind::AddToCache]),
+        BTreeSet::from([10]),
+        "no readahead around it"
+    );
+    assert_eq!(
+        pages_of(&rec, &outside, &touched),
+        BTreeSet::from([20]),
+        "the symlink's target, read through the view"
+    );
+    let link = root.join("lib/libx.so");
+    assert!(
+        events_of(&rec, &outside)
+            .iter()
+            .all(|e| e.path.as_deref() == link.to_str()),
+        "named by the symlink under the root"
+    );
+    let view = rec.stats.view.as_ref().expect("view stats");
+    assert_eq!((view.served_pages, view.touched_pages), (2, 2), "{view:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains("fuse.incfs-view"),
+        "a view is left mounted:\n{mounts}"
+    );
+}
+
+#[test]
+fn the_view_needs_a_root() {
+    let mut opts = RecordOptions::new(args(&["true"]));
+    opts.view = true;
+    let err = record(&opts).expect_err("a view without roots");
+    assert!(matches!(err, RecordError::ViewWithoutRoots), "{err}");
+    assert!(err.to_string().contains("--root"), "{err}");
+}

@@ -117,13 +117,18 @@ impl Filler {
     }
 }
 
+impl Filler {
+    /// Asks the fill to stop (at unmount); returns at once.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let _g = self.shared.wake_lock.lock();
+        self.shared.wake.notify_all();
+    }
+}
+
 impl Drop for Filler {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
-        {
-            let _g = self.shared.wake_lock.lock();
-            self.shared.wake.notify_all();
-        }
+        self.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

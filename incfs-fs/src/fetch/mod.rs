@@ -31,9 +31,9 @@
 //! it is stored; bytes that do not match are never stored or returned. Failed requests and
 //! chunks that do not verify are retried under the mount's [`RetryPolicy`] (jittered
 //! backoff, each request bounded by the time left before [`FetchConfig::retry_timeout`]);
-//! then the slot fails and its waiters get a [`FetchError`]. A waiter is also answered with an error once it has
-//! waited [`FetchConfig::retry_timeout`], whatever the source does, and a worker that
-//! panics fails its slots instead of leaving them in flight.
+//! then the slot fails and its waiters get a [`FetchError`]. A waiter is also answered with
+//! an error once it has waited [`FetchConfig::retry_timeout`], whatever the source does, and
+//! a worker that panics fails its slots instead of leaving them in flight.
 
 pub mod fill;
 pub mod readahead;
@@ -56,8 +56,8 @@ use crate::table::LazyTable;
 
 pub use readahead::{ReadAhead, ReadAheadConfig};
 
-/// How long a slot that failed a reader stays failed: requests for it within this time fail
-/// at once instead of fetching again. Covers the kernel's own immediate retry of a failed page read,
+/// How long a failed slot stays failed: requests for it within this time fail at once
+/// instead of fetching again. Covers the kernel's own immediate retry of a failed page read,
 /// and is short enough that a program trying again a second later reaches the source.
 pub const FAILURE_MEMO: Duration = Duration::from_millis(500);
 
@@ -96,13 +96,13 @@ pub struct FetchConfig {
     pub readahead: ReadAheadConfig,
     /// Attempts per request before its chunks fail. Default 20 ([`RetryPolicy`]).
     pub max_attempts: u32,
-    /// Wait before the first retry; doubles each time. Default 50 ms.
+    /// Wait before the first retry; doubles each time, jittered. Default 50 ms.
     pub initial_backoff: Duration,
-    /// Longest wait between retries. Default 2 s.
+    /// Longest wait between retries. Default 1 s.
     pub max_backoff: Duration,
-    /// Longest time spent retrying one request before its chunks fail, and longest time a
-    /// reader waits before it gets an error (restarted for the rest of a request when an
-    /// attempt stores some of its chunks). Default 10 s ([`crate::retry::DEFAULT_DEADLINE`],
+    /// Longest time spent on one request's chunks, every attempt and pause included, before
+    /// they fail (restarted when an attempt stores some of them), and longest time a reader
+    /// waits before it gets an error. Default 10 s ([`crate::retry::DEFAULT_DEADLINE`],
     /// which explains the choice).
     pub retry_timeout: Duration,
 }
@@ -249,9 +249,9 @@ struct State {
     slots: HashMap<u64, SlotState>,
     queues: [VecDeque<u64>; 3],
     entry_queues: [VecDeque<u64>; 3],
-    /// Slots that failed, with why, and when if a reader was told: a new request for one of
-    /// those within [`FAILURE_MEMO`] fails at once.
-    failed: HashMap<u64, (Arc<str>, Option<Instant>)>,
+    /// Slots that failed, with why and when: a new request for one within
+    /// [`FAILURE_MEMO`] fails at once.
+    failed: HashMap<u64, (Arc<str>, Instant)>,
     /// Requests in flight by priority.
     in_flight: [usize; 3],
     waiters: HashMap<u64, Waiter>,
@@ -574,9 +574,8 @@ impl Fetcher {
 
 impl Fetcher {
     /// Stops the scheduler (at unmount): workers take no more work, a request in flight
-    /// stops at its next piece, retries and table loads stop, and every waiter is answered
-    /// with an error. Returns at once; dropping the scheduler waits (briefly) for the
-    /// workers.
+    /// stops at its next piece, retries and table loads stop, and every waiter gets an
+    /// error. Returns at once; dropping the scheduler waits (briefly) for the workers.
     pub fn shutdown(&self) {
         self.inner.shutdown.store(true, Ordering::Release);
         self.inner.table.cancel();
@@ -590,14 +589,14 @@ impl Fetcher {
         };
         for w in waiting {
             (w.done)(Err(FetchError {
-                slot: 0,
+                slot: w.first,
                 reason: "the file system is shutting down".into(),
             }));
         }
     }
 }
 
-/// How long dropping a [`Fetcher`] waits for its threads: a worker stuck in a request that
+/// How long dropping a [`Fetcher`] waits for its workers: a worker stuck in a request that
 /// sends nothing more is left to end by itself (by its timeout), so unmounting never waits
 /// for a stalled server.
 const WORKER_JOIN_WAIT: Duration = Duration::from_millis(300);
@@ -605,7 +604,7 @@ const WORKER_JOIN_WAIT: Duration = Duration::from_millis(300);
 impl Drop for Fetcher {
     fn drop(&mut self) {
         self.shutdown();
-        // The last owner may be a completion running on a worker: it cannot join itself
+        // The last owner may be a completion running on a worker: it cannot wait for itself
         // (that worker ends on its own once it sees the shutdown).
         let me = std::thread::current().id();
         let others = |t: &JoinHandle<()>| t.thread().id() != me;
@@ -623,13 +622,15 @@ impl Drop for Fetcher {
         if stuck > 0 {
             tracing::debug!(
                 stuck,
-                "fetch threads still in a request at shutdown; not waiting for them"
+                "fetch workers still in a request at shutdown; not waiting for them"
             );
         }
-        for t in self.threads.drain(..) {
-            if others(&t) && t.is_finished() {
-                let _ = t.join();
-            }
+        for t in self
+            .threads
+            .drain(..)
+            .filter(|t| others(t) && t.is_finished())
+        {
+            let _ = t.join();
         }
     }
 }
@@ -653,7 +654,7 @@ impl Inner {
             if st
                 .failed
                 .get(&slot)
-                .is_some_and(|(_, at)| at.is_some_and(|t| t.elapsed() < FAILURE_MEMO))
+                .is_some_and(|(_, at)| at.elapsed() < FAILURE_MEMO)
             {
                 continue;
             }
@@ -1162,7 +1163,8 @@ impl Inner {
         }
     }
 
-    /// Marks slots failed and answers their waiters with the error.
+    /// Marks slots failed and answers their waiters with the error; slots nobody waits for
+    /// are forgotten instead.
     fn fail(&self, slots: &[u64], reason: &str) {
         let reason: Arc<str> = reason.into();
         let mut failed = Vec::new();
@@ -1170,13 +1172,17 @@ impl Inner {
             let mut st = self.state.lock();
             for &slot in slots {
                 st.slots.remove(&slot);
-                let waiters = st.slot_waiters.remove(&slot).unwrap_or_default();
-                // Remembered only for a slot a reader waited for (its page read may come
-                // again at once); read-ahead that failed beside it is fetched again freely.
-                let told = (!waiters.is_empty()).then(Instant::now);
-                st.failed.insert(slot, (Arc::clone(&reason), told));
                 self.chunks_failed.fetch_add(1, Ordering::Relaxed);
-                for id in waiters {
+                let ids = st.slot_waiters.remove(&slot).unwrap_or_default();
+                if ids.is_empty() {
+                    // Nobody waits for it (read-ahead, a widened miss, the fill): forget it,
+                    // so the next reader asks the source again instead of sharing this
+                    // failure (a request that failed for its neighbours' sake).
+                    continue;
+                }
+                st.failed
+                    .insert(slot, (Arc::clone(&reason), Instant::now()));
+                for id in ids {
                     if let Some(w) = st.waiters.remove(&id) {
                         st.deadlines.remove(&(w.deadline, id));
                         failed.push((slot, w));

@@ -5,7 +5,8 @@
 //! the fetch worker that stores the read's last missing chunk ([`IncFs::read_then`]), so a
 //! miss holds none of the session's event-loop threads (fuser's `n_threads`, each with its
 //! own cloned `/dev/fuse` fd) and the kernel may have 128 reads outstanding.
-//! Regular files are opened with `FOPEN_KEEP_CACHE` (content never changes),
+//! Regular files are opened with `FOPEN_KEEP_CACHE` (content never changes) and
+//! `FOPEN_NOFLUSH` (nothing to flush on a read-only mount: no FLUSH round trip per close),
 //! or with passthrough when [`IncFs::open`] says so; the backing id of a passthrough inode is
 //! shared by all its live opens, as the kernel requires.
 
@@ -14,7 +15,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
@@ -26,6 +27,7 @@ use fuser::{
 use parking_lot::Mutex;
 use tracing::instrument;
 
+use super::push::{PushConfig, Pusher, Store};
 use super::{Attr, FsError, IncFs, NodeKind, OpenMode};
 use crate::cache::fds::FdPermit;
 
@@ -35,6 +37,11 @@ const MAX_BACKGROUND: u16 = 128;
 
 /// How long the kernel may cache attributes and entries: the tree never changes.
 const TTL: Duration = Duration::from_secs(3600);
+
+/// The flags of a cached open: keep the page cache across opens (content never changes), and
+/// no FLUSH request at close (nothing to flush on a read-only mount; it is a synchronous
+/// round trip per `close()`, hundreds in a Python start).
+const CACHED_OPEN: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
 
 /// Maps an error of the core to the errno a reader sees.
 pub trait ToErrno {
@@ -77,6 +84,9 @@ pub struct MountOptions {
     /// prefetcher's job, and fully local files are opened with passthrough, where the
     /// backing file's own readahead applies.
     pub max_readahead: u32,
+    /// Pushing the local data of partly local files into the page cache at their first
+    /// open ([`super::push`]).
+    pub push: PushConfig,
 }
 
 impl Default for MountOptions {
@@ -85,7 +95,15 @@ impl Default for MountOptions {
             threads: 4,
             allow_other: false,
             max_readahead: 0,
+            push: PushConfig::default(),
         }
+    }
+}
+
+/// Pushed local data reaches the kernel's page cache as `FUSE_NOTIFY_STORE`.
+impl Store for fuser::Notifier {
+    fn store(&self, ino: u64, offset: u64, data: &[u8]) -> io::Result<()> {
+        fuser::Notifier::store(self, INodeNo(ino), offset, data)
     }
 }
 
@@ -106,6 +124,8 @@ pub struct FuseFs {
     fs: Arc<IncFs>,
     max_readahead: u32,
     backings: Mutex<Backings>,
+    /// Set once the session exists (it needs the session's notifier).
+    pusher: Arc<OnceLock<Pusher>>,
 }
 
 impl FuseFs {
@@ -115,6 +135,7 @@ impl FuseFs {
             fs,
             max_readahead: MountOptions::default().max_readahead,
             backings: Mutex::new(Backings::default()),
+            pusher: Arc::new(OnceLock::new()),
         }
     }
 }
@@ -147,14 +168,27 @@ pub fn new_session(
     opts: &MountOptions,
 ) -> io::Result<fuser::Session<FuseFs>> {
     let cfg = session_config(&fs.source_name, opts);
-    let mut ffs = FuseFs::new(fs);
+    let mut ffs = FuseFs::new(Arc::clone(&fs));
     ffs.max_readahead = opts.max_readahead;
-    fuser::Session::new(ffs, mountpoint, &cfg).map_err(|e| {
+    let pusher = Arc::clone(&ffs.pusher);
+    let session = fuser::Session::new(ffs, mountpoint, &cfg).map_err(|e| {
         io::Error::new(
             e.kind(),
             format!("mounting FUSE at {}: {e}", mountpoint.display()),
         )
-    })
+    })?;
+    if opts.push.enabled {
+        match Pusher::start(fs, session.notifier(), opts.push.clone()) {
+            Ok(p) => {
+                let _ = pusher.set(p);
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "starting the push workers failed; partly local files are read page by page"
+            ),
+        }
+    }
+    Ok(session)
 }
 
 /// Serves `session` on its threads until the mount goes away. At unmount the kernel normally
@@ -292,6 +326,9 @@ impl Filesystem for FuseFs {
     }
 
     fn destroy(&mut self) {
+        if let Some(p) = self.pusher.get() {
+            p.stop();
+        }
         if let Err(e) = self.fs.shutdown() {
             tracing::error!(error = %e, "closing the cache on unmount failed");
         }
@@ -336,7 +373,12 @@ impl Filesystem for FuseFs {
             Err(e) => return reply.error(e.to_errno()),
         };
         match mode {
-            OpenMode::Cached => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            OpenMode::Cached => {
+                reply.opened(FileHandle(fh), CACHED_OPEN);
+                if let Some(p) = self.pusher.get() {
+                    p.opened(ino.0);
+                }
+            }
             OpenMode::Direct => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             OpenMode::Passthrough { file, permit } => {
                 let mut b = self.backings.lock();
@@ -353,7 +395,11 @@ impl Filesystem for FuseFs {
                     Ok(backing) => {
                         b.by_inode.insert(ino.0, Arc::downgrade(&backing));
                         b.by_handle.insert(fh, Arc::clone(&backing));
-                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing.id);
+                        reply.opened_passthrough(
+                            FileHandle(fh),
+                            FopenFlags::FOPEN_NOFLUSH,
+                            &backing.id,
+                        );
                     }
                     Err(err) => {
                         if err.raw_os_error() == Some(libc::EPERM) {
@@ -366,7 +412,7 @@ impl Filesystem for FuseFs {
                             tracing::warn!(error = %err, "registering a passthrough backing file failed; serving it cached");
                         }
                         match self.fs.passthrough_failed(fh) {
-                            Ok(()) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                            Ok(()) => reply.opened(FileHandle(fh), CACHED_OPEN),
                             Err(e) => {
                                 self.fs.release(fh);
                                 reply.error(e.to_errno());

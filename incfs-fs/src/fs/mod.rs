@@ -13,6 +13,7 @@
 //! one per read that reached the file system (`ns`: nanoseconds since the Unix epoch).
 
 pub mod fuse;
+pub mod push;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -302,6 +303,10 @@ pub struct Stats {
     pub passthrough_opens: u64,
     /// Opens served through the file system.
     pub cached_opens: u64,
+    /// Bytes of chunks local at mount pushed into the kernel's page cache at the first
+    /// cached open of their file ([`push`]).
+    #[serde(default)]
+    pub pushed_bytes: u64,
     /// Chunks read back and checked at mount after an unclean stop (those recorded since
     /// the last checkpoint).
     #[serde(default)]
@@ -383,6 +388,7 @@ struct Counters {
     cached_opens: AtomicU64,
     read_log_dropped: AtomicU64,
     bytes_used: AtomicU64,
+    pushed_bytes: AtomicU64,
 }
 
 /// The file system core over one image.
@@ -656,6 +662,9 @@ impl IncFs {
     pub fn shutdown(&self) -> Result<(), FsError> {
         if let Some(p) = self.prefetcher.get() {
             p.stop();
+        }
+        if let Some(f) = self.filler.get() {
+            f.stop();
         }
         self.fetcher.shutdown();
         self.cache.close()?;
@@ -1228,6 +1237,7 @@ impl IncFs {
             reads: c.reads.load(Ordering::Relaxed),
             passthrough_opens: c.passthrough_opens.load(Ordering::Relaxed),
             cached_opens: c.cached_opens.load(Ordering::Relaxed),
+            pushed_bytes: c.pushed_bytes.load(Ordering::Relaxed),
             recovered_rechecked: rec.rechecked,
             recovered_dropped: rec.dropped,
             recovered_unclean: rec.unclean,

@@ -38,6 +38,9 @@ pub const ENV_NOFILE: &str = "INCFS_TEST_DAEMON_NOFILE";
 pub const ENV_LOG: &str = "INCFS_TEST_DAEMON_LOG";
 /// The daemon's retry deadline, in milliseconds.
 pub const ENV_RETRY_MS: &str = "INCFS_TEST_DAEMON_RETRY_MS";
+/// Set: a miss fetches only what it touches (no widening over the chunks after it), for
+/// tests that count which chunks become local.
+pub const ENV_EXACT: &str = "INCFS_TEST_DAEMON_EXACT";
 
 /// The body of the `daemon_child` test: does nothing unless started by [`Daemon::start`].
 pub fn child() {
@@ -65,6 +68,9 @@ pub fn child() {
         max_attempts: 3,
         ..FetchConfig::default()
     };
+    if std::env::var_os(ENV_EXACT).is_some() {
+        cfg.fetch.miss_amplify_bytes = 0;
+    }
     if let Ok(ms) = std::env::var(ENV_RETRY_MS) {
         cfg.fetch.retry_timeout = Duration::from_millis(ms.parse().unwrap());
         cfg.fetch.max_attempts = u32::MAX;

@@ -51,6 +51,7 @@ pub fn meta() -> TraceMeta {
         start_unix_ns: 0,
         tool_version: "test".into(),
         lost_events: 0,
+        ..TraceMeta::default()
     }
 }
 

@@ -15,7 +15,16 @@
 //! - `incfs lazy`: `incfs run` of the image, no plan;
 //! - `incfs + plan`: `incfs run` of the hot-first image with its plan, made from other runs
 //!   (never the measured one); `incfs + plan, pack layout` (not run by default): the same plan
-//!   on the image as `pack` laid it out.
+//!   on the image as `pack` laid it out; `incfs + plan, mount-recorded` (with `--record-from
+//!   both`): the hot-first image and plan made from traces recorded through an incfs mount;
+//! - `incfs warm, …` (not run by default; warm.rs): a start from a cache that a planned start
+//!   (partial) or a read of every file (complete) filled, page cache dropped.
+//!
+//! The plan runs are recorded the README's way by default (`--record-from local`): `incfs
+//! record-trace --root TREE` of the command on the tree on local disk, which the recorder
+//! reads through its readahead-0 view. `--record-from mount` records inside `incfs run` of
+//! the image instead (the readahead-0 mount), `--record-from both` does both and measures
+//! the two plans side by side.
 //!
 //! One server, the bench's own `incfs serve` (directory listings, single Range requests,
 //! per-request latency + one shared token bucket), serves every method over the same link
@@ -31,6 +40,7 @@ mod mount;
 mod nydus;
 mod rclone;
 mod report;
+mod warm;
 mod workload;
 
 use std::collections::{BTreeSet, HashSet};
@@ -84,6 +94,11 @@ struct Args {
     /// it works and the read-log otherwise.
     #[arg(long, value_enum, default_value_t = PlanSource::Auto)]
     plan_source: PlanSource,
+    /// Where the plan runs are recorded: from the tree on local disk as the README says
+    /// (`local`), inside `incfs run` of the image (`mount`), or both, measured side by side
+    /// (`both` adds the method `incfs + plan, mount-recorded`).
+    #[arg(long, value_enum, default_value_t = RecordFrom::Local)]
+    record_from: RecordFrom,
     /// The incfs binary (default: next to this one).
     #[arg(long)]
     incfs: Option<PathBuf>,
@@ -111,6 +126,23 @@ struct Args {
     incfs_arg: Vec<String>,
 }
 
+/// Where the plan runs are recorded.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RecordFrom {
+    Local,
+    Mount,
+    Both,
+}
+
+/// One way of recording the plan runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Recorded {
+    /// `incfs record-trace --root TREE` on the local tree.
+    Local,
+    /// `incfs record-trace` inside `incfs run` of the image.
+    Mount,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum PlanSource {
     Auto,
@@ -129,7 +161,12 @@ pub enum Method {
     NydusPrefetch,
     IncfsLazy,
     IncfsPlanPackLayout,
+    IncfsPlanMountRecorded,
     IncfsPlan,
+    IncfsWarm,
+    IncfsWarmNoPush,
+    IncfsWarmReadahead,
+    IncfsWarmComplete,
 }
 
 impl Method {
@@ -144,7 +181,12 @@ impl Method {
             Method::NydusPrefetch => "nydus + prefetch list",
             Method::IncfsLazy => "incfs lazy",
             Method::IncfsPlanPackLayout => "incfs + plan, pack layout",
+            Method::IncfsPlanMountRecorded => "incfs + plan, mount-recorded",
             Method::IncfsPlan => "incfs + plan",
+            Method::IncfsWarm => "incfs warm, partial (push)",
+            Method::IncfsWarmNoPush => "incfs warm, partial (no push)",
+            Method::IncfsWarmReadahead => "incfs warm, partial (readahead 128K)",
+            Method::IncfsWarmComplete => "incfs warm, complete",
         }
     }
 }
@@ -179,6 +221,8 @@ pub struct Results {
     pub rounds: usize,
     pub chunk_size: u32,
     pub plan_source: String,
+    /// Where the plan runs were recorded: "local tree", "mount" or "local tree and mount".
+    pub record_from: String,
     pub git_commit: String,
     pub started_utc: String,
     pub tree_bytes: u64,
@@ -198,6 +242,11 @@ pub struct Results {
     pub failures: Vec<String>,
 }
 
+/// `incfs run` as the unmeasured setup runs (demand set, plan runs) use it: every read
+/// through incfs (passthrough would hide reads from the read-log and from a trace of the
+/// mount) and no background fill (it would complete files, and they are not measured).
+const SETUP_RUN: [&str; 3] = ["run", "--no-passthrough", "--no-fill"];
+
 /// What the methods share: paths, servers, images.
 struct Ctx {
     incfs: PathBuf,
@@ -212,8 +261,11 @@ struct Ctx {
     hot_url: String,
     plan: PathBuf,
     hot_plan: PathBuf,
+    /// The hot-first image's URL and plan made from mount-recorded runs.
+    mount_hot: Option<(String, PathBuf)>,
     nydus_lazy: Option<nydus::NydusImage>,
     nydus_prefetch: Option<nydus::NydusImage>,
+    warm: Option<warm::WarmCaches>,
 }
 
 fn main() -> Result<()> {
@@ -232,6 +284,13 @@ fn main() -> Result<()> {
     };
     if a.skip_lazy {
         methods.retain(|&m| m != Method::IncfsLazy);
+    }
+    if a.record_from == RecordFrom::Both
+        && methods.contains(&Method::IncfsPlan)
+        && !methods.contains(&Method::IncfsPlanMountRecorded)
+    {
+        methods.push(Method::IncfsPlanMountRecorded);
+        methods.sort();
     }
     let incfs = match &a.incfs {
         Some(p) => p.clone(),
@@ -311,7 +370,8 @@ fn main() -> Result<()> {
     let demand_log = out.join("demand.read-log");
     check(
         Command::new(&incfs)
-            .args(["run", "--image", &fast.url("image.img"), "--read-log-out"])
+            .args(SETUP_RUN)
+            .args(["--image", &fast.url("image.img"), "--read-log-out"])
             .arg(&demand_log)
             .arg("--")
             .args(work.argv("{mnt}")),
@@ -320,76 +380,33 @@ fn main() -> Result<()> {
     let (demand, read_files) = stored_demand_set(&img, &demand_log)?;
 
     // The plan, from runs that are not measured.
-    let mut source_used = a.plan_source;
-    let mut inputs = Vec::new();
-    for i in 0..a.plan_runs {
-        drop_caches();
-        let mut done = false;
-        if matches!(source_used, PlanSource::Auto | PlanSource::Trace) {
-            let trace = out.join(format!("plan-run-{i}.parquet"));
-            let mut cmd = Command::new(&incfs);
-            cmd.args(["run", "--image", &fast.url("image.img"), "--"])
-                .arg(&incfs)
-                .args(["record-trace", "-o"])
-                .arg(&trace)
-                .args(["--root", "{mnt}", "--"])
-                .args(work.argv("{mnt}"));
-            match check(&mut cmd, "recording a trace") {
-                Ok(()) => {
-                    source_used = PlanSource::Trace;
-                    inputs.push(trace);
-                    done = true;
-                }
-                Err(e) if source_used == PlanSource::Auto => {
-                    eprintln!(
-                        "[bench] eBPF recording unavailable ({e:#}); planning from the mount's read-log instead"
-                    );
-                    source_used = PlanSource::ReadLog;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        if !done {
-            let log = out.join(format!("plan-run-{i}.read-log"));
-            check(
-                Command::new(&incfs)
-                    .args(["run", "--image", &fast.url("image.img"), "--read-log-out"])
-                    .arg(&log)
-                    .arg("--")
-                    .args(work.argv("{mnt}")),
-                "a plan run",
-            )?;
-            source_used = PlanSource::ReadLog;
-            inputs.push(log);
-        }
-    }
+    let primary = match a.record_from {
+        RecordFrom::Mount => Recorded::Mount,
+        RecordFrom::Local | RecordFrom::Both => Recorded::Local,
+    };
+    let setup = PlanSetup {
+        incfs: &incfs,
+        image_url: fast.url("image.img"),
+        work: &work,
+        tree: &tree,
+        out: &out,
+        runs: a.plan_runs,
+    };
+    let (inputs, source_used) = setup.record(primary, a.plan_source)?;
+    let (plan, hot_img, hot_plan) = make_plan(&incfs, &inputs, &img, &serve_dir, &out, "")?;
+    let mount_hot = if methods.contains(&Method::IncfsPlanMountRecorded) {
+        let (inputs, _) = setup.record(Recorded::Mount, a.plan_source)?;
+        let (_, img, plan) = make_plan(&incfs, &inputs, &img, &serve_dir, &out, "-mount")?;
+        let name = img
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("hot image name")?
+            .to_owned();
+        Some((name, plan))
+    } else {
+        None
+    };
     drop(fast);
-    let plan = out.join("image.plan.json");
-    eprintln!("[bench] planning from {} runs", inputs.len());
-    check(
-        Command::new(&incfs)
-            .arg("plan")
-            .args(&inputs)
-            .arg("--image")
-            .arg(&img)
-            .arg("-o")
-            .arg(&plan),
-        "planning",
-    )?;
-    let hot_img = serve_dir.join("image-hot.img");
-    let hot_plan = out.join("image-hot.plan.json");
-    check(
-        Command::new(&incfs)
-            .arg("relayout")
-            .arg(&img)
-            .arg("--plan")
-            .arg(&plan)
-            .arg("-o")
-            .arg(&hot_img)
-            .arg("--plan-out")
-            .arg(&hot_plan),
-        "relaying out hot-first",
-    )?;
 
     let (demand_hot, _) = stored_demand_set(&hot_img, &demand_log)?;
 
@@ -418,6 +435,18 @@ fn main() -> Result<()> {
             Some(&read_files),
         )?);
     }
+    let warm = if methods.iter().any(|&m| warm::is_warm(m)) {
+        Some(warm::prepare(
+            &incfs,
+            &out,
+            &serve_dir,
+            "image-hot.img",
+            &hot_plan,
+            &work.argv("{mnt}"),
+        )?)
+    } else {
+        None
+    };
     let nydus_blob_bytes = nydus_lazy
         .as_ref()
         .or(nydus_prefetch.as_ref())
@@ -427,6 +456,7 @@ fn main() -> Result<()> {
         "[bench] {}: {} rounds over an emulated {} ms / {} Mbit/s link",
         work.title, a.runs, a.latency_ms, a.bandwidth_mbit
     );
+    let mount_hot = mount_hot.map(|(name, plan)| (server.url(&name), plan));
     let ctx = Ctx {
         incfs_args: a.incfs_arg.clone(),
         incfs: incfs.clone(),
@@ -439,8 +469,10 @@ fn main() -> Result<()> {
         server,
         plan,
         hot_plan,
+        mount_hot,
         nydus_lazy,
         nydus_prefetch,
+        warm,
     };
     let json = a.json.clone().unwrap_or_else(|| out.join("results.json"));
     let mut results = Results {
@@ -452,6 +484,12 @@ fn main() -> Result<()> {
         plan_source: match source_used {
             PlanSource::Trace => "ebpf trace",
             _ => "read-log",
+        }
+        .into(),
+        record_from: match a.record_from {
+            RecordFrom::Local => "local tree",
+            RecordFrom::Mount => "mount",
+            RecordFrom::Both => "local tree and mount",
         }
         .into(),
         git_commit,
@@ -499,8 +537,16 @@ fn main() -> Result<()> {
         std::fs::write(out.join("table.md"), report::markdown(&results))?;
         std::fs::write(out.join("plot.svg"), report::svg(&results))?;
         std::fs::write(&json, serde_json::to_vec_pretty(&results)?)?;
+        if let Some(w) = &ctx.warm {
+            let (md, raw) = w.report(&results.samples, &methods);
+            std::fs::write(out.join("warm.md"), md)?;
+            std::fs::write(out.join("warm.json"), raw)?;
+        }
     }
     println!("{}", report::markdown(&results));
+    if let Some(w) = &ctx.warm {
+        println!("{}", w.report(&results.samples, &methods).0);
+    }
     eprintln!(
         "[bench] raw runs in {}, table in {}, plot in {}",
         json.display(),
@@ -603,7 +649,25 @@ fn run_method(ctx: &Ctx, m: Method, round: usize) -> Result<Sample> {
             d.stop();
             secs
         }
-        Method::IncfsLazy | Method::IncfsPlan | Method::IncfsPlanPackLayout => {
+        Method::IncfsWarm
+        | Method::IncfsWarmNoPush
+        | Method::IncfsWarmReadahead
+        | Method::IncfsWarmComplete => ctx
+            .warm
+            .as_ref()
+            .context("the warm caches were not prepared")?
+            .run(
+                &ctx.incfs,
+                &ctx.hot_url,
+                &ctx.work.argv("{mnt}"),
+                scratch,
+                m,
+                round,
+            )?,
+        Method::IncfsLazy
+        | Method::IncfsPlan
+        | Method::IncfsPlanPackLayout
+        | Method::IncfsPlanMountRecorded => {
             let stats_file = scratch.join("run-stats.json");
             let mut cmd = Command::new(&ctx.incfs);
             cmd.arg("run").arg("--stats-json").arg(&stats_file);
@@ -614,6 +678,13 @@ fn run_method(ctx: &Ctx, m: Method, round: usize) -> Result<Sample> {
                 Method::IncfsPlanPackLayout => {
                     cmd.args(["--image", &ctx.img_url, "--prefetch"])
                         .arg(&ctx.plan);
+                }
+                Method::IncfsPlanMountRecorded => {
+                    let (url, plan) = ctx
+                        .mount_hot
+                        .as_ref()
+                        .context("no mount-recorded plan was made")?;
+                    cmd.args(["--image", url, "--prefetch"]).arg(plan);
                 }
                 _ => {
                     cmd.args(["--image", &ctx.hot_url, "--prefetch"])
@@ -647,6 +718,126 @@ fn run_method(ctx: &Ctx, m: Method, round: usize) -> Result<Sample> {
         requests: st.requests,
         load_avg,
     })
+}
+
+/// What recording the plan runs needs.
+struct PlanSetup<'a> {
+    incfs: &'a Path,
+    /// The image on the setup server (no link emulation).
+    image_url: String,
+    work: &'a Workload,
+    tree: &'a Path,
+    out: &'a Path,
+    runs: usize,
+}
+
+impl PlanSetup<'_> {
+    /// Records the plan runs `how`, from `source`; returns the inputs and the source used.
+    fn record(&self, how: Recorded, source: PlanSource) -> Result<(Vec<PathBuf>, PlanSource)> {
+        let tag = match how {
+            Recorded::Local => "local",
+            Recorded::Mount => "mount",
+        };
+        let mut source_used = source;
+        let mut inputs = Vec::new();
+        for i in 0..self.runs {
+            drop_caches();
+            let mut done = false;
+            if matches!(source_used, PlanSource::Auto | PlanSource::Trace) {
+                let trace = self.out.join(format!("plan-run-{tag}-{i}.parquet"));
+                let mut cmd = Command::new(self.incfs);
+                match how {
+                    // The README's way: the tree on local disk, read through the
+                    // recorder's readahead-0 view.
+                    Recorded::Local => {
+                        cmd.args(["record-trace", "-o"])
+                            .arg(&trace)
+                            .arg("--root")
+                            .arg(self.tree)
+                            .arg("--")
+                            .args(self.work.argv(&self.tree.to_string_lossy()));
+                    }
+                    Recorded::Mount => {
+                        cmd.args(SETUP_RUN)
+                            .args(["--image", &self.image_url, "--"])
+                            .arg(self.incfs)
+                            .args(["record-trace", "-o"])
+                            .arg(&trace)
+                            .args(["--root", "{mnt}", "--no-view", "--"])
+                            .args(self.work.argv("{mnt}"));
+                    }
+                }
+                match check(&mut cmd, "recording a trace") {
+                    Ok(()) => {
+                        source_used = PlanSource::Trace;
+                        inputs.push(trace);
+                        done = true;
+                    }
+                    Err(e) if source_used == PlanSource::Auto => {
+                        eprintln!(
+                            "[bench] eBPF recording unavailable ({e:#}); planning from the mount's read-log instead"
+                        );
+                        source_used = PlanSource::ReadLog;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if !done {
+                let log = self.out.join(format!("plan-run-{tag}-{i}.read-log"));
+                check(
+                    Command::new(self.incfs)
+                        .args(SETUP_RUN)
+                        .args(["--image", &self.image_url, "--read-log-out"])
+                        .arg(&log)
+                        .arg("--")
+                        .args(self.work.argv("{mnt}")),
+                    "a plan run",
+                )?;
+                source_used = PlanSource::ReadLog;
+                inputs.push(log);
+            }
+        }
+        Ok((inputs, source_used))
+    }
+}
+
+/// Plans from `inputs` and relays the image out hot-first; returns the plan, the hot-first
+/// image (in `serve_dir`) and its plan. `tag` tells the files of a second plan apart.
+fn make_plan(
+    incfs: &Path,
+    inputs: &[PathBuf],
+    img: &Path,
+    serve_dir: &Path,
+    out: &Path,
+    tag: &str,
+) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let plan = out.join(format!("image{tag}.plan.json"));
+    eprintln!("[bench] planning from {} runs", inputs.len());
+    check(
+        Command::new(incfs)
+            .arg("plan")
+            .args(inputs)
+            .arg("--image")
+            .arg(img)
+            .arg("-o")
+            .arg(&plan),
+        "planning",
+    )?;
+    let hot_img = serve_dir.join(format!("image-hot{tag}.img"));
+    let hot_plan = out.join(format!("image-hot{tag}.plan.json"));
+    check(
+        Command::new(incfs)
+            .arg("relayout")
+            .arg(img)
+            .arg("--plan")
+            .arg(&plan)
+            .arg("-o")
+            .arg(&hot_img)
+            .arg("--plan-out")
+            .arg(&hot_plan),
+        "relaying out hot-first",
+    )?;
+    Ok((plan, hot_img, hot_plan))
 }
 
 fn run_workload(mut cmd: Command, m: Method) -> Result<()> {

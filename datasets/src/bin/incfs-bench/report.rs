@@ -58,7 +58,7 @@ pub fn markdown(r: &Results) -> String {
         s,
         "**{}, {} ms / {} Mbit/s**, {} rounds (medians), {} UTC start, commit `{}`. Tree {:.1} MiB \
          in {} files; incfs image {:.1} MiB ({} KiB chunks){}{}. Demand set {:.1} MiB stored ({:.1} MiB in the hot-first \
-         image) → ideal {:.2} s. Plan from {}.",
+         image) → ideal {:.2} s. Plan from {} recorded from the {}.",
         r.workload,
         r.latency_ms,
         r.bandwidth_mbit,
@@ -75,6 +75,7 @@ pub fn markdown(r: &Results) -> String {
         r.demand_set_hot_stored_bytes as f64 / MIB,
         r.ideal_s,
         r.plan_source,
+        r.record_from,
     );
     let mut loads: Vec<f64> = r.samples.iter().map(|x| x.load_avg).collect();
     loads.sort_by(f64::total_cmp);
@@ -292,6 +293,7 @@ mod tests {
             rounds: 3,
             chunk_size: 16384,
             plan_source: "read-log".into(),
+            record_from: "local tree".into(),
             git_commit: "abc".into(),
             started_utc: "2026-11-25 14:00 UTC".into(),
             tree_bytes: 1,

@@ -1,0 +1,244 @@
+//! Local data pushed into the kernel's page cache, so that a partly local file costs what a
+//! local file costs.
+//!
+//! A file that is whole and verified is opened with passthrough. A file that is only partly
+//! local is served through incfs, with kernel readahead off (readahead of a lazy file would
+//! fetch chunks nobody asked for), so every page the program faults is one FUSE round trip,
+//! also when its chunk is local: a warm start of clang from a cache that holds its demand set
+//! makes ~10,000 round trips of 4 KiB. fanotify pre-content events cannot take the local part
+//! over through passthrough, because mmap() of a passthrough file raises none
+//! (`docs/local-reads.md`).
+//!
+//! So at the first cached open of a file on a mount, background workers read the chunks of
+//! that file which were already local when the mount started (verified, and not fetched by
+//! this mount) from the backing file and hands them to the kernel with `FUSE_NOTIFY_STORE`,
+//! which fills the inode's page cache. The program's faults on those pages are then page-cache
+//! hits; pages not yet pushed, or not local, are read through incfs as before. What is pushed:
+//! - only verified local chunks, clipped to the file's size (a store past the end would grow
+//!   the kernel's idea of the file);
+//! - only chunks this mount did not fetch: those the mount fetches reach the page cache
+//!   through the read that asked for them, and a cold mount's read-log stays complete (a
+//!   pushed page never shows as a read);
+//! - at most [`PushConfig::max_file_bytes`] per file, from the start of the file, in pieces of
+//!   [`PIECE`].
+//!
+//! A file's ranges are cut into spans of [`SPAN`] that [`PushConfig::threads`] workers take in
+//! order, so that the files a program opens one after the other (a binary, then its
+//! libraries) and the parts of one big library are pushed side by side, not one after the
+//! other while the program faults on what is still to come. The workers are not FUSE
+//! threads: a store waits for the lock of any page a pending read holds, and that read is
+//! answered by the FUSE threads meanwhile.
+
+use std::collections::HashSet;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+
+use parking_lot::Mutex;
+
+use super::IncFs;
+use crate::format::InodeKind;
+
+/// Bytes handed to the kernel in one store: large enough that a store's overhead vanishes,
+/// small enough that the pusher's buffer stays small.
+pub const PIECE: usize = 1 << 20;
+/// Bytes of one job of a worker: a few pieces, so that a big file is spread over the workers.
+pub const SPAN: u64 = 4 << 20;
+
+/// Tunables of the pusher.
+#[derive(Debug, Clone)]
+pub struct PushConfig {
+    /// Push local data of partly local files into the page cache. Default on.
+    pub enabled: bool,
+    /// Most bytes pushed per file and mount. Default 256 MiB: more than the local part of
+    /// any file the workloads here start with (libLLVM's demand set is ~20 MiB), and a cap on
+    /// the memory a start from a nearly complete cache of huge files can take.
+    pub max_file_bytes: u64,
+    /// Worker threads. Default 4: the pushes wait on the disk (the backing files are cold
+    /// too), so a few more than the two cores keep both busy.
+    pub threads: usize,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            enabled: true,
+            max_file_bytes: 256 << 20,
+            threads: 4,
+        }
+    }
+}
+
+/// Where pushed bytes go: the kernel, through `FUSE_NOTIFY_STORE` (the FUSE adapter's
+/// notifier, [`super::fuse`]), or a recorder in tests.
+pub trait Store: Send + 'static {
+    /// Stores `data` at `offset` of FUSE inode `ino` in the kernel's page cache.
+    fn store(&self, ino: u64, offset: u64, data: &[u8]) -> std::io::Result<()>;
+}
+
+/// One job: a span of a file's preloaded ranges.
+struct Job {
+    ino: u64,
+    range: Range<u64>,
+}
+
+/// The pushing workers and the files they have taken on.
+pub struct Pusher {
+    fs: Arc<IncFs>,
+    budget: u64,
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    /// FUSE inodes already pushed (or queued) on this mount.
+    seen: Mutex<HashSet<u64>>,
+    /// Set by [`Pusher::stop`]: the workers drop what is still queued.
+    stopping: Arc<AtomicBool>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Pusher {
+    /// Starts the workers for `fs`, storing through `store`.
+    pub fn start(
+        fs: Arc<IncFs>,
+        store: impl Store + Sync,
+        config: PushConfig,
+    ) -> std::io::Result<Pusher> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let store = Arc::new(store);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for i in 0..config.threads.max(1) {
+            let (fs, rx, store) = (Arc::clone(&fs), Arc::clone(&rx), Arc::clone(&store));
+            let stopping = Arc::clone(&stopping);
+            let t = std::thread::Builder::new()
+                .name(format!("incfs-push-{i}"))
+                .spawn(move || {
+                    let mut buf = vec![0u8; PIECE];
+                    loop {
+                        let job = rx.lock().recv();
+                        let Ok(job) = job else { return };
+                        if stopping.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        if let Err(e) = fs.push_range(job.ino, job.range, &*store, &mut buf) {
+                            // The mount going away ends every store with an error: stop.
+                            tracing::debug!(ino = job.ino, error = %e, "pushing local data failed");
+                            if matches!(e.raw_os_error(), Some(libc::ENODEV | libc::EBADF)) {
+                                return;
+                            }
+                        }
+                    }
+                })?;
+            threads.push(t);
+        }
+        Ok(Pusher {
+            fs,
+            budget: config.max_file_bytes,
+            tx: Mutex::new(Some(tx)),
+            seen: Mutex::new(HashSet::new()),
+            stopping,
+            threads: Mutex::new(threads),
+        })
+    }
+
+    /// FUSE inode `ino` was opened cached: push its local data, the first time only.
+    pub fn opened(&self, ino: u64) {
+        if !self.seen.lock().insert(ino) {
+            return;
+        }
+        let ranges = self.fs.preloaded_ranges(ino, self.budget);
+        if let Some(tx) = &*self.tx.lock() {
+            for r in ranges {
+                let mut start = r.start;
+                while start < r.end {
+                    let end = (start + SPAN).min(r.end);
+                    let _ = tx.send(Job {
+                        ino,
+                        range: start..end,
+                    });
+                    start = end;
+                }
+            }
+        }
+    }
+
+    /// Stops taking files, drops what is still queued (the mount is going away) and waits
+    /// for the workers to finish the span they are on.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        self.tx.lock().take();
+        for t in self.threads.lock().drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl IncFs {
+    /// Byte ranges of file `ino` (a FUSE inode) whose chunks were local when the mount
+    /// started: verified and not fetched by this mount. Adjacent chunks merge; the last
+    /// range ends at the file's size; whole chunks, at most `budget` bytes in all, from the
+    /// start.
+    pub fn preloaded_ranges(&self, ino: u64, budget: u64) -> Vec<Range<u64>> {
+        let Ok((_, inode)) = self.inode(ino) else {
+            return Vec::new();
+        };
+        let InodeKind::File { size, first_chunk } = inode.kind else {
+            return Vec::new();
+        };
+        let cs = u64::from(self.manifest.chunk_size);
+        let mut out: Vec<Range<u64>> = Vec::new();
+        let mut left = budget;
+        for c in 0..self.manifest.chunks_for(size) {
+            let slot = first_chunk + c;
+            if left == 0 {
+                break;
+            }
+            if !self.cache.is_local(slot) || self.fetcher.fetched(slot) {
+                continue;
+            }
+            let start = c * cs;
+            let end = (start + cs).min(size);
+            // Whole chunks only: a store that ends inside a page leaves that page not up to
+            // date (`fuse_notify_store` marks a page only when it gets all of it or the end
+            // of the file).
+            if end - start > left {
+                break;
+            }
+            left -= end - start;
+            match out.last_mut() {
+                Some(r) if r.end == start => r.end = end,
+                _ => out.push(start..end),
+            }
+        }
+        out
+    }
+
+    /// Pushes `range` of `ino` (a part of its preloaded ranges) through `store`, in pieces
+    /// of `buf.len()` bytes read from the backing file.
+    fn push_range(
+        &self,
+        ino: u64,
+        range: Range<u64>,
+        store: &dyn Store,
+        buf: &mut [u8],
+    ) -> std::io::Result<()> {
+        let Ok((idx, _)) = self.inode(ino) else {
+            return Ok(());
+        };
+        let mut off = range.start;
+        while off < range.end {
+            let n = (range.end - off).min(buf.len() as u64) as usize;
+            let piece = &mut buf[..n];
+            self.cache
+                .read(idx, off, piece)
+                .map_err(std::io::Error::other)?;
+            store.store(ino, off, piece)?;
+            self.counters
+                .pushed_bytes
+                .fetch_add(n as u64, Ordering::Relaxed);
+            off += n as u64;
+        }
+        tracing::trace!(path = %self.paths[idx as usize], start = range.start, end = range.end, "local data pushed to the page cache");
+        Ok(())
+    }
+}
