@@ -78,8 +78,9 @@ const TRACE_CHECK_ENV: &str = "INCFS_TRACE_CHECK_CHILD";
 /// Reads the Parquet trace at `path` once in a child process (`incfs trace show`) before this
 /// process reads it: polars-parquet aborts the whole process on some malformed files (a data
 /// page header with a negative value count makes it reserve ~2^61 bytes; see
-/// `fuzz/known-aborts/`), which no error handling can catch. A child killed that way becomes
-/// an error naming the file. Inputs that are not Parquet (read-logs) are left alone.
+/// `fuzz/known-aborts/`), which no error handling can catch. A child killed that way, or one
+/// that fails, becomes an error naming the file, and this process does not read it. Inputs
+/// that are not Parquet (read-logs) are left alone.
 pub fn check_trace_in_child(path: &Path) -> anyhow::Result<()> {
     // The child is the check: it reads the file itself.
     if std::env::var_os(TRACE_CHECK_ENV).is_some() {
@@ -112,11 +113,13 @@ pub fn check_trace_in_child(path: &Path) -> anyhow::Result<()> {
         );
     }
     if !out.status.success() {
-        // The child's reason, as it would have been printed here. Not read again in this
-        // process: which of a malformed file's errors polars meets first (a clean error or
-        // an abort) depends on its threads, so a second read could still abort.
-        let why = String::from_utf8_lossy(&out.stderr);
-        let why = why.trim().trim_start_matches("incfs: error: ");
+        // The reader's error, as the child reported it. (Not read again here: on some
+        // malformed files the reader sometimes errs and sometimes aborts.)
+        let text = String::from_utf8_lossy(&out.stderr);
+        let why = text
+            .lines()
+            .find_map(|l| l.strip_prefix("incfs: error: "))
+            .unwrap_or("the trace reader failed on it");
         anyhow::bail!("{why}");
     }
     Ok(())
