@@ -30,7 +30,7 @@ fn incfs_plan_names_a_trace_that_aborts_the_parquet_reader() {
         "crash-64727047cf985d60018bc76891d5c7e482932ee4",
     ] {
         let trace = aborts.join(name);
-        let out = incfs()
+        let plan = incfs()
             .arg("plan")
             .arg(&trace)
             .arg("--image")
@@ -39,28 +39,22 @@ fn incfs_plan_names_a_trace_that_aborts_the_parquet_reader() {
             .arg(tmp.path().join("plan.json"))
             .output()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(
-            out.status.signal(),
-            None,
-            "{name}: incfs plan died: {stderr}"
-        );
-        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
-        // The reader aborts on these files, or (depending on state it keeps) reports them
-        // malformed: either way an error naming the file.
-        assert!(stderr.contains(name), "{name}: {stderr}");
-        let out = incfs()
+        assert_refused("incfs plan", name, &plan);
+        let show = incfs()
             .args(["trace", "show"])
             .arg(&trace)
             .output()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(
-            out.status.signal(),
-            None,
-            "trace show {name} died: {stderr}"
-        );
-        assert_eq!(out.status.code(), Some(2), "trace show {name}: {stderr}");
-        assert!(stderr.contains(name), "{stderr}");
+        assert_refused("incfs trace show", name, &show);
     }
+}
+
+/// `out` is an error (exit 2) naming the trace `name`, not a crash. The reader aborts on
+/// these files, or (depending on state it keeps) reports them malformed: either way the
+/// error names the file.
+fn assert_refused(what: &str, name: &str, out: &std::process::Output) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), None, "{what} {name} died: {stderr}");
+    assert_eq!(out.status.code(), Some(2), "{what} {name}: {stderr}");
+    assert!(stderr.contains(name), "{what} {name}: {stderr}");
 }

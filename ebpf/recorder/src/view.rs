@@ -568,22 +568,7 @@ fn attr(ino: u64, m: &std::fs::Metadata) -> FileAttr {
         let secs = u64::try_from(secs).unwrap_or(0);
         UNIX_EPOCH + Duration::new(secs, u32::try_from(nsecs).unwrap_or(0))
     };
-    let ft = m.file_type();
-    let kind = if ft.is_dir() {
-        FileType::Directory
-    } else if ft.is_symlink() {
-        FileType::Symlink
-    } else if ft.is_block_device() {
-        FileType::BlockDevice
-    } else if ft.is_char_device() {
-        FileType::CharDevice
-    } else if ft.is_fifo() {
-        FileType::NamedPipe
-    } else if ft.is_socket() {
-        FileType::Socket
-    } else {
-        FileType::RegularFile
-    };
+    let kind = dirent_type(m.file_type());
     FileAttr {
         ino: INodeNo(ino),
         size: m.size(),
