@@ -469,12 +469,6 @@ impl Fetcher {
                     reason: "no such chunk slot".into(),
                 }));
             }
-            if !st.slots.contains_key(&slot) {
-                // Finished without becoming local and without a recorded failure (the
-                // failure was cleared by another read): queue it again.
-                inner.queue(&mut st, &[slot], priority, amplify);
-                inner.work.notify_all();
-            }
             remaining.push(slot);
         }
         remaining.dedup();

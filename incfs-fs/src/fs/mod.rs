@@ -1064,18 +1064,15 @@ impl IncFs {
             }
             reply(fs.finish_read(idx, first_chunk, first..last + 1, offset..end, r));
         });
-        let mut handles = self.handles.lock();
-        let mut scratch = ReadAhead::default();
-        let ra = match handles.get_mut(&fh) {
-            Some(Handle::File { ra, .. }) => ra,
-            _ => &mut scratch,
+        // Taken out for the call: the scheduler may answer at once (all local), and the
+        // answer must not find the handles locked.
+        let mut ra = match self.handles.lock().get_mut(&fh) {
+            Some(Handle::File { ra, .. }) => std::mem::take(ra),
+            _ => ReadAhead::default(),
         };
-        // The scheduler may answer at once (all local): it must not find the lock held.
-        let mut ra_now = std::mem::take(ra);
-        drop(handles);
-        self.fetcher.read(&read, &mut ra_now, done);
-        if let Some(Handle::File { ra, .. }) = self.handles.lock().get_mut(&fh) {
-            *ra = ra_now;
+        self.fetcher.read(&read, &mut ra, done);
+        if let Some(Handle::File { ra: kept, .. }) = self.handles.lock().get_mut(&fh) {
+            *kept = ra;
         }
     }
 
