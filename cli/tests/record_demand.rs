@@ -17,6 +17,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use incfs_datasets::require::{Need, require};
+use incfs_datasets::trees::{self, Workload};
 use incfs_planner::trace::EventKind;
 use incfs_recorder::{RecordOptions, record};
 
@@ -54,10 +55,10 @@ fn work_dir(name: &str) -> PathBuf {
     dir.canonicalize().expect("canonical work dir")
 }
 
-fn recipe(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../datasets")
-        .join(rel)
+/// The workload's tree, shared by every test of the workspace.
+fn shared_tree(workload: Workload) -> PathBuf {
+    trees::shared(workload, Path::new(env!("CARGO_TARGET_TMPDIR")))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `argv` with `{root}` replaced.
@@ -217,14 +218,7 @@ fn clang_from_its_local_tree_gives_the_demand_set() {
         return;
     }
     let dir = work_dir("clang");
-    let tree = dir.join("tree");
-    ok(
-        Command::new(recipe("clang/build-tree.sh"))
-            .arg(&tree)
-            .output()
-            .expect("build-tree.sh"),
-        "datasets/clang/build-tree.sh",
-    );
+    let tree = shared_tree(Workload::Clang);
     let obj = dir.join("hello.o");
     let obj = obj.to_str().expect("UTF-8");
     demand_test(
@@ -244,14 +238,7 @@ fn python_from_its_local_tree_gives_the_demand_set() {
         return;
     }
     let dir = work_dir("python");
-    let tree = dir.join("tree");
-    ok(
-        Command::new(recipe("python/build-tree.sh"))
-            .arg(&tree)
-            .output()
-            .expect("build-tree.sh"),
-        "datasets/python/build-tree.sh (needs python3 with pip and PyPI)",
-    );
+    let tree = shared_tree(Workload::Python);
     demand_test(
         "python",
         &dir,
