@@ -45,14 +45,13 @@ fn ok(out: Output, what: &str) -> Output {
     out
 }
 
-/// A directory under cargo's target tmpdir (a disk file system) that outlives the test, so
-/// the trees are built once.
-fn work_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("record-demand")
-        .join(name);
-    std::fs::create_dir_all(&dir).expect("work dir");
-    dir.canonicalize().expect("canonical work dir")
+/// A directory under cargo's target tmpdir (a disk file system, unlike a tmpfs `/tmp`),
+/// removed when the test ends: its images and logs are the test's own.
+fn work_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("record-demand-{name}-"))
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("work dir")
 }
 
 /// The workload's tree, shared by every test of the workspace.
@@ -217,7 +216,8 @@ fn clang_from_its_local_tree_gives_the_demand_set() {
     ) {
         return;
     }
-    let dir = work_dir("clang");
+    let work = work_dir("clang");
+    let dir = work.path().canonicalize().expect("canonical work dir");
     let tree = shared_tree(Workload::Clang);
     let obj = dir.join("hello.o");
     let obj = obj.to_str().expect("UTF-8");
@@ -237,7 +237,8 @@ fn python_from_its_local_tree_gives_the_demand_set() {
     ) {
         return;
     }
-    let dir = work_dir("python");
+    let work = work_dir("python");
+    let dir = work.path().canonicalize().expect("canonical work dir");
     let tree = shared_tree(Workload::Python);
     demand_test(
         "python",
@@ -275,20 +276,18 @@ fn synthetic_mmap_and_fork_gives_the_demand_set() {
         return;
     }
     let synth = synth_bin();
-    let dir = work_dir("synth");
+    let work = work_dir("synth");
+    let dir = work.path().canonicalize().expect("canonical work dir");
     let tree = dir.join("tree");
-    if !tree.join(".complete").exists() {
-        ok(
-            Command::new(&synth)
-                .arg("gen")
-                .arg(&tree)
-                .args(["--files", "60", "--size", "1M"])
-                .output()
-                .expect("incfs-synth gen"),
-            "incfs-synth gen",
-        );
-        std::fs::write(tree.join(".complete"), b"").expect("stamp");
-    }
+    ok(
+        Command::new(&synth)
+            .arg("gen")
+            .arg(&tree)
+            .args(["--files", "60", "--size", "1M"])
+            .output()
+            .expect("incfs-synth gen"),
+        "incfs-synth gen",
+    );
     let synth = synth.to_str().expect("UTF-8").to_owned();
     // One process maps every file and touches a tenth of its pages; another forks four
     // children that pread scattered pages of their shares.
