@@ -1,0 +1,169 @@
+//! A registry that redirects blob reads to storage on another origin (as distribution does
+//! with an S3 or GCS backend): the range goes along, the registry's `Authorization` does
+//! not. Two small loopback servers stand in for the registry and the storage.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+
+use incfs_fs::source::oci::{self, Credentials, OciOptions};
+use incfs_fs::source::{self, RequestKind};
+
+type Headers = BTreeMap<String, String>;
+type Log = Arc<Mutex<Vec<(String, Headers)>>>;
+
+/// Serves `handler`'s answers (status line, headers, body) on a loopback port, one request
+/// per connection; logs each request's target and headers.
+fn serve(
+    handler: impl Fn(&str, &Headers) -> (String, Vec<(String, String)>, Vec<u8>) + Send + 'static,
+) -> (String, Log) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let log: Log = Arc::default();
+    let seen = Arc::clone(&log);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            let mut headers = Headers::new();
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = h.split_once(':') {
+                    headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+                }
+            }
+            let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
+            seen.lock().unwrap().push((target.clone(), headers.clone()));
+            let (status, extra, body) = handler(&target, &headers);
+            let mut head = format!(
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+                body.len()
+            );
+            for (k, v) in extra {
+                head.push_str(&format!("{k}: {v}\r\n"));
+            }
+            head.push_str("\r\n");
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(&body);
+        }
+    });
+    (addr, log)
+}
+
+#[test]
+fn a_redirect_to_storage_keeps_the_range_and_drops_the_authorization() {
+    let blob: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let digest = oci::manifest::sha256_digest(&blob);
+
+    let stored = blob.clone();
+    let (storage, storage_log) = serve(move |_, h| {
+        let range = h.get("range").cloned().unwrap_or_default();
+        let (a, b) = range
+            .strip_prefix("bytes=")
+            .and_then(|r| r.split_once('-'))
+            .map(|(a, b)| (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()))
+            .unwrap_or((0, stored.len() - 1));
+        (
+            "206 Partial Content".into(),
+            vec![(
+                "Content-Range".into(),
+                format!("bytes {a}-{b}/{}", stored.len()),
+            )],
+            stored[a..=b].to_vec(),
+        )
+    });
+
+    let manifest = oci::manifest::Manifest::new(
+        &oci::Layers {
+            image: oci::Descriptor {
+                media_type: oci::manifest::IMAGE_MEDIA_TYPE.into(),
+                digest: digest.clone(),
+                size: blob.len() as u64,
+                annotations: BTreeMap::new(),
+            },
+            plan: None,
+            signature: None,
+        },
+        &"00".repeat(32),
+    )
+    .to_json();
+    let want_auth = "Basic dTpw"; // base64("u:p")
+    let storage_url = format!("http://{storage}/bucket/blob?X-Amz-Signature=abc");
+    let (registry, registry_log) = serve(move |target, h| {
+        if h.get("authorization").map(String::as_str) != Some(want_auth) {
+            return (
+                "401 Unauthorized".into(),
+                vec![("WWW-Authenticate".into(), "Basic realm=\"test\"".into())],
+                Vec::new(),
+            );
+        }
+        if target.contains("/manifests/") {
+            return (
+                "200 OK".into(),
+                vec![(
+                    "Content-Type".into(),
+                    oci::manifest::MANIFEST_MEDIA_TYPE.into(),
+                )],
+                manifest.clone(),
+            );
+        }
+        (
+            "307 Temporary Redirect".into(),
+            vec![("Location".into(), storage_url.clone())],
+            Vec::new(),
+        )
+    });
+
+    oci::configure(OciOptions {
+        plain_http: true,
+        credentials: Some(Credentials {
+            user: "u".into(),
+            password: "p".into(),
+        }),
+        ..OciOptions::default()
+    });
+    let spec = format!("oci://{registry}/team/app:v1");
+    let src = source::open(&spec).unwrap();
+    assert_eq!(src.total_len().unwrap(), blob.len() as u64);
+    assert_eq!(src.describe(), spec);
+    let got = src.read_range(1000, 5000, RequestKind::Demand).unwrap();
+    assert!(got == blob[1000..6000], "wrong bytes through the redirect");
+
+    let storage_seen = storage_log.lock().unwrap().clone();
+    assert_eq!(storage_seen.len(), 1);
+    let (target, headers) = &storage_seen[0];
+    assert_eq!(target, "/bucket/blob?X-Amz-Signature=abc");
+    assert_eq!(
+        headers.get("range").map(String::as_str),
+        Some("bytes=1000-5999")
+    );
+    assert!(
+        !headers.contains_key("authorization"),
+        "the registry's credentials went to storage: {headers:?}"
+    );
+    let registry_seen = registry_log.lock().unwrap().clone();
+    let blob_reads: Vec<_> = registry_seen
+        .iter()
+        .filter(|(t, _)| t.contains("/blobs/"))
+        .collect();
+    assert_eq!(blob_reads.len(), 1, "{registry_seen:?}");
+    assert_eq!(
+        blob_reads[0].1.get("authorization").map(String::as_str),
+        Some(want_auth)
+    );
+
+    // A bad reference is refused, naming what is wrong.
+    let e = source::open(&format!("oci://{registry}/Team/app:v1"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("repository component"), "{e}");
+}
