@@ -686,6 +686,18 @@ fn tls_with_the_tests_ca_and_anonymous_pull() {
     let (img, program, want) = workload(d, "0", "0");
     let reference = reg.reference("app:tls");
     let ca = d.join("ca.pem");
+    // Signed: the signature travels as a layer and `--trust` checks it.
+    let key = d.join("release.key");
+    ok(incfs().arg("keygen").arg(&key).output().unwrap());
+    ok(incfs()
+        .arg("sign")
+        .arg(&img)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .unwrap());
+    let other = d.join("other.key");
+    ok(incfs().arg("keygen").arg(&other).output().unwrap());
 
     // Without the CA: a certificate error, at once.
     let started = Instant::now();
@@ -716,10 +728,58 @@ fn tls_with_the_tests_ca_and_anonymous_pull() {
         .arg(&reference)
         .arg("--ca-file")
         .arg(&ca)
+        .arg("--trust")
+        .arg(d.join("release.key.pub"))
         .args(["--", "sh", &program, "{mnt}"])
         .output()
         .unwrap());
     assert!(out.stdout == want, "wrong bytes over TLS");
+    let out = incfs()
+        .args(["run", "--image"])
+        .arg(&reference)
+        .arg("--ca-file")
+        .arg(&ca)
+        .arg("--trust")
+        .arg(d.join("other.key.pub"))
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "another key's trust must refuse it");
+    assert!(
+        stderr_of(&out).contains("does not verify"),
+        "{}",
+        stderr_of(&out)
+    );
+
+    // `incfs mount` in the background: the daemon gets the registry options too.
+    let mnt = d.join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    ok(incfs()
+        .arg("mount")
+        .arg(&reference)
+        .arg(&mnt)
+        .arg("--cache")
+        .arg(d.join("cache"))
+        .arg("--ca-file")
+        .arg(&ca)
+        .arg("--trust")
+        .arg(d.join("release.key.pub"))
+        .output()
+        .unwrap());
+    let read = Command::new("sh").arg(&program).arg(&mnt).output().unwrap();
+    let stats_out = incfs()
+        .arg("stats")
+        .arg("--json")
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    ok(incfs().arg("umount").arg(&mnt).output().unwrap());
+    assert!(read.stdout == want, "wrong bytes through the mount");
+    let j: serde_json::Value = serde_json::from_slice(&stats_out.stdout).unwrap();
+    assert!(
+        j["prefetch"].is_object(),
+        "the daemon prefetched the pushed plan: {j}"
+    );
     let copy = d.join("copy.img");
     ok(incfs()
         .args(["pull", "-o"])
