@@ -222,7 +222,7 @@ fn basic_auth_push_run_and_pull_move_the_same_bytes_as_plain_http() {
         ),
         "",
     );
-    let (img, program, want) = workload(tmp.path(), "1", "0");
+    let (img, program, want) = workload(tmp.path(), "2", "0");
     let reference = reg.reference("team/app:v1");
 
     // No credentials: refused, saying where credentials come from.

@@ -1,6 +1,8 @@
-//! A registry that redirects blob reads to storage on another origin (as distribution does
-//! with an S3 or GCS backend): the range goes along, the registry's `Authorization` does
-//! not. Two small loopback servers stand in for the registry and the storage.
+//! The registry protocol against small loopback servers that stand in for a registry, its
+//! token service and its blob storage: a redirect to storage on another origin (as
+//! distribution answers with an S3 or GCS backend) keeps the range and drops the registry's
+//! `Authorization`; a bearer token is renewed before the lifetime its issuer gave ends.
+//! (`cli/tests/oci_registry.rs` runs the real registry.)
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -58,34 +60,24 @@ fn serve(
     (addr, log)
 }
 
-#[test]
-fn a_redirect_to_storage_keeps_the_range_and_drops_the_authorization() {
-    let blob: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    let digest = oci::manifest::sha256_digest(&blob);
-
-    let stored = blob.clone();
-    let (storage, storage_log) = serve(move |_, h| {
-        let range = h.get("range").cloned().unwrap_or_default();
-        let (a, b) = range
-            .strip_prefix("bytes=")
-            .and_then(|r| r.split_once('-'))
-            .map(|(a, b)| (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()))
-            .unwrap_or((0, stored.len() - 1));
-        (
-            "206 Partial Content".into(),
-            vec![(
-                "Content-Range".into(),
-                format!("bytes {a}-{b}/{}", stored.len()),
-            )],
-            stored[a..=b].to_vec(),
-        )
+/// Both tests set the same process-wide options (they may run at once).
+fn configure() {
+    oci::configure(OciOptions {
+        plain_http: true,
+        credentials: Some(Credentials {
+            user: "u".into(),
+            password: "p".into(),
+        }),
+        ..OciOptions::default()
     });
+}
 
-    let manifest = oci::manifest::Manifest::new(
+fn manifest_for(blob: &[u8]) -> Vec<u8> {
+    oci::manifest::Manifest::new(
         &oci::Layers {
             image: oci::Descriptor {
                 media_type: oci::manifest::IMAGE_MEDIA_TYPE.into(),
-                digest: digest.clone(),
+                digest: oci::manifest::sha256_digest(blob),
                 size: blob.len() as u64,
                 annotations: BTreeMap::new(),
             },
@@ -94,7 +86,96 @@ fn a_redirect_to_storage_keeps_the_range_and_drops_the_authorization() {
         },
         &"00".repeat(32),
     )
-    .to_json();
+    .to_json()
+}
+
+/// The bytes `bytes=A-B` of `blob`, as a 206 answer.
+fn range_answer(blob: &[u8], h: &Headers) -> (String, Vec<(String, String)>, Vec<u8>) {
+    let range = h.get("range").cloned().unwrap_or_default();
+    let (a, b) = range
+        .strip_prefix("bytes=")
+        .and_then(|r| r.split_once('-'))
+        .map(|(a, b)| (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()))
+        .unwrap_or((0, blob.len() - 1));
+    (
+        "206 Partial Content".into(),
+        vec![(
+            "Content-Range".into(),
+            format!("bytes {a}-{b}/{}", blob.len()),
+        )],
+        blob[a..=b].to_vec(),
+    )
+}
+
+#[test]
+fn a_bearer_token_is_renewed_before_its_lifetime_ends() {
+    let blob: Vec<u8> = (0..10_000u32).map(|i| (i % 199) as u8).collect();
+    let (tokens, token_log) = serve(|target, h| {
+        assert_eq!(
+            h.get("authorization").map(String::as_str),
+            Some("Basic dTpw")
+        );
+        assert!(
+            target.contains("service=reg")
+                && target.contains("scope=repository%3Ateam%2Fapp%3Apull"),
+            "{target}"
+        );
+        (
+            "200 OK".into(),
+            vec![("Content-Type".into(), "application/json".into())],
+            br#"{"token":"tok","expires_in":1}"#.to_vec(),
+        )
+    });
+    let manifest = manifest_for(&blob);
+    let realm = format!("http://{tokens}/token");
+    let (registry, registry_log) = serve(move |target, h| {
+        if h.get("authorization").map(String::as_str) != Some("Bearer tok") {
+            return (
+                "401 Unauthorized".into(),
+                vec![(
+                    "WWW-Authenticate".into(),
+                    format!(
+                        "Bearer realm=\"{realm}\",service=\"reg\",scope=\"repository:team/app:pull\""
+                    ),
+                )],
+                Vec::new(),
+            );
+        }
+        if target.contains("/manifests/") {
+            return ("200 OK".into(), Vec::new(), manifest.clone());
+        }
+        range_answer(&blob, h)
+    });
+    configure();
+    let src = source::open(&format!("oci://{registry}/team/app:v1")).unwrap();
+    assert_eq!(
+        src.read_range(0, 10, RequestKind::Demand).unwrap().len(),
+        10
+    );
+    assert_eq!(token_log.lock().unwrap().len(), 1);
+    // The token was given for 1 s: renewed at 3/4 of it, before the next request.
+    std::thread::sleep(std::time::Duration::from_millis(900));
+    assert_eq!(
+        src.read_range(100, 10, RequestKind::Demand).unwrap().len(),
+        10
+    );
+    assert_eq!(token_log.lock().unwrap().len(), 2, "the token was renewed");
+    let refused = registry_log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, h)| t.contains("/blobs/") && h.get("authorization").is_none())
+        .count();
+    assert_eq!(refused, 0, "no blob read went out without the token");
+}
+
+#[test]
+fn a_redirect_to_storage_keeps_the_range_and_drops_the_authorization() {
+    let blob: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+
+    let stored = blob.clone();
+    let (storage, storage_log) = serve(move |_, h| range_answer(&stored, h));
+    let manifest = manifest_for(&blob);
     let want_auth = "Basic dTpw"; // base64("u:p")
     let storage_url = format!("http://{storage}/bucket/blob?X-Amz-Signature=abc");
     let (registry, registry_log) = serve(move |target, h| {
@@ -122,14 +203,7 @@ fn a_redirect_to_storage_keeps_the_range_and_drops_the_authorization() {
         )
     });
 
-    oci::configure(OciOptions {
-        plain_http: true,
-        credentials: Some(Credentials {
-            user: "u".into(),
-            password: "p".into(),
-        }),
-        ..OciOptions::default()
-    });
+    configure();
     let spec = format!("oci://{registry}/team/app:v1");
     let src = source::open(&spec).unwrap();
     assert_eq!(src.total_len().unwrap(), blob.len() as u64);
