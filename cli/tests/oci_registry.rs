@@ -611,9 +611,9 @@ fn an_expiring_token_is_refreshed_mid_start_and_loses_no_read() {
 }
 
 #[test]
-fn tls_with_the_tests_ca_and_anonymous_pull() {
+fn tls_with_the_tests_ca_signed_run_mount_pull_and_offline() {
     if !require(
-        "tls_with_the_tests_ca_and_anonymous_pull",
+        "tls_with_the_tests_ca_signed_run_mount_pull_and_offline",
         &[Need::Root, Need::Fuse, Need::DockerRegistry],
     ) {
         return;
@@ -790,4 +790,18 @@ fn tls_with_the_tests_ca_and_anonymous_pull() {
         .output()
         .unwrap());
     assert!(fs::read(&copy).unwrap() == fs::read(&img).unwrap());
+
+    // The registry goes away: a start on the mount's cache still works, offline.
+    drop(reg);
+    let out = ok(incfs()
+        .args(["run", "--image"])
+        .arg(&reference)
+        .arg("--cache")
+        .arg(d.join("cache"))
+        .arg("--ca-file")
+        .arg(&ca)
+        .args(["--", "sh", &program, "{mnt}"])
+        .output()
+        .unwrap());
+    assert!(out.stdout == want, "wrong bytes offline");
 }

@@ -241,3 +241,52 @@ fn a_redirect_to_storage_keeps_the_range_and_drops_the_authorization() {
         .to_string();
     assert!(e.contains("repository component"), "{e}");
 }
+
+#[test]
+fn a_token_the_registry_keeps_refusing_fails_the_read_at_once() {
+    let blob = vec![7u8; 1000];
+    let (tokens, token_log) = serve(|_, _| {
+        (
+            "200 OK".into(),
+            Vec::new(),
+            br#"{"token":"tok","expires_in":300}"#.to_vec(),
+        )
+    });
+    let manifest = manifest_for(&blob);
+    let realm = format!("http://{tokens}/token");
+    let (registry, registry_log) = serve(move |target, h| {
+        let challenge = (
+            "401 Unauthorized".into(),
+            vec![(
+                "WWW-Authenticate".into(),
+                format!("Bearer realm=\"{realm}\",service=\"reg\""),
+            )],
+            Vec::new(),
+        );
+        match (target.contains("/manifests/"), h.get("authorization")) {
+            (true, Some(_)) => ("200 OK".into(), Vec::new(), manifest.clone()),
+            // Blob reads: the token is never good enough (revoked, wrong scope).
+            _ => challenge,
+        }
+    });
+    configure();
+    let src = source::open(&format!("oci://{registry}/team/app:v1")).unwrap();
+    let started = std::time::Instant::now();
+    let e = src.read_range(0, 10, RequestKind::Demand).unwrap_err();
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert!(!e.is_retryable(), "{e}");
+    assert!(e.to_string().contains("401"), "{e}");
+    let blob_reads = registry_log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| t.contains("/blobs/"))
+        .count();
+    // The first try and two renewals, then the error.
+    assert_eq!(blob_reads, 3);
+    assert_eq!(
+        token_log.lock().unwrap().len(),
+        3,
+        "one token at resolve, two renewals"
+    );
+}
