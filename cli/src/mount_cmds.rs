@@ -138,12 +138,15 @@ fn default_cache() -> PathBuf {
 
 /// `incfs mount`.
 pub fn mount(a: MountArgs) -> anyhow::Result<ExitCode> {
-    // Held while mounting: the daemon's trust check (and a foreground mount) reuse it.
-    let retry = incfs_fs::retry::RetryPolicy {
-        deadline: Duration::from_secs(a.retry_timeout),
-        ..incfs_fs::retry::RetryPolicy::default()
+    // The signature of an oci:// image is checked here, before the daemon starts: resolve
+    // it (held while mounting, so the check reuses the manifest). A foreground mount and the
+    // daemon resolve it in `serve`.
+    let _oci = if a.trust.is_some() && !a.foreground {
+        a.oci
+            .prepare(&a.source, true, &retry_policy(a.retry_timeout))?
+    } else {
+        None
     };
-    let _oci = a.oci.prepare(&a.source, true, &retry)?;
     let cache = a.cache.clone().unwrap_or_else(default_cache);
     std::fs::create_dir_all(&cache)
         .with_context(|| format!("creating the cache directory {}", cache.display()))?;
@@ -262,13 +265,21 @@ fn daemonize(a: &MountArgs, cache: &Path) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The retry policy of `--retry-timeout SECS`.
+fn retry_policy(secs: u64) -> incfs_fs::retry::RetryPolicy {
+    incfs_fs::retry::RetryPolicy {
+        deadline: Duration::from_secs(secs),
+        ..incfs_fs::retry::RetryPolicy::default()
+    }
+}
+
 /// Mounts in this process and serves until unmounted or signalled.
 fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
-    let retry = incfs_fs::retry::RetryPolicy {
-        deadline: Duration::from_secs(a.retry_timeout),
-        ..incfs_fs::retry::RetryPolicy::default()
-    };
-    let oci = a.oci.prepare(&a.source, a.prefetch.is_some(), &retry)?;
+    let oci = a.oci.prepare(
+        &a.source,
+        a.prefetch.is_some(),
+        &retry_policy(a.retry_timeout),
+    )?;
     let expect_digest = required_digest(&a.source, a.expect_digest.as_deref(), a.trust.as_deref())?;
     if let Err(error) = incfs_fs::cache::fds::raise_nofile_limit() {
         tracing::warn!(%error, "cannot raise the descriptor limit; the cache keeps fewer files open");
