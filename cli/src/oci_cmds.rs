@@ -82,7 +82,7 @@ impl OciArgs {
                 tracing::warn!(image, error = %e, "the registry is unreachable; no plan");
                 return Ok(None);
             }
-            Err(e) => return Err(e).with_context(|| format!("resolving {image}")),
+            Err(e) => return Err(e).context("resolving the image"),
         };
         let plan = if plan_given || self.no_plan {
             None
@@ -196,7 +196,7 @@ pub fn push(a: PushArgs) -> anyhow::Result<ExitCode> {
     let report = oci::push(&a.reference, &files, &HttpConfig::default(), &mut |n| {
         bar.set_position(n)
     })
-    .with_context(|| format!("pushing {} to {}", a.image.display(), a.reference))?;
+    .with_context(|| format!("pushing {}", a.image.display()))?;
     bar.finish_and_clear();
     eprintln!(
         "incfs: pushed {} ({}{}{}) as {}: {} uploaded, {} blob(s) already there",
@@ -224,12 +224,12 @@ pub fn push(a: PushArgs) -> anyhow::Result<ExitCode> {
 pub fn pull(a: PullArgs) -> anyhow::Result<ExitCode> {
     a.registry.configure()?;
     let artifact = OciArtifact::resolve(&a.reference, &HttpConfig::default())
-        .with_context(|| format!("resolving {}", a.reference))?;
+        .context("resolving the artifact")?;
     let bar = crate::progress::bytes_bar("pull");
     bar.set_length(artifact.layers().image.size);
     let written = artifact
         .pull(&a.output, &mut |n| bar.set_position(n))
-        .with_context(|| format!("pulling {}", a.reference))?;
+        .with_context(|| format!("pulling to {}", a.output.display()))?;
     bar.finish_and_clear();
     for p in written {
         eprintln!("incfs: wrote {}", p.display());
