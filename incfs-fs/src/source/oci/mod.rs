@@ -9,7 +9,7 @@
 //! moves while a mount runs does not change the bytes it reads.
 //!
 //! Auth (anonymous, basic, bearer tokens with refresh on expiry or refusal), redirects to
-//! blob storage and TLS are in [`client`]; where credentials come from is in [`auth`].
+//! blob storage and TLS are in the `client` module; where credentials come from is in [`auth`].
 //!
 //! A process resolves each reference once: [`OciArtifact::resolve`] remembers the artifacts
 //! it returned while they are in use, so the command that read an artifact's plan and
