@@ -290,3 +290,81 @@ fn a_token_the_registry_keeps_refusing_fails_the_read_at_once() {
         "one token at resolve, two renewals"
     );
 }
+
+#[test]
+fn readers_on_many_threads_share_one_renewal_when_the_token_lapses() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    let blob: Vec<u8> = (0..50_000u32).map(|i| (i * 13 % 241) as u8).collect();
+    // The token service numbers its tokens; the registry takes only the newest, for 150 ms
+    // after it was issued (and the service claims 300 s, so only a 401 tells the client).
+    let issued: Arc<Mutex<(u64, Instant)>> = Arc::new(Mutex::new((0, Instant::now())));
+    let service = Arc::clone(&issued);
+    let (tokens, token_log) = serve(move |_, _| {
+        let mut s = service.lock().unwrap();
+        *s = (s.0 + 1, Instant::now());
+        (
+            "200 OK".into(),
+            Vec::new(),
+            format!("{{\"token\":\"tok{}\",\"expires_in\":300}}", s.0).into_bytes(),
+        )
+    });
+    let manifest = manifest_for(&blob);
+    let realm = format!("http://{tokens}/token");
+    // Every token the registry refused (and "" for none), and how many requests it refused.
+    let refused_tokens: Arc<Mutex<std::collections::BTreeSet<String>>> = Arc::default();
+    let refusals = Arc::new(AtomicU64::new(0));
+    let (refused, refused_set) = (Arc::clone(&refusals), Arc::clone(&refused_tokens));
+    let served = blob.clone();
+    let (registry, _) = serve(move |target, h| {
+        let (n, at) = *issued.lock().unwrap();
+        let good = h.get("authorization").map(String::as_str) == Some(&format!("Bearer tok{n}"))
+            && at.elapsed() < Duration::from_millis(150);
+        if !good {
+            refused.fetch_add(1, Ordering::SeqCst);
+            refused_set
+                .lock()
+                .unwrap()
+                .insert(h.get("authorization").cloned().unwrap_or_default());
+            return (
+                "401 Unauthorized".into(),
+                vec![(
+                    "WWW-Authenticate".into(),
+                    format!("Bearer realm=\"{realm}\",service=\"reg\""),
+                )],
+                Vec::new(),
+            );
+        }
+        if target.contains("/manifests/") {
+            return ("200 OK".into(), Vec::new(), manifest.clone());
+        }
+        range_answer(&served, h)
+    });
+    configure();
+    let src = source::open(&format!("oci://{registry}/team/app:v2")).unwrap();
+    let threads = 8;
+    let reads = 15;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (src, blob) = (&src, &blob);
+            s.spawn(move || {
+                for k in 0..reads {
+                    let off = ((t * 977 + k * 2_311) % 49_000) as u64;
+                    let got = src.read_range(off, 1000, RequestKind::Demand).unwrap();
+                    assert!(got[..] == blob[off as usize..off as usize + 1000]);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+        }
+    });
+    let tokens = token_log.lock().unwrap().len();
+    let lapsed = refused_tokens.lock().unwrap().len();
+    let refusals = refusals.load(Ordering::SeqCst);
+    eprintln!("{tokens} tokens fetched; {lapsed} tokens refused, in {refusals} requests");
+    // The resolve's first request (no token), then at least one lapse.
+    assert!(lapsed >= 2, "the token never lapsed");
+    // One renewal per refused token, however many readers it refused (without sharing,
+    // every refused request would fetch a token of its own).
+    assert_eq!(tokens, lapsed, "{refusals} refused requests");
+}
