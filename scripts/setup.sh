@@ -11,8 +11,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # Debian packages: fuse3 (fusermount3), llvm-22 (bpf-linker), clang-22 (the default workload),
-# nginx-light (tests serve images through a real static server), pkg-config.
-APT_PACKAGES=(fuse3 libfuse3-dev llvm-22-dev libpolly-22-dev clang-22 pkg-config nginx-light openssl procps)
+# nginx-light (tests serve images through a real static server), pkg-config, docker-registry
+# (distribution 2.8: the OCI registry tests) with apache2-utils (htpasswd -B for its basic auth).
+APT_PACKAGES=(fuse3 libfuse3-dev llvm-22-dev libpolly-22-dev clang-22 pkg-config nginx-light openssl procps docker-registry apache2-utils)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then

@@ -6,6 +6,7 @@
 mod fetch_args;
 mod image_cmds;
 mod mount_cmds;
+mod oci_cmds;
 mod plan_cmds;
 mod progress;
 mod record_cmds;
@@ -43,6 +44,10 @@ enum Command {
     Relayout(image_cmds::RelayoutArgs),
     /// Mount an image on a temporary directory, prefetch its plan, run a command on it.
     Run(run_cmd::RunArgs),
+    /// Publish an image, with its plan and signature, to an OCI registry.
+    Push(oci_cmds::PushArgs),
+    /// Copy an image (and its plan and signature) from an OCI registry, verified.
+    Pull(oci_cmds::PullArgs),
     /// Make an ed25519 key pair for signing images.
     Keygen(image_cmds::KeygenArgs),
     /// Sign an image's root digest (readers check it with `--trust`).
@@ -72,6 +77,8 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Serve(a) => serve_cmd::serve(a),
         Command::Relayout(a) => image_cmds::relayout(a),
         Command::Run(a) => run_cmd::run(a),
+        Command::Push(a) => oci_cmds::push(a),
+        Command::Pull(a) => oci_cmds::pull(a),
         Command::Keygen(a) => image_cmds::keygen(a),
         Command::Sign(a) => image_cmds::sign(a),
         Command::Mount(a) => mount_cmds::mount(a),

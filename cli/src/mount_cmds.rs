@@ -27,7 +27,8 @@ const READY_LINE: &str = "incfs-ready";
 /// Arguments of `incfs mount`.
 #[derive(Args)]
 pub struct MountArgs {
-    /// The image: a path, file://PATH, or an http(s):// URL.
+    /// The image: a path, file://PATH, an http(s):// URL, or oci://HOST/REPO:TAG (whose
+    /// pushed plan is prefetched unless --prefetch or --no-plan).
     source: String,
     /// Where to mount it (an existing directory).
     mountpoint: PathBuf,
@@ -49,6 +50,8 @@ pub struct MountArgs {
     threads: usize,
     #[command(flatten)]
     fetch: FetchArgs,
+    #[command(flatten)]
+    oci: crate::oci_cmds::OciArgs,
     /// Seconds a read may spend fetching, all retries included, before it fails with EIO
     /// (also bounds each request: a stalled or trickling server cannot hold a read longer).
     #[arg(long, default_value_t = 10)]
@@ -135,6 +138,15 @@ fn default_cache() -> PathBuf {
 
 /// `incfs mount`.
 pub fn mount(a: MountArgs) -> anyhow::Result<ExitCode> {
+    // The signature of an oci:// image is checked here, before the daemon starts: resolve
+    // it (held while mounting, so the check reuses the manifest). A foreground mount and the
+    // daemon resolve it in `serve`.
+    let _oci = if a.trust.is_some() && !a.foreground {
+        a.oci
+            .prepare(&a.source, true, &retry_policy(a.retry_timeout))?
+    } else {
+        None
+    };
     let cache = a.cache.clone().unwrap_or_else(default_cache);
     std::fs::create_dir_all(&cache)
         .with_context(|| format!("creating the cache directory {}", cache.display()))?;
@@ -197,6 +209,7 @@ fn daemonize(a: &MountArgs, cache: &Path) -> anyhow::Result<ExitCode> {
         .arg("--retry-timeout")
         .arg(a.retry_timeout.to_string());
     a.fetch.forward(&mut cmd);
+    a.oci.forward(&mut cmd)?;
     // The signature is checked here; the daemon is handed the signed digest to insist on.
     if let Some(d) = required_digest(&source, a.expect_digest.as_deref(), a.trust.as_deref())? {
         cmd.arg("--expect-digest").arg(d.to_hex());
@@ -252,8 +265,21 @@ fn daemonize(a: &MountArgs, cache: &Path) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The retry policy of `--retry-timeout SECS`.
+fn retry_policy(secs: u64) -> incfs_fs::retry::RetryPolicy {
+    incfs_fs::retry::RetryPolicy {
+        deadline: Duration::from_secs(secs),
+        ..incfs_fs::retry::RetryPolicy::default()
+    }
+}
+
 /// Mounts in this process and serves until unmounted or signalled.
 fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
+    let oci = a.oci.prepare(
+        &a.source,
+        a.prefetch.is_some(),
+        &retry_policy(a.retry_timeout),
+    )?;
     let expect_digest = required_digest(&a.source, a.expect_digest.as_deref(), a.trust.as_deref())?;
     if let Err(error) = incfs_fs::cache::fds::raise_nofile_limit() {
         tracing::warn!(%error, "cannot raise the descriptor limit; the cache keeps fewer files open");
@@ -269,10 +295,15 @@ fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
         IncFs::new(source, &config)
             .with_context(|| format!("cannot mount {}: the image is not usable", a.source))?,
     );
+    let pushed_plan = oci.as_ref().and_then(|o| o.plan.as_ref());
     if let Some(path) = &a.prefetch {
         let plan = PrefetchPlan::load(path)?;
         fs.start_prefetch(&plan, path, PrefetchConfig::default())
             .with_context(|| format!("cannot prefetch {} with {}", a.source, path.display()))?;
+    } else if let Some((path, bytes)) = pushed_plan {
+        let plan = PrefetchPlan::parse(path, bytes)?;
+        fs.start_prefetch(&plan, path, PrefetchConfig::default())
+            .with_context(|| format!("cannot prefetch {} with its pushed plan", a.source))?;
     }
     if let Some(fill) = fill {
         fs.start_fill(fill)

@@ -17,7 +17,8 @@ use crate::util::{human, required_digest};
 /// Arguments of `incfs run`.
 #[derive(Args)]
 pub struct RunArgs {
-    /// The image: a path, file:// or http(s):// URL.
+    /// The image: a path, file:// or http(s):// URL, or oci://HOST/REPO:TAG (whose pushed
+    /// plan is prefetched unless --prefetch or --no-plan).
     #[arg(long)]
     image: String,
     /// Prefetch plan for the image (from `incfs plan` or `incfs relayout`).
@@ -56,6 +57,8 @@ pub struct RunArgs {
     max_readahead: u32,
     #[command(flatten)]
     fetch: FetchArgs,
+    #[command(flatten)]
+    oci: crate::oci_cmds::OciArgs,
     /// Seconds a read may spend fetching, all retries included, before it fails with EIO
     /// (also bounds each request: a stalled or trickling server cannot hold a read longer).
     #[arg(long, default_value_t = 10)]
@@ -104,15 +107,22 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&cache)
         .with_context(|| format!("creating the cache directory {}", cache.display()))?;
     let mut fs = FsConfig::new(cache);
+    fs.fetch.retry_timeout = std::time::Duration::from_secs(a.retry_timeout);
+    let oci = a
+        .oci
+        .prepare(&a.image, a.prefetch.is_some(), &fs.fetch.retry())?;
+    let oci_plan = crate::oci_cmds::plan_file(oci.as_ref())?;
     fs.expect_digest = required_digest(&a.image, a.expect_digest.as_deref(), a.trust.as_deref())?;
     // A read served by passthrough never reaches incfs, so it would be missing from the
     // read-log: a run that saves one serves every read itself.
     fs.passthrough = !a.no_passthrough && a.read_log_out.is_none();
-    fs.fetch.retry_timeout = std::time::Duration::from_secs(a.retry_timeout);
     let fill = a.fetch.apply(&mut fs);
     let cfg = RunConfig {
         source: a.image.clone(),
-        plan: a.prefetch.clone(),
+        plan: a
+            .prefetch
+            .clone()
+            .or_else(|| oci_plan.as_ref().map(|f| f.path().to_path_buf())),
         prefetch: PrefetchConfig::default(),
         fill,
         fs,

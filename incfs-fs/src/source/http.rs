@@ -37,7 +37,7 @@ use crate::retry::RetryPolicy;
 pub const REQUEST_KIND_HEADER: &str = "x-incfs-request";
 
 /// Most bytes reserved before a response's body arrives.
-const MAX_PREALLOC: usize = 16 << 20;
+pub(super) const MAX_PREALLOC: usize = 16 << 20;
 
 /// How an [`HttpSource`] talks to its server.
 #[derive(Debug, Clone)]
@@ -457,7 +457,7 @@ impl Drop for HttpSource {
 }
 
 /// Parses `bytes A-B/TOTAL` (TOTAL may be `*`) into `(A, B, Some(TOTAL))`.
-fn parse_content_range(s: &str) -> Option<(u64, u64, Option<u64>)> {
+pub(super) fn parse_content_range(s: &str) -> Option<(u64, u64, Option<u64>)> {
     let rest = s.trim().strip_prefix("bytes")?.trim_start();
     let (range, total) = rest.split_once('/')?;
     let (a, b) = range.trim().split_once('-')?;
@@ -479,7 +479,7 @@ fn header_u64(h: &HeaderMap, name: reqwest::header::HeaderName) -> Option<u64> {
 }
 
 /// "outer: inner: innermost", since reqwest's Display shows only the outer layer.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(inner) = cur {

@@ -1,4 +1,5 @@
-//! Where image bytes come from: a local file, an HTTP(S) server, or a test double.
+//! Where image bytes come from: a local file, an HTTP(S) server, an OCI registry
+//! ([`oci`]), or a test double.
 //!
 //! Every request is tagged with why it is made ([`RequestKind`]), so logs, stats and the
 //! server can tell demand misses from prefetch.
@@ -7,6 +8,7 @@ mod failing;
 mod file;
 mod http;
 mod mock;
+pub mod oci;
 mod throttled;
 
 use std::fmt;
@@ -320,8 +322,8 @@ pub fn open_or_offline(spec: &str, retry: &RetryPolicy) -> Result<Arc<dyn Source
     }
 }
 
-/// Opens a source from what a user typed: a path, a `file://` URL, or an `http(s)://` URL
-/// (with [`HttpConfig::default`]).
+/// Opens a source from what a user typed: a path, a `file://` URL, an `http(s)://` URL
+/// (with [`HttpConfig::default`]), or an `oci://` registry reference.
 pub fn open(spec: &str) -> Result<Arc<dyn Source>, SourceError> {
     open_with(spec, &HttpConfig::default())
 }
@@ -332,7 +334,7 @@ pub fn open_for(spec: &str, retry: &RetryPolicy) -> Result<Arc<dyn Source>, Sour
     open_with(spec, &HttpConfig::for_policy(retry))
 }
 
-/// Like [`open`], with `http` for an HTTP(S) URL.
+/// Like [`open`], with `http` for an HTTP(S) URL or a registry.
 pub fn open_with(spec: &str, http: &HttpConfig) -> Result<Arc<dyn Source>, SourceError> {
     if let Some(path) = spec.strip_prefix("file://") {
         return Ok(Arc::new(FileSource::open(path.as_ref())?));
@@ -340,9 +342,13 @@ pub fn open_with(spec: &str, http: &HttpConfig) -> Result<Arc<dyn Source>, Sourc
     if spec.starts_with("http://") || spec.starts_with("https://") {
         return Ok(Arc::new(HttpSource::open(spec, http)?));
     }
+    if oci::is_oci(spec) {
+        return Ok(Arc::new(oci::open(spec, http)?));
+    }
     if let Some((scheme, _)) = spec.split_once("://") {
         return Err(SourceError::Unusable(format!(
-            "{spec}: unsupported scheme {scheme:?} (use a path, file://, http:// or https://)"
+            "{spec}: unsupported scheme {scheme:?} (use a path, file://, http://, https:// or \
+             oci://)"
         )));
     }
     Ok(Arc::new(FileSource::open(spec.as_ref())?))

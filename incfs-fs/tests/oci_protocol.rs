@@ -1,0 +1,370 @@
+//! The registry protocol against small loopback servers that stand in for a registry, its
+//! token service and its blob storage: a redirect to storage on another origin (as
+//! distribution answers with an S3 or GCS backend) keeps the range and drops the registry's
+//! `Authorization`; a bearer token is renewed before the lifetime its issuer gave ends.
+//! (`cli/tests/oci_registry.rs` runs the real registry.)
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+
+use incfs_fs::source::oci::{self, Credentials, OciOptions};
+use incfs_fs::source::{self, RequestKind};
+
+type Headers = BTreeMap<String, String>;
+type Log = Arc<Mutex<Vec<(String, Headers)>>>;
+
+/// Serves `handler`'s answers (status line, headers, body) on a loopback port, one request
+/// per connection; logs each request's target and headers.
+fn serve(
+    handler: impl Fn(&str, &Headers) -> (String, Vec<(String, String)>, Vec<u8>) + Send + 'static,
+) -> (String, Log) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let log: Log = Arc::default();
+    let seen = Arc::clone(&log);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            let mut headers = Headers::new();
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = h.split_once(':') {
+                    headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+                }
+            }
+            let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
+            seen.lock().unwrap().push((target.clone(), headers.clone()));
+            let (status, extra, body) = handler(&target, &headers);
+            let mut head = format!(
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+                body.len()
+            );
+            for (k, v) in extra {
+                head.push_str(&format!("{k}: {v}\r\n"));
+            }
+            head.push_str("\r\n");
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(&body);
+        }
+    });
+    (addr, log)
+}
+
+/// Both tests set the same process-wide options (they may run at once).
+fn configure() {
+    oci::configure(OciOptions {
+        plain_http: true,
+        credentials: Some(Credentials {
+            user: "u".into(),
+            password: "p".into(),
+        }),
+        ..OciOptions::default()
+    });
+}
+
+fn manifest_for(blob: &[u8]) -> Vec<u8> {
+    oci::manifest::Manifest::new(
+        &oci::Layers {
+            image: oci::Descriptor {
+                media_type: oci::manifest::IMAGE_MEDIA_TYPE.into(),
+                digest: oci::manifest::sha256_digest(blob),
+                size: blob.len() as u64,
+                annotations: BTreeMap::new(),
+            },
+            plan: None,
+            signature: None,
+        },
+        &"00".repeat(32),
+    )
+    .to_json()
+}
+
+/// The bytes `bytes=A-B` of `blob`, as a 206 answer.
+fn range_answer(blob: &[u8], h: &Headers) -> (String, Vec<(String, String)>, Vec<u8>) {
+    let range = h.get("range").cloned().unwrap_or_default();
+    let (a, b) = range
+        .strip_prefix("bytes=")
+        .and_then(|r| r.split_once('-'))
+        .map(|(a, b)| (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()))
+        .unwrap_or((0, blob.len() - 1));
+    (
+        "206 Partial Content".into(),
+        vec![(
+            "Content-Range".into(),
+            format!("bytes {a}-{b}/{}", blob.len()),
+        )],
+        blob[a..=b].to_vec(),
+    )
+}
+
+#[test]
+fn a_bearer_token_is_renewed_before_its_lifetime_ends() {
+    let blob: Vec<u8> = (0..10_000u32).map(|i| (i % 199) as u8).collect();
+    let (tokens, token_log) = serve(|target, h| {
+        assert_eq!(
+            h.get("authorization").map(String::as_str),
+            Some("Basic dTpw")
+        );
+        assert!(
+            target.contains("service=reg")
+                && target.contains("scope=repository%3Ateam%2Fapp%3Apull"),
+            "{target}"
+        );
+        (
+            "200 OK".into(),
+            vec![("Content-Type".into(), "application/json".into())],
+            br#"{"token":"tok","expires_in":1}"#.to_vec(),
+        )
+    });
+    let manifest = manifest_for(&blob);
+    let realm = format!("http://{tokens}/token");
+    let (registry, registry_log) = serve(move |target, h| {
+        if h.get("authorization").map(String::as_str) != Some("Bearer tok") {
+            return (
+                "401 Unauthorized".into(),
+                vec![(
+                    "WWW-Authenticate".into(),
+                    format!(
+                        "Bearer realm=\"{realm}\",service=\"reg\",scope=\"repository:team/app:pull\""
+                    ),
+                )],
+                Vec::new(),
+            );
+        }
+        if target.contains("/manifests/") {
+            return ("200 OK".into(), Vec::new(), manifest.clone());
+        }
+        range_answer(&blob, h)
+    });
+    configure();
+    let src = source::open(&format!("oci://{registry}/team/app:v1")).unwrap();
+    assert_eq!(
+        src.read_range(0, 10, RequestKind::Demand).unwrap().len(),
+        10
+    );
+    assert_eq!(token_log.lock().unwrap().len(), 1);
+    // The token was given for 1 s: renewed at 3/4 of it, before the next request.
+    std::thread::sleep(std::time::Duration::from_millis(900));
+    assert_eq!(
+        src.read_range(100, 10, RequestKind::Demand).unwrap().len(),
+        10
+    );
+    assert_eq!(token_log.lock().unwrap().len(), 2, "the token was renewed");
+    let refused = registry_log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, h)| t.contains("/blobs/") && h.get("authorization").is_none())
+        .count();
+    assert_eq!(refused, 0, "no blob read went out without the token");
+}
+
+#[test]
+fn a_redirect_to_storage_keeps_the_range_and_drops_the_authorization() {
+    let blob: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+
+    let stored = blob.clone();
+    let (storage, storage_log) = serve(move |_, h| range_answer(&stored, h));
+    let manifest = manifest_for(&blob);
+    let want_auth = "Basic dTpw"; // base64("u:p")
+    let storage_url = format!("http://{storage}/bucket/blob?X-Amz-Signature=abc");
+    let (registry, registry_log) = serve(move |target, h| {
+        if h.get("authorization").map(String::as_str) != Some(want_auth) {
+            return (
+                "401 Unauthorized".into(),
+                vec![("WWW-Authenticate".into(), "Basic realm=\"test\"".into())],
+                Vec::new(),
+            );
+        }
+        if target.contains("/manifests/") {
+            return (
+                "200 OK".into(),
+                vec![(
+                    "Content-Type".into(),
+                    oci::manifest::MANIFEST_MEDIA_TYPE.into(),
+                )],
+                manifest.clone(),
+            );
+        }
+        (
+            "307 Temporary Redirect".into(),
+            vec![("Location".into(), storage_url.clone())],
+            Vec::new(),
+        )
+    });
+
+    configure();
+    let spec = format!("oci://{registry}/team/app:v1");
+    let src = source::open(&spec).unwrap();
+    assert_eq!(src.total_len().unwrap(), blob.len() as u64);
+    assert_eq!(src.describe(), spec);
+    let got = src.read_range(1000, 5000, RequestKind::Demand).unwrap();
+    assert!(got == blob[1000..6000], "wrong bytes through the redirect");
+
+    let storage_seen = storage_log.lock().unwrap().clone();
+    assert_eq!(storage_seen.len(), 1);
+    let (target, headers) = &storage_seen[0];
+    assert_eq!(target, "/bucket/blob?X-Amz-Signature=abc");
+    assert_eq!(
+        headers.get("range").map(String::as_str),
+        Some("bytes=1000-5999")
+    );
+    assert!(
+        !headers.contains_key("authorization"),
+        "the registry's credentials went to storage: {headers:?}"
+    );
+    let registry_seen = registry_log.lock().unwrap().clone();
+    let blob_reads: Vec<_> = registry_seen
+        .iter()
+        .filter(|(t, _)| t.contains("/blobs/"))
+        .collect();
+    assert_eq!(blob_reads.len(), 1, "{registry_seen:?}");
+    assert_eq!(
+        blob_reads[0].1.get("authorization").map(String::as_str),
+        Some(want_auth)
+    );
+
+    // A bad reference is refused, naming what is wrong.
+    let e = source::open(&format!("oci://{registry}/Team/app:v1"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("repository component"), "{e}");
+}
+
+#[test]
+fn a_token_the_registry_keeps_refusing_fails_the_read_at_once() {
+    let blob = vec![7u8; 1000];
+    let (tokens, token_log) = serve(|_, _| {
+        (
+            "200 OK".into(),
+            Vec::new(),
+            br#"{"token":"tok","expires_in":300}"#.to_vec(),
+        )
+    });
+    let manifest = manifest_for(&blob);
+    let realm = format!("http://{tokens}/token");
+    let (registry, registry_log) = serve(move |target, h| {
+        let challenge = (
+            "401 Unauthorized".into(),
+            vec![(
+                "WWW-Authenticate".into(),
+                format!("Bearer realm=\"{realm}\",service=\"reg\""),
+            )],
+            Vec::new(),
+        );
+        match (target.contains("/manifests/"), h.get("authorization")) {
+            (true, Some(_)) => ("200 OK".into(), Vec::new(), manifest.clone()),
+            // Blob reads: the token is never good enough (revoked, wrong scope).
+            _ => challenge,
+        }
+    });
+    configure();
+    let src = source::open(&format!("oci://{registry}/team/app:v1")).unwrap();
+    let started = std::time::Instant::now();
+    let e = src.read_range(0, 10, RequestKind::Demand).unwrap_err();
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert!(!e.is_retryable(), "{e}");
+    assert!(e.to_string().contains("401"), "{e}");
+    let blob_reads = registry_log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| t.contains("/blobs/"))
+        .count();
+    // The first try and two renewals, then the error.
+    assert_eq!(blob_reads, 3);
+    assert_eq!(
+        token_log.lock().unwrap().len(),
+        3,
+        "one token at resolve, two renewals"
+    );
+}
+
+#[test]
+fn readers_on_many_threads_share_one_renewal_when_the_token_lapses() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    let blob: Vec<u8> = (0..50_000u32).map(|i| (i * 13 % 241) as u8).collect();
+    // The token service numbers its tokens; the registry takes only the newest, for 150 ms
+    // after it was issued (and the service claims 300 s, so only a 401 tells the client).
+    let issued: Arc<Mutex<(u64, Instant)>> = Arc::new(Mutex::new((0, Instant::now())));
+    let service = Arc::clone(&issued);
+    let (tokens, token_log) = serve(move |_, _| {
+        let mut s = service.lock().unwrap();
+        *s = (s.0 + 1, Instant::now());
+        (
+            "200 OK".into(),
+            Vec::new(),
+            format!("{{\"token\":\"tok{}\",\"expires_in\":300}}", s.0).into_bytes(),
+        )
+    });
+    let manifest = manifest_for(&blob);
+    let realm = format!("http://{tokens}/token");
+    // Every token the registry refused (and "" for none), and how many requests it refused.
+    let refused_tokens: Arc<Mutex<std::collections::BTreeSet<String>>> = Arc::default();
+    let refusals = Arc::new(AtomicU64::new(0));
+    let (refused, refused_set) = (Arc::clone(&refusals), Arc::clone(&refused_tokens));
+    let served = blob.clone();
+    let (registry, _) = serve(move |target, h| {
+        let (n, at) = *issued.lock().unwrap();
+        let good = h.get("authorization").map(String::as_str) == Some(&format!("Bearer tok{n}"))
+            && at.elapsed() < Duration::from_millis(150);
+        if !good {
+            refused.fetch_add(1, Ordering::SeqCst);
+            refused_set
+                .lock()
+                .unwrap()
+                .insert(h.get("authorization").cloned().unwrap_or_default());
+            return (
+                "401 Unauthorized".into(),
+                vec![(
+                    "WWW-Authenticate".into(),
+                    format!("Bearer realm=\"{realm}\",service=\"reg\""),
+                )],
+                Vec::new(),
+            );
+        }
+        if target.contains("/manifests/") {
+            return ("200 OK".into(), Vec::new(), manifest.clone());
+        }
+        range_answer(&served, h)
+    });
+    configure();
+    let src = source::open(&format!("oci://{registry}/team/app:v2")).unwrap();
+    let threads = 8;
+    let reads = 15;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (src, blob) = (&src, &blob);
+            s.spawn(move || {
+                for k in 0..reads {
+                    let off = ((t * 977 + k * 2_311) % 49_000) as u64;
+                    let got = src.read_range(off, 1000, RequestKind::Demand).unwrap();
+                    assert!(got[..] == blob[off as usize..off as usize + 1000]);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+        }
+    });
+    let tokens = token_log.lock().unwrap().len();
+    let lapsed = refused_tokens.lock().unwrap().len();
+    let refusals = refusals.load(Ordering::SeqCst);
+    eprintln!("{tokens} tokens fetched; {lapsed} tokens refused, in {refusals} requests");
+    // The resolve's first request (no token), then at least one lapse.
+    assert!(lapsed >= 2, "the token never lapsed");
+    // One renewal per refused token, however many readers it refused (without sharing,
+    // every refused request would fetch a token of its own).
+    assert_eq!(tokens, lapsed, "{refusals} refused requests");
+}
