@@ -3,6 +3,7 @@
 //! This binary parses arguments, shows progress and formats output; every piece of logic
 //! lives in the library crates.
 
+mod cache_args;
 mod fetch_args;
 mod image_cmds;
 mod mount_cmds;
@@ -53,7 +54,7 @@ enum Command {
     Umount(mount_cmds::UmountArgs),
     /// Show a mount's counters (bytes fetched, chunks local, misses).
     Stats(mount_cmds::StatsArgs),
-    /// Inspect or clear a cache directory (`incfs cache stat|clear DIR`).
+    /// Inspect, clear or trim a cache directory (`incfs cache stat|clear|gc [DIR]`).
     Cache(mount_cmds::CacheArgs),
     /// Look into recorded traces (`incfs trace show TRACE`).
     Trace(plan_cmds::TraceArgs),

@@ -1,5 +1,6 @@
 //! `incfs run`: mount, prefetch, run a command on the mount, unmount, summarize.
 
+use crate::cache_args::CacheDirArgs;
 use crate::fetch_args::FetchArgs;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,9 +24,8 @@ pub struct RunArgs {
     /// Prefetch plan for the image (from `incfs plan` or `incfs relayout`).
     #[arg(long)]
     prefetch: Option<PathBuf>,
-    /// Cache directory, kept across runs. Default: a fresh temporary one (a cold start).
-    #[arg(long)]
-    cache: Option<PathBuf>,
+    #[command(flatten)]
+    cache: CacheDirArgs,
     /// Refuse the image unless its root digest is this.
     #[arg(long)]
     expect_digest: Option<String>,
@@ -90,20 +90,8 @@ struct RunJson {
 
 /// `incfs run`.
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
-    let tmp_cache;
-    let cache = match &a.cache {
-        Some(c) => c.clone(),
-        None => {
-            tmp_cache = tempfile::Builder::new()
-                .prefix("incfs-run-cache-")
-                .tempdir()
-                .context("creating a temporary cache directory")?;
-            tmp_cache.path().to_path_buf()
-        }
-    };
-    std::fs::create_dir_all(&cache)
-        .with_context(|| format!("creating the cache directory {}", cache.display()))?;
-    let mut fs = FsConfig::new(cache);
+    let cache = a.cache.resolve()?;
+    let mut fs = FsConfig::new(cache.dir.clone());
     fs.expect_digest = required_digest(&a.image, a.expect_digest.as_deref(), a.trust.as_deref())?;
     // A read served by passthrough never reaches incfs, so it would be missing from the
     // read-log: a run that saves one serves every read itself.
@@ -151,6 +139,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         }));
     };
     let result = run_image(&cfg, &mut on_mounted);
+    cache.trim();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(t) = ticker.take() {
         let _ = t.join();

@@ -30,7 +30,13 @@ const MAX_EXCESS: f64 = 1.3;
 type Pages = HashMap<String, BTreeSet<u64>>;
 
 fn incfs() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_incfs"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_incfs"));
+    // The per-user cache of `run` without `--cache`, kept out of the machine's.
+    cmd.env(
+        "INCFS_CACHE",
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("incfs-cache"),
+    );
+    cmd
 }
 
 fn ok(out: Output, what: &str) -> Output {
