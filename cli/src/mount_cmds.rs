@@ -28,7 +28,7 @@ const READY_LINE: &str = "incfs-ready";
 /// Arguments of `incfs mount`.
 #[derive(Args)]
 pub struct MountArgs {
-    /// The image: a path, file://PATH, or an http(s):// URL.
+    /// The image: a path, file://PATH, an http(s):// URL or s3://BUCKET/KEY.
     source: String,
     /// Where to mount it (an existing directory).
     mountpoint: PathBuf,

@@ -18,7 +18,7 @@ use crate::util::{human, required_digest};
 /// Arguments of `incfs run`.
 #[derive(Args)]
 pub struct RunArgs {
-    /// The image: a path, file:// or http(s):// URL.
+    /// The image: a path, file://, http(s):// or s3://BUCKET/KEY URL.
     #[arg(long)]
     image: String,
     /// Prefetch plan for the image (from `incfs plan` or `incfs relayout`).

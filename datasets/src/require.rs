@@ -23,6 +23,8 @@ pub enum Need {
     Nginx,
     /// The clang-22 package (the default workload).
     Clang,
+    /// moto's S3-compatible server, `moto_server` (`pip install 'moto[server]'`).
+    MotoServer,
 }
 
 impl Need {
@@ -52,6 +54,9 @@ impl Need {
                 .then_some("nginx is missing (apt-get install nginx-light)"),
             Need::Clang => (!Path::new("/usr/lib/llvm-22/bin/clang").exists())
                 .then_some("clang-22 is missing (apt-get install clang-22)"),
+            Need::MotoServer => which("moto_server")
+                .is_none()
+                .then_some("moto_server is missing (pip install 'moto[server]')"),
         }
     }
 }

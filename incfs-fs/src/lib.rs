@@ -3,7 +3,7 @@
 //! The crate is layered, each layer importing only those below it:
 //! [`format`] (image header, manifest, chunk table, digests, `pack`) at the ground floor, and
 //! [`plan`] (the prefetch manifest that the planner writes and the mount reads) beside it,
-//! then [`source`] (local file, HTTP, test doubles), [`table`] (a mounted image's chunk table,
+//! then [`source`] (local file, HTTP, S3, test doubles), [`table`] (a mounted image's chunk table,
 //! loaded a verified segment at a time) and [`cache`] (verified chunks on disk),
 //! [`fetch`] (the scheduler that fills the cache from a source), [`prefetch`] (walks a plan
 //! ahead of the program through the scheduler) and [`fs`] (the file system

@@ -1,4 +1,5 @@
-//! Where image bytes come from: a local file, an HTTP(S) server, or a test double.
+//! Where image bytes come from: a local file, an HTTP(S) server, an S3(-compatible) bucket,
+//! or a test double.
 //!
 //! Every request is tagged with why it is made ([`RequestKind`]), so logs, stats and the
 //! server can tell demand misses from prefetch.
@@ -7,6 +8,7 @@ mod failing;
 mod file;
 mod http;
 mod mock;
+mod s3;
 mod throttled;
 
 use std::fmt;
@@ -19,6 +21,7 @@ pub use failing::{FailingSource, FailureKind, FailurePlan};
 pub use file::FileSource;
 pub use http::{HttpConfig, HttpSource, REQUEST_KIND_HEADER};
 pub use mock::{MockRequest, MockSource};
+pub use s3::S3Source;
 pub use throttled::ThrottledSource;
 
 use crate::format::RangeRead;
@@ -320,8 +323,8 @@ pub fn open_or_offline(spec: &str, retry: &RetryPolicy) -> Result<Arc<dyn Source
     }
 }
 
-/// Opens a source from what a user typed: a path, a `file://` URL, or an `http(s)://` URL
-/// (with [`HttpConfig::default`]).
+/// Opens a source from what a user typed: a path, a `file://` URL, an `http(s)://` URL
+/// (with [`HttpConfig::default`]), or an `s3://BUCKET/KEY` URL.
 pub fn open(spec: &str) -> Result<Arc<dyn Source>, SourceError> {
     open_with(spec, &HttpConfig::default())
 }
@@ -340,9 +343,12 @@ pub fn open_with(spec: &str, http: &HttpConfig) -> Result<Arc<dyn Source>, Sourc
     if spec.starts_with("http://") || spec.starts_with("https://") {
         return Ok(Arc::new(HttpSource::open(spec, http)?));
     }
+    if spec.starts_with(s3::SCHEME) {
+        return Ok(Arc::new(S3Source::open(spec, http)?));
+    }
     if let Some((scheme, _)) = spec.split_once("://") {
         return Err(SourceError::Unusable(format!(
-            "{spec}: unsupported scheme {scheme:?} (use a path, file://, http:// or https://)"
+            "{spec}: unsupported scheme {scheme:?} (use a path, file://, http://, https:// or s3://)"
         )));
     }
     Ok(Arc::new(FileSource::open(spec.as_ref())?))
