@@ -7,6 +7,7 @@ mod cache_args;
 mod fetch_args;
 mod image_cmds;
 mod mount_cmds;
+mod mount_helper;
 mod plan_cmds;
 mod progress;
 mod record_cmds;
@@ -17,7 +18,7 @@ mod util;
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -65,7 +66,13 @@ enum Command {
 }
 
 fn run() -> anyhow::Result<ExitCode> {
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let app = Cli::command();
+    let is_subcommand = |s: &str| app.find_subcommand(s).is_some() || s == "help";
+    let cli = match mount_helper::translate(&argv, is_subcommand) {
+        Some(args) => Cli::parse_from(args?),
+        None => Cli::parse(),
+    };
     match cli.command {
         Command::Pack(a) => image_cmds::pack(a),
         Command::Inspect(a) => image_cmds::inspect(a),
