@@ -25,7 +25,7 @@ pub struct GcReport {
 /// most `max_bytes` on disk; caches in use stay (and count).
 pub fn gc(cache_dir: &Path, max_bytes: u64) -> Result<GcReport, CacheError> {
     let mut infos = stat_dir(cache_dir)?;
-    infos.sort_by_key(|i| i.last_used);
+    infos.sort_by_key(|i| i.last_used_ms);
     let mut report = GcReport {
         kept_bytes: infos.iter().map(|i| i.bytes_on_disk).sum(),
         ..GcReport::default()

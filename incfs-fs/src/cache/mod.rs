@@ -827,8 +827,9 @@ pub struct CacheInfo {
     pub clean: bool,
     /// True when a mount holds it now.
     pub in_use: bool,
-    /// When a mount last opened or closed it (seconds since the epoch; 0 when unknown).
-    pub last_used: u64,
+    /// When a mount last opened or closed it (milliseconds since the epoch; 0 when
+    /// unknown).
+    pub last_used_ms: u64,
 }
 
 /// Lists the image caches under `cache_dir`.
@@ -855,14 +856,14 @@ pub fn stat_dir(cache_dir: &Path) -> Result<Vec<CacheInfo>, CacheError> {
             .map(|w| w.iter().map(|b| b.count_ones() as u64).sum::<u64>())
             .sum();
         let in_use = lock::in_use(&dir);
-        let last_used = fs::metadata(dir.join(lock::USERS_LOCK))
+        let last_used_ms = fs::metadata(dir.join(lock::USERS_LOCK))
             .or_else(|_| fs::metadata(&rec))
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs());
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         out.push(CacheInfo {
-            last_used,
+            last_used_ms,
             root: e.file_name().to_string_lossy().into_owned(),
             chunks_total: header.map_or(0, |h| h.chunk_count),
             chunks_recorded: recorded,
