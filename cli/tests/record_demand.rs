@@ -154,9 +154,14 @@ fn reference_pages(dir: &Path, tree: &Path, template: &[&str]) -> Pages {
     }
     let log = dir.join("reference.read-log");
     let _ = std::fs::remove_file(&log);
+    // A cold cache: a warm one pushes its chunks into the page cache at open, and reads
+    // served from there never reach the read-log.
+    let cache = tempfile::tempdir().expect("a cache directory");
     ok(
         incfs()
             .arg("run")
+            .arg("--cache")
+            .arg(cache.path())
             .arg("--image")
             .arg(&img)
             .arg("--read-log-out")
