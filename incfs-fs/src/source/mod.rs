@@ -4,11 +4,14 @@
 //! Every request is tagged with why it is made ([`RequestKind`]), so logs, stats and the
 //! server can tell demand misses from prefetch.
 
+#[cfg(feature = "testing")]
 mod failing;
 mod file;
 mod http;
+#[cfg(feature = "testing")]
 mod mock;
 mod s3;
+#[cfg(feature = "testing")]
 mod throttled;
 
 use std::fmt;
@@ -17,11 +20,14 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "testing")]
 pub use failing::{FailingSource, FailureKind, FailurePlan};
 pub use file::FileSource;
 pub use http::{HttpConfig, HttpSource, REQUEST_KIND_HEADER};
+#[cfg(feature = "testing")]
 pub use mock::{MockRequest, MockSource};
 pub use s3::S3Source;
+#[cfg(feature = "testing")]
 pub use throttled::ThrottledSource;
 
 use crate::format::RangeRead;
