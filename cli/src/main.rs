@@ -3,10 +3,12 @@
 //! This binary parses arguments, shows progress and formats output; every piece of logic
 //! lives in the library crates.
 
+mod cache_args;
 mod fetch_args;
 mod image_cmds;
 mod mount_cmds;
 mod oci_cmds;
+mod mount_helper;
 mod plan_cmds;
 mod progress;
 mod record_cmds;
@@ -17,7 +19,7 @@ mod util;
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -58,7 +60,7 @@ enum Command {
     Umount(mount_cmds::UmountArgs),
     /// Show a mount's counters (bytes fetched, chunks local, misses).
     Stats(mount_cmds::StatsArgs),
-    /// Inspect or clear a cache directory (`incfs cache stat|clear DIR`).
+    /// Inspect, clear or trim a cache directory (`incfs cache stat|clear|gc [DIR]`).
     Cache(mount_cmds::CacheArgs),
     /// Look into recorded traces (`incfs trace show TRACE`).
     Trace(plan_cmds::TraceArgs),
@@ -69,7 +71,13 @@ enum Command {
 }
 
 fn run() -> anyhow::Result<ExitCode> {
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let app = Cli::command();
+    let is_subcommand = |s: &str| app.find_subcommand(s).is_some() || s == "help";
+    let cli = match mount_helper::translate(&argv, is_subcommand) {
+        Some(args) => Cli::parse_from(args?),
+        None => Cli::parse(),
+    };
     match cli.command {
         Command::Pack(a) => image_cmds::pack(a),
         Command::Inspect(a) => image_cmds::inspect(a),

@@ -1,5 +1,6 @@
 //! `incfs run`: mount, prefetch, run a command on the mount, unmount, summarize.
 
+use crate::cache_args::CacheDirArgs;
 use crate::fetch_args::FetchArgs;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,16 +18,15 @@ use crate::util::{human, required_digest};
 /// Arguments of `incfs run`.
 #[derive(Args)]
 pub struct RunArgs {
-    /// The image: a path, file:// or http(s):// URL, or oci://HOST/REPO:TAG (whose pushed
-    /// plan is prefetched unless --prefetch or --no-plan).
+    /// The image: a path, file://, http(s):// or s3://BUCKET/KEY URL, or oci://HOST/REPO:TAG
+    /// (whose pushed plan is prefetched unless --prefetch or --no-plan).
     #[arg(long)]
     image: String,
     /// Prefetch plan for the image (from `incfs plan` or `incfs relayout`).
     #[arg(long)]
     prefetch: Option<PathBuf>,
-    /// Cache directory, kept across runs. Default: a fresh temporary one (a cold start).
-    #[arg(long)]
-    cache: Option<PathBuf>,
+    #[command(flatten)]
+    cache: CacheDirArgs,
     /// Refuse the image unless its root digest is this.
     #[arg(long)]
     expect_digest: Option<String>,
@@ -93,20 +93,8 @@ struct RunJson {
 
 /// `incfs run`.
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
-    let tmp_cache;
-    let cache = match &a.cache {
-        Some(c) => c.clone(),
-        None => {
-            tmp_cache = tempfile::Builder::new()
-                .prefix("incfs-run-cache-")
-                .tempdir()
-                .context("creating a temporary cache directory")?;
-            tmp_cache.path().to_path_buf()
-        }
-    };
-    std::fs::create_dir_all(&cache)
-        .with_context(|| format!("creating the cache directory {}", cache.display()))?;
-    let mut fs = FsConfig::new(cache);
+    let cache = a.cache.resolve()?;
+    let mut fs = FsConfig::new(cache.dir.clone());
     fs.fetch.retry_timeout = std::time::Duration::from_secs(a.retry_timeout);
     let oci = a
         .oci
@@ -161,6 +149,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         }));
     };
     let result = run_image(&cfg, &mut on_mounted);
+    cache.trim();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(t) = ticker.take() {
         let _ = t.join();

@@ -31,7 +31,13 @@ const MAX_EXCESS: f64 = 1.3;
 type Pages = HashMap<String, BTreeSet<u64>>;
 
 fn incfs() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_incfs"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_incfs"));
+    // The per-user cache of `run` without `--cache`, kept out of the machine's.
+    cmd.env(
+        "INCFS_CACHE",
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("incfs-cache"),
+    );
+    cmd
 }
 
 fn ok(out: Output, what: &str) -> Output {
@@ -148,9 +154,14 @@ fn reference_pages(dir: &Path, tree: &Path, template: &[&str]) -> Pages {
     }
     let log = dir.join("reference.read-log");
     let _ = std::fs::remove_file(&log);
+    // A cold cache: a warm one pushes its chunks into the page cache at open, and reads
+    // served from there never reach the read-log.
+    let cache = tempfile::tempdir().expect("a cache directory");
     ok(
         incfs()
             .arg("run")
+            .arg("--cache")
+            .arg(cache.path())
             .arg("--image")
             .arg(&img)
             .arg("--read-log-out")

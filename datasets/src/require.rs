@@ -26,6 +26,8 @@ pub enum Need {
     /// Debian's `docker-registry` (distribution 2.8), `htpasswd` and `openssl`: a real OCI
     /// registry with basic auth, token auth and TLS.
     DockerRegistry,
+    /// moto's S3-compatible server, `moto_server` (`pip install 'moto[server]'`).
+    MotoServer,
 }
 
 impl Need {
@@ -66,6 +68,9 @@ impl Need {
                     None
                 }
             }
+            Need::MotoServer => which("moto_server")
+                .is_none()
+                .then_some("moto_server is missing (pip install 'moto[server]')"),
         }
     }
 }

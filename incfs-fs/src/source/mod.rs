@@ -1,14 +1,18 @@
 //! Where image bytes come from: a local file, an HTTP(S) server, an OCI registry
-//! ([`oci`]), or a test double.
+//! ([`oci`]), an S3(-compatible) bucket, or a test double.
 //!
 //! Every request is tagged with why it is made ([`RequestKind`]), so logs, stats and the
 //! server can tell demand misses from prefetch.
 
+#[cfg(feature = "testing")]
 mod failing;
 mod file;
 mod http;
+#[cfg(feature = "testing")]
 mod mock;
 pub mod oci;
+mod s3;
+#[cfg(feature = "testing")]
 mod throttled;
 
 use std::fmt;
@@ -17,10 +21,14 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "testing")]
 pub use failing::{FailingSource, FailureKind, FailurePlan};
 pub use file::FileSource;
 pub use http::{HttpConfig, HttpSource, REQUEST_KIND_HEADER};
+#[cfg(feature = "testing")]
 pub use mock::{MockRequest, MockSource};
+pub use s3::S3Source;
+#[cfg(feature = "testing")]
 pub use throttled::ThrottledSource;
 
 use crate::format::RangeRead;
@@ -323,7 +331,7 @@ pub fn open_or_offline(spec: &str, retry: &RetryPolicy) -> Result<Arc<dyn Source
 }
 
 /// Opens a source from what a user typed: a path, a `file://` URL, an `http(s)://` URL
-/// (with [`HttpConfig::default`]), or an `oci://` registry reference.
+/// (with [`HttpConfig::default`]), an `oci://` registry reference, or an `s3://BUCKET/KEY` URL.
 pub fn open(spec: &str) -> Result<Arc<dyn Source>, SourceError> {
     open_with(spec, &HttpConfig::default())
 }
@@ -345,10 +353,13 @@ pub fn open_with(spec: &str, http: &HttpConfig) -> Result<Arc<dyn Source>, Sourc
     if oci::is_oci(spec) {
         return Ok(Arc::new(oci::open(spec, http)?));
     }
+    if spec.starts_with(s3::SCHEME) {
+        return Ok(Arc::new(S3Source::open(spec, http)?));
+    }
     if let Some((scheme, _)) = spec.split_once("://") {
         return Err(SourceError::Unusable(format!(
-            "{spec}: unsupported scheme {scheme:?} (use a path, file://, http://, https:// or \
-             oci://)"
+            "{spec}: unsupported scheme {scheme:?} (use a path, file://, http://, https://, \
+             oci:// or s3://)"
         )));
     }
     Ok(Arc::new(FileSource::open(spec.as_ref())?))
