@@ -13,6 +13,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::oci_cmds::{OciStart, pinned_root};
 use crate::util::{human, required_digest};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -141,7 +142,7 @@ pub fn mount(a: MountArgs) -> anyhow::Result<ExitCode> {
     // The signature of an oci:// image is checked here, before the daemon starts: resolve
     // it (held while mounting, so the check reuses the manifest). A foreground mount and the
     // daemon resolve it in `serve`.
-    let _oci = if a.trust.is_some() && !a.foreground {
+    let oci = if a.trust.is_some() && !a.foreground {
         a.oci
             .prepare(&a.source, true, &retry_policy(a.retry_timeout))?
     } else {
@@ -170,11 +171,11 @@ pub fn mount(a: MountArgs) -> anyhow::Result<ExitCode> {
             Err(e) => Err(e),
         };
     }
-    daemonize(&a, &cache)
+    daemonize(&a, &cache, oci.as_ref())
 }
 
 /// Starts `incfs mount --foreground --notify-ready …` in the background and waits for it.
-fn daemonize(a: &MountArgs, cache: &Path) -> anyhow::Result<ExitCode> {
+fn daemonize(a: &MountArgs, cache: &Path, oci: Option<&OciStart>) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("finding the incfs executable")?;
     let log = a.log.clone().unwrap_or_else(|| cache.join("daemon.log"));
     let log_file = std::fs::OpenOptions::new()
@@ -211,7 +212,12 @@ fn daemonize(a: &MountArgs, cache: &Path) -> anyhow::Result<ExitCode> {
     a.fetch.forward(&mut cmd);
     a.oci.forward(&mut cmd)?;
     // The signature is checked here; the daemon is handed the signed digest to insist on.
-    if let Some(d) = required_digest(&source, a.expect_digest.as_deref(), a.trust.as_deref())? {
+    if let Some(d) = required_digest(
+        &source,
+        a.expect_digest.as_deref(),
+        a.trust.as_deref(),
+        pinned_root(oci),
+    )? {
         cmd.arg("--expect-digest").arg(d.to_hex());
     }
     if a.no_passthrough {
@@ -280,7 +286,12 @@ fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
         a.prefetch.is_some(),
         &retry_policy(a.retry_timeout),
     )?;
-    let expect_digest = required_digest(&a.source, a.expect_digest.as_deref(), a.trust.as_deref())?;
+    let expect_digest = required_digest(
+        &a.source,
+        a.expect_digest.as_deref(),
+        a.trust.as_deref(),
+        pinned_root(oci.as_ref()),
+    )?;
     if let Err(error) = incfs_fs::cache::fds::raise_nofile_limit() {
         tracing::warn!(%error, "cannot raise the descriptor limit; the cache keeps fewer files open");
     }

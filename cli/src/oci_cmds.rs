@@ -52,11 +52,7 @@ pub struct OciArgs {
 /// An oci:// image resolved before its mount: the artifact (held, so the mount reuses its
 /// manifest and token) and the plan pushed with it.
 pub struct OciStart {
-    /// The artifact.
-    #[expect(
-        dead_code,
-        reason = "held, so that the mount's source reuses its manifest and token"
-    )]
+    /// The artifact (held, so that the mount's source reuses its manifest and token).
     pub artifact: Arc<OciArtifact>,
     /// The plan's name for messages, and its bytes, unless `--no-plan` or `--prefetch`.
     pub plan: Option<(PathBuf, Vec<u8>)>,
@@ -116,6 +112,13 @@ impl OciArgs {
         }
         Ok(())
     }
+}
+
+/// The root digest the manifest of a resolved oci:// image pins, with the pinned reference
+/// (for [`crate::util::required_digest`]).
+pub fn pinned_root(start: Option<&OciStart>) -> Option<(incfs_fs::format::Digest, String)> {
+    let a = &start?.artifact;
+    Some((a.root_digest()?, a.pinned()))
 }
 
 /// The plan pushed with an oci:// image, in a temporary file (for `incfs run`, whose

@@ -72,7 +72,16 @@ fn configure() {
     });
 }
 
+/// The manifest of an artifact whose image is `blob`, without a root digest annotation (these
+/// blobs are not images: nothing to pin).
 fn manifest_for(blob: &[u8]) -> Vec<u8> {
+    let mut m = pinned_manifest(blob, &"00".repeat(32));
+    m.annotations.clear();
+    m.to_json()
+}
+
+/// The manifest of an artifact whose image is `blob`, annotated with root digest `root`.
+fn pinned_manifest(blob: &[u8], root: &str) -> oci::manifest::Manifest {
     oci::manifest::Manifest::new(
         &oci::Layers {
             image: oci::Descriptor {
@@ -84,9 +93,8 @@ fn manifest_for(blob: &[u8]) -> Vec<u8> {
             plan: None,
             signature: None,
         },
-        &"00".repeat(32),
+        root,
     )
-    .to_json()
 }
 
 /// The bytes `bytes=A-B` of `blob`, as a 206 answer.
@@ -367,4 +375,60 @@ fn readers_on_many_threads_share_one_renewal_when_the_token_lapses() {
     // One renewal per refused token, however many readers it refused (without sharing,
     // every refused request would fetch a token of its own).
     assert_eq!(tokens, lapsed, "{refusals} refused requests");
+}
+
+/// A registry serving an image whose digest-verified manifest pins another root digest: the
+/// image's header cannot be read, and the error names the reference and both digests.
+#[test]
+fn a_manifest_pinning_another_root_digest_fails_the_open() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("tree")).unwrap();
+    std::fs::write(dir.path().join("tree/a.txt"), b"hello").unwrap();
+    let img = dir.path().join("app.img");
+    let opts = incfs_fs::format::PackOptions::default();
+    incfs_fs::format::pack_dir(&dir.path().join("tree"), &img, &opts, &()).unwrap();
+    let blob = std::fs::read(&img).unwrap();
+    let real = incfs_fs::format::Image::open_path(&img, None)
+        .unwrap()
+        .root_digest();
+
+    let other = "ab".repeat(32);
+    let wrong = pinned_manifest(&blob, &other).to_json();
+    let right = pinned_manifest(&blob, &real.to_hex()).to_json();
+    let wrong_digest = oci::manifest::sha256_digest(&wrong);
+    let stored = blob.clone();
+    let (registry, _) = serve(move |target, h| {
+        if target.contains("/manifests/") {
+            let m = if target.contains("right") {
+                &right
+            } else {
+                &wrong
+            };
+            return ("200 OK".into(), Vec::new(), m.clone());
+        }
+        range_answer(&stored, h)
+    });
+
+    configure();
+    let spec = format!("oci://{registry}/team/app@{wrong_digest}");
+    let src = source::open(&spec).unwrap();
+    let e = incfs_fs::format::Image::open(source::MetaReader(&*src), None)
+        .err()
+        .expect("an image whose manifest pins another root digest opened")
+        .to_string();
+    assert!(
+        e.contains(&spec) && e.contains(&other) && e.contains(&real.to_hex()),
+        "{e}"
+    );
+    // Nor can any read cut the header short to dodge the check.
+    let e = src
+        .read_range(8, 100, RequestKind::Demand)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("image header"), "{e}");
+
+    // The same image under a manifest pinning its own root digest opens.
+    let src = source::open(&format!("oci://{registry}/team/app:right")).unwrap();
+    let opened = incfs_fs::format::Image::open(source::MetaReader(&*src), None).unwrap();
+    assert_eq!(opened.root_digest(), real);
 }

@@ -5,8 +5,17 @@
 //! plan and signature (docs/format.md, "OCI artifacts"). Resolving a reference fetches the
 //! manifest once ([`OciArtifact::resolve`]); the image is then read with one `Range` GET per
 //! request on `/v2/REPO/blobs/DIGEST` ([`OciSource`]), checked as strictly as
-//! [`crate::source::HttpSource`] checks its answers. The digest pins the image: a tag that
-//! moves while a mount runs does not change the bytes it reads.
+//! [`crate::source::HttpSource`] checks its answers.
+//!
+//! **Pinning.** The manifest is verified against the reference's digest (`@sha256:…`), or for
+//! a tag against the registry's `Docker-Content-Digest` when it sends one. Its
+//! [`ROOT_DIGEST_ANNOTATION`] then pins the image: [`OciArtifact::root_digest`] is the root
+//! digest every read of the image's header through [`OciSource`] must show (else the read
+//! fails naming the reference), and the root digest `run`, `mount` and `pull` insist on. A
+//! manifest without the annotation pins only the image blob's name: a mount's range reads
+//! are not checked against the blob's sha256 (only a whole `pull` is), so the mount then
+//! trusts the root digest in the header it reads, unless `--expect-digest` or `--trust`
+//! gives one.
 //!
 //! Auth (anonymous, basic, bearer tokens with refresh on expiry or refusal), redirects to
 //! blob storage and TLS are in the `client` module; where credentials come from is in [`auth`].
@@ -210,7 +219,7 @@ pub struct OciArtifact {
     spec: String,
     pinned: Reference,
     layers: Layers,
-    root_digest: Option<String>,
+    root_digest: Option<crate::format::Digest>,
 }
 
 impl std::fmt::Debug for OciArtifact {
@@ -276,16 +285,14 @@ impl OciArtifact {
             });
         }
         let (m, layers) = Manifest::parse(spec, &bytes)?;
+        let pinned = reference.with_digest(&digest);
+        let root_digest = pinned_root(&pinned.to_string(), &m, &layers)?;
         debug!(spec, %digest, image = %layers.image.digest, size = layers.image.size,
             plan = layers.plan.is_some(), signature = layers.signature.is_some(), "resolved");
         Ok(OciArtifact {
             spec: spec.to_string(),
-            pinned: reference.with_digest(&digest),
-            root_digest: m
-                .annotations
-                .get(ROOT_DIGEST_ANNOTATION)
-                .or_else(|| layers.image.annotations.get(ROOT_DIGEST_ANNOTATION))
-                .cloned(),
+            pinned,
+            root_digest,
             layers,
             registry,
         })
@@ -301,10 +308,11 @@ impl OciArtifact {
         &self.layers
     }
 
-    /// The image's root digest as the pusher annotated it (hex), if given. Only a hint:
-    /// the mount checks the digests it reads.
-    pub fn root_digest_hint(&self) -> Option<&str> {
-        self.root_digest.as_deref()
+    /// The root digest the digest-verified manifest pins the image to (its
+    /// [`ROOT_DIGEST_ANNOTATION`]), if it has one. Reads of the image's header through
+    /// [`OciSource`] fail unless they show it; a mount should also insist on it.
+    pub fn root_digest(&self) -> Option<crate::format::Digest> {
+        self.root_digest
     }
 
     /// The prefetch plan pushed with the image, if any.
@@ -412,16 +420,7 @@ impl OciArtifact {
             self.download(&self.layers.image, &mut w, progress)?;
             w.flush().map_err(file_err(out))?;
         }
-        let expected = self
-            .root_digest
-            .as_deref()
-            .map(crate::format::Digest::from_hex)
-            .transpose()
-            .map_err(|e| OciError::Manifest {
-                what: self.pinned(),
-                reason: format!("bad {ROOT_DIGEST_ANNOTATION} annotation: {e}"),
-            })?;
-        crate::format::Image::open_path(tmp.path(), expected.as_ref()).map_err(|e| {
+        crate::format::Image::open_path(tmp.path(), self.root_digest.as_ref()).map_err(|e| {
             OciError::Digest {
                 what: self.pinned(),
                 reason: format!("the pulled image is not usable: {e}"),
@@ -461,6 +460,40 @@ impl OciArtifact {
 /// Opens the image of the artifact `spec` names (resolving it unless this process holds it).
 pub fn open(spec: &str, http: &HttpConfig) -> Result<OciSource, SourceError> {
     Ok(OciArtifact::resolve(spec, http)?.source())
+}
+
+/// The root digest the manifest of `pinned` annotates (on the manifest, or on its image
+/// layer; both must then agree).
+fn pinned_root(
+    pinned: &str,
+    m: &Manifest,
+    layers: &Layers,
+) -> Result<Option<crate::format::Digest>, OciError> {
+    let bad = |reason: String| OciError::Manifest {
+        what: pinned.to_string(),
+        reason,
+    };
+    let parse = |hex: &String| {
+        crate::format::Digest::from_hex(hex)
+            .map_err(|e| bad(format!("bad {ROOT_DIGEST_ANNOTATION} annotation: {e}")))
+    };
+    let on_manifest = m
+        .annotations
+        .get(ROOT_DIGEST_ANNOTATION)
+        .map(parse)
+        .transpose()?;
+    let on_layer = layers
+        .image
+        .annotations
+        .get(ROOT_DIGEST_ANNOTATION)
+        .map(parse)
+        .transpose()?;
+    match (on_manifest, on_layer) {
+        (Some(a), Some(b)) if a != b => Err(bad(format!(
+            "the manifest's {ROOT_DIGEST_ANNOTATION} {a} differs from its image layer's {b}"
+        ))),
+        (a, b) => Ok(a.or(b)),
+    }
 }
 
 async fn read_bounded(
@@ -631,6 +664,47 @@ impl OciSource {
     ) -> Result<T, SourceError> {
         self.artifact.registry.block_on(fut)
     }
+
+    /// Reads a range, checking the image header in it against the pinned root digest: a
+    /// range that touches the header is read whole, checked, then handed on.
+    fn fetch_checked(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: RequestKind,
+        timeout: Option<Duration>,
+        on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        let header_len = crate::format::HEADER_LEN as u64;
+        let Some(want) = self.artifact.root_digest.filter(|_| offset < header_len) else {
+            return self.fetch(offset, len, kind, timeout, on_piece);
+        };
+        if offset != 0 || len < header_len {
+            return Err(SourceError::Unusable(format!(
+                "{}: bytes {offset}..{} cut the image header ({header_len} bytes), whose root \
+                 digest the manifest of {} pins: read it whole",
+                self.name,
+                offset + len,
+                self.artifact.pinned
+            )));
+        }
+        let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(0).min(MAX_PREALLOC));
+        self.fetch(offset, len, kind, timeout, &mut |piece| {
+            buf.extend_from_slice(piece);
+            ControlFlow::Continue(())
+        })?;
+        let found = crate::format::Header::decode(&buf).map(|h| h.root_digest);
+        if found.as_ref().ok() != Some(&want) {
+            let found = found.map_or_else(|e| format!("no usable header ({e})"), |d| d.to_string());
+            return Err(SourceError::Unusable(format!(
+                "{}: the manifest of {} pins root digest {want} ({ROOT_DIGEST_ANNOTATION}), but \
+                 the image blob has {found}",
+                self.name, self.artifact.pinned
+            )));
+        }
+        let _ = on_piece(&buf);
+        Ok(())
+    }
 }
 
 impl Source for OciSource {
@@ -664,7 +738,7 @@ impl Source for OciSource {
         if len == 0 {
             return Ok(());
         }
-        self.fetch(offset, len, kind, None, on_piece)
+        self.fetch_checked(offset, len, kind, None, on_piece)
     }
 
     fn read_range_within(
@@ -679,6 +753,6 @@ impl Source for OciSource {
         if len == 0 {
             return Ok(());
         }
-        self.fetch(offset, len, kind, Some(timeout), on_piece)
+        self.fetch_checked(offset, len, kind, Some(timeout), on_piece)
     }
 }
