@@ -327,12 +327,12 @@ impl Registry {
                 let (token, ttl) = self
                     .fetch_token(&realm, service.as_deref(), scope.as_deref(), deadline)
                     .await?;
-                let margin = TOKEN_MARGIN.min(ttl / 4);
+                let now = Instant::now();
                 st.authz = Authz::Bearer {
                     realm,
                     service,
                     token,
-                    refresh_at: Instant::now() + ttl - margin,
+                    refresh_at: refresh_at(now, ttl),
                 };
             }
         }
@@ -496,6 +496,15 @@ impl Drop for Registry {
     }
 }
 
+/// When a token issued at `now` for `ttl` is renewed: [`TOKEN_MARGIN`] before its end, or at
+/// three quarters of a shorter lifetime; a lifetime too long for the clock is renewed after
+/// [`super::auth::MAX_TOKEN_LIFETIME`].
+fn refresh_at(now: Instant, ttl: Duration) -> Instant {
+    let ttl = ttl.min(super::auth::MAX_TOKEN_LIFETIME);
+    let good_for = ttl.saturating_sub(TOKEN_MARGIN.min(ttl / 4));
+    now.checked_add(good_for).unwrap_or(now)
+}
+
 /// Time left before `deadline`; an error once it has passed.
 fn remaining(deadline: Option<Instant>, url: &Url) -> Result<Option<Duration>, OciError> {
     let Some(d) = deadline else {
@@ -559,7 +568,26 @@ fn registry_message(text: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::registry_message;
+    use super::{Duration, Instant, TOKEN_MARGIN, refresh_at, registry_message};
+
+    #[test]
+    fn token_renewal_times_never_overflow() {
+        let now = Instant::now();
+        let day = super::super::auth::MAX_TOKEN_LIFETIME;
+        assert_eq!(
+            refresh_at(now, Duration::from_secs(u64::MAX)),
+            now + day - TOKEN_MARGIN
+        );
+        assert_eq!(refresh_at(now, Duration::MAX), now + day - TOKEN_MARGIN);
+        assert_eq!(
+            refresh_at(now, Duration::from_secs(60)),
+            now + Duration::from_secs(55)
+        );
+        assert_eq!(
+            refresh_at(now, Duration::from_secs(4)),
+            now + Duration::from_secs(3)
+        );
+    }
 
     #[test]
     fn registry_error_bodies() {
