@@ -34,6 +34,8 @@ use crate::source::http::error_chain;
 pub const MAX_REDIRECTS: usize = 5;
 /// Largest error body read for a message.
 const MAX_ERROR_BODY: usize = 4096;
+/// Largest token service answer read (tokens are a few KiB).
+const MAX_TOKEN_ANSWER: u64 = 64 << 10;
 /// A token is refreshed this long before its lifetime ends (or at three quarters of a
 /// shorter lifetime), so a request never starts with a token about to lapse.
 const TOKEN_MARGIN: Duration = Duration::from_secs(5);
@@ -380,7 +382,7 @@ impl Registry {
             return Err(self.refused_by(&what, status));
         }
         let resp = check_status(resp, &what).await?;
-        let body = resp.bytes().await.map_err(|e| self.net_error(&what, &e))?;
+        let body = super::read_bounded(self, resp, &what, MAX_TOKEN_ANSWER).await?;
         super::auth::parse_token(&body).map_err(|reason| OciError::Auth { what, reason })
     }
 
@@ -529,7 +531,15 @@ pub async fn check_status(
     if status.is_success() {
         return Ok(resp);
     }
-    let body = resp.bytes().await.unwrap_or_default();
+    // The first bytes only: a message is short, and a body may be endless.
+    let mut resp = resp;
+    let mut body = Vec::new();
+    while body.len() < MAX_ERROR_BODY {
+        match resp.chunk().await {
+            Ok(Some(piece)) => body.extend_from_slice(&piece),
+            Ok(None) | Err(_) => break,
+        }
+    }
     let text = String::from_utf8_lossy(&body[..body.len().min(MAX_ERROR_BODY)]);
     let detail = registry_message(&text).unwrap_or_else(|| text.trim().to_string());
     Err(match status.as_u16() {
