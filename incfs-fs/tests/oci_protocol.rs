@@ -432,3 +432,37 @@ fn a_manifest_pinning_another_root_digest_fails_the_open() {
     let opened = incfs_fs::format::Image::open(source::MetaReader(&*src), None).unwrap();
     assert_eq!(opened.root_digest(), real);
 }
+
+/// A redirect to storage that cannot be reached: the error names the storage URL without its
+/// query (a pre-signed URL's signature is a credential).
+#[test]
+fn a_pre_signed_storage_url_stays_out_of_errors() {
+    let blob = vec![7u8; 1000];
+    let manifest = manifest_for(&blob);
+    // A port nothing listens on: bind one, then close it.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let storage_url = format!("http://{dead}/bucket/blob?X-Amz-Signature=secret");
+    let (registry, _) = serve(move |target, _| {
+        if target.contains("/manifests/") {
+            return ("200 OK".into(), Vec::new(), manifest.clone());
+        }
+        (
+            "307 Temporary Redirect".into(),
+            vec![("Location".into(), storage_url.clone())],
+            Vec::new(),
+        )
+    });
+    configure();
+    let src = source::open(&format!("oci://{registry}/team/app:presigned")).unwrap();
+    let e = src
+        .read_range(200, 100, RequestKind::Demand)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("http://{dead}/bucket/blob?…")) && !e.contains("secret"),
+        "{e}"
+    );
+}

@@ -28,7 +28,7 @@ use super::auth::{Challenge, Credentials, basic_header, find_credentials, parse_
 use super::reference::Reference;
 use super::{OciError, OciOptions};
 use crate::source::HttpConfig;
-use crate::source::http::error_chain;
+use crate::source::http::{error_chain, redacted};
 
 /// Most redirects followed for one request.
 pub const MAX_REDIRECTS: usize = 5;
@@ -209,8 +209,10 @@ impl Registry {
         }
     }
 
-    /// A network error of a request for `what`.
-    pub fn net_error(&self, what: &str, e: &reqwest::Error) -> OciError {
+    /// A network error of a request for `what` (which names the URL: the error's own copy,
+    /// which may be a pre-signed storage URL, is dropped).
+    pub fn net_error(&self, what: &str, e: reqwest::Error) -> OciError {
+        let e = e.without_url();
         let kind = if e.is_timeout() {
             io::ErrorKind::TimedOut
         } else {
@@ -218,7 +220,7 @@ impl Registry {
         };
         OciError::Net {
             what: what.to_string(),
-            error: io::Error::new(kind, error_chain(e)),
+            error: io::Error::new(kind, error_chain(&e)),
         }
     }
 
@@ -372,11 +374,11 @@ impl Registry {
         if let Some((c, _)) = &self.credentials {
             b = b.basic_auth(&c.user, Some(&c.password));
         }
-        if let Some(t) = remaining(deadline, &url)? {
+        let what = format!("the token service {realm}");
+        if let Some(t) = remaining(deadline, &what)? {
             b = b.timeout(t);
         }
-        let what = format!("the token service {realm}");
-        let resp = b.send().await.map_err(|e| self.net_error(&what, &e))?;
+        let resp = b.send().await.map_err(|e| self.net_error(&what, e))?;
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(self.refused_by(&what, status));
@@ -448,6 +450,9 @@ impl Registry {
         let mut url = req.url.clone();
         for _ in 0..=MAX_REDIRECTS {
             let own = url.origin() == self.base.origin();
+            // A URL elsewhere (blob storage) may be pre-signed: its query stays out of
+            // messages and logs.
+            let name = if own { url.to_string() } else { redacted(&url) };
             let mut b = self
                 .client
                 .request(req.method.clone(), url.clone())
@@ -458,13 +463,10 @@ impl Registry {
             if let Some(body) = &req.body {
                 b = b.body(body.clone());
             }
-            if let Some(t) = remaining(deadline, &url)? {
+            if let Some(t) = remaining(deadline, &name)? {
                 b = b.timeout(t);
             }
-            let resp = b
-                .send()
-                .await
-                .map_err(|e| self.net_error(url.as_str(), &e))?;
+            let resp = b.send().await.map_err(|e| self.net_error(&name, e))?;
             let follow = resp.status().is_redirection()
                 && resp.status() != StatusCode::NOT_MODIFIED
                 && matches!(req.method, Method::GET | Method::HEAD);
@@ -475,11 +477,14 @@ impl Registry {
                 return Ok((resp, own));
             };
             let next = url.join(loc).map_err(|e| OciError::Status {
-                what: url.to_string(),
+                what: name.clone(),
                 status: resp.status().as_u16(),
-                detail: format!("redirect to an unusable Location {loc:?}: {e}"),
+                detail: format!(
+                    "redirect to an unusable Location {:?}: {e}",
+                    loc.split_once('?').map_or(loc, |(a, _)| a)
+                ),
             })?;
-            debug!(from = %url, to = %next.origin().ascii_serialization(), "following a redirect");
+            debug!(from = %name, to = %next.origin().ascii_serialization(), "following a redirect");
             url = next;
         }
         Err(OciError::Status {
@@ -507,15 +512,15 @@ fn refresh_at(now: Instant, ttl: Duration) -> Instant {
     now.checked_add(good_for).unwrap_or(now)
 }
 
-/// Time left before `deadline`; an error once it has passed.
-fn remaining(deadline: Option<Instant>, url: &Url) -> Result<Option<Duration>, OciError> {
+/// Time left before `deadline` for a request to `what`; an error once it has passed.
+fn remaining(deadline: Option<Instant>, what: &str) -> Result<Option<Duration>, OciError> {
     let Some(d) = deadline else {
         return Ok(None);
     };
     match d.checked_duration_since(Instant::now()) {
         Some(left) if !left.is_zero() => Ok(Some(left)),
         _ => Err(OciError::Net {
-            what: url.to_string(),
+            what: what.to_string(),
             error: io::Error::new(io::ErrorKind::TimedOut, "request timed out"),
         }),
     }

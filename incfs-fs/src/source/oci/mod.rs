@@ -366,7 +366,7 @@ impl OciArtifact {
         let mut hash = sha2::Sha256::new();
         let mut got = 0u64;
         while let Some(piece) =
-            reg.block_on(async { resp.chunk().await.map_err(|e| reg.net_error(&what, &e)) })?
+            reg.block_on(async { resp.chunk().await.map_err(|e| reg.net_error(&what, e)) })?
         {
             got += piece.len() as u64;
             if got > d.size {
@@ -503,7 +503,7 @@ async fn read_bounded(
     max: u64,
 ) -> Result<Vec<u8>, OciError> {
     let mut buf = Vec::new();
-    while let Some(piece) = resp.chunk().await.map_err(|e| reg.net_error(what, &e))? {
+    while let Some(piece) = resp.chunk().await.map_err(|e| reg.net_error(what, e))? {
         if (buf.len() + piece.len()) as u64 > max {
             return Err(OciError::Manifest {
                 what: what.to_string(),
@@ -633,7 +633,7 @@ impl OciSource {
         while let Some(piece) = self.block_on(async {
             resp.chunk()
                 .await
-                .map_err(|e| SourceError::from(reg.net_error(&self.name, &e)))
+                .map_err(|e| SourceError::from(reg.net_error(&self.name, e)))
         })? {
             let n = piece.len() as u64;
             if n > len - got {
