@@ -355,6 +355,20 @@ impl Registry {
             what: self.reference.to_string(),
             reason: format!("the registry's token realm {realm:?} is not a URL: {e}"),
         })?;
+        if let Some((_, from)) = &self.credentials
+            && url.scheme() != "https"
+            && self.base.scheme() == "https"
+        {
+            return Err(OciError::Auth {
+                what: self.reference.to_string(),
+                reason: format!(
+                    "the registry's token realm {} is not https: the credentials (from \
+                     {from}) are not sent in the clear (--plain-http allows it for a test \
+                     registry)",
+                    redacted(&url)
+                ),
+            });
+        }
         let scope = format!("repository:{}:{}", self.reference.repository, self.actions);
         {
             let mut q = url.query_pairs_mut();
