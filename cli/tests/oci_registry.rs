@@ -339,8 +339,10 @@ fn basic_auth_push_run_and_pull_move_the_same_bytes_as_plain_http() {
     assert!(out.stdout == want);
     assert_eq!(stats(&s_np)["prefetch_hits"].as_u64().unwrap(), 0);
 
-    // A whole copy, with its plan beside it.
+    // A whole copy, with its plan beside it; a signature of an earlier pull is removed (this
+    // artifact has none).
     let copy = tmp.path().join("copy.img");
+    fs::write(tmp.path().join("copy.img.sig"), b"stale").unwrap();
     ok(incfs()
         .args(["pull", "--plain-http", "-o"])
         .arg(&copy)
@@ -352,6 +354,22 @@ fn basic_auth_push_run_and_pull_move_the_same_bytes_as_plain_http() {
     assert_eq!(
         fs::read(tmp.path().join("copy.img.plan.json")).unwrap(),
         fs::read(tmp.path().join("app.img.plan.json")).unwrap()
+    );
+    assert!(!tmp.path().join("copy.img.sig").exists());
+
+    // An output in a missing directory is a file error naming it.
+    let out = incfs()
+        .args(["pull", "--plain-http", "-o"])
+        .arg(tmp.path().join("no/such/dir/x.img"))
+        .arg(&pinned)
+        .env("REGISTRY_AUTH_FILE", &auth)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("no/such/dir/x.img"),
+        "{}",
+        stderr_of(&out)
     );
 
     // An unknown tag is a clear error.

@@ -347,17 +347,19 @@ impl OciArtifact {
             });
         }
         let mut buf = Vec::new();
-        self.download(d, &mut buf, &mut |_| ())?;
+        self.download(d, &mut |piece| {
+            buf.extend_from_slice(piece);
+            Ok(())
+        })?;
         Ok(buf)
     }
 
-    /// Writes blob `d` to `out` whole, checking its size and sha256 digest; `progress`
-    /// gets the bytes so far.
+    /// Reads blob `d` whole, handing each piece to `out`, checking its size and sha256
+    /// digest (`out` has had every byte when this returns `Ok`).
     fn download(
         &self,
         d: &Descriptor,
-        out: &mut dyn Write,
-        progress: &mut dyn FnMut(u64),
+        out: &mut dyn FnMut(&[u8]) -> Result<(), OciError>,
     ) -> Result<(), OciError> {
         let what = format!("{} blob {}", self.pinned, d.digest);
         let reg = &self.registry;
@@ -376,11 +378,7 @@ impl OciArtifact {
                 });
             }
             hash.update(&piece);
-            out.write_all(&piece).map_err(|error| OciError::Net {
-                what: what.clone(),
-                error,
-            })?;
-            progress(got);
+            out(&piece)?;
         }
         let digest = format!("sha256:{}", hex::encode(hash.finalize()));
         if got != d.size || digest != d.digest {
@@ -396,8 +394,10 @@ impl OciArtifact {
     }
 
     /// A whole copy: the image to `out` (and its plan to `OUT.plan.json`, its signature
-    /// to `OUT.sig` when pushed with it), each checked against its digest, the image also
-    /// against the root digest it was pushed with. Returns the files written.
+    /// to `OUT.sig` when pushed with it; a stale one is removed when not), each checked
+    /// against its digest, the image also against the root digest the manifest pins. All
+    /// three are fetched before any is written, and each is written to a temporary file
+    /// renamed into place. `progress` gets the image bytes so far. Returns the files written.
     pub fn pull(
         &self,
         out: &Path,
@@ -407,17 +407,21 @@ impl OciArtifact {
             let path = path.to_path_buf();
             move |error| OciError::File { path, error }
         };
-        let dir = match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
+        let beside = |suffix: &str| {
+            let mut p = out.as_os_str().to_owned();
+            p.push(suffix);
+            PathBuf::from(p)
         };
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".incfs-pull-")
-            .tempfile_in(dir)
-            .map_err(file_err(dir))?;
+        let mut tmp = temp_beside(out)?;
         {
             let mut w = io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
-            self.download(&self.layers.image, &mut w, progress)?;
+            let mut got = 0u64;
+            self.download(&self.layers.image, &mut |piece| {
+                w.write_all(piece).map_err(file_err(out))?;
+                got += piece.len() as u64;
+                progress(got);
+                Ok(())
+            })?;
             w.flush().map_err(file_err(out))?;
         }
         crate::format::Image::open_path(tmp.path(), self.root_digest.as_ref()).map_err(|e| {
@@ -426,19 +430,34 @@ impl OciArtifact {
                 reason: format!("the pulled image is not usable: {e}"),
             }
         })?;
+        let extras = [
+            (self.plan()?, beside(".plan.json")),
+            (self.signature()?, beside(".sig")),
+        ];
         tmp.as_file().sync_all().map_err(file_err(out))?;
         tmp.persist(out).map_err(|e| OciError::File {
             path: out.to_path_buf(),
             error: e.error,
         })?;
         let mut written = vec![out.to_path_buf()];
-        for (bytes, suffix) in [(self.plan()?, ".plan.json"), (self.signature()?, ".sig")] {
-            if let Some(b) = bytes {
-                let mut p = out.as_os_str().to_owned();
-                p.push(suffix);
-                let p = PathBuf::from(p);
-                std::fs::write(&p, b).map_err(file_err(&p))?;
-                written.push(p);
+        for (bytes, path) in extras {
+            match bytes {
+                Some(b) => {
+                    let mut t = temp_beside(&path)?;
+                    t.write_all(&b).map_err(file_err(&path))?;
+                    t.as_file().sync_all().map_err(file_err(&path))?;
+                    t.persist(&path).map_err(|e| OciError::File {
+                        path: path.clone(),
+                        error: e.error,
+                    })?;
+                    written.push(path);
+                }
+                // A plan or signature of an earlier pull is not this image's.
+                None => match std::fs::remove_file(&path) {
+                    Ok(()) => debug!(path = %path.display(), "removed a stale file"),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(file_err(&path)(e)),
+                },
             }
         }
         Ok(written)
@@ -460,6 +479,21 @@ impl OciArtifact {
 /// Opens the image of the artifact `spec` names (resolving it unless this process holds it).
 pub fn open(spec: &str, http: &HttpConfig) -> Result<OciSource, SourceError> {
     Ok(OciArtifact::resolve(spec, http)?.source())
+}
+
+/// A temporary file in the directory of `path`, to be renamed to it.
+fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile, OciError> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    tempfile::Builder::new()
+        .prefix(".incfs-pull-")
+        .tempfile_in(dir)
+        .map_err(|error| OciError::File {
+            path: path.to_path_buf(),
+            error,
+        })
 }
 
 /// The root digest the manifest of `pinned` annotates (on the manifest, or on its image
