@@ -225,6 +225,27 @@ fn basic_auth_push_run_and_pull_move_the_same_bytes_as_plain_http() {
     let (img, program, want) = workload(tmp.path(), "2", "0");
     let reference = reg.reference("team/app:v1");
 
+    // A push to a digest the manifest does not have is refused before any upload.
+    let out = incfs()
+        .args(["push", "--plain-http"])
+        .arg(&img)
+        .arg(reg.reference(&format!("team/app@sha256:{}", "0".repeat(64))))
+        .env("INCFS_REGISTRY_USER", USER)
+        .env("INCFS_REGISTRY_PASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("push it to a tag"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert!(
+        !reg.requests().iter().any(|r| r.contains("/blobs/")),
+        "{:?}",
+        reg.requests()
+    );
+
     // No credentials: refused, saying where credentials come from.
     let out = incfs()
         .args(["push", "--plain-http"])

@@ -98,6 +98,17 @@ fn push_with(
         image,
     };
     let m = Manifest::new(&layers, &root);
+    let body = m.to_json();
+    let digest = manifest::sha256_digest(&body);
+    // Before any upload: a push to the wrong digest must not leave blobs behind.
+    if let Target::Digest(want) = &reference.target
+        && *want != digest
+    {
+        return Err(OciError::Input(format!(
+            "{spec}: the artifact's manifest has digest {digest}; push it to a tag, or to that \
+             digest"
+        )));
+    }
     let mut uploaded = 0u64;
     let mut present = 0;
     let mut blobs: Vec<(Descriptor, Option<&Path>)> = vec![(m.config.clone(), None)];
@@ -119,16 +130,6 @@ fn push_with(
             progress(base + n)
         })?;
         uploaded += d.size;
-    }
-    let body = m.to_json();
-    let digest = manifest::sha256_digest(&body);
-    if let Target::Digest(want) = &reference.target
-        && *want != digest
-    {
-        return Err(OciError::Input(format!(
-            "{spec}: the artifact's manifest has digest {digest}; push it to a tag, or to that \
-             digest"
-        )));
     }
     let mut req = Req::new(
         Method::PUT,
