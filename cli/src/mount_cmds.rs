@@ -175,6 +175,8 @@ pub fn mount(a: MountArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Starts `incfs mount --foreground --notify-ready …` in the background and waits for it.
+/// `oci`: the oci:// image as this process resolved it (for `--trust`), whose pinned
+/// reference the daemon is handed.
 fn daemonize(a: &MountArgs, cache: &Path, oci: Option<&OciStart>) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("finding the incfs executable")?;
     let log = a.log.clone().unwrap_or_else(|| cache.join("daemon.log"));
@@ -210,7 +212,7 @@ fn daemonize(a: &MountArgs, cache: &Path, oci: Option<&OciStart>) -> anyhow::Res
         .arg("--retry-timeout")
         .arg(a.retry_timeout.to_string());
     a.fetch.forward(&mut cmd);
-    a.oci.forward(&mut cmd)?;
+    a.oci.forward(&mut cmd, oci)?;
     // The signature is checked here; the daemon is handed the signed digest to insist on.
     if let Some(d) = required_digest(
         &source,

@@ -47,6 +47,10 @@ pub struct OciArgs {
     /// For an oci:// image: do not prefetch the plan pushed with it.
     #[arg(long)]
     no_plan: bool,
+    /// The image pinned to its manifest digest, as the parent of a mount daemon resolved
+    /// it: the daemon mounts that manifest, under the reference as given.
+    #[arg(long, hide = true, value_name = "REF")]
+    oci_pinned: Option<String>,
 }
 
 /// An oci:// image resolved before its mount: the artifact (held, so the mount reuses its
@@ -72,7 +76,12 @@ impl OciArgs {
             return Ok(None);
         }
         self.registry.configure()?;
-        let artifact = match OciArtifact::resolve(image, &HttpConfig::for_policy(retry)) {
+        let http = HttpConfig::for_policy(retry);
+        let resolved = match &self.oci_pinned {
+            Some(pinned) => OciArtifact::resolve_as(image, pinned, &http),
+            None => OciArtifact::resolve(image, &http),
+        };
+        let artifact = match resolved {
             Ok(a) => a,
             Err(e) if e.is_retryable() => {
                 tracing::warn!(image, error = %e, "the registry is unreachable; no plan");
@@ -96,8 +105,9 @@ impl OciArgs {
         Ok(Some(OciStart { artifact, plan }))
     }
 
-    /// Passes these options on to a mount daemon started as `cmd`.
-    pub fn forward(&self, cmd: &mut Command) -> anyhow::Result<()> {
+    /// Passes these options on to a mount daemon started as `cmd`, and the pinned reference
+    /// of the image when this process resolved it (`start`).
+    pub fn forward(&self, cmd: &mut Command, start: Option<&OciStart>) -> anyhow::Result<()> {
         if let Some(ca) = &self.registry.ca_file {
             let ca = ca
                 .canonicalize()
@@ -109,6 +119,9 @@ impl OciArgs {
         }
         if self.no_plan {
             cmd.arg("--no-plan");
+        }
+        if let Some(s) = start {
+            cmd.arg("--oci-pinned").arg(s.artifact.pinned());
         }
         Ok(())
     }

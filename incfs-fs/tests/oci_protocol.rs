@@ -431,6 +431,24 @@ fn a_manifest_pinning_another_root_digest_fails_the_open() {
     let src = source::open(&format!("oci://{registry}/team/app:right")).unwrap();
     let opened = incfs_fs::format::Image::open(source::MetaReader(&*src), None).unwrap();
     assert_eq!(opened.root_digest(), real);
+
+    // A daemon handed the pinned reference mounts that manifest under the tag it was given,
+    // although the tag now names another one.
+    let tag = format!("oci://{registry}/team/app:right-now");
+    let held = oci::OciArtifact::resolve_as(&tag, &spec, &source::HttpConfig::default()).unwrap();
+    assert_eq!(held.root_digest().map(|d| d.to_hex()), Some(other.clone()));
+    let src = source::open(&tag).unwrap();
+    assert_eq!(src.describe(), tag);
+    let e = src
+        .read_range(0, 200, RequestKind::Demand)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&other), "{e}");
+    let elsewhere = format!("oci://{registry}/team/other@{wrong_digest}");
+    let e = oci::OciArtifact::resolve_as(&tag, &elsewhere, &source::HttpConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("pinned to a digest"), "{e}");
 }
 
 /// A redirect to storage that cannot be reached: the error names the storage URL without its

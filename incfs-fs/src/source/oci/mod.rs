@@ -256,6 +256,46 @@ impl OciArtifact {
         Ok(artifact)
     }
 
+    /// Resolves `spec` to the manifest the reference `pinned` (the same repository, by
+    /// digest) names, as [`OciArtifact::pinned`] gave it to another process: the artifact
+    /// is named `spec`, and later resolves of `spec` in this process return it. A daemon
+    /// thus mounts the very artifact its parent checked, even if the tag has moved since.
+    pub fn resolve_as(
+        spec: &str,
+        pinned: &str,
+        http: &HttpConfig,
+    ) -> Result<Arc<OciArtifact>, OciError> {
+        let named = Reference::parse(spec)?;
+        let reference = Reference::parse(pinned)?;
+        if !matches!(reference.target, Target::Digest(_))
+            || reference.registry != named.registry
+            || reference.repository != named.repository
+        {
+            return Err(OciError::Reference {
+                spec: pinned.to_string(),
+                reason: format!("not {spec} pinned to a digest"),
+            });
+        }
+        let mut memo = RESOLVED.lock().unwrap_or_else(|e| e.into_inner());
+        memo.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(a) = memo
+            .iter()
+            .filter(|(s, _)| s == spec)
+            .find_map(|(_, w)| w.upgrade())
+            .filter(|a| a.pinned == reference)
+        {
+            return Ok(a);
+        }
+        drop(memo);
+        let registry = Arc::new(Registry::new(&reference, http, &options(), "pull")?);
+        let artifact = Arc::new(Self::fetch(spec, registry)?);
+        RESOLVED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(0, (spec.to_string(), Arc::downgrade(&artifact)));
+        Ok(artifact)
+    }
+
     fn fetch(spec: &str, registry: Arc<Registry>) -> Result<OciArtifact, OciError> {
         let reference = registry.reference.clone();
         let url = registry.url(&format!("manifests/{}", reference.target.as_str()));
