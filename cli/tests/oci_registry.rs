@@ -55,7 +55,7 @@ impl Registry {
         .unwrap();
         let log = dir.join("registry.log");
         let out = fs::File::create(&log).unwrap();
-        let child = Command::new("docker-registry")
+        let mut child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config)
             .stdin(Stdio::null())
@@ -65,11 +65,21 @@ impl Registry {
             .expect("starting docker-registry");
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(&addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry did not listen on {addr}: {}",
-                fs::read_to_string(&log).unwrap_or_default()
-            );
+            // A registry that exited (a bad config, the port taken) fails the test at once.
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "docker-registry exited ({status}) before listening on {addr}: {}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "docker-registry did not listen on {addr}: {}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         Registry { child, addr, log }
@@ -252,6 +262,10 @@ fn basic_auth_push_run_and_pull_move_the_same_bytes_as_plain_http() {
         .arg(&img)
         .arg(&reference)
         .env_remove("INCFS_REGISTRY_USER")
+        .env_remove("INCFS_REGISTRY_PASSWORD")
+        .env_remove("REGISTRY_AUTH_FILE")
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("DOCKER_CONFIG")
         .env("HOME", tmp.path())
         .output()
         .unwrap();
