@@ -10,7 +10,8 @@
 //! In an auth file, `auths.<key>.auth` holds base64 `user:password` (or `username` and
 //! `password` fields); the key is the registry as typed, possibly with `https://` or
 //! `http://` and a path (`https://host/v1/`). Credential helpers (`credsStore`,
-//! `credHelpers`) are not run; an entry that only names one is skipped with a warning.
+//! `credHelpers`) are not run: a file that names one but holds no entry for the registry
+//! gets a warning (once per process), and the next file is tried.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -96,11 +97,15 @@ fn credentials_in(json: &[u8], registry: &str) -> Result<Option<Credentials>, St
         .find(|(k, _)| key_host(k) == registry)
         .map(|(_, e)| e)
     else {
+        static WARNED: std::sync::Once = std::sync::Once::new();
         if v.get("credsStore").is_some() || v.get("credHelpers").is_some() {
-            debug!(
-                registry,
-                "the auth file names a credential helper; incfs does not run helpers"
-            );
+            WARNED.call_once(|| {
+                warn!(
+                    registry,
+                    "an auth file names a credential helper, which incfs does not run: set \
+                     {USER_ENV} and {PASSWORD_ENV} for this registry"
+                );
+            });
         }
         return Ok(None);
     };

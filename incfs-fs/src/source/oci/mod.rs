@@ -154,8 +154,9 @@ impl From<OciError> for SourceError {
                 source_name: what,
                 error,
             },
-            e if e.is_retryable() => SourceError::Io {
-                source_name: "registry".into(),
+            // The message names the reference or URL (`what`), so the source name is it too.
+            OciError::Status { ref what, .. } if e.is_retryable() => SourceError::Io {
+                source_name: what.clone(),
                 error: io::Error::other(e.to_string()),
             },
             e => SourceError::Unusable(e.to_string()),

@@ -232,7 +232,9 @@ fn blob_exists(reg: &Registry, d: &Descriptor) -> Result<bool, OciError> {
         match resp.status() {
             StatusCode::OK => Ok(true),
             StatusCode::NOT_FOUND => Ok(false),
-            _ => check_status(resp, &d.digest).await.map(|_| false),
+            _ => check_status(resp, &format!("{} blob {}", reg.reference, d.digest))
+                .await
+                .map(|_| false),
         }
     })
 }
@@ -258,7 +260,7 @@ fn upload(
     chunk_size: u64,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(), OciError> {
-    let what = format!("upload of {}", d.digest);
+    let what = format!("{}: upload of {}", reg.reference, d.digest);
     let start = Req::new(Method::POST, reg.url("blobs/uploads/"), None);
     let mut url = reg.block_on(async {
         let resp = check_status(reg.send(&start).await?, &what).await?;
