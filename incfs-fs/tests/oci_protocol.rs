@@ -494,3 +494,30 @@ fn a_pre_signed_storage_url_stays_out_of_errors() {
         "{e}"
     );
 }
+
+/// A token service whose answer never ends (here: 1 MiB) fails the open with a clear error
+/// instead of being read whole.
+#[test]
+fn an_oversized_token_answer_is_refused() {
+    let (tokens, _) = serve(|_, _| ("200 OK".into(), Vec::new(), vec![b' '; 1 << 20]));
+    let realm = format!("http://{tokens}/token");
+    let (registry, _) = serve(move |_, _| {
+        (
+            "401 Unauthorized".into(),
+            vec![(
+                "WWW-Authenticate".into(),
+                format!("Bearer realm=\"{realm}\",service=\"reg\""),
+            )],
+            Vec::new(),
+        )
+    });
+    configure();
+    let e = source::open(&format!("oci://{registry}/team/app:big-token"))
+        .err()
+        .expect("an endless token answer was taken")
+        .to_string();
+    assert!(
+        e.contains("token service") && e.contains("65536 bytes"),
+        "{e}"
+    );
+}
