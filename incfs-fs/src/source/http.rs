@@ -477,15 +477,13 @@ fn header_u64(h: &HeaderMap, name: reqwest::header::HeaderName) -> Option<u64> {
 /// `url` for messages and logs, its query (which may hold credentials or a pre-signed
 /// URL's signature) shown as `…`.
 pub(crate) fn redacted(url: &reqwest::Url) -> String {
+    // (`?%E2%80%A6` once encoded: this is also the source's name, under which its cache
+    // is found offline, so it must not change.)
     let mut u = url.clone();
-    let query = u.query().is_some();
-    u.set_query(None);
-    u.set_fragment(None);
-    let mut s = u.to_string();
-    if query {
-        s.push_str("?…");
+    if u.query().is_some() {
+        u.set_query(Some("…"));
     }
-    s
+    u.to_string()
 }
 
 /// "outer: inner: innermost", since reqwest's Display shows only the outer layer.
