@@ -600,6 +600,37 @@ mod tests {
     use super::{Duration, Instant, TOKEN_MARGIN, refresh_at, registry_message};
 
     #[test]
+    fn credentials_never_go_to_a_plain_http_realm_of_an_https_registry() {
+        let reference = super::Reference::parse("oci://127.0.0.1:9/team/app:v1").unwrap();
+        let options = |plain_http| super::OciOptions {
+            plain_http,
+            credentials: Some(super::Credentials {
+                user: "u".into(),
+                password: "p".into(),
+            }),
+            ..super::OciOptions::default()
+        };
+        let token = |plain_http| {
+            let reg = super::Registry::new(
+                &reference,
+                &super::HttpConfig::default(),
+                &options(plain_http),
+                "pull",
+            )
+            .unwrap();
+            reg.block_on(reg.fetch_token("http://127.0.0.1:1/token", None, None, None))
+                .unwrap_err()
+        };
+        let e = token(false);
+        assert!(
+            matches!(e, super::OciError::Auth { .. }) && e.to_string().contains("not https"),
+            "{e}"
+        );
+        // With --plain-http the realm is asked (nothing listens there: a network error).
+        assert!(matches!(token(true), super::OciError::Net { .. }));
+    }
+
+    #[test]
     fn token_renewal_times_never_overflow() {
         let now = Instant::now();
         let day = super::super::auth::MAX_TOKEN_LIFETIME;
