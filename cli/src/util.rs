@@ -44,6 +44,7 @@ pub fn required_digest(
         .map(Digest::from_hex)
         .transpose()
         .context("--expect-digest")?;
+    let mut from = "--expect-digest".to_string();
     if let Some((p, reference)) = pinned {
         if let Some(e) = expected
             && e != p
@@ -54,6 +55,7 @@ pub fn required_digest(
             );
         }
         expected = Some(p);
+        from = format!("the root digest the manifest of {reference} pins");
     }
     let Some(trust) = trust else {
         return Ok(expected);
@@ -64,10 +66,7 @@ pub fn required_digest(
     if let Some(e) = expected
         && e != signed
     {
-        anyhow::bail!(
-            "the root digest {e} (--expect-digest or the manifest's pin) differs from the \
-             signed root digest {signed}"
-        );
+        anyhow::bail!("{from} ({e}) differs from the signed root digest {signed}");
     }
     Ok(Some(signed))
 }
