@@ -14,6 +14,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::oci_cmds::{OciStart, pinned_root};
 use crate::util::{human, required_digest};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -149,7 +150,7 @@ pub fn mount(a: MountArgs) -> anyhow::Result<ExitCode> {
     // The signature of an oci:// image is checked here, before the daemon starts: resolve
     // it (held while mounting, so the check reuses the manifest). A foreground mount and the
     // daemon resolve it in `serve`.
-    let _oci = if a.trust.is_some() && !a.foreground {
+    let oci = if a.trust.is_some() && !a.foreground {
         a.oci
             .prepare(&a.source, true, &retry_policy(a.retry_timeout))?
     } else {
@@ -173,11 +174,13 @@ pub fn mount(a: MountArgs) -> anyhow::Result<ExitCode> {
             Err(e) => Err(e),
         };
     }
-    daemonize(&a, &cache)
+    daemonize(&a, &cache, oci.as_ref())
 }
 
 /// Starts `incfs mount --foreground --notify-ready …` in the background and waits for it.
-fn daemonize(a: &MountArgs, cache: &CacheDir) -> anyhow::Result<ExitCode> {
+/// `oci`: the oci:// image as this process resolved it (for `--trust`), whose pinned
+/// reference the daemon is handed.
+fn daemonize(a: &MountArgs, cache: &CacheDir, oci: Option<&OciStart>) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("finding the incfs executable")?;
     let log = a
         .log
@@ -213,10 +216,15 @@ fn daemonize(a: &MountArgs, cache: &CacheDir) -> anyhow::Result<ExitCode> {
         .arg("--retry-timeout")
         .arg(a.retry_timeout.to_string());
     a.fetch.forward(&mut cmd);
-    a.oci.forward(&mut cmd)?;
+    a.oci.forward(&mut cmd, oci)?;
     cache.forward(&mut cmd);
     // The signature is checked here; the daemon is handed the signed digest to insist on.
-    if let Some(d) = required_digest(&source, a.expect_digest.as_deref(), a.trust.as_deref())? {
+    if let Some(d) = required_digest(
+        &source,
+        a.expect_digest.as_deref(),
+        a.trust.as_deref(),
+        pinned_root(oci),
+    )? {
         cmd.arg("--expect-digest").arg(d.to_hex());
     }
     if a.no_passthrough {
@@ -291,7 +299,12 @@ fn serve_in(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
         a.prefetch.is_some(),
         &retry_policy(a.retry_timeout),
     )?;
-    let expect_digest = required_digest(&a.source, a.expect_digest.as_deref(), a.trust.as_deref())?;
+    let expect_digest = required_digest(
+        &a.source,
+        a.expect_digest.as_deref(),
+        a.trust.as_deref(),
+        pinned_root(oci.as_ref()),
+    )?;
     if let Err(error) = incfs_fs::cache::fds::raise_nofile_limit() {
         tracing::warn!(%error, "cannot raise the descriptor limit; the cache keeps fewer files open");
     }

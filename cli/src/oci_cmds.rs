@@ -47,16 +47,16 @@ pub struct OciArgs {
     /// For an oci:// image: do not prefetch the plan pushed with it.
     #[arg(long)]
     no_plan: bool,
+    /// The image pinned to its manifest digest, as the parent of a mount daemon resolved
+    /// it: the daemon mounts that manifest, under the reference as given.
+    #[arg(long, hide = true, value_name = "REF")]
+    oci_pinned: Option<String>,
 }
 
 /// An oci:// image resolved before its mount: the artifact (held, so the mount reuses its
 /// manifest and token) and the plan pushed with it.
 pub struct OciStart {
-    /// The artifact.
-    #[expect(
-        dead_code,
-        reason = "held, so that the mount's source reuses its manifest and token"
-    )]
+    /// The artifact (held, so that the mount's source reuses its manifest and token).
     pub artifact: Arc<OciArtifact>,
     /// The plan's name for messages, and its bytes, unless `--no-plan` or `--prefetch`.
     pub plan: Option<(PathBuf, Vec<u8>)>,
@@ -76,7 +76,12 @@ impl OciArgs {
             return Ok(None);
         }
         self.registry.configure()?;
-        let artifact = match OciArtifact::resolve(image, &HttpConfig::for_policy(retry)) {
+        let http = HttpConfig::for_policy(retry);
+        let resolved = match &self.oci_pinned {
+            Some(pinned) => OciArtifact::resolve_as(image, pinned, &http),
+            None => OciArtifact::resolve(image, &http),
+        };
+        let artifact = match resolved {
             Ok(a) => a,
             Err(e) if e.is_retryable() => {
                 tracing::warn!(image, error = %e, "the registry is unreachable; no plan");
@@ -100,8 +105,9 @@ impl OciArgs {
         Ok(Some(OciStart { artifact, plan }))
     }
 
-    /// Passes these options on to a mount daemon started as `cmd`.
-    pub fn forward(&self, cmd: &mut Command) -> anyhow::Result<()> {
+    /// Passes these options on to a mount daemon started as `cmd`, and the pinned reference
+    /// of the image when this process resolved it (`start`).
+    pub fn forward(&self, cmd: &mut Command, start: Option<&OciStart>) -> anyhow::Result<()> {
         if let Some(ca) = &self.registry.ca_file {
             let ca = ca
                 .canonicalize()
@@ -114,8 +120,18 @@ impl OciArgs {
         if self.no_plan {
             cmd.arg("--no-plan");
         }
+        if let Some(s) = start {
+            cmd.arg("--oci-pinned").arg(s.artifact.pinned());
+        }
         Ok(())
     }
+}
+
+/// The root digest the manifest of a resolved oci:// image pins, with the pinned reference
+/// (for [`crate::util::required_digest`]).
+pub fn pinned_root(start: Option<&OciStart>) -> Option<(incfs_fs::format::Digest, String)> {
+    let a = &start?.artifact;
+    Some((a.root_digest()?, a.pinned()))
 }
 
 /// The plan pushed with an oci:// image, in a temporary file (for `incfs run`, whose

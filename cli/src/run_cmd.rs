@@ -100,7 +100,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         .oci
         .prepare(&a.image, a.prefetch.is_some(), &fs.fetch.retry())?;
     let oci_plan = crate::oci_cmds::plan_file(oci.as_ref())?;
-    fs.expect_digest = required_digest(&a.image, a.expect_digest.as_deref(), a.trust.as_deref())?;
+    fs.expect_digest = required_digest(
+        &a.image,
+        a.expect_digest.as_deref(),
+        a.trust.as_deref(),
+        crate::oci_cmds::pinned_root(oci.as_ref()),
+    )?;
     // A read served by passthrough never reaches incfs, so it would be missing from the
     // read-log: a run that saves one serves every read itself.
     fs.passthrough = !a.no_passthrough && a.read_log_out.is_none();

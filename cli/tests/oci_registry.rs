@@ -55,7 +55,7 @@ impl Registry {
         .unwrap();
         let log = dir.join("registry.log");
         let out = fs::File::create(&log).unwrap();
-        let child = Command::new("docker-registry")
+        let mut child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config)
             .stdin(Stdio::null())
@@ -65,11 +65,21 @@ impl Registry {
             .expect("starting docker-registry");
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(&addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry did not listen on {addr}: {}",
-                fs::read_to_string(&log).unwrap_or_default()
-            );
+            // A registry that exited (a bad config, the port taken) fails the test at once.
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "docker-registry exited ({status}) before listening on {addr}: {}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "docker-registry did not listen on {addr}: {}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         Registry { child, addr, log }
@@ -225,12 +235,37 @@ fn basic_auth_push_run_and_pull_move_the_same_bytes_as_plain_http() {
     let (img, program, want) = workload(tmp.path(), "2", "0");
     let reference = reg.reference("team/app:v1");
 
+    // A push to a digest the manifest does not have is refused before any upload.
+    let out = incfs()
+        .args(["push", "--plain-http"])
+        .arg(&img)
+        .arg(reg.reference(&format!("team/app@sha256:{}", "0".repeat(64))))
+        .env("INCFS_REGISTRY_USER", USER)
+        .env("INCFS_REGISTRY_PASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("push it to a tag"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert!(
+        !reg.requests().iter().any(|r| r.contains("/blobs/")),
+        "{:?}",
+        reg.requests()
+    );
+
     // No credentials: refused, saying where credentials come from.
     let out = incfs()
         .args(["push", "--plain-http"])
         .arg(&img)
         .arg(&reference)
         .env_remove("INCFS_REGISTRY_USER")
+        .env_remove("INCFS_REGISTRY_PASSWORD")
+        .env_remove("REGISTRY_AUTH_FILE")
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("DOCKER_CONFIG")
         .env("HOME", tmp.path())
         .output()
         .unwrap();
@@ -339,8 +374,10 @@ fn basic_auth_push_run_and_pull_move_the_same_bytes_as_plain_http() {
     assert!(out.stdout == want);
     assert_eq!(stats(&s_np)["prefetch_hits"].as_u64().unwrap(), 0);
 
-    // A whole copy, with its plan beside it.
+    // A whole copy, with its plan beside it; a signature of an earlier pull is removed (this
+    // artifact has none).
     let copy = tmp.path().join("copy.img");
+    fs::write(tmp.path().join("copy.img.sig"), b"stale").unwrap();
     ok(incfs()
         .args(["pull", "--plain-http", "-o"])
         .arg(&copy)
@@ -352,6 +389,22 @@ fn basic_auth_push_run_and_pull_move_the_same_bytes_as_plain_http() {
     assert_eq!(
         fs::read(tmp.path().join("copy.img.plan.json")).unwrap(),
         fs::read(tmp.path().join("app.img.plan.json")).unwrap()
+    );
+    assert!(!tmp.path().join("copy.img.sig").exists());
+
+    // An output in a missing directory is a file error naming it.
+    let out = incfs()
+        .args(["pull", "--plain-http", "-o"])
+        .arg(tmp.path().join("no/such/dir/x.img"))
+        .arg(&pinned)
+        .env("REGISTRY_AUTH_FILE", &auth)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("no/such/dir/x.img"),
+        "{}",
+        stderr_of(&out)
     );
 
     // An unknown tag is a clear error.

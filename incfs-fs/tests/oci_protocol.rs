@@ -72,7 +72,16 @@ fn configure() {
     });
 }
 
+/// The manifest of an artifact whose image is `blob`, without a root digest annotation (these
+/// blobs are not images: nothing to pin).
 fn manifest_for(blob: &[u8]) -> Vec<u8> {
+    let mut m = pinned_manifest(blob, &"00".repeat(32));
+    m.annotations.clear();
+    m.to_json()
+}
+
+/// The manifest of an artifact whose image is `blob`, annotated with root digest `root`.
+fn pinned_manifest(blob: &[u8], root: &str) -> oci::manifest::Manifest {
     oci::manifest::Manifest::new(
         &oci::Layers {
             image: oci::Descriptor {
@@ -84,9 +93,8 @@ fn manifest_for(blob: &[u8]) -> Vec<u8> {
             plan: None,
             signature: None,
         },
-        &"00".repeat(32),
+        root,
     )
-    .to_json()
 }
 
 /// The bytes `bytes=A-B` of `blob`, as a 206 answer.
@@ -294,16 +302,18 @@ fn a_token_the_registry_keeps_refusing_fails_the_read_at_once() {
 #[test]
 fn readers_on_many_threads_share_one_renewal_when_the_token_lapses() {
     use std::sync::atomic::{AtomicU64, Ordering};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     let blob: Vec<u8> = (0..50_000u32).map(|i| (i * 13 % 241) as u8).collect();
-    // The token service numbers its tokens; the registry takes only the newest, for 150 ms
-    // after it was issued (and the service claims 300 s, so only a 401 tells the client).
-    let issued: Arc<Mutex<(u64, Instant)>> = Arc::new(Mutex::new((0, Instant::now())));
+    // The token service numbers its tokens; the registry takes only the newest, for its
+    // first USES requests (and the service claims 300 s, so only a 401 tells the client):
+    // tokens lapse by count, not by time, so a loaded machine sees the same lapses.
+    const USES: u64 = 25;
+    let issued: Arc<Mutex<(u64, u64)>> = Arc::new(Mutex::new((0, 0)));
     let service = Arc::clone(&issued);
     let (tokens, token_log) = serve(move |_, _| {
         let mut s = service.lock().unwrap();
-        *s = (s.0 + 1, Instant::now());
+        *s = (s.0 + 1, 0);
         (
             "200 OK".into(),
             Vec::new(),
@@ -318,9 +328,17 @@ fn readers_on_many_threads_share_one_renewal_when_the_token_lapses() {
     let (refused, refused_set) = (Arc::clone(&refusals), Arc::clone(&refused_tokens));
     let served = blob.clone();
     let (registry, _) = serve(move |target, h| {
-        let (n, at) = *issued.lock().unwrap();
-        let good = h.get("authorization").map(String::as_str) == Some(&format!("Bearer tok{n}"))
-            && at.elapsed() < Duration::from_millis(150);
+        let good = {
+            let mut st = issued.lock().unwrap();
+            let (n, uses) = *st;
+            let good = h.get("authorization").map(String::as_str)
+                == Some(&format!("Bearer tok{n}"))
+                && uses < USES;
+            if good {
+                st.1 += 1;
+            }
+            good
+        };
         if !good {
             refused.fetch_add(1, Ordering::SeqCst);
             refused_set
@@ -362,9 +380,144 @@ fn readers_on_many_threads_share_one_renewal_when_the_token_lapses() {
     let lapsed = refused_tokens.lock().unwrap().len();
     let refusals = refusals.load(Ordering::SeqCst);
     eprintln!("{tokens} tokens fetched; {lapsed} tokens refused, in {refusals} requests");
-    // The resolve's first request (no token), then at least one lapse.
-    assert!(lapsed >= 2, "the token never lapsed");
+    // The resolve's first request (no token), then a lapse every USES requests.
+    assert!(lapsed >= 4, "the token lapsed too rarely: {lapsed}");
     // One renewal per refused token, however many readers it refused (without sharing,
     // every refused request would fetch a token of its own).
     assert_eq!(tokens, lapsed, "{refusals} refused requests");
+}
+
+/// A registry serving an image whose digest-verified manifest pins another root digest: the
+/// image's header cannot be read, and the error names the reference and both digests.
+#[test]
+fn a_manifest_pinning_another_root_digest_fails_the_open() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("tree")).unwrap();
+    std::fs::write(dir.path().join("tree/a.txt"), b"hello").unwrap();
+    let img = dir.path().join("app.img");
+    let opts = incfs_fs::format::PackOptions::default();
+    incfs_fs::format::pack_dir(&dir.path().join("tree"), &img, &opts, &()).unwrap();
+    let blob = std::fs::read(&img).unwrap();
+    let real = incfs_fs::format::Image::open_path(&img, None)
+        .unwrap()
+        .root_digest();
+
+    let other = "ab".repeat(32);
+    let wrong = pinned_manifest(&blob, &other).to_json();
+    let right = pinned_manifest(&blob, &real.to_hex()).to_json();
+    let wrong_digest = oci::manifest::sha256_digest(&wrong);
+    let stored = blob.clone();
+    let (registry, _) = serve(move |target, h| {
+        if target.contains("/manifests/") {
+            let m = if target.contains("right") {
+                &right
+            } else {
+                &wrong
+            };
+            return ("200 OK".into(), Vec::new(), m.clone());
+        }
+        range_answer(&stored, h)
+    });
+
+    configure();
+    let spec = format!("oci://{registry}/team/app@{wrong_digest}");
+    let src = source::open(&spec).unwrap();
+    let e = incfs_fs::format::Image::open(source::MetaReader(&*src), None)
+        .err()
+        .expect("an image whose manifest pins another root digest opened")
+        .to_string();
+    assert!(
+        e.contains(&spec) && e.contains(&other) && e.contains(&real.to_hex()),
+        "{e}"
+    );
+    // Nor can any read cut the header short to dodge the check.
+    let e = src
+        .read_range(8, 100, RequestKind::Demand)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("image header"), "{e}");
+
+    // The same image under a manifest pinning its own root digest opens.
+    let src = source::open(&format!("oci://{registry}/team/app:right")).unwrap();
+    let opened = incfs_fs::format::Image::open(source::MetaReader(&*src), None).unwrap();
+    assert_eq!(opened.root_digest(), real);
+
+    // A daemon handed the pinned reference mounts that manifest under the tag it was given,
+    // although the tag now names another one.
+    let tag = format!("oci://{registry}/team/app:right-now");
+    let held = oci::OciArtifact::resolve_as(&tag, &spec, &source::HttpConfig::default()).unwrap();
+    assert_eq!(held.root_digest().map(|d| d.to_hex()), Some(other.clone()));
+    let src = source::open(&tag).unwrap();
+    assert_eq!(src.describe(), tag);
+    let e = src
+        .read_range(0, 200, RequestKind::Demand)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&other), "{e}");
+    let elsewhere = format!("oci://{registry}/team/other@{wrong_digest}");
+    let e = oci::OciArtifact::resolve_as(&tag, &elsewhere, &source::HttpConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("pinned to a digest"), "{e}");
+}
+
+/// A redirect to storage that cannot be reached: the error names the storage URL without its
+/// query (a pre-signed URL's signature is a credential).
+#[test]
+fn a_pre_signed_storage_url_stays_out_of_errors() {
+    let blob = vec![7u8; 1000];
+    let manifest = manifest_for(&blob);
+    // A port nothing listens on: bind one, then close it.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let storage_url = format!("http://{dead}/bucket/blob?X-Amz-Signature=secret");
+    let (registry, _) = serve(move |target, _| {
+        if target.contains("/manifests/") {
+            return ("200 OK".into(), Vec::new(), manifest.clone());
+        }
+        (
+            "307 Temporary Redirect".into(),
+            vec![("Location".into(), storage_url.clone())],
+            Vec::new(),
+        )
+    });
+    configure();
+    let src = source::open(&format!("oci://{registry}/team/app:presigned")).unwrap();
+    let e = src
+        .read_range(200, 100, RequestKind::Demand)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("http://{dead}/bucket/blob?%E2%80%A6")) && !e.contains("secret"),
+        "{e}"
+    );
+}
+
+/// A token service whose answer never ends (here: 1 MiB) fails the open with a clear error
+/// instead of being read whole.
+#[test]
+fn an_oversized_token_answer_is_refused() {
+    let (tokens, _) = serve(|_, _| ("200 OK".into(), Vec::new(), vec![b' '; 1 << 20]));
+    let realm = format!("http://{tokens}/token");
+    let (registry, _) = serve(move |_, _| {
+        (
+            "401 Unauthorized".into(),
+            vec![(
+                "WWW-Authenticate".into(),
+                format!("Bearer realm=\"{realm}\",service=\"reg\""),
+            )],
+            Vec::new(),
+        )
+    });
+    configure();
+    let e = source::open(&format!("oci://{registry}/team/app:big-token"))
+        .err()
+        .expect("an endless token answer was taken")
+        .to_string();
+    assert!(
+        e.contains("token service") && e.contains("65536 bytes"),
+        "{e}"
+    );
 }

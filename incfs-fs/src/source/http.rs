@@ -106,11 +106,7 @@ impl HttpSource {
                 "{url}: only http:// and https:// URLs are HTTP sources"
             )));
         }
-        let mut name = parsed.clone();
-        if name.query().is_some() {
-            name.set_query(Some("…"));
-        }
-        let name = name.to_string();
+        let name = redacted(&parsed);
         let unusable = |what: &str, e: &dyn std::error::Error| {
             SourceError::Unusable(format!("{name}: {what}: {}", error_chain(e)))
         };
@@ -476,6 +472,18 @@ fn header_str(h: &HeaderMap, name: reqwest::header::HeaderName) -> Option<String
 
 fn header_u64(h: &HeaderMap, name: reqwest::header::HeaderName) -> Option<u64> {
     header_str(h, name)?.trim().parse().ok()
+}
+
+/// `url` for messages and logs, its query (which may hold credentials or a pre-signed
+/// URL's signature) shown as `…`.
+pub(crate) fn redacted(url: &reqwest::Url) -> String {
+    // (`?%E2%80%A6` once encoded: this is also the source's name, under which its cache
+    // is found offline, so it must not change.)
+    let mut u = url.clone();
+    if u.query().is_some() {
+        u.set_query(Some("…"));
+    }
+    u.to_string()
 }
 
 /// "outer: inner: innermost", since reqwest's Display shows only the outer layer.

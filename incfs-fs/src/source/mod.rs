@@ -282,12 +282,7 @@ impl OfflineSource {
         // Named as the HTTP source would name itself: without the query (which may hold
         // credentials), so that its cache is found under the same name.
         let name = match reqwest::Url::parse(spec) {
-            Ok(mut url) if matches!(url.scheme(), "http" | "https") => {
-                if url.query().is_some() {
-                    url.set_query(Some("…"));
-                }
-                url.to_string()
-            }
+            Ok(url) if matches!(url.scheme(), "http" | "https") => http::redacted(&url),
             _ => spec.to_string(),
         };
         OfflineSource {

@@ -10,7 +10,8 @@
 //! In an auth file, `auths.<key>.auth` holds base64 `user:password` (or `username` and
 //! `password` fields); the key is the registry as typed, possibly with `https://` or
 //! `http://` and a path (`https://host/v1/`). Credential helpers (`credsStore`,
-//! `credHelpers`) are not run; an entry that only names one is skipped with a warning.
+//! `credHelpers`) are not run: a file that names one but holds no entry for the registry
+//! gets a warning (once per process), and the next file is tried.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -96,11 +97,15 @@ fn credentials_in(json: &[u8], registry: &str) -> Result<Option<Credentials>, St
         .find(|(k, _)| key_host(k) == registry)
         .map(|(_, e)| e)
     else {
+        static WARNED: std::sync::Once = std::sync::Once::new();
         if v.get("credsStore").is_some() || v.get("credHelpers").is_some() {
-            debug!(
-                registry,
-                "the auth file names a credential helper; incfs does not run helpers"
-            );
+            WARNED.call_once(|| {
+                warn!(
+                    registry,
+                    "an auth file names a credential helper, which incfs does not run: set \
+                     {USER_ENV} and {PASSWORD_ENV} for this registry"
+                );
+            });
         }
         return Ok(None);
     };
@@ -216,6 +221,9 @@ fn parse_params(s: &str) -> Vec<(String, String)> {
     }
 }
 
+/// Longest token lifetime believed (a day): longer `expires_in` values are cut to it.
+pub const MAX_TOKEN_LIFETIME: std::time::Duration = std::time::Duration::from_secs(86_400);
+
 /// A token service's answer (`token`, or OAuth2's `access_token`).
 #[derive(Debug, serde::Deserialize)]
 pub struct TokenAnswer {
@@ -234,8 +242,13 @@ pub fn parse_token(json: &[u8]) -> Result<(String, std::time::Duration), String>
         .or(a.access_token)
         .filter(|t| !t.is_empty())
         .ok_or("the token answer holds no token")?;
-    // The spec's default lifetime, and at least that: shorter values are refreshed on 401.
-    let secs = a.expires_in.unwrap_or(60).max(1);
+    // The spec's default lifetime when none is given; clamped to 1 s..=MAX_TOKEN_LIFETIME, so
+    // a zero is not a token that lapses at once and a huge value cannot overflow a deadline
+    // (a token that lapses earlier than it said is renewed on its first 401).
+    let secs = a
+        .expires_in
+        .unwrap_or(60)
+        .clamp(1, MAX_TOKEN_LIFETIME.as_secs());
     Ok((token, std::time::Duration::from_secs(secs)))
 }
 
@@ -305,5 +318,10 @@ mod tests {
         let (t, d) = parse_token(br#"{"access_token":"x"}"#).unwrap();
         assert_eq!((t.as_str(), d.as_secs()), ("x", 60));
         assert!(parse_token(br#"{"token":""}"#).is_err());
+        let huge = format!(r#"{{"token":"x","expires_in":{}}}"#, u64::MAX);
+        let (_, d) = parse_token(huge.as_bytes()).unwrap();
+        assert_eq!(d, MAX_TOKEN_LIFETIME);
+        let (_, d) = parse_token(br#"{"token":"x","expires_in":0}"#).unwrap();
+        assert_eq!(d.as_secs(), 1);
     }
 }

@@ -28,12 +28,14 @@ use super::auth::{Challenge, Credentials, basic_header, find_credentials, parse_
 use super::reference::Reference;
 use super::{OciError, OciOptions};
 use crate::source::HttpConfig;
-use crate::source::http::error_chain;
+use crate::source::http::{error_chain, redacted};
 
 /// Most redirects followed for one request.
 pub const MAX_REDIRECTS: usize = 5;
 /// Largest error body read for a message.
 const MAX_ERROR_BODY: usize = 4096;
+/// Largest token service answer read (tokens are a few KiB).
+const MAX_TOKEN_ANSWER: u64 = 64 << 10;
 /// A token is refreshed this long before its lifetime ends (or at three quarters of a
 /// shorter lifetime), so a request never starts with a token about to lapse.
 const TOKEN_MARGIN: Duration = Duration::from_secs(5);
@@ -207,8 +209,10 @@ impl Registry {
         }
     }
 
-    /// A network error of a request for `what`.
-    pub fn net_error(&self, what: &str, e: &reqwest::Error) -> OciError {
+    /// A network error of a request for `what` (which names the URL: the error's own copy,
+    /// which may be a pre-signed storage URL, is dropped).
+    pub fn net_error(&self, what: &str, e: reqwest::Error) -> OciError {
+        let e = e.without_url();
         let kind = if e.is_timeout() {
             io::ErrorKind::TimedOut
         } else {
@@ -216,7 +220,7 @@ impl Registry {
         };
         OciError::Net {
             what: what.to_string(),
-            error: io::Error::new(kind, error_chain(e)),
+            error: io::Error::new(kind, error_chain(&e)),
         }
     }
 
@@ -327,12 +331,12 @@ impl Registry {
                 let (token, ttl) = self
                     .fetch_token(&realm, service.as_deref(), scope.as_deref(), deadline)
                     .await?;
-                let margin = TOKEN_MARGIN.min(ttl / 4);
+                let now = Instant::now();
                 st.authz = Authz::Bearer {
                     realm,
                     service,
                     token,
-                    refresh_at: Instant::now() + ttl - margin,
+                    refresh_at: refresh_at(now, ttl),
                 };
             }
         }
@@ -351,6 +355,20 @@ impl Registry {
             what: self.reference.to_string(),
             reason: format!("the registry's token realm {realm:?} is not a URL: {e}"),
         })?;
+        if let Some((_, from)) = &self.credentials
+            && url.scheme() != "https"
+            && self.base.scheme() == "https"
+        {
+            return Err(OciError::Auth {
+                what: self.reference.to_string(),
+                reason: format!(
+                    "the registry's token realm {} is not https: the credentials (from \
+                     {from}) are not sent in the clear (--plain-http allows it for a test \
+                     registry)",
+                    redacted(&url)
+                ),
+            });
+        }
         let scope = format!("repository:{}:{}", self.reference.repository, self.actions);
         {
             let mut q = url.query_pairs_mut();
@@ -370,17 +388,17 @@ impl Registry {
         if let Some((c, _)) = &self.credentials {
             b = b.basic_auth(&c.user, Some(&c.password));
         }
-        if let Some(t) = remaining(deadline, &url)? {
+        let what = format!("the token service {realm}");
+        if let Some(t) = remaining(deadline, &what)? {
             b = b.timeout(t);
         }
-        let what = format!("the token service {realm}");
-        let resp = b.send().await.map_err(|e| self.net_error(&what, &e))?;
+        let resp = b.send().await.map_err(|e| self.net_error(&what, e))?;
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(self.refused_by(&what, status));
         }
         let resp = check_status(resp, &what).await?;
-        let body = resp.bytes().await.map_err(|e| self.net_error(&what, &e))?;
+        let body = super::read_bounded(self, resp, &what, MAX_TOKEN_ANSWER).await?;
         super::auth::parse_token(&body).map_err(|reason| OciError::Auth { what, reason })
     }
 
@@ -446,6 +464,9 @@ impl Registry {
         let mut url = req.url.clone();
         for _ in 0..=MAX_REDIRECTS {
             let own = url.origin() == self.base.origin();
+            // A URL elsewhere (blob storage) may be pre-signed: its query stays out of
+            // messages and logs.
+            let name = if own { url.to_string() } else { redacted(&url) };
             let mut b = self
                 .client
                 .request(req.method.clone(), url.clone())
@@ -456,13 +477,10 @@ impl Registry {
             if let Some(body) = &req.body {
                 b = b.body(body.clone());
             }
-            if let Some(t) = remaining(deadline, &url)? {
+            if let Some(t) = remaining(deadline, &name)? {
                 b = b.timeout(t);
             }
-            let resp = b
-                .send()
-                .await
-                .map_err(|e| self.net_error(url.as_str(), &e))?;
+            let resp = b.send().await.map_err(|e| self.net_error(&name, e))?;
             let follow = resp.status().is_redirection()
                 && resp.status() != StatusCode::NOT_MODIFIED
                 && matches!(req.method, Method::GET | Method::HEAD);
@@ -473,11 +491,14 @@ impl Registry {
                 return Ok((resp, own));
             };
             let next = url.join(loc).map_err(|e| OciError::Status {
-                what: url.to_string(),
+                what: name.clone(),
                 status: resp.status().as_u16(),
-                detail: format!("redirect to an unusable Location {loc:?}: {e}"),
+                detail: format!(
+                    "redirect to an unusable Location {:?}: {e}",
+                    loc.split_once('?').map_or(loc, |(a, _)| a)
+                ),
             })?;
-            debug!(from = %url, to = %next.origin().ascii_serialization(), "following a redirect");
+            debug!(from = %name, to = %next.origin().ascii_serialization(), "following a redirect");
             url = next;
         }
         Err(OciError::Status {
@@ -496,15 +517,24 @@ impl Drop for Registry {
     }
 }
 
-/// Time left before `deadline`; an error once it has passed.
-fn remaining(deadline: Option<Instant>, url: &Url) -> Result<Option<Duration>, OciError> {
+/// When a token issued at `now` for `ttl` is renewed: [`TOKEN_MARGIN`] before its end, or at
+/// three quarters of a shorter lifetime; a lifetime too long for the clock is renewed after
+/// [`super::auth::MAX_TOKEN_LIFETIME`].
+fn refresh_at(now: Instant, ttl: Duration) -> Instant {
+    let ttl = ttl.min(super::auth::MAX_TOKEN_LIFETIME);
+    let good_for = ttl.saturating_sub(TOKEN_MARGIN.min(ttl / 4));
+    now.checked_add(good_for).unwrap_or(now)
+}
+
+/// Time left before `deadline` for a request to `what`; an error once it has passed.
+fn remaining(deadline: Option<Instant>, what: &str) -> Result<Option<Duration>, OciError> {
     let Some(d) = deadline else {
         return Ok(None);
     };
     match d.checked_duration_since(Instant::now()) {
         Some(left) if !left.is_zero() => Ok(Some(left)),
         _ => Err(OciError::Net {
-            what: url.to_string(),
+            what: what.to_string(),
             error: io::Error::new(io::ErrorKind::TimedOut, "request timed out"),
         }),
     }
@@ -520,7 +550,15 @@ pub async fn check_status(
     if status.is_success() {
         return Ok(resp);
     }
-    let body = resp.bytes().await.unwrap_or_default();
+    // The first bytes only: a message is short, and a body may be endless.
+    let mut resp = resp;
+    let mut body = Vec::new();
+    while body.len() < MAX_ERROR_BODY {
+        match resp.chunk().await {
+            Ok(Some(piece)) => body.extend_from_slice(&piece),
+            Ok(None) | Err(_) => break,
+        }
+    }
     let text = String::from_utf8_lossy(&body[..body.len().min(MAX_ERROR_BODY)]);
     let detail = registry_message(&text).unwrap_or_else(|| text.trim().to_string());
     Err(match status.as_u16() {
@@ -559,7 +597,57 @@ fn registry_message(text: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::registry_message;
+    use super::{Duration, Instant, TOKEN_MARGIN, refresh_at, registry_message};
+
+    #[test]
+    fn credentials_never_go_to_a_plain_http_realm_of_an_https_registry() {
+        let reference = super::Reference::parse("oci://127.0.0.1:9/team/app:v1").unwrap();
+        let options = |plain_http| super::OciOptions {
+            plain_http,
+            credentials: Some(super::Credentials {
+                user: "u".into(),
+                password: "p".into(),
+            }),
+            ..super::OciOptions::default()
+        };
+        let token = |plain_http| {
+            let reg = super::Registry::new(
+                &reference,
+                &super::HttpConfig::default(),
+                &options(plain_http),
+                "pull",
+            )
+            .unwrap();
+            reg.block_on(reg.fetch_token("http://127.0.0.1:1/token", None, None, None))
+                .unwrap_err()
+        };
+        let e = token(false);
+        assert!(
+            matches!(e, super::OciError::Auth { .. }) && e.to_string().contains("not https"),
+            "{e}"
+        );
+        // With --plain-http the realm is asked (nothing listens there: a network error).
+        assert!(matches!(token(true), super::OciError::Net { .. }));
+    }
+
+    #[test]
+    fn token_renewal_times_never_overflow() {
+        let now = Instant::now();
+        let day = super::super::auth::MAX_TOKEN_LIFETIME;
+        assert_eq!(
+            refresh_at(now, Duration::from_secs(u64::MAX)),
+            now + day - TOKEN_MARGIN
+        );
+        assert_eq!(refresh_at(now, Duration::MAX), now + day - TOKEN_MARGIN);
+        assert_eq!(
+            refresh_at(now, Duration::from_secs(60)),
+            now + Duration::from_secs(55)
+        );
+        assert_eq!(
+            refresh_at(now, Duration::from_secs(4)),
+            now + Duration::from_secs(3)
+        );
+    }
 
     #[test]
     fn registry_error_bodies() {

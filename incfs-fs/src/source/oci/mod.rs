@@ -5,8 +5,17 @@
 //! plan and signature (docs/format.md, "OCI artifacts"). Resolving a reference fetches the
 //! manifest once ([`OciArtifact::resolve`]); the image is then read with one `Range` GET per
 //! request on `/v2/REPO/blobs/DIGEST` ([`OciSource`]), checked as strictly as
-//! [`crate::source::HttpSource`] checks its answers. The digest pins the image: a tag that
-//! moves while a mount runs does not change the bytes it reads.
+//! [`crate::source::HttpSource`] checks its answers.
+//!
+//! **Pinning.** The manifest is verified against the reference's digest (`@sha256:…`), or for
+//! a tag against the registry's `Docker-Content-Digest` when it sends one. Its
+//! [`ROOT_DIGEST_ANNOTATION`] then pins the image: [`OciArtifact::root_digest`] is the root
+//! digest every read of the image's header through [`OciSource`] must show (else the read
+//! fails naming the reference), and the root digest `run`, `mount` and `pull` insist on. A
+//! manifest without the annotation pins only the image blob's name: a mount's range reads
+//! are not checked against the blob's sha256 (only a whole `pull` is), so the mount then
+//! trusts the root digest in the header it reads, unless `--expect-digest` or `--trust`
+//! gives one.
 //!
 //! Auth (anonymous, basic, bearer tokens with refresh on expiry or refusal), redirects to
 //! blob storage and TLS are in the `client` module; where credentials come from is in [`auth`].
@@ -145,8 +154,9 @@ impl From<OciError> for SourceError {
                 source_name: what,
                 error,
             },
-            e if e.is_retryable() => SourceError::Io {
-                source_name: "registry".into(),
+            // The message names the reference or URL (`what`), so the source name is it too.
+            OciError::Status { ref what, .. } if e.is_retryable() => SourceError::Io {
+                source_name: what.clone(),
                 error: io::Error::other(e.to_string()),
             },
             e => SourceError::Unusable(e.to_string()),
@@ -210,7 +220,7 @@ pub struct OciArtifact {
     spec: String,
     pinned: Reference,
     layers: Layers,
-    root_digest: Option<String>,
+    root_digest: Option<crate::format::Digest>,
 }
 
 impl std::fmt::Debug for OciArtifact {
@@ -247,6 +257,46 @@ impl OciArtifact {
         Ok(artifact)
     }
 
+    /// Resolves `spec` to the manifest the reference `pinned` (the same repository, by
+    /// digest) names, as [`OciArtifact::pinned`] gave it to another process: the artifact
+    /// is named `spec`, and later resolves of `spec` in this process return it. A daemon
+    /// thus mounts the very artifact its parent checked, even if the tag has moved since.
+    pub fn resolve_as(
+        spec: &str,
+        pinned: &str,
+        http: &HttpConfig,
+    ) -> Result<Arc<OciArtifact>, OciError> {
+        let named = Reference::parse(spec)?;
+        let reference = Reference::parse(pinned)?;
+        if !matches!(reference.target, Target::Digest(_))
+            || reference.registry != named.registry
+            || reference.repository != named.repository
+        {
+            return Err(OciError::Reference {
+                spec: pinned.to_string(),
+                reason: format!("not {spec} pinned to a digest"),
+            });
+        }
+        let mut memo = RESOLVED.lock().unwrap_or_else(|e| e.into_inner());
+        memo.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(a) = memo
+            .iter()
+            .filter(|(s, _)| s == spec)
+            .find_map(|(_, w)| w.upgrade())
+            .filter(|a| a.pinned == reference)
+        {
+            return Ok(a);
+        }
+        drop(memo);
+        let registry = Arc::new(Registry::new(&reference, http, &options(), "pull")?);
+        let artifact = Arc::new(Self::fetch(spec, registry)?);
+        RESOLVED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(0, (spec.to_string(), Arc::downgrade(&artifact)));
+        Ok(artifact)
+    }
+
     fn fetch(spec: &str, registry: Arc<Registry>) -> Result<OciArtifact, OciError> {
         let reference = registry.reference.clone();
         let url = registry.url(&format!("manifests/{}", reference.target.as_str()));
@@ -276,16 +326,14 @@ impl OciArtifact {
             });
         }
         let (m, layers) = Manifest::parse(spec, &bytes)?;
+        let pinned = reference.with_digest(&digest);
+        let root_digest = pinned_root(&pinned.to_string(), &m, &layers)?;
         debug!(spec, %digest, image = %layers.image.digest, size = layers.image.size,
             plan = layers.plan.is_some(), signature = layers.signature.is_some(), "resolved");
         Ok(OciArtifact {
             spec: spec.to_string(),
-            pinned: reference.with_digest(&digest),
-            root_digest: m
-                .annotations
-                .get(ROOT_DIGEST_ANNOTATION)
-                .or_else(|| layers.image.annotations.get(ROOT_DIGEST_ANNOTATION))
-                .cloned(),
+            pinned,
+            root_digest,
             layers,
             registry,
         })
@@ -301,10 +349,11 @@ impl OciArtifact {
         &self.layers
     }
 
-    /// The image's root digest as the pusher annotated it (hex), if given. Only a hint:
-    /// the mount checks the digests it reads.
-    pub fn root_digest_hint(&self) -> Option<&str> {
-        self.root_digest.as_deref()
+    /// The root digest the digest-verified manifest pins the image to (its
+    /// [`ROOT_DIGEST_ANNOTATION`]), if it has one. Reads of the image's header through
+    /// [`OciSource`] fail unless they show it; a mount should also insist on it.
+    pub fn root_digest(&self) -> Option<crate::format::Digest> {
+        self.root_digest
     }
 
     /// The prefetch plan pushed with the image, if any.
@@ -339,17 +388,19 @@ impl OciArtifact {
             });
         }
         let mut buf = Vec::new();
-        self.download(d, &mut buf, &mut |_| ())?;
+        self.download(d, &mut |piece| {
+            buf.extend_from_slice(piece);
+            Ok(())
+        })?;
         Ok(buf)
     }
 
-    /// Writes blob `d` to `out` whole, checking its size and sha256 digest; `progress`
-    /// gets the bytes so far.
+    /// Reads blob `d` whole, handing each piece to `out`, checking its size and sha256
+    /// digest (`out` has had every byte when this returns `Ok`).
     fn download(
         &self,
         d: &Descriptor,
-        out: &mut dyn Write,
-        progress: &mut dyn FnMut(u64),
+        out: &mut dyn FnMut(&[u8]) -> Result<(), OciError>,
     ) -> Result<(), OciError> {
         let what = format!("{} blob {}", self.pinned, d.digest);
         let reg = &self.registry;
@@ -358,7 +409,7 @@ impl OciArtifact {
         let mut hash = sha2::Sha256::new();
         let mut got = 0u64;
         while let Some(piece) =
-            reg.block_on(async { resp.chunk().await.map_err(|e| reg.net_error(&what, &e)) })?
+            reg.block_on(async { resp.chunk().await.map_err(|e| reg.net_error(&what, e)) })?
         {
             got += piece.len() as u64;
             if got > d.size {
@@ -368,11 +419,7 @@ impl OciArtifact {
                 });
             }
             hash.update(&piece);
-            out.write_all(&piece).map_err(|error| OciError::Net {
-                what: what.clone(),
-                error,
-            })?;
-            progress(got);
+            out(&piece)?;
         }
         let digest = format!("sha256:{}", hex::encode(hash.finalize()));
         if got != d.size || digest != d.digest {
@@ -388,8 +435,10 @@ impl OciArtifact {
     }
 
     /// A whole copy: the image to `out` (and its plan to `OUT.plan.json`, its signature
-    /// to `OUT.sig` when pushed with it), each checked against its digest, the image also
-    /// against the root digest it was pushed with. Returns the files written.
+    /// to `OUT.sig` when pushed with it; a stale one is removed when not), each checked
+    /// against its digest, the image also against the root digest the manifest pins. All
+    /// three are fetched before any is written, and each is written to a temporary file
+    /// renamed into place. `progress` gets the image bytes so far. Returns the files written.
     pub fn pull(
         &self,
         out: &Path,
@@ -399,47 +448,57 @@ impl OciArtifact {
             let path = path.to_path_buf();
             move |error| OciError::File { path, error }
         };
-        let dir = match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
+        let beside = |suffix: &str| {
+            let mut p = out.as_os_str().to_owned();
+            p.push(suffix);
+            PathBuf::from(p)
         };
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".incfs-pull-")
-            .tempfile_in(dir)
-            .map_err(file_err(dir))?;
+        let mut tmp = temp_beside(out)?;
         {
             let mut w = io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
-            self.download(&self.layers.image, &mut w, progress)?;
+            let mut got = 0u64;
+            self.download(&self.layers.image, &mut |piece| {
+                w.write_all(piece).map_err(file_err(out))?;
+                got += piece.len() as u64;
+                progress(got);
+                Ok(())
+            })?;
             w.flush().map_err(file_err(out))?;
         }
-        let expected = self
-            .root_digest
-            .as_deref()
-            .map(crate::format::Digest::from_hex)
-            .transpose()
-            .map_err(|e| OciError::Manifest {
-                what: self.pinned(),
-                reason: format!("bad {ROOT_DIGEST_ANNOTATION} annotation: {e}"),
-            })?;
-        crate::format::Image::open_path(tmp.path(), expected.as_ref()).map_err(|e| {
+        crate::format::Image::open_path(tmp.path(), self.root_digest.as_ref()).map_err(|e| {
             OciError::Digest {
                 what: self.pinned(),
                 reason: format!("the pulled image is not usable: {e}"),
             }
         })?;
+        let extras = [
+            (self.plan()?, beside(".plan.json")),
+            (self.signature()?, beside(".sig")),
+        ];
         tmp.as_file().sync_all().map_err(file_err(out))?;
         tmp.persist(out).map_err(|e| OciError::File {
             path: out.to_path_buf(),
             error: e.error,
         })?;
         let mut written = vec![out.to_path_buf()];
-        for (bytes, suffix) in [(self.plan()?, ".plan.json"), (self.signature()?, ".sig")] {
-            if let Some(b) = bytes {
-                let mut p = out.as_os_str().to_owned();
-                p.push(suffix);
-                let p = PathBuf::from(p);
-                std::fs::write(&p, b).map_err(file_err(&p))?;
-                written.push(p);
+        for (bytes, path) in extras {
+            match bytes {
+                Some(b) => {
+                    let mut t = temp_beside(&path)?;
+                    t.write_all(&b).map_err(file_err(&path))?;
+                    t.as_file().sync_all().map_err(file_err(&path))?;
+                    t.persist(&path).map_err(|e| OciError::File {
+                        path: path.clone(),
+                        error: e.error,
+                    })?;
+                    written.push(path);
+                }
+                // A plan or signature of an earlier pull is not this image's.
+                None => match std::fs::remove_file(&path) {
+                    Ok(()) => debug!(path = %path.display(), "removed a stale file"),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(file_err(&path)(e)),
+                },
             }
         }
         Ok(written)
@@ -463,6 +522,55 @@ pub fn open(spec: &str, http: &HttpConfig) -> Result<OciSource, SourceError> {
     Ok(OciArtifact::resolve(spec, http)?.source())
 }
 
+/// A temporary file in the directory of `path`, to be renamed to it.
+fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile, OciError> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    tempfile::Builder::new()
+        .prefix(".incfs-pull-")
+        .tempfile_in(dir)
+        .map_err(|error| OciError::File {
+            path: path.to_path_buf(),
+            error,
+        })
+}
+
+/// The root digest the manifest of `pinned` annotates (on the manifest, or on its image
+/// layer; both must then agree).
+fn pinned_root(
+    pinned: &str,
+    m: &Manifest,
+    layers: &Layers,
+) -> Result<Option<crate::format::Digest>, OciError> {
+    let bad = |reason: String| OciError::Manifest {
+        what: pinned.to_string(),
+        reason,
+    };
+    let parse = |hex: &String| {
+        crate::format::Digest::from_hex(hex)
+            .map_err(|e| bad(format!("bad {ROOT_DIGEST_ANNOTATION} annotation: {e}")))
+    };
+    let on_manifest = m
+        .annotations
+        .get(ROOT_DIGEST_ANNOTATION)
+        .map(parse)
+        .transpose()?;
+    let on_layer = layers
+        .image
+        .annotations
+        .get(ROOT_DIGEST_ANNOTATION)
+        .map(parse)
+        .transpose()?;
+    match (on_manifest, on_layer) {
+        (Some(a), Some(b)) if a != b => Err(bad(format!(
+            "the manifest's {ROOT_DIGEST_ANNOTATION} {a} differs from its image layer's {b}"
+        ))),
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
 async fn read_bounded(
     reg: &Registry,
     mut resp: reqwest::Response,
@@ -470,7 +578,7 @@ async fn read_bounded(
     max: u64,
 ) -> Result<Vec<u8>, OciError> {
     let mut buf = Vec::new();
-    while let Some(piece) = resp.chunk().await.map_err(|e| reg.net_error(what, &e))? {
+    while let Some(piece) = resp.chunk().await.map_err(|e| reg.net_error(what, e))? {
         if (buf.len() + piece.len()) as u64 > max {
             return Err(OciError::Manifest {
                 what: what.to_string(),
@@ -600,7 +708,7 @@ impl OciSource {
         while let Some(piece) = self.block_on(async {
             resp.chunk()
                 .await
-                .map_err(|e| SourceError::from(reg.net_error(&self.name, &e)))
+                .map_err(|e| SourceError::from(reg.net_error(&self.name, e)))
         })? {
             let n = piece.len() as u64;
             if n > len - got {
@@ -630,6 +738,47 @@ impl OciSource {
         fut: impl Future<Output = Result<T, SourceError>>,
     ) -> Result<T, SourceError> {
         self.artifact.registry.block_on(fut)
+    }
+
+    /// Reads a range, checking the image header in it against the pinned root digest: a
+    /// range that touches the header is read whole, checked, then handed on.
+    fn fetch_checked(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: RequestKind,
+        timeout: Option<Duration>,
+        on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        let header_len = crate::format::HEADER_LEN as u64;
+        let Some(want) = self.artifact.root_digest.filter(|_| offset < header_len) else {
+            return self.fetch(offset, len, kind, timeout, on_piece);
+        };
+        if offset != 0 || len < header_len {
+            return Err(SourceError::Unusable(format!(
+                "{}: bytes {offset}..{} cut the image header ({header_len} bytes), whose root \
+                 digest the manifest of {} pins: read it whole",
+                self.name,
+                offset + len,
+                self.artifact.pinned
+            )));
+        }
+        let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(0).min(MAX_PREALLOC));
+        self.fetch(offset, len, kind, timeout, &mut |piece| {
+            buf.extend_from_slice(piece);
+            ControlFlow::Continue(())
+        })?;
+        let found = crate::format::Header::decode(&buf).map(|h| h.root_digest);
+        if found.as_ref().ok() != Some(&want) {
+            let found = found.map_or_else(|e| format!("no usable header ({e})"), |d| d.to_string());
+            return Err(SourceError::Unusable(format!(
+                "{}: the manifest of {} pins root digest {want} ({ROOT_DIGEST_ANNOTATION}), but \
+                 the image blob has {found}",
+                self.name, self.artifact.pinned
+            )));
+        }
+        let _ = on_piece(&buf);
+        Ok(())
     }
 }
 
@@ -664,7 +813,7 @@ impl Source for OciSource {
         if len == 0 {
             return Ok(());
         }
-        self.fetch(offset, len, kind, None, on_piece)
+        self.fetch_checked(offset, len, kind, None, on_piece)
     }
 
     fn read_range_within(
@@ -679,6 +828,6 @@ impl Source for OciSource {
         if len == 0 {
             return Ok(());
         }
-        self.fetch(offset, len, kind, Some(timeout), on_piece)
+        self.fetch_checked(offset, len, kind, Some(timeout), on_piece)
     }
 }

@@ -98,6 +98,17 @@ fn push_with(
         image,
     };
     let m = Manifest::new(&layers, &root);
+    let body = m.to_json();
+    let digest = manifest::sha256_digest(&body);
+    // Before any upload: a push to the wrong digest must not leave blobs behind.
+    if let Target::Digest(want) = &reference.target
+        && *want != digest
+    {
+        return Err(OciError::Input(format!(
+            "{spec}: the artifact's manifest has digest {digest}; push it to a tag, or to that \
+             digest"
+        )));
+    }
     let mut uploaded = 0u64;
     let mut present = 0;
     let mut blobs: Vec<(Descriptor, Option<&Path>)> = vec![(m.config.clone(), None)];
@@ -119,16 +130,6 @@ fn push_with(
             progress(base + n)
         })?;
         uploaded += d.size;
-    }
-    let body = m.to_json();
-    let digest = manifest::sha256_digest(&body);
-    if let Target::Digest(want) = &reference.target
-        && *want != digest
-    {
-        return Err(OciError::Input(format!(
-            "{spec}: the artifact's manifest has digest {digest}; push it to a tag, or to that \
-             digest"
-        )));
     }
     let mut req = Req::new(
         Method::PUT,
@@ -231,7 +232,9 @@ fn blob_exists(reg: &Registry, d: &Descriptor) -> Result<bool, OciError> {
         match resp.status() {
             StatusCode::OK => Ok(true),
             StatusCode::NOT_FOUND => Ok(false),
-            _ => check_status(resp, &d.digest).await.map(|_| false),
+            _ => check_status(resp, &format!("{} blob {}", reg.reference, d.digest))
+                .await
+                .map(|_| false),
         }
     })
 }
@@ -257,7 +260,7 @@ fn upload(
     chunk_size: u64,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(), OciError> {
-    let what = format!("upload of {}", d.digest);
+    let what = format!("{}: upload of {}", reg.reference, d.digest);
     let start = Req::new(Method::POST, reg.url("blobs/uploads/"), None);
     let mut url = reg.block_on(async {
         let resp = check_status(reg.send(&start).await?, &what).await?;
