@@ -19,7 +19,7 @@ use incfs_datasets::require::{Need, require};
 use incfs_fs::format::{Image, PackOptions, pack_dir};
 use incfs_fs::fs::push::{PushConfig, Pusher, Store};
 use incfs_fs::fs::{FsConfig, IncFs};
-use incfs_fs::source::FileSource;
+use incfs_fs::source::{FileSource, MockSource, Source};
 
 use common::daemon::{Daemon, ENV_EXACT, drop_caches};
 
@@ -167,6 +167,68 @@ fn only_whole_chunks_local_at_mount_are_pushed_with_their_bytes() {
     }
     assert_eq!(pushed, all, "pushed exactly the local ranges, once");
     assert_eq!(fs.stats().pushed_bytes, expected);
+    fs.release(fh);
+    fs.shutdown().unwrap();
+}
+
+/// A read that waits for the network holds its pages locked in the kernel, and a store into
+/// them would wait for that lock uninterruptibly: killed there, a daemon could never exit
+/// (`fs::push`). So the push leaves out the chunks such a read covers.
+#[test]
+fn the_push_leaves_out_the_chunks_of_a_read_waiting_for_the_network() {
+    let w = tempfile::tempdir().unwrap();
+    let (img, content) = one_file_image(w.path());
+    let cache = dir(w.path(), "cache");
+    let ino = 2;
+    let fs = open_fs(&img, &cache);
+    let (fh, _) = fs.open(ino).unwrap();
+    fs.read(ino, fh, 0, (8 * CHUNK) as u32).unwrap();
+    fs.release(fh);
+    fs.shutdown().unwrap();
+    drop(fs);
+
+    // Chunks 0..8 local; a read of chunks 4..12 waits for 8..12 from a slow source.
+    let src = Arc::new(MockSource::new(fs::read(&img).unwrap()));
+    let mut cfg = FsConfig::new(cache.clone());
+    cfg.fetch.miss_amplify_bytes = 0;
+    let fs = Arc::new(IncFs::new(Arc::clone(&src) as Arc<dyn Source>, &cfg).unwrap());
+    assert_eq!(fs.preloaded_ranges(ino, u64::MAX), vec![0..8 * CHUNK]);
+    src.set_delay(Duration::from_millis(1500));
+    let (fh, _) = fs.open(ino).unwrap();
+    let reader = {
+        let fs = Arc::clone(&fs);
+        std::thread::spawn(move || fs.read(ino, fh, 4 * CHUNK, (8 * CHUNK) as u32))
+    };
+    let t = Instant::now();
+    while fs.stats().blocked_reads == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the read did not start"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let rec = Recorder::default();
+    let pusher = Pusher::start(Arc::clone(&fs), rec.clone(), PushConfig::default()).unwrap();
+    pusher.opened(ino);
+    while fs.stats().pushed_bytes < 4 * CHUNK {
+        assert!(t.elapsed() < Duration::from_secs(5), "not pushed");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let got = reader.join().unwrap().unwrap();
+    assert!(got[..] == content[4 * CHUNK as usize..12 * CHUNK as usize]);
+    pusher.stop();
+    let stored: Vec<_> = rec
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, off, data)| *off..*off + data.len() as u64)
+        .collect();
+    assert_eq!(
+        stored,
+        vec![0..4 * CHUNK],
+        "only the chunks no waiting read holds"
+    );
     fs.release(fh);
     fs.shutdown().unwrap();
 }

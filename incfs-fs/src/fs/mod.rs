@@ -437,6 +437,8 @@ pub struct IncFs {
     loader_hints: OnceLock<std::sync::mpsc::Sender<loader_hints::LoaderHint>>,
     /// Files whose loader sections were considered (each once).
     loader_hinted: Mutex<HashSet<u32>>,
+    /// Reads waiting for the network, which the pusher keeps away from ([`push`]).
+    waiting_reads: push::WaitingReads,
 }
 
 impl IncFs {
@@ -589,6 +591,7 @@ impl IncFs {
             offline,
             loader_hints: OnceLock::new(),
             loader_hinted: Mutex::new(HashSet::new()),
+            waiting_reads: push::WaitingReads::default(),
         })
     }
 
@@ -1061,10 +1064,13 @@ impl IncFs {
             }
             None => false,
         };
-        if !hit {
+        let waiting = if hit {
+            None
+        } else {
             self.counters.demand_misses.fetch_add(1, Ordering::Relaxed);
             self.counters.blocked_reads.fetch_add(1, Ordering::Relaxed);
-        }
+            Some(self.waiting_reads.begin(ino, offset..end))
+        };
         let read = FileRead {
             first_slot: first_chunk,
             chunk_size: cs,
@@ -1091,6 +1097,9 @@ impl IncFs {
                 _ => None,
             };
             reply(result);
+            if let Some(token) = waiting {
+                fs.waiting_reads.end(ino, token);
+            }
             if let Some(h) = head {
                 fs.hint_loader(idx, first_chunk, fsize, &h);
             }

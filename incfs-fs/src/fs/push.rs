@@ -28,11 +28,18 @@
 //! other while the program faults on what is still to come. The workers are not FUSE
 //! threads: a store waits for the lock of any page a pending read holds, and that read is
 //! answered by the FUSE threads meanwhile.
+//!
+//! A store never goes to pages that a read waiting for the network holds ([`WaitingReads`]):
+//! the kernel locks a read's pages before it asks incfs for them, and a store waits for those
+//! locks uninterruptibly (`fuse_notify_store` → `filemap_grab_folio`). Were the daemon killed
+//! while a worker waits so, that worker could never exit, so the daemon's `/dev/fuse` would
+//! stay open and the read would wait for ever: a hung reader instead of `ENOTCONN`. Reads
+//! answered from the cache hold their pages for microseconds and are not tracked.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 
 use parking_lot::Mutex;
@@ -75,6 +82,70 @@ impl Default for PushConfig {
 pub trait Store: Send + 'static {
     /// Stores `data` at `offset` of FUSE inode `ino` in the kernel's page cache.
     fn store(&self, ino: u64, offset: u64, data: &[u8]) -> std::io::Result<()>;
+}
+
+/// The byte ranges of reads that wait for chunks to be fetched, per FUSE inode.
+#[derive(Default)]
+pub(super) struct WaitingReads {
+    next: AtomicU64,
+    by_ino: Mutex<HashMap<u64, Vec<(u64, Range<u64>)>>>,
+}
+
+impl WaitingReads {
+    /// A read of `range` of `ino` waits; returns the token for [`WaitingReads::end`].
+    pub(super) fn begin(&self, ino: u64, range: Range<u64>) -> u64 {
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        self.by_ino
+            .lock()
+            .entry(ino)
+            .or_default()
+            .push((token, range));
+        token
+    }
+
+    /// The read `token` of `ino` was answered.
+    pub(super) fn end(&self, ino: u64, token: u64) {
+        let mut m = self.by_ino.lock();
+        if let Some(v) = m.get_mut(&ino) {
+            v.retain(|(t, _)| *t != token);
+            if v.is_empty() {
+                m.remove(&ino);
+            }
+        }
+    }
+
+    /// The part of `want` (starting on a chunk of `chunk` bytes) that may be stored now: up
+    /// to the first waiting read of `ino` in it, rounded down to a chunk. `Err(next)` when
+    /// that leaves nothing: `next` is where to go on, past the waiting reads over its start,
+    /// rounded up to a chunk.
+    pub(super) fn clear_part(
+        &self,
+        ino: u64,
+        want: Range<u64>,
+        chunk: u64,
+    ) -> Result<Range<u64>, u64> {
+        let m = self.by_ino.lock();
+        let Some(v) = m.get(&ino) else {
+            return Ok(want);
+        };
+        let overlapping = || {
+            v.iter()
+                .map(|(_, r)| r)
+                .filter(|r| r.start < want.end && r.end > want.start)
+        };
+        let end = overlapping()
+            .map(|r| r.start / chunk * chunk)
+            .fold(want.end, u64::min);
+        if end > want.start {
+            return Ok(want.start..end);
+        }
+        let past = overlapping()
+            .filter(|r| r.start / chunk * chunk <= want.start)
+            .map(|r| r.end)
+            .max()
+            .unwrap_or(want.end);
+        Err(past.div_ceil(chunk) * chunk)
+    }
 }
 
 /// One job: a span of a file's preloaded ranges.
@@ -225,9 +296,19 @@ impl IncFs {
         let Ok((idx, _)) = self.inode(ino) else {
             return Ok(());
         };
+        let cs = u64::from(self.manifest.chunk_size);
         let mut off = range.start;
         while off < range.end {
-            let n = (range.end - off).min(buf.len() as u64) as usize;
+            let want = off..range.end.min(off + buf.len() as u64);
+            let part = match self.waiting_reads.clear_part(ino, want, cs) {
+                Ok(part) => part,
+                Err(next) => {
+                    // Those pages reach the program through its own read.
+                    off = next.max(off + cs);
+                    continue;
+                }
+            };
+            let n = (part.end - off) as usize;
             let piece = &mut buf[..n];
             self.cache
                 .read(idx, off, piece)
