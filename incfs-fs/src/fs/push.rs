@@ -84,11 +84,14 @@ pub trait Store: Send + 'static {
     fn store(&self, ino: u64, offset: u64, data: &[u8]) -> std::io::Result<()>;
 }
 
+/// Waiting reads of one inode: token and byte range.
+type Waiting = Vec<(u64, Range<u64>)>;
+
 /// The byte ranges of reads that wait for chunks to be fetched, per FUSE inode.
 #[derive(Default)]
 pub(super) struct WaitingReads {
     next: AtomicU64,
-    by_ino: Mutex<HashMap<u64, Vec<(u64, Range<u64>)>>>,
+    by_ino: Mutex<HashMap<u64, Waiting>>,
 }
 
 impl WaitingReads {
