@@ -954,7 +954,10 @@ impl Inner {
     /// Fetches, verifies and stores `batch`, retrying what fails; then releases the slots.
     fn run(&self, batch: Vec<u64>, priority: Priority) {
         let mut policy = self.config.retry().begin();
-        let mut remaining = batch;
+        let mut remaining = self.seed(batch);
+        if remaining.is_empty() {
+            return;
+        }
         loop {
             let mut retry = Vec::new();
             let mut last_error = String::new();
@@ -995,6 +998,18 @@ impl Inner {
             std::thread::sleep(pause);
             remaining = retry;
         }
+    }
+
+    /// Stores the chunks of `batch` that another image's cache under the same cache
+    /// directory holds ([`ChunkCache::seed`]) and releases them; returns the rest, to fetch.
+    fn seed(&self, batch: Vec<u64>) -> Vec<u64> {
+        let (seeded, rest): (Vec<u64>, Vec<u64>) = batch.into_iter().partition(|&slot| {
+            self.table
+                .get(slot)
+                .is_some_and(|e| self.cache.seed(slot, &e))
+        });
+        self.release(&seeded);
+        rest
     }
 
     /// One range request for `run`, read as a stream: each chunk is decoded, checked and
