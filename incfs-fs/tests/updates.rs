@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use incfs_fs::fetch::{FetchConfig, ReadAheadConfig};
-use incfs_fs::format::{FileStatus, Image, PackOptions, diff, pack_dir};
+use incfs_fs::format::{
+    FileStatus, Image, PackOptions, RelayoutOptions, diff, pack_dir, relayout, relayout_on_base,
+};
 use incfs_fs::fs::{FsConfig, IncFs, OpenMode};
 use incfs_fs::plan::carry::carry;
 use incfs_fs::plan::{PLAN_VERSION, PlanEntry, PrefetchPlan};
@@ -278,4 +280,65 @@ fn a_plan_carries_over_to_the_new_image() {
     assert!(carried.total_bytes > 0);
     // A plan for another image is refused.
     assert!(carry(&carried, &path, &old, &new).is_err());
+}
+
+#[test]
+fn an_update_laid_out_on_its_base_keeps_shared_and_new_chunks_in_separate_frames() {
+    let v = versions();
+    let cache = tempfile::tempdir().unwrap();
+    let (old, new) = (
+        Image::open_path(&v.v1, None).unwrap(),
+        Image::open_path(&v.v2, None).unwrap(),
+    );
+    // Every slot planned, in an order that alternates files so frames would mix.
+    let mut hot: Vec<u64> = (0..new.table().len()).collect();
+    hot.reverse();
+    let base: std::collections::HashSet<_> =
+        old.table().entries().iter().map(|e| e.digest).collect();
+    let opts = RelayoutOptions::default();
+    let plain = v.tmp.path().join("v2-hot.img");
+    let on_base = v.tmp.path().join("v2-hot-base.img");
+    let a = relayout(&new, &hot, &plain, &opts).unwrap();
+    let b = relayout_on_base(&new, &hot, &base, &on_base, &opts).unwrap();
+    assert!(b.hot_frames > a.hot_frames);
+    // With no base, the same image as relayout.
+    let c = relayout_on_base(
+        &new,
+        &hot,
+        &Default::default(),
+        &v.tmp.path().join("c.img"),
+        &opts,
+    )
+    .unwrap();
+    assert_eq!(c.root_digest, a.root_digest);
+    let img = Image::open_path(&on_base, None).unwrap();
+    assert!(img.verify(&|_| {}).failures.is_empty());
+    let mut frames: std::collections::HashMap<u64, (bool, u32)> = Default::default();
+    for e in img.table().entries() {
+        let shared = base.contains(&e.digest);
+        let f = frames
+            .entry(e.stored_offset)
+            .or_insert((shared, e.stored_len));
+        assert_eq!(f.0, shared, "a frame mixes shared and new chunks");
+    }
+    let new_frames: u64 = frames
+        .values()
+        .filter(|(shared, _)| !shared)
+        .map(|(_, len)| u64::from(*len))
+        .sum();
+
+    // v1 cached, then the start of v2 fetches only the frames of new chunks.
+    let fs1 = mount(
+        Arc::new(MockSource::new(fs::read(&v.v1).unwrap())),
+        cache.path(),
+    );
+    read_everything(&fs1, &old);
+    fs1.shutdown().unwrap();
+    drop(fs1);
+    let src = Arc::new(MockSource::new(fs::read(&on_base).unwrap()));
+    let fs2 = mount(src.clone(), cache.path());
+    read_everything(&fs2, &img);
+    let fetched: u64 = data_requests(&src, &img).iter().map(|r| r.1).sum();
+    assert_eq!(fetched, new_frames, "{:?}", src.requests());
+    fs2.shutdown().unwrap();
 }

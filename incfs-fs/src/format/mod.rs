@@ -42,7 +42,7 @@ pub use image::{
 };
 pub use manifest::{DirEntry, Inode, InodeKind, Manifest, ROOT_INODE, Xattr};
 pub use pack::{PackError, PackOptions, PackProgress, PackSummary, pack_dir};
-pub use relayout::{RelayoutOptions, RelayoutSummary, relayout};
+pub use relayout::{RelayoutOptions, RelayoutSummary, relayout, relayout_on_base};
 pub use table_order::{SlotRun, TableOrder};
 
 use std::fmt;
