@@ -15,6 +15,12 @@
 //!    old version cannot supply (**changed**);
 //! 4. else nowhere (**dropped**).
 //!
+//! "The same file" is the file of the same path or, for a file the new image lacks, the
+//! file it was renamed to: the new file of a path the old image lacks whose path shares the
+//! longest prefix and suffix with the old one, if they make up at least
+//! [`RENAME_SIMILARITY`] of the longer path (`numpy-2.2.5.dist-info/RECORD` →
+//! `numpy-2.2.6.dist-info/RECORD`, `libopenblas-56d6093b.so` → `libopenblas-6bb31eeb.so`).
+//!
 //! Each new chunk appears once, at its first place; consecutive chunks of one file that came
 //! from one entry of the old plan form one entry, with that entry's time and confidence.
 
@@ -25,6 +31,54 @@ use serde::Serialize;
 
 use super::{PLAN_VERSION, PlanEntry, PlanError, PrefetchPlan};
 use crate::format::{Digest, FileRef, Image, RangeRead};
+
+/// Share of the longer of two paths that their common prefix and suffix must cover for a
+/// removed file to count as renamed to an added one: 0.7 takes a version or a hash in a name
+/// (`-56d6093b.so`: 8 of 32 bytes differ) and leaves unrelated files alone.
+pub const RENAME_SIMILARITY: f64 = 0.7;
+
+/// For each file of the old image whose path the new image lacks, the new file (index into
+/// `new_files`) it was most likely renamed to ([`RENAME_SIMILARITY`]).
+fn renamed_files(
+    old_files: &HashMap<Vec<u8>, FileRef>,
+    new_files: &[FileRef],
+    new_by_path: &HashMap<&[u8], usize>,
+) -> HashMap<Vec<u8>, usize> {
+    let added: Vec<usize> = (0..new_files.len())
+        .filter(|&k| !old_files.contains_key(&new_files[k].path))
+        .collect();
+    let mut out = HashMap::new();
+    for old in old_files
+        .keys()
+        .filter(|p| !new_by_path.contains_key(p.as_slice()))
+    {
+        let best = added
+            .iter()
+            .map(|&k| {
+                let new = &new_files[k].path;
+                let prefix = old
+                    .iter()
+                    .zip(new.iter())
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                let suffix = old
+                    .iter()
+                    .rev()
+                    .zip(new.iter().rev())
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                let longer = old.len().max(new.len());
+                let common = (prefix + suffix).min(old.len().min(new.len()));
+                (common as f64 / longer.max(1) as f64, k)
+            })
+            .filter(|&(sim, _)| sim >= RENAME_SIMILARITY)
+            .max_by(|a, b| a.0.total_cmp(&b.0));
+        if let Some((_, k)) = best {
+            out.insert(old.clone(), k);
+        }
+    }
+    out
+}
 
 /// What [`carry`] did with the old plan's chunks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -83,6 +137,7 @@ pub fn carry<A: RangeRead, B: RangeRead>(
         .enumerate()
         .map(|(k, f)| (f.path.as_slice(), k))
         .collect();
+    let renamed = renamed_files(&old_files, &new_files, &new_by_path);
     // First place of each digest in the new image, in walk order.
     let mut anywhere: HashMap<Digest, (usize, u64)> = HashMap::new();
     for (k, f) in new_files.iter().enumerate() {
@@ -110,7 +165,10 @@ pub fn carry<A: RangeRead, B: RangeRead>(
             let Some(d) = digest_at(old, of, i) else {
                 return Err(invalid(format!("{}: chunk {i} has no table entry", e.file)));
             };
-            let same = new_by_path.get(e.file.as_bytes()).copied();
+            let same = new_by_path
+                .get(e.file.as_bytes())
+                .or_else(|| renamed.get(e.file.as_bytes()))
+                .copied();
             let place =
                 if let Some(k) = same.filter(|&k| digest_at(new, &new_files[k], i) == Some(d)) {
                     report.kept += 1;
