@@ -1,4 +1,5 @@
-//! `incfs diff` and `incfs plan carry` as a user runs them.
+//! `incfs diff` and `incfs plan carry` as a user runs them, and an update over HTTP: `incfs
+//! run` of v2 with v1 cached under the same `--cache` fetches only v2's new chunks.
 
 use std::fs;
 use std::path::Path;
@@ -117,5 +118,96 @@ fn diff_then_carry_a_plan() {
         String::from_utf8_lossy(&bad.stderr).contains("the image the plan was made for"),
         "{}",
         String::from_utf8_lossy(&bad.stderr)
+    );
+}
+
+#[test]
+fn a_run_of_v2_with_v1_cached_fetches_only_the_new_chunks() {
+    use incfs_datasets::require::{Need, require};
+    use incfs_fs::serve::{ServeConfig, Server};
+    if !require(
+        "a_run_of_v2_with_v1_cached_fetches_only_the_new_chunks",
+        &[Need::Root, Need::Fuse],
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (t1, t2, served) = (
+        tmp.path().join("t1"),
+        tmp.path().join("t2"),
+        tmp.path().join("served"),
+    );
+    for d in [&t1, &t2, &served] {
+        fs::create_dir_all(d).unwrap();
+    }
+    let lib = bytes(64 * 4096, 11);
+    let mut lib2 = lib.clone();
+    lib2[10 * 4096..12 * 4096].copy_from_slice(&bytes(2 * 4096, 12));
+    fs::write(t1.join("lib.so"), &lib).unwrap();
+    fs::write(t2.join("lib.so"), &lib2).unwrap();
+    fs::write(t1.join("data"), bytes(32 * 4096, 13)).unwrap();
+    fs::write(t2.join("data"), bytes(32 * 4096, 13)).unwrap();
+    fs::write(t2.join("new.so"), bytes(5 * 4096, 14)).unwrap();
+    let (v1, v2) = (served.join("v1.img"), served.join("v2.img"));
+    pack(&t1, &v1);
+    pack(&t2, &v2);
+    let d: serde_json::Value = serde_json::from_str(&ok(incfs(&[
+        "diff",
+        v1.to_str().unwrap(),
+        v2.to_str().unwrap(),
+        "--json",
+    ])))
+    .unwrap();
+    let server = Server::start(ServeConfig::new(&served)).unwrap();
+    let cache = tmp.path().join("cache");
+    let run = |img: &str, tree: &Path, stats: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_incfs"))
+            .args(["run", "--no-fill", "--image", &server.url(img), "--cache"])
+            .arg(&cache)
+            .arg("--stats-json")
+            .arg(stats)
+            .args(["--", "sh", "-c", "cat {mnt}/*"])
+            .output()
+            .unwrap();
+        let mut want = Vec::new();
+        let mut names: Vec<_> = fs::read_dir(tree)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        names.sort();
+        for n in names {
+            want.extend(fs::read(n).unwrap());
+        }
+        assert!(
+            out.status.success() && out.stdout == want,
+            "{img}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&fs::read(stats).unwrap()).unwrap()
+    };
+    run("v1.img", &t1, &tmp.path().join("s1.json"));
+    server.reset_stats();
+    let s2 = run("v2.img", &t2, &tmp.path().join("s2.json"));
+    assert_eq!(
+        s2["stats"]["chunks_seeded"], d["total"]["shared_chunks"],
+        "{s2}"
+    );
+    assert_eq!(s2["stats"]["chunks_fetched"], 2 + 5, "{s2}");
+    // The server saw, past v2's metadata, exactly the stored bytes of its new chunks.
+    let data_offset = {
+        let img = incfs_fs::format::Image::open_path(&v2, None).unwrap();
+        img.header().data_offset
+    };
+    let data: u64 = server
+        .stats()
+        .ranges
+        .iter()
+        .filter(|r| r.path.ends_with("v2.img") && r.start >= data_offset)
+        .map(|r| r.len)
+        .sum();
+    let total = &d["total"];
+    assert_eq!(
+        data,
+        total["stored_bytes"].as_u64().unwrap() - total["shared_stored_bytes"].as_u64().unwrap()
     );
 }
