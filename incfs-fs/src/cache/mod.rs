@@ -483,6 +483,12 @@ impl ChunkCache {
         }
     }
 
+    /// True when a sibling image cache holds the chunk `entry` describes (as far as the
+    /// index built at the first [`ChunkCache::seed`] knows; false before it). No I/O.
+    pub fn sibling_holds(&self, entry: &ChunkEntry) -> bool {
+        self.shared.siblings.get().is_some_and(|s| s.holds(entry))
+    }
+
     /// Chunks and bytes [`ChunkCache::seed`] took from sibling image caches.
     pub fn seeded(&self) -> (u64, u64) {
         (

@@ -194,6 +194,14 @@ impl SiblingChunks {
         self.by_digest.is_empty()
     }
 
+    /// True when a sibling holds a chunk with `entry`'s digest and length (not yet read or
+    /// checked: [`SiblingChunks::read`] may still refuse it).
+    pub fn holds(&self, entry: &ChunkEntry) -> bool {
+        self.by_digest
+            .get(&entry.digest)
+            .is_some_and(|l| l.len == entry.raw_len)
+    }
+
     /// The bytes of the chunk `entry` describes, from a sibling, checked against
     /// `entry.digest`; `None` when no sibling holds it or its bytes do not match.
     pub fn read(&self, entry: &ChunkEntry) -> Option<Vec<u8>> {
