@@ -343,3 +343,44 @@ fn an_update_laid_out_on_its_base_keeps_shared_and_new_chunks_in_separate_frames
     assert_eq!(fetched, new_frames, "{:?}", src.requests());
     fs2.shutdown().unwrap();
 }
+
+#[test]
+fn a_planned_chunk_that_moved_to_another_file_is_found_by_its_digest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (t1, t2) = (tmp.path().join("t1"), tmp.path().join("t2"));
+    fs::create_dir_all(&t1).unwrap();
+    fs::create_dir_all(t2.join("zz")).unwrap();
+    let x = common::noise(2 * CHUNK, 21);
+    fs::write(t1.join("a.bin"), &x).unwrap();
+    let mut other = common::noise(CHUNK, 22);
+    other.extend_from_slice(&x);
+    fs::write(t2.join("zz/other.dat"), &other).unwrap();
+    let (v1, v2) = (tmp.path().join("v1.img"), tmp.path().join("v2.img"));
+    pack_dir(&t1, &v1, &PackOptions::default(), &()).unwrap();
+    pack_dir(&t2, &v2, &PackOptions::default(), &()).unwrap();
+    let (old, new) = (
+        Image::open_path(&v1, None).unwrap(),
+        Image::open_path(&v2, None).unwrap(),
+    );
+    let plan = PrefetchPlan {
+        version: PLAN_VERSION,
+        image_digest: old.root_digest().to_hex(),
+        chunk_size: CHUNK as u32,
+        total_bytes: 0,
+        entries: vec![PlanEntry {
+            file: "a.bin".into(),
+            first_chunk: 0,
+            chunk_count: 2,
+            offset_ms: 0.0,
+            confidence: 1.0,
+        }],
+    };
+    let (carried, r) = carry(&plan, &tmp.path().join("p.json"), &old, &new).unwrap();
+    assert_eq!((r.kept, r.moved, r.changed, r.dropped), (0, 2, 0, 0));
+    assert_eq!(carried.entries.len(), 1);
+    let e = &carried.entries[0];
+    assert_eq!(
+        (e.file.as_str(), e.first_chunk, e.chunk_count),
+        ("zz/other.dat", 1, 2)
+    );
+}
