@@ -1,5 +1,5 @@
 //! What each fuzz target does with its input, shared by the cargo-fuzz targets
-//! (`fuzz/fuzz_targets/*.rs`) and the corpus replay test (`planner/tests/fuzz_corpus.rs`),
+//! (`fuzz/fuzz_targets/*.rs`) and the corpus replay test (`planner/tests/planner/fuzz_corpus.rs`),
 //! which both include this file. Every function must return (an error is fine) for any
 //! input, and it asserts the properties readers rely on: a parser that accepts its input
 //! yields values within the limits it promises, and no chunk is ever returned with bytes

@@ -11,8 +11,10 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # Debian packages: fuse3 (fusermount3), llvm-22 (bpf-linker), clang-22 (the default workload),
-# nginx-light (tests serve images through a real static server), pkg-config.
-APT_PACKAGES=(fuse3 libfuse3-dev llvm-22-dev libpolly-22-dev clang-22 pkg-config nginx-light openssl procps)
+# nginx-light (tests serve images through a real static server), pkg-config, docker-registry
+# (distribution 2.8: the OCI registry tests) with apache2-utils (htpasswd -B for its basic auth),
+# python3-venv: the S3 tests' server (below).
+APT_PACKAGES=(fuse3 libfuse3-dev llvm-22-dev libpolly-22-dev clang-22 pkg-config nginx-light openssl procps docker-registry apache2-utils python3 python3-venv)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
@@ -47,6 +49,27 @@ if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null
     --no-default-features --features llvm-22
 else
   log "bpf-linker $BPF_LINKER_VERSION present"
+fi
+
+# moto's S3-compatible server for the s3:// tests (cli/tests/s3_source.rs), from PyPI: the
+# mock S3 that botocore's and boto3's own users test against, SigV4-checking once its IAM
+# auth is on. Kept in its own venv (never the system Python), `moto_server` on PATH.
+MOTO_VERSION=5.2.1
+MOTO_VENV=/opt/incfs-moto
+moto_ok() {
+  local bin py
+  bin=$(command -v moto_server 2>/dev/null) || return 1
+  py="$(dirname "$(readlink -f "$bin")")/python3"
+  "$py" -c "import moto, boto3, flask, sys; sys.exit(moto.__version__ != '$MOTO_VERSION')" 2>/dev/null
+}
+if ! moto_ok; then
+  log "installing moto[server] $MOTO_VERSION in $MOTO_VENV"
+  /usr/bin/python3 -m venv "$MOTO_VENV"
+  "$MOTO_VENV/bin/pip" install -q "moto[server]==$MOTO_VERSION"
+  ln -sf "$MOTO_VENV/bin/moto_server" /usr/local/bin/moto_server
+  moto_ok || { log "moto_server $MOTO_VERSION did not install"; exit 1; }
+else
+  log "moto_server $MOTO_VERSION present"
 fi
 
 # FUSE needs the device node; tracefs is mounted by the recorder itself when missing.

@@ -33,6 +33,10 @@ pub struct FetchArgs {
     /// Largest gap between planned chunks that one prefetch request bridges (K, M).
     #[arg(long, value_parser = parse_size, default_value = "16K")]
     bridge_gap: u64,
+    /// Do not queue the sections the dynamic loader reads (symbol tables, relocations,
+    /// relocated data) when an ELF file no plan covers is first read.
+    #[arg(long)]
+    no_loader_hints: bool,
 }
 
 impl FetchArgs {
@@ -42,6 +46,7 @@ impl FetchArgs {
         fs.fetch.demand_workers = fs.fetch.demand_workers.min(fs.fetch.workers - 1);
         fs.fetch.miss_amplify_bytes = self.miss_amplify;
         fs.fetch.bridge_gap_bytes = self.bridge_gap;
+        fs.fetch.loader_hints = !self.no_loader_hints;
         (!self.no_fill).then(|| FillConfig {
             bytes_per_sec: self
                 .fill_bandwidth_mbit
@@ -60,6 +65,9 @@ impl FetchArgs {
             .arg(self.bridge_gap.to_string());
         if self.no_fill {
             cmd.arg("--no-fill");
+        }
+        if self.no_loader_hints {
+            cmd.arg("--no-loader-hints");
         }
         if let Some(m) = self.fill_bandwidth_mbit {
             cmd.arg("--fill-bandwidth-mbit").arg(m.to_string());

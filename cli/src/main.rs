@@ -3,9 +3,12 @@
 //! This binary parses arguments, shows progress and formats output; every piece of logic
 //! lives in the library crates.
 
+mod cache_args;
 mod fetch_args;
 mod image_cmds;
 mod mount_cmds;
+mod oci_cmds;
+mod mount_helper;
 mod plan_cmds;
 mod progress;
 mod record_cmds;
@@ -17,7 +20,7 @@ mod util;
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +47,10 @@ enum Command {
     Relayout(image_cmds::RelayoutArgs),
     /// Mount an image on a temporary directory, prefetch its plan, run a command on it.
     Run(run_cmd::RunArgs),
+    /// Publish an image, with its plan and signature, to an OCI registry.
+    Push(oci_cmds::PushArgs),
+    /// Copy an image (and its plan and signature) from an OCI registry, verified.
+    Pull(oci_cmds::PullArgs),
     /// Make an ed25519 key pair for signing images.
     Keygen(image_cmds::KeygenArgs),
     /// Sign an image's root digest (readers check it with `--trust`).
@@ -54,7 +61,7 @@ enum Command {
     Umount(mount_cmds::UmountArgs),
     /// Show a mount's counters (bytes fetched, chunks local, misses).
     Stats(mount_cmds::StatsArgs),
-    /// Inspect or clear a cache directory (`incfs cache stat|clear DIR`).
+    /// Inspect, clear or trim a cache directory (`incfs cache stat|clear|gc [DIR]`).
     Cache(mount_cmds::CacheArgs),
     /// Look into recorded traces (`incfs trace show TRACE`).
     Trace(plan_cmds::TraceArgs),
@@ -67,7 +74,13 @@ enum Command {
 }
 
 fn run() -> anyhow::Result<ExitCode> {
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let app = Cli::command();
+    let is_subcommand = |s: &str| app.find_subcommand(s).is_some() || s == "help";
+    let cli = match mount_helper::translate(&argv, is_subcommand) {
+        Some(args) => Cli::parse_from(args?),
+        None => Cli::parse(),
+    };
     match cli.command {
         Command::Pack(a) => image_cmds::pack(a),
         Command::Inspect(a) => image_cmds::inspect(a),
@@ -75,6 +88,8 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Serve(a) => serve_cmd::serve(a),
         Command::Relayout(a) => image_cmds::relayout(a),
         Command::Run(a) => run_cmd::run(a),
+        Command::Push(a) => oci_cmds::push(a),
+        Command::Pull(a) => oci_cmds::pull(a),
         Command::Keygen(a) => image_cmds::keygen(a),
         Command::Sign(a) => image_cmds::sign(a),
         Command::Mount(a) => mount_cmds::mount(a),

@@ -5,6 +5,7 @@
 //! or failed on its stdout, so a source that cannot be reached is a non-zero exit with the
 //! reason, not a silent dead daemon.
 
+use crate::cache_args::{CacheDir, CacheDirArgs};
 use crate::fetch_args::FetchArgs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
@@ -13,6 +14,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::oci_cmds::{OciStart, pinned_root};
 use crate::util::{human, required_digest};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -27,13 +29,13 @@ const READY_LINE: &str = "incfs-ready";
 /// Arguments of `incfs mount`.
 #[derive(Args)]
 pub struct MountArgs {
-    /// The image: a path, file://PATH, or an http(s):// URL.
+    /// The image: a path, file://PATH, an http(s):// URL, s3://BUCKET/KEY, or
+    /// oci://HOST/REPO:TAG (whose pushed plan is prefetched unless --prefetch or --no-plan).
     source: String,
     /// Where to mount it (an existing directory).
     mountpoint: PathBuf,
-    /// Cache directory (default: $INCFS_CACHE, else $XDG_CACHE_HOME/incfs, else ~/.cache/incfs).
-    #[arg(long)]
-    cache: Option<PathBuf>,
+    #[command(flatten)]
+    cache: CacheDirArgs,
     /// Stay in the foreground (logs to stderr; Ctrl-C unmounts).
     #[arg(long)]
     foreground: bool,
@@ -49,6 +51,8 @@ pub struct MountArgs {
     threads: usize,
     #[command(flatten)]
     fetch: FetchArgs,
+    #[command(flatten)]
+    oci: crate::oci_cmds::OciArgs,
     /// Seconds a read may spend fetching, all retries included, before it fails with EIO
     /// (also bounds each request: a stalled or trickling server cannot hold a read longer).
     #[arg(long, default_value_t = 10)]
@@ -105,42 +109,54 @@ pub struct CacheArgs {
 
 #[derive(Subcommand)]
 enum CacheCommand {
-    /// Show the image caches under DIR.
+    /// Show the image caches under DIR (default: the per-user cache).
     Stat {
         /// Cache directory.
-        dir: PathBuf,
+        dir: Option<PathBuf>,
         /// Print as JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Remove the image caches under DIR that no mount is using.
+    /// Remove the image caches under DIR (default: the per-user cache) that no mount is
+    /// using.
     Clear {
         /// Cache directory.
-        dir: PathBuf,
+        dir: Option<PathBuf>,
+    },
+    /// Evict the least recently used image caches under DIR (default: the per-user cache),
+    /// never one in use, until it holds at most SIZE.
+    Gc {
+        /// The size to keep the cache directory under (K, M, G).
+        #[arg(long, value_name = "SIZE", value_parser = crate::util::parse_size)]
+        max_size: u64,
+        /// Cache directory.
+        dir: Option<PathBuf>,
+        /// Print what was done as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
-fn default_cache() -> PathBuf {
-    if let Some(d) = std::env::var_os("INCFS_CACHE") {
-        return d.into();
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(d).join("incfs");
-    }
-    match std::env::var_os("HOME") {
-        Some(h) => PathBuf::from(h).join(".cache/incfs"),
-        None => PathBuf::from("/var/tmp/incfs"),
+/// `DIR`, or the per-user cache root.
+fn cache_dir_or_default(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match dir {
+        Some(d) => Ok(d),
+        None => Ok(incfs_fs::cache::root::default_root()?),
     }
 }
 
 /// `incfs mount`.
 pub fn mount(a: MountArgs) -> anyhow::Result<ExitCode> {
-    let cache = a.cache.clone().unwrap_or_else(default_cache);
-    std::fs::create_dir_all(&cache)
-        .with_context(|| format!("creating the cache directory {}", cache.display()))?;
-    let cache = cache
-        .canonicalize()
-        .with_context(|| format!("resolving {}", cache.display()))?;
+    // The signature of an oci:// image is checked here, before the daemon starts: resolve
+    // it (held while mounting, so the check reuses the manifest). A foreground mount and the
+    // daemon resolve it in `serve`.
+    let oci = if a.trust.is_some() && !a.foreground {
+        a.oci
+            .prepare(&a.source, true, &retry_policy(a.retry_timeout))?
+    } else {
+        None
+    };
+    let cache = a.cache.resolve()?;
     if !a.mountpoint.is_dir() {
         bail!(
             "{}: not a directory (create the mount point first)",
@@ -158,13 +174,18 @@ pub fn mount(a: MountArgs) -> anyhow::Result<ExitCode> {
             Err(e) => Err(e),
         };
     }
-    daemonize(&a, &cache)
+    daemonize(&a, &cache, oci.as_ref())
 }
 
 /// Starts `incfs mount --foreground --notify-ready …` in the background and waits for it.
-fn daemonize(a: &MountArgs, cache: &Path) -> anyhow::Result<ExitCode> {
+/// `oci`: the oci:// image as this process resolved it (for `--trust`), whose pinned
+/// reference the daemon is handed.
+fn daemonize(a: &MountArgs, cache: &CacheDir, oci: Option<&OciStart>) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("finding the incfs executable")?;
-    let log = a.log.clone().unwrap_or_else(|| cache.join("daemon.log"));
+    let log = a
+        .log
+        .clone()
+        .unwrap_or_else(|| cache.dir.join("daemon.log"));
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -190,15 +211,20 @@ fn daemonize(a: &MountArgs, cache: &Path) -> anyhow::Result<ExitCode> {
         .arg(&mountpoint)
         .arg("--foreground")
         .arg("--notify-ready")
-        .arg("--cache")
-        .arg(cache)
         .arg("--threads")
         .arg(a.threads.to_string())
         .arg("--retry-timeout")
         .arg(a.retry_timeout.to_string());
     a.fetch.forward(&mut cmd);
+    a.oci.forward(&mut cmd, oci)?;
+    cache.forward(&mut cmd);
     // The signature is checked here; the daemon is handed the signed digest to insist on.
-    if let Some(d) = required_digest(&source, a.expect_digest.as_deref(), a.trust.as_deref())? {
+    if let Some(d) = required_digest(
+        &source,
+        a.expect_digest.as_deref(),
+        a.trust.as_deref(),
+        pinned_root(oci),
+    )? {
         cmd.arg("--expect-digest").arg(d.to_hex());
     }
     if a.no_passthrough {
@@ -252,9 +278,33 @@ fn daemonize(a: &MountArgs, cache: &Path) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The retry policy of `--retry-timeout SECS`.
+fn retry_policy(secs: u64) -> incfs_fs::retry::RetryPolicy {
+    incfs_fs::retry::RetryPolicy {
+        deadline: Duration::from_secs(secs),
+        ..incfs_fs::retry::RetryPolicy::default()
+    }
+}
+
 /// Mounts in this process and serves until unmounted or signalled.
-fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
-    let expect_digest = required_digest(&a.source, a.expect_digest.as_deref(), a.trust.as_deref())?;
+fn serve(a: &MountArgs, cache: &CacheDir) -> anyhow::Result<()> {
+    let served = serve_in(a, &cache.dir);
+    cache.trim();
+    served
+}
+
+fn serve_in(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
+    let oci = a.oci.prepare(
+        &a.source,
+        a.prefetch.is_some(),
+        &retry_policy(a.retry_timeout),
+    )?;
+    let expect_digest = required_digest(
+        &a.source,
+        a.expect_digest.as_deref(),
+        a.trust.as_deref(),
+        pinned_root(oci.as_ref()),
+    )?;
     if let Err(error) = incfs_fs::cache::fds::raise_nofile_limit() {
         tracing::warn!(%error, "cannot raise the descriptor limit; the cache keeps fewer files open");
     }
@@ -269,10 +319,15 @@ fn serve(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
         IncFs::new(source, &config)
             .with_context(|| format!("cannot mount {}: the image is not usable", a.source))?,
     );
+    let pushed_plan = oci.as_ref().and_then(|o| o.plan.as_ref());
     if let Some(path) = &a.prefetch {
         let plan = PrefetchPlan::load(path)?;
         fs.start_prefetch(&plan, path, PrefetchConfig::default())
             .with_context(|| format!("cannot prefetch {} with {}", a.source, path.display()))?;
+    } else if let Some((path, bytes)) = pushed_plan {
+        let plan = PrefetchPlan::parse(path, bytes)?;
+        fs.start_prefetch(&plan, path, PrefetchConfig::default())
+            .with_context(|| format!("cannot prefetch {} with its pushed plan", a.source))?;
     }
     if let Some(fill) = fill {
         fs.start_fill(fill)
@@ -410,6 +465,7 @@ pub fn stats(a: StatsArgs) -> anyhow::Result<ExitCode> {
 pub fn cache(a: CacheArgs) -> anyhow::Result<ExitCode> {
     match a.command {
         CacheCommand::Stat { dir, json } => {
+            let dir = cache_dir_or_default(dir)?;
             let infos = incfs_fs::cache::stat_dir(&dir)?;
             let mut out = std::io::stdout().lock();
             if json {
@@ -433,11 +489,36 @@ pub fn cache(a: CacheArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         CacheCommand::Clear { dir } => {
+            let dir = cache_dir_or_default(dir)?;
             let removed = incfs_fs::cache::clear_dir(&dir)?;
             eprintln!(
                 "incfs: removed {} image cache(s) under {}",
                 removed.len(),
                 dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        CacheCommand::Gc {
+            max_size,
+            dir,
+            json,
+        } => {
+            let dir = cache_dir_or_default(dir)?;
+            let r = incfs_fs::cache::gc::gc(&dir, max_size)?;
+            if json {
+                writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&r)?)?;
+            }
+            eprintln!(
+                "incfs: removed {} image cache(s) under {} ({} freed), {} left{}",
+                r.removed.len(),
+                dir.display(),
+                human(r.freed_bytes),
+                human(r.kept_bytes),
+                if r.busy > 0 {
+                    format!(" ({} in use kept)", r.busy)
+                } else {
+                    String::new()
+                }
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -1,5 +1,6 @@
 //! `incfs run`: mount, prefetch, run a command on the mount, unmount, summarize.
 
+use crate::cache_args::CacheDirArgs;
 use crate::fetch_args::FetchArgs;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,15 +18,15 @@ use crate::util::{human, required_digest};
 /// Arguments of `incfs run`.
 #[derive(Args)]
 pub struct RunArgs {
-    /// The image: a path, file:// or http(s):// URL.
+    /// The image: a path, file://, http(s):// or s3://BUCKET/KEY URL, or oci://HOST/REPO:TAG
+    /// (whose pushed plan is prefetched unless --prefetch or --no-plan).
     #[arg(long)]
     image: String,
     /// Prefetch plan for the image (from `incfs plan` or `incfs relayout`).
     #[arg(long)]
     prefetch: Option<PathBuf>,
-    /// Cache directory, kept across runs. Default: a fresh temporary one (a cold start).
-    #[arg(long)]
-    cache: Option<PathBuf>,
+    #[command(flatten)]
+    cache: CacheDirArgs,
     /// Refuse the image unless its root digest is this.
     #[arg(long)]
     expect_digest: Option<String>,
@@ -56,6 +57,8 @@ pub struct RunArgs {
     max_readahead: u32,
     #[command(flatten)]
     fetch: FetchArgs,
+    #[command(flatten)]
+    oci: crate::oci_cmds::OciArgs,
     /// Seconds a read may spend fetching, all retries included, before it fails with EIO
     /// (also bounds each request: a stalled or trickling server cannot hold a read longer).
     #[arg(long, default_value_t = 10)]
@@ -90,29 +93,29 @@ struct RunJson {
 
 /// `incfs run`.
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
-    let tmp_cache;
-    let cache = match &a.cache {
-        Some(c) => c.clone(),
-        None => {
-            tmp_cache = tempfile::Builder::new()
-                .prefix("incfs-run-cache-")
-                .tempdir()
-                .context("creating a temporary cache directory")?;
-            tmp_cache.path().to_path_buf()
-        }
-    };
-    std::fs::create_dir_all(&cache)
-        .with_context(|| format!("creating the cache directory {}", cache.display()))?;
-    let mut fs = FsConfig::new(cache);
-    fs.expect_digest = required_digest(&a.image, a.expect_digest.as_deref(), a.trust.as_deref())?;
+    let cache = a.cache.resolve()?;
+    let mut fs = FsConfig::new(cache.dir.clone());
+    fs.fetch.retry_timeout = std::time::Duration::from_secs(a.retry_timeout);
+    let oci = a
+        .oci
+        .prepare(&a.image, a.prefetch.is_some(), &fs.fetch.retry())?;
+    let oci_plan = crate::oci_cmds::plan_file(oci.as_ref())?;
+    fs.expect_digest = required_digest(
+        &a.image,
+        a.expect_digest.as_deref(),
+        a.trust.as_deref(),
+        crate::oci_cmds::pinned_root(oci.as_ref()),
+    )?;
     // A read served by passthrough never reaches incfs, so it would be missing from the
     // read-log: a run that saves one serves every read itself.
     fs.passthrough = !a.no_passthrough && a.read_log_out.is_none();
-    fs.fetch.retry_timeout = std::time::Duration::from_secs(a.retry_timeout);
     let fill = a.fetch.apply(&mut fs);
     let cfg = RunConfig {
         source: a.image.clone(),
-        plan: a.prefetch.clone(),
+        plan: a
+            .prefetch
+            .clone()
+            .or_else(|| oci_plan.as_ref().map(|f| f.path().to_path_buf())),
         prefetch: PrefetchConfig::default(),
         fill,
         fs,
@@ -151,6 +154,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         }));
     };
     let result = run_image(&cfg, &mut on_mounted);
+    cache.trim();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(t) = ticker.take() {
         let _ = t.join();

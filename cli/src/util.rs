@@ -32,16 +32,31 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// The root digest a mount must insist on: `--expect-digest`, the digest signed in
-/// `SOURCE.sig` by the `--trust` key, or both (which must then agree).
+/// `SOURCE.sig` by the `--trust` key, the digest an oci:// image's manifest pins (`pinned`:
+/// the digest and the pinned reference), or several (which must then agree).
 pub fn required_digest(
     source: &str,
     expect: Option<&str>,
     trust: Option<&str>,
+    pinned: Option<(Digest, String)>,
 ) -> anyhow::Result<Option<Digest>> {
-    let expected = expect
+    let mut expected = expect
         .map(Digest::from_hex)
         .transpose()
         .context("--expect-digest")?;
+    let mut from = "--expect-digest".to_string();
+    if let Some((p, reference)) = pinned {
+        if let Some(e) = expected
+            && e != p
+        {
+            anyhow::bail!(
+                "--expect-digest {e} differs from the root digest {p} the manifest of \
+                 {reference} pins"
+            );
+        }
+        expected = Some(p);
+        from = format!("the root digest the manifest of {reference} pins");
+    }
     let Some(trust) = trust else {
         return Ok(expected);
     };
@@ -51,7 +66,7 @@ pub fn required_digest(
     if let Some(e) = expected
         && e != signed
     {
-        anyhow::bail!("--expect-digest {e} differs from the signed root digest {signed}");
+        anyhow::bail!("{from} ({e}) differs from the signed root digest {signed}");
     }
     Ok(Some(signed))
 }

@@ -80,6 +80,8 @@ fn run_returns_within_a_second_of_its_commands_exit_while_prefetch_is_mid_reques
     ok(incfs()
         .args(["run", "--image", &server.url("app.img"), "--prefetch"])
         .arg(&plan)
+        .arg("--cache")
+        .arg(tmp.path().join("run-cache"))
         .arg("--stats-json")
         .arg(&stats)
         .args(["--", "sleep", "1"])

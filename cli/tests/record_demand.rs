@@ -17,6 +17,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use incfs_datasets::require::{Need, require};
+use incfs_datasets::trees::{self, Workload};
 use incfs_planner::trace::EventKind;
 use incfs_recorder::{RecordOptions, record};
 
@@ -30,7 +31,13 @@ const MAX_EXCESS: f64 = 1.3;
 type Pages = HashMap<String, BTreeSet<u64>>;
 
 fn incfs() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_incfs"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_incfs"));
+    // The per-user cache of `run` without `--cache`, kept out of the machine's.
+    cmd.env(
+        "INCFS_CACHE",
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("incfs-cache"),
+    );
+    cmd
 }
 
 fn ok(out: Output, what: &str) -> Output {
@@ -44,20 +51,19 @@ fn ok(out: Output, what: &str) -> Output {
     out
 }
 
-/// A directory under cargo's target tmpdir (a disk file system) that outlives the test, so
-/// the trees are built once.
-fn work_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("record-demand")
-        .join(name);
-    std::fs::create_dir_all(&dir).expect("work dir");
-    dir.canonicalize().expect("canonical work dir")
+/// A directory under cargo's target tmpdir (a disk file system, unlike a tmpfs `/tmp`),
+/// removed when the test ends: its images and logs are the test's own.
+fn work_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("record-demand-{name}-"))
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("work dir")
 }
 
-fn recipe(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../datasets")
-        .join(rel)
+/// The workload's tree, shared by every test of the workspace.
+fn shared_tree(workload: Workload) -> PathBuf {
+    trees::shared(workload, Path::new(env!("CARGO_TARGET_TMPDIR")))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `argv` with `{root}` replaced.
@@ -148,9 +154,14 @@ fn reference_pages(dir: &Path, tree: &Path, template: &[&str]) -> Pages {
     }
     let log = dir.join("reference.read-log");
     let _ = std::fs::remove_file(&log);
+    // A cold cache: a warm one pushes its chunks into the page cache at open, and reads
+    // served from there never reach the read-log.
+    let cache = tempfile::tempdir().expect("a cache directory");
     ok(
         incfs()
             .arg("run")
+            .arg("--cache")
+            .arg(cache.path())
             .arg("--image")
             .arg(&img)
             .arg("--read-log-out")
@@ -216,15 +227,9 @@ fn clang_from_its_local_tree_gives_the_demand_set() {
     ) {
         return;
     }
-    let dir = work_dir("clang");
-    let tree = dir.join("tree");
-    ok(
-        Command::new(recipe("clang/build-tree.sh"))
-            .arg(&tree)
-            .output()
-            .expect("build-tree.sh"),
-        "datasets/clang/build-tree.sh",
-    );
+    let work = work_dir("clang");
+    let dir = work.path().canonicalize().expect("canonical work dir");
+    let tree = shared_tree(Workload::Clang);
     let obj = dir.join("hello.o");
     let obj = obj.to_str().expect("UTF-8");
     demand_test(
@@ -243,15 +248,9 @@ fn python_from_its_local_tree_gives_the_demand_set() {
     ) {
         return;
     }
-    let dir = work_dir("python");
-    let tree = dir.join("tree");
-    ok(
-        Command::new(recipe("python/build-tree.sh"))
-            .arg(&tree)
-            .output()
-            .expect("build-tree.sh"),
-        "datasets/python/build-tree.sh (needs python3 with pip and PyPI)",
-    );
+    let work = work_dir("python");
+    let dir = work.path().canonicalize().expect("canonical work dir");
+    let tree = shared_tree(Workload::Python);
     demand_test(
         "python",
         &dir,
@@ -288,20 +287,18 @@ fn synthetic_mmap_and_fork_gives_the_demand_set() {
         return;
     }
     let synth = synth_bin();
-    let dir = work_dir("synth");
+    let work = work_dir("synth");
+    let dir = work.path().canonicalize().expect("canonical work dir");
     let tree = dir.join("tree");
-    if !tree.join(".complete").exists() {
-        ok(
-            Command::new(&synth)
-                .arg("gen")
-                .arg(&tree)
-                .args(["--files", "60", "--size", "1M"])
-                .output()
-                .expect("incfs-synth gen"),
-            "incfs-synth gen",
-        );
-        std::fs::write(tree.join(".complete"), b"").expect("stamp");
-    }
+    ok(
+        Command::new(&synth)
+            .arg("gen")
+            .arg(&tree)
+            .args(["--files", "60", "--size", "1M"])
+            .output()
+            .expect("incfs-synth gen"),
+        "incfs-synth gen",
+    );
     let synth = synth.to_str().expect("UTF-8").to_owned();
     // One process maps every file and touches a tenth of its pages; another forks four
     // children that pread scattered pages of their shares.

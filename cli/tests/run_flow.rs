@@ -113,6 +113,8 @@ fn a_plan_from_the_programs_own_read_log_removes_its_blocked_reads() {
     let s1 = tmp.path().join("s1.json");
     let out = ok(incfs()
         .args(["run", "--no-fill", "--miss-amplify", "0", "--image", &url])
+        .arg("--cache")
+        .arg(tmp.path().join("cache-1"))
         .arg("--stats-json")
         .arg(&s1)
         .arg("--")
@@ -142,6 +144,8 @@ fn a_plan_from_the_programs_own_read_log_removes_its_blocked_reads() {
     let s2 = tmp.path().join("s2.json");
     let out = ok(incfs()
         .args(["run", "--no-fill", "--miss-amplify", "0", "--image", &url])
+        .arg("--cache")
+        .arg(tmp.path().join("cache-2"))
         .arg("--prefetch")
         .arg(&plan)
         .arg("--stats-json")

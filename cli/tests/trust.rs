@@ -3,6 +3,7 @@
 //! its signature are refused before anything is served.
 
 use std::fs;
+use std::path::Path;
 use std::process::{Command, Output};
 
 use incfs_datasets::require::{Need, require};
@@ -10,12 +11,17 @@ use incfs_fs::serve::{ServeConfig, Server};
 
 fn incfs(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_incfs"))
+        // The per-user cache of `run` without `--cache`, kept out of the machine's.
+        .env(
+            "INCFS_CACHE",
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("incfs-cache"),
+        )
         .args(args)
         .output()
         .unwrap()
 }
 
-fn pack(dir: &std::path::Path, name: &str, content: &str) -> String {
+fn pack(dir: &Path, name: &str, content: &str) -> String {
     let tree = dir.join(format!("{name}-tree"));
     fs::create_dir_all(&tree).unwrap();
     fs::write(tree.join("file"), content).unwrap();

@@ -4,3 +4,4 @@
 pub mod nginx;
 pub mod require;
 pub mod synth;
+pub mod trees;

@@ -23,6 +23,11 @@ pub enum Need {
     Nginx,
     /// The clang-22 package (the default workload).
     Clang,
+    /// Debian's `docker-registry` (distribution 2.8), `htpasswd` and `openssl`: a real OCI
+    /// registry with basic auth, token auth and TLS.
+    DockerRegistry,
+    /// moto's S3-compatible server, `moto_server` (`pip install 'moto[server]'`).
+    MotoServer,
 }
 
 impl Need {
@@ -52,6 +57,20 @@ impl Need {
                 .then_some("nginx is missing (apt-get install nginx-light)"),
             Need::Clang => (!Path::new("/usr/lib/llvm-22/bin/clang").exists())
                 .then_some("clang-22 is missing (apt-get install clang-22)"),
+            Need::DockerRegistry => {
+                if which("docker-registry").is_none() {
+                    Some("docker-registry is missing (apt-get install docker-registry)")
+                } else if which("htpasswd").is_none() {
+                    Some("htpasswd is missing (apt-get install apache2-utils)")
+                } else if which("openssl").is_none() {
+                    Some("openssl is missing (apt-get install openssl)")
+                } else {
+                    None
+                }
+            }
+            Need::MotoServer => which("moto_server")
+                .is_none()
+                .then_some("moto_server is missing (pip install 'moto[server]')"),
         }
     }
 }

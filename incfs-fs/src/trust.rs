@@ -197,7 +197,13 @@ pub fn signature_spec(source_spec: &str) -> String {
 
 /// Fetches `SOURCE.sig` and checks it against `trusted`; returns the root digest the mount
 /// must then insist on.
+///
+/// For an `oci://` artifact the signature is its signature layer instead
+/// ([`source::oci::OciArtifact::signature`]).
 pub fn trusted_digest(source_spec: &str, trusted: &VerifyingKey) -> Result<Digest, TrustError> {
+    if source::oci::is_oci(source_spec) {
+        return oci_trusted_digest(source_spec, trusted);
+    }
     let spec = signature_spec(source_spec);
     let fetch = |error| TrustError::Fetch {
         spec: spec.clone(),
@@ -214,11 +220,35 @@ pub fn trusted_digest(source_spec: &str, trusted: &VerifyingKey) -> Result<Diges
     let bytes = src
         .read_range(0, len, RequestKind::Background)
         .map_err(fetch)?;
-    let sig: SignatureFile = serde_json::from_slice(&bytes).map_err(|e| TrustError::Malformed {
-        what: spec.clone(),
+    verify_bytes(&bytes, &spec, trusted)
+}
+
+fn verify_bytes(bytes: &[u8], what: &str, trusted: &VerifyingKey) -> Result<Digest, TrustError> {
+    let sig: SignatureFile = serde_json::from_slice(bytes).map_err(|e| TrustError::Malformed {
+        what: what.to_string(),
         reason: e.to_string(),
     })?;
-    verify(&sig, &spec, trusted)
+    verify(&sig, what, trusted)
+}
+
+fn oci_trusted_digest(spec: &str, trusted: &VerifyingKey) -> Result<Digest, TrustError> {
+    let fetch = |error: source::oci::OciError| TrustError::Fetch {
+        spec: spec.to_string(),
+        error: error.into(),
+    };
+    let artifact =
+        source::oci::OciArtifact::resolve(spec, &source::HttpConfig::default()).map_err(fetch)?;
+    let what = artifact.signature_name();
+    let bytes = artifact
+        .signature()
+        .map_err(fetch)?
+        .ok_or_else(|| TrustError::Malformed {
+            what: spec.to_string(),
+            reason: "the artifact has no signature layer (push it with `incfs push IMG REF` \
+                     with IMG.sig beside IMG, or --signature)"
+                .into(),
+        })?;
+    verify_bytes(&bytes, &what, trusted)
 }
 
 #[cfg(test)]

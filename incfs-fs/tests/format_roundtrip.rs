@@ -5,9 +5,9 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 
 use incfs_datasets::require::{Need, require};
+use incfs_datasets::trees::{self, Workload};
 use incfs_fs::format::{Digest, FormatError, Image, PackOptions, pack_dir};
 
 fn pack(dir: &Path, out: &Path, chunk: u32) -> incfs_fs::format::PackSummary {
@@ -136,10 +136,7 @@ fn clang_tree_round_trips_byte_for_byte() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let tree = tmp.path().join("clang");
-    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../datasets/clang/build-tree.sh");
-    let st = Command::new(recipe).arg(&tree).status().unwrap();
-    assert!(st.success());
+    let tree = trees::shared(Workload::Clang, Path::new(env!("CARGO_TARGET_TMPDIR"))).unwrap();
     let img_path = tmp.path().join("clang.img");
     let s = pack(&tree, &img_path, 65536);
     assert!(s.raw_bytes > 150_000_000, "tree is {} bytes", s.raw_bytes);

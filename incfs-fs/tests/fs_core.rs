@@ -622,27 +622,113 @@ fn a_damaged_record_header_starts_empty() {
 }
 
 #[test]
-fn two_images_never_share_a_cache_and_one_cache_has_one_user() {
-    let a = big(4 * CHUNK as usize);
+fn two_images_never_share_a_cache_and_two_mounts_share_one() {
+    let a = big(16 * CHUNK as usize);
+    let want = fs::read(a.tree.join("big")).unwrap();
     let b = odd();
     let cache = tempfile::tempdir().unwrap();
     let fa = mount(Arc::new(MockSource::new(a.bytes.clone())), cache.path());
     let fb = mount(Arc::new(MockSource::new(b.bytes.clone())), cache.path());
     assert_ne!(fa.cache().dir(), fb.cache().dir());
-    let cfg = FsConfig::new(cache.path().to_path_buf());
-    let err = IncFs::new(Arc::new(MockSource::new(a.bytes.clone())), &cfg)
-        .err()
-        .unwrap();
-    assert!(err.to_string().contains("in use"), "{err}");
+    assert!(!fa.cache().recovery().shared);
+    let ino = resolve(&fa, b"big");
+    let (fh, _) = fa.open(ino).unwrap();
+    fa.read(ino, fh, 0, 4 * CHUNK).unwrap();
+    fa.release(fh);
+    fa.cache().flush().unwrap();
+
+    // A second mount of image a, while the first is up: it shares the cache, starts with
+    // the chunks the first recorded (re-checking nothing) and serves the right bytes.
+    let src2 = Arc::new(MockSource::new(a.bytes.clone()));
+    let fa2 = mount(src2.clone(), cache.path());
+    assert_eq!(fa2.cache().dir(), fa.cache().dir());
+    let r = fa2.cache().recovery();
+    assert!(r.shared && !r.unclean && r.rechecked == 0, "{r:?}");
+    assert_eq!(fa2.cache().local_chunks(), 4);
+    assert_eq!(read_all(&fa2, ino, 1 << 20).unwrap(), want);
+    assert_eq!(stats(&fa2).chunks_fetched, 12);
+    // The first learns at its next flush what the second recorded, and fetches nothing.
+    fa2.cache().flush().unwrap();
+    fa.cache().flush().unwrap();
+    assert_eq!(fa.cache().local_chunks(), 16);
+    assert_eq!(read_all(&fa, ino, 1 << 20).unwrap(), want);
+    assert_eq!(stats(&fa).chunks_fetched, 4);
+
     let infos = incfs_fs::cache::stat_dir(cache.path()).unwrap();
     assert_eq!(infos.len(), 2);
     assert!(infos.iter().all(|i| i.in_use));
+    let err = incfs_fs::cache::clear_dir(cache.path()).unwrap_err();
+    assert!(err.to_string().contains("in use"), "{err}");
+    assert_eq!(incfs_fs::cache::stat_dir(cache.path()).unwrap().len(), 2);
+
+    // The first to close leaves the record to the other; the last marks it clean.
     fa.shutdown().unwrap();
+    let rec = fa.cache().dir().join("record");
+    let clean = |p: &Path| {
+        incfs_fs::cache::record::RecordHeader::decode(&fs::read(p).unwrap())
+            .unwrap()
+            .clean
+    };
+    assert!(!clean(&rec));
+    fa2.shutdown().unwrap();
+    assert!(clean(&rec));
     fb.shutdown().unwrap();
-    drop(fa);
-    drop(fb);
+    drop((fa, fa2, fb));
+    let fa3 = mount(Arc::new(MockSource::new(a.bytes.clone())), cache.path());
+    let r = fa3.cache().recovery();
+    assert!(!r.unclean && !r.shared && r.recorded == 16, "{r:?}");
+    fa3.shutdown().unwrap();
+    drop(fa3);
     let removed = incfs_fs::cache::clear_dir(cache.path()).unwrap();
     assert_eq!(removed.len(), 2);
+}
+
+#[test]
+fn gc_evicts_least_recently_used_images_but_never_one_in_use() {
+    let fixtures = [big(8 * CHUNK as usize), big(9 * CHUNK as usize), odd()];
+    let cache = tempfile::tempdir().unwrap();
+    let mut dirs = Vec::new();
+    for fx in &fixtures {
+        let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), cache.path());
+        for f in fx.img.files() {
+            read_all(&fs, u64::from(f.inode) + 1, 1 << 20).unwrap();
+        }
+        fs.shutdown().unwrap();
+        dirs.push(fs.cache().dir().to_path_buf());
+        // mtimes are the LRU clock: keep the three uses apart.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The oldest one is in use now (and so becomes the most recent).
+    let inuse = mount(
+        Arc::new(MockSource::new(fixtures[0].bytes.clone())),
+        cache.path(),
+    );
+    let sizes: Vec<u64> = {
+        let infos = incfs_fs::cache::stat_dir(cache.path()).unwrap();
+        dirs.iter()
+            .map(|d| infos.iter().find(|i| &i.dir == d).unwrap().bytes_on_disk)
+            .collect()
+    };
+    let total: u64 = sizes.iter().sum();
+    // A cap that only dropping one image meets: the least recently used not in use (b).
+    let r = incfs_fs::cache::gc::gc(cache.path(), total - 1).unwrap();
+    assert_eq!(r.removed, vec![dirs[1].clone()], "{r:?}");
+    assert_eq!(r.kept_bytes, total - sizes[1]);
+    // A cap of 0 removes everything but the image in use.
+    let r = incfs_fs::cache::gc::gc(cache.path(), 0).unwrap();
+    assert_eq!(r.removed, vec![dirs[2].clone()], "{r:?}");
+    assert_eq!(r.busy, 1);
+    assert!(dirs[0].is_dir());
+    // The mount in use still works, and its cache stays after it.
+    assert_eq!(
+        read_all(&inuse, resolve(&inuse, b"big"), 1 << 20).unwrap(),
+        fs::read(fixtures[0].tree.join("big")).unwrap()
+    );
+    inuse.shutdown().unwrap();
+    drop(inuse);
+    let r = incfs_fs::cache::gc::gc(cache.path(), 0).unwrap();
+    assert_eq!(r.removed, vec![dirs[0].clone()], "{r:?}");
+    assert!(incfs_fs::cache::stat_dir(cache.path()).unwrap().is_empty());
 }
 
 #[test]

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use incfs_datasets::require::{Need, require};
+use incfs_datasets::trees::{self, Workload};
 use incfs_fs::format::{Image, PackOptions, pack_dir};
 use incfs_fs::link::{FaultConfig, FaultKind};
 use incfs_fs::serve::{ServeConfig, Server};
@@ -257,14 +258,7 @@ fn mount_clang_tree_reads_back_identical_then_passthrough() {
         return;
     }
     let w = Work::new();
-    let tree = w.path("clang");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../datasets/clang/build-tree.sh");
-    let st = Command::new("bash")
-        .arg(&script)
-        .arg(&tree)
-        .status()
-        .unwrap();
-    assert!(st.success(), "build-tree.sh failed");
+    let tree = trees::shared(Workload::Clang, Path::new(env!("CARGO_TARGET_TMPDIR"))).unwrap();
     pack(&tree, &w.path("img"), 64 * 1024);
 
     let mut sources = vec![("file", w.path("img").to_string_lossy().into_owned(), None)];

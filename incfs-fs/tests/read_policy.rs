@@ -14,7 +14,7 @@ use std::sync::mpsc::TryRecvError;
 use std::time::{Duration, Instant};
 
 use incfs_fs::fetch::fill::FillConfig;
-use incfs_fs::fetch::{FetchConfig, Priority};
+use incfs_fs::fetch::{FetchConfig, Priority, elf};
 use incfs_fs::format::{Header, Image, PackOptions, pack_dir};
 use incfs_fs::fs::{FsConfig, IncFs};
 use incfs_fs::link::LinkConfig;
@@ -328,4 +328,87 @@ fn the_background_fill_makes_the_image_local_and_never_goes_before_a_reader() {
         std::thread::sleep(Duration::from_millis(20));
     }
     fs.shutdown().unwrap();
+}
+
+/// The path of a shared library this test process has mapped (libc), from /proc/self/maps.
+fn a_mapped_library() -> std::path::PathBuf {
+    let maps = fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.contains("/libc.so") || p.contains("/libc-"))
+        .map(std::path::PathBuf::from)
+        .expect("this process maps a libc")
+}
+
+#[test]
+fn an_elf_librarys_loader_sections_are_queued_at_its_first_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = fs::read(a_mapped_library()).unwrap();
+    let head = &lib[..elf::HEADER_LEN];
+    let table = elf::section_table(head, lib.len() as u64).expect("libc has section headers");
+    let loader = elf::loader_ranges(
+        &lib[table.start as usize..table.end as usize],
+        lib.len() as u64,
+    );
+    let loader_bytes: u64 = loader.iter().map(|r| r.end - r.start).sum();
+    assert!(
+        !loader.is_empty() && loader_bytes < lib.len() as u64 / 2,
+        "libc's loader sections: {loader:x?} of {} bytes",
+        lib.len()
+    );
+    // A page of code no loader section covers, away from the file's start.
+    let text_page = (lib.len() as u64 / 2 / CHUNK) * CHUNK;
+    assert!(
+        !loader
+            .iter()
+            .any(|r| r.start < text_page + CHUNK && text_page < r.end)
+    );
+    let (bytes, h) = pack(tmp.path(), &[("libc.so.6", lib.clone())]);
+
+    for hints in [true, false] {
+        let src = Arc::new(MockSource::new(bytes.clone()));
+        let cache = tmp.path().join(format!("cache-{hints}"));
+        let fs = mount(
+            src.clone(),
+            &cache,
+            FetchConfig {
+                loader_hints: hints,
+                ..fetch_config(0)
+            },
+        );
+        let ino = ino(&fs, "libc.so.6");
+        let (fh, _) = fs.open(ino).unwrap();
+        assert_eq!(fs.read(ino, fh, 0, 4096).unwrap(), lib[..4096]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        if hints {
+            while fs.stats().loader_hint_files == 0 || fs.fetcher().pending() > 0 {
+                assert!(Instant::now() < deadline, "no hint: {:?}", fs.stats());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert_eq!(fs.stats().loader_hint_bytes, loader_bytes);
+        }
+        // The loader reads its sections: with hints, without a request.
+        let before = data_requests(&src, &h).len();
+        for r in &loader {
+            let got = fs.read(ino, fh, r.start, (r.end - r.start) as u32).unwrap();
+            assert_eq!(got, lib[r.start as usize..r.end as usize]);
+        }
+        let for_loader = data_requests(&src, &h).len() - before;
+        if hints {
+            assert_eq!(
+                for_loader, 0,
+                "hinted sections were read from the source again"
+            );
+        } else {
+            assert!(for_loader > 0);
+            assert_eq!(fs.stats().loader_hint_files, 0);
+        }
+        // Code is not part of the hint: reading it is a miss.
+        let before = data_requests(&src, &h).len();
+        let got = fs.read(ino, fh, text_page, 4096).unwrap();
+        assert_eq!(got, lib[text_page as usize..text_page as usize + 4096]);
+        assert_eq!(data_requests(&src, &h).len() - before, 1);
+        fs.release(fh);
+        fs.shutdown().unwrap();
+    }
 }

@@ -21,7 +21,16 @@
 //! and checked against their digests before use; chunks that fail are forgotten (and fetched
 //! again when needed).
 //!
-//! A lock file (`flock`) keeps two mounts from sharing one image cache.
+//! **Sharing.** Several mounts may use one image cache at once (two `incfs run`s of the same
+//! image, a `mount` and a `run`): they write the same verified bytes to the same backing
+//! files, and each flush merges its bits into the record under a lock, learning the chunks
+//! the others recorded ([`record::Record::merge`]), so none loses another's work and each
+//! serves what the others fetched. The locks ([`lock`]) tell an opening mount whether it is
+//! the only user: only then does it re-check chunks after an unclean stop (with others
+//! running, the record is theirs and sound: a bit is set only after its bytes are durable,
+//! and a process that dies loses nothing the page cache holds; a machine that stops stops
+//! every user, and the next opener is alone). Only the last user to close marks the record
+//! clean and writes the checkpoint. `incfs cache gc` never removes a cache in use.
 //!
 //! **Descriptors.** Backing files are opened on first use and kept open, at most
 //! [`FdBudget::open_files`] of them: beyond that the least recently used is closed (and
@@ -31,20 +40,22 @@
 //! yet seen by anyone is reported to a descriptor opened after it (the kernel's `errseq`).
 
 pub mod fds;
+pub mod gc;
+pub mod lock;
 pub mod offline;
 pub mod record;
+pub mod root;
 pub mod siblings;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -61,6 +72,12 @@ use siblings::SiblingChunks;
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 /// Pending chunks that trigger a flush before [`FLUSH_INTERVAL`] has passed.
 const FLUSH_BATCH: usize = 512;
+/// How often a mount with nothing to record reads the record for the chunks other mounts
+/// of the same image recorded (one read of the bitmap: 16 KiB for a 8 GiB image of 64 KiB
+/// chunks).
+const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+/// Times an opener retries when gc removed the cache directory while it waited for it.
+const OPEN_ATTEMPTS: usize = 8;
 
 /// Errors of the backing cache. Each names the file and what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -75,8 +92,8 @@ pub enum CacheError {
         /// The error.
         error: io::Error,
     },
-    /// Another process holds this image's cache.
-    #[error("{}: the cache is in use by another incfs mount (unmount it or use another --cache)", path.display())]
+    /// A mount uses this image's cache (so it was not removed).
+    #[error("{}: the cache is in use by an incfs mount (unmount it first)", path.display())]
     InUse {
         /// The image cache directory.
         path: PathBuf,
@@ -146,7 +163,8 @@ struct Shared {
     siblings: OnceLock<SiblingChunks>,
     seeded_chunks: AtomicU64,
     seeded_bytes: AtomicU64,
-    _lock: File,
+    /// The users' lock, held shared while the cache is open ([`lock`]).
+    users_lock: File,
 }
 
 /// The backing files open now, each with the tick of its last use.
@@ -196,6 +214,8 @@ pub struct RecoveryReport {
     pub rechecked: u64,
     /// Recorded chunks whose bytes no longer matched their digest (forgotten).
     pub dropped: u64,
+    /// Other mounts were using the cache when this one opened it (so it re-checked nothing).
+    pub shared: bool,
 }
 
 /// The verified-chunk cache of one image. Cheap to clone; shared by the fetch workers and
@@ -226,17 +246,11 @@ impl ChunkCache {
             let path = path.to_path_buf();
             move |error| CacheError::Io { path, what, error }
         };
-        fs::create_dir_all(&data_dir).map_err(io_err(&data_dir, "creating the cache directory"))?;
-        let lock_path = dir.join("lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path, "opening the cache lock"))?;
-        if !try_lock(&lock) {
-            return Err(CacheError::InUse { path: dir });
-        }
+        let OpenLocks {
+            open: _opening,
+            users: users_lock,
+            alone,
+        } = lock_for_open(&dir, &data_dir)?;
 
         let mut files: Vec<FileSlots> = manifest
             .inodes
@@ -263,10 +277,11 @@ impl ChunkCache {
         let (mut record, mut words) = Record::open(&dir.join("record"), chunk_count, *root)?;
         let recorded = words.iter().map(|w| u64::from(w.count_ones())).sum();
         let mut report = RecoveryReport {
-            unclean: !record.header().clean && recorded > 0,
+            unclean: alone && !record.header().clean && recorded > 0,
             recorded,
             rechecked: 0,
             dropped: 0,
+            shared: !alone,
         };
 
         let data_path = |inode: u32| data_dir.join(inode.to_string());
@@ -318,11 +333,19 @@ impl ChunkCache {
                 );
             }
         }
-        if report.unclean || checked != words {
+        if alone && (report.unclean || checked != words) {
             // Everything recorded now is known good: the next recovery starts from here.
             record::write_checkpoint(&checkpoint_path, chunk_count, root, &words)?;
         }
-        record.set_clean(false)?;
+        if record.header().clean {
+            record.set_clean(false)?;
+        }
+        if alone {
+            // Recovered: others may join now (a conversion, safe while `lock.open` is held).
+            lock::flock(&users_lock, lock::Mode::Shared)
+                .map_err(io_err(&dir, "locking the cache for sharing"))?;
+        }
+        touch(&users_lock);
 
         let shared = Shared {
             root: *root,
@@ -359,7 +382,7 @@ impl ChunkCache {
             siblings: OnceLock::new(),
             seeded_chunks: AtomicU64::new(0),
             seeded_bytes: AtomicU64::new(0),
-            _lock: lock,
+            users_lock,
         };
         for (wi, word) in words.iter().enumerate() {
             let mut bits = *word;
@@ -540,13 +563,15 @@ impl ChunkCache {
         })
     }
 
-    /// Makes every stored chunk durable and recorded now.
+    /// Makes every stored chunk durable and recorded now, and learns the chunks other
+    /// mounts of the image recorded.
     pub fn flush(&self) -> Result<(), CacheError> {
-        self.shared.flush()
+        self.shared.flush(true)
     }
 
-    /// Stops the background flush, records everything, and marks the record clean. Called
-    /// on unmount; a cache that is dropped without it counts as stopped uncleanly.
+    /// Stops the background flush, records everything and lets go of the cache; the last
+    /// of the mounts sharing it marks the record clean. Called on unmount; a cache that is
+    /// dropped without it counts as stopped uncleanly.
     pub fn close(&self) -> Result<(), CacheError> {
         if self.shared.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
@@ -556,11 +581,31 @@ impl ChunkCache {
         if let Some(h) = self.flusher.lock().take() {
             let _ = h.join();
         }
-        self.shared.flush()?;
-        let mut d = self.shared.durable.lock();
         let sh = &self.shared;
-        record::write_checkpoint(&sh.checkpoint_path, sh.chunk_count, &sh.root, &d.words)?;
-        d.record.set_clean(true)
+        sh.flush(false)?;
+        let io_err = |what: &'static str| {
+            let path = sh.dir.clone();
+            move |error| CacheError::Io { path, what, error }
+        };
+        let open_path = sh.dir.join(lock::OPEN_LOCK);
+        let opening = lock::open(&open_path).map_err(io_err("opening the cache lock"))?;
+        lock::flock(&opening, lock::Mode::Exclusive).map_err(io_err("locking the cache"))?;
+        touch(&sh.users_lock);
+        // The last user (no one else holds the users' lock) marks the record clean, with
+        // everything every user recorded in the checkpoint.
+        let last = lock::flock(&sh.users_lock, lock::Mode::TryExclusive)
+            .map_err(io_err("locking the cache"))?;
+        let result = if last {
+            sh.flush(true).and_then(|()| {
+                let mut d = sh.durable.lock();
+                record::write_checkpoint(&sh.checkpoint_path, sh.chunk_count, &sh.root, &d.words)?;
+                d.record.set_clean(true)
+            })
+        } else {
+            Ok(())
+        };
+        let _ = lock::unlock(&sh.users_lock);
+        result
     }
 }
 
@@ -634,6 +679,7 @@ impl Shared {
     }
 
     fn flush_loop(&self) {
+        let mut refreshed = Instant::now();
         loop {
             {
                 let mut d = self.durable.lock();
@@ -644,16 +690,22 @@ impl Shared {
             if self.stop.load(Ordering::Acquire) {
                 return;
             }
-            if let Err(e) = self.flush() {
+            let refresh = refreshed.elapsed() >= REFRESH_INTERVAL;
+            if refresh {
+                refreshed = Instant::now();
+            }
+            if let Err(e) = self.flush(refresh) {
                 tracing::error!(error = %e, "flushing the chunk cache failed; will retry");
             }
         }
     }
 
-    fn flush(&self) -> Result<(), CacheError> {
+    /// Makes the pending chunks durable and records them; with `refresh`, reads the record
+    /// for other mounts' chunks even when nothing is pending.
+    fn flush(&self, refresh: bool) -> Result<(), CacheError> {
         let (slots, files, created) = {
             let mut d = self.durable.lock();
-            if d.pending.slots.is_empty() {
+            if d.pending.slots.is_empty() && !refresh {
                 return Ok(());
             }
             let p = std::mem::replace(
@@ -675,23 +727,30 @@ impl Shared {
             d.pending.created |= created;
             return Err(e);
         }
-        let mut touched: Vec<usize> = Vec::with_capacity(slots.len());
+        let mut words = d.words.clone();
         for slot in &slots {
-            let wi = (*slot / 64) as usize;
-            if let Some(w) = d.words.get_mut(wi) {
+            if let Some(w) = words.get_mut((*slot / 64) as usize) {
                 *w |= 1 << (slot % 64);
-                touched.push(wi);
             }
         }
-        touched.sort_unstable();
-        touched.dedup();
-        for wi in touched {
-            let word = d.words[wi];
-            d.record.write_word(wi, word)?;
+        if let Err(e) = d.record.merge(&mut words) {
+            d.pending.slots.extend(slots);
+            d.pending.files.extend(files);
+            d.pending.created |= created;
+            return Err(e);
         }
-        d.record.sync()?;
-        self.durable_chunks
-            .fetch_add(slots.len() as u64, Ordering::Relaxed);
+        // What other mounts recorded is durable in the same backing files: local here too.
+        for (wi, w) in words.iter().enumerate() {
+            let mut learned = *w & !self.local[wi].load(Ordering::Acquire);
+            while learned != 0 {
+                let b = learned.trailing_zeros() as u64;
+                learned &= learned - 1;
+                self.mark_local(wi as u64 * 64 + b);
+            }
+        }
+        let durable = words.iter().map(|w| u64::from(w.count_ones())).sum();
+        d.words = words;
+        self.durable_chunks.store(durable, Ordering::Relaxed);
         Ok(())
     }
 
@@ -752,10 +811,58 @@ fn check_stored(
         && Digest::of(&buf) == entry.digest
 }
 
-fn try_lock(f: &File) -> bool {
-    // SAFETY: `f` is an open file descriptor for the duration of the call; flock has no
-    // other preconditions.
-    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+/// The locks an opening mount holds ([`lock`]).
+struct OpenLocks {
+    /// `lock.open`, exclusively, until the open is done.
+    open: File,
+    /// `lock`: exclusively when `alone`, else shared.
+    users: File,
+    /// No other mount uses the cache.
+    alone: bool,
+}
+
+/// Creates the image cache directory (again, if gc removed it meanwhile) and takes its locks
+/// for opening.
+fn lock_for_open(dir: &Path, data_dir: &Path) -> Result<OpenLocks, CacheError> {
+    let io_err = |path: &Path, what: &'static str| {
+        let path = path.to_path_buf();
+        move |error| CacheError::Io { path, what, error }
+    };
+    for _ in 0..OPEN_ATTEMPTS {
+        fs::create_dir_all(data_dir).map_err(io_err(data_dir, "creating the cache directory"))?;
+        let open_path = dir.join(lock::OPEN_LOCK);
+        let open = lock::open(&open_path).map_err(io_err(&open_path, "opening the cache lock"))?;
+        lock::flock(&open, lock::Mode::Exclusive)
+            .map_err(io_err(&open_path, "locking the cache"))?;
+        if !lock::still_at(&open, &open_path) {
+            // gc removed the cache while this mount waited for the lock: make it again.
+            continue;
+        }
+        let users_path = dir.join(lock::USERS_LOCK);
+        let users =
+            lock::open(&users_path).map_err(io_err(&users_path, "opening the cache lock"))?;
+        // Anyone else holds `lock` only shared while we hold `lock.open`: no wait here.
+        let alone = lock::flock(&users, lock::Mode::TryExclusive)
+            .map_err(io_err(&users_path, "locking the cache"))?;
+        if !alone {
+            lock::flock(&users, lock::Mode::Shared)
+                .map_err(io_err(&users_path, "locking the cache"))?;
+        }
+        return Ok(OpenLocks { open, users, alone });
+    }
+    Err(CacheError::Io {
+        path: dir.to_path_buf(),
+        what: "opening the cache",
+        error: io::Error::other("the directory was removed again and again while opening it"),
+    })
+}
+
+/// Notes now as the cache's last use (the users' lock's mtime; gc evicts the least
+/// recently used first).
+fn touch(users_lock: &File) {
+    if let Err(error) = users_lock.set_modified(SystemTime::now()) {
+        tracing::debug!(%error, "cannot note the cache's last use");
+    }
 }
 
 /// One image cache found under a cache directory.
@@ -775,6 +882,9 @@ pub struct CacheInfo {
     pub clean: bool,
     /// True when a mount holds it now.
     pub in_use: bool,
+    /// When a mount last opened or closed it (milliseconds since the epoch; 0 when
+    /// unknown).
+    pub last_used_ms: u64,
 }
 
 /// Lists the image caches under `cache_dir`.
@@ -800,12 +910,15 @@ pub fn stat_dir(cache_dir: &Path) -> Result<Vec<CacheInfo>, CacheError> {
             .chunks_exact(8)
             .map(|w| w.iter().map(|b| b.count_ones() as u64).sum::<u64>())
             .sum();
-        let in_use = OpenOptions::new()
-            .write(true)
-            .open(dir.join("lock"))
-            .map(|f| !try_lock(&f))
-            .unwrap_or(false);
+        let in_use = lock::in_use(&dir);
+        let last_used_ms = fs::metadata(dir.join(lock::USERS_LOCK))
+            .or_else(|_| fs::metadata(&rec))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         out.push(CacheInfo {
+            last_used_ms,
             root: e.file_name().to_string_lossy().into_owned(),
             chunks_total: header.map_or(0, |h| h.chunk_count),
             chunks_recorded: recorded,
@@ -826,16 +939,11 @@ pub fn clear_dir(cache_dir: &Path) -> Result<Vec<PathBuf>, CacheError> {
     let mut removed = Vec::new();
     let mut busy = None;
     for info in stat_dir(cache_dir)? {
-        if info.in_use {
+        if gc::remove_unused(cache_dir, &info.dir)? {
+            removed.push(info.dir);
+        } else {
             busy = Some(info.dir);
-            continue;
         }
-        fs::remove_dir_all(&info.dir).map_err(|error| CacheError::Io {
-            path: info.dir.clone(),
-            what: "removing the image cache",
-            error,
-        })?;
-        removed.push(info.dir);
     }
     match busy {
         Some(path) => Err(CacheError::InUse { path }),
@@ -872,7 +980,7 @@ impl Drop for ChunkCache {
         if let Some(h) = self.flusher.lock().take() {
             let _ = h.join();
         }
-        if let Err(e) = self.shared.flush() {
+        if let Err(e) = self.shared.flush(false) {
             tracing::error!(error = %e, "flushing the chunk cache on drop failed");
         }
     }

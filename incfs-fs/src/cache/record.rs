@@ -208,6 +208,48 @@ impl Record {
             })
     }
 
+    /// Merges `words` with the bitmap on disk, under an exclusive lock of the record file
+    /// (mounts sharing the cache merge one at a time): the disk gets the bits of `words` it
+    /// lacks, durably, and `words` gets the bits other mounts recorded. A bit is only ever
+    /// added, never cleared, so no mount loses another's.
+    pub fn merge(&self, words: &mut [u64]) -> Result<(), CacheError> {
+        let err = |what: &'static str| {
+            let path = self.path.clone();
+            move |error| CacheError::Io { path, what, error }
+        };
+        super::lock::flock(&self.file, super::lock::Mode::Exclusive)
+            .map_err(err("locking the chunk record"))?;
+        let merged = self.merge_locked(words);
+        let unlocked = super::lock::unlock(&self.file).map_err(err("unlocking the chunk record"));
+        merged.and(unlocked)
+    }
+
+    fn merge_locked(&self, words: &mut [u64]) -> Result<(), CacheError> {
+        let mut disk = vec![0u8; words.len() * 8];
+        self.file
+            .read_exact_at(&mut disk, RECORD_HEADER_LEN)
+            .map_err(|error| CacheError::Io {
+                path: self.path.clone(),
+                what: "reading the chunk record",
+                error,
+            })?;
+        let mut wrote = false;
+        for (i, (w, d)) in words.iter_mut().zip(disk.chunks_exact(8)).enumerate() {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(d);
+            let on_disk = u64::from_le_bytes(a);
+            if *w & !on_disk != 0 {
+                self.write_word(i, *w | on_disk)?;
+                wrote = true;
+            }
+            *w |= on_disk;
+        }
+        if wrote {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
     /// Makes written words durable.
     pub fn sync(&self) -> Result<(), CacheError> {
         self.file.sync_data().map_err(|error| CacheError::Io {

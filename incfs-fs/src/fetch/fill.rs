@@ -28,7 +28,7 @@ use parking_lot::{Condvar, Mutex};
 
 use super::{Fetcher, Priority};
 use crate::format::SEGMENT_ENTRIES;
-use crate::link::TokenBucket;
+use crate::rate::TokenBucket;
 
 /// Tunables of the fill.
 #[derive(Debug, Clone, Default)]

@@ -14,7 +14,8 @@
 //! [`FetchConfig::miss_amplify_bytes`] (Nydus's `amplify_io`), since a start that faults a
 //! page of a library usually faults its neighbours next. A prefetch request bridges gaps of
 //! up to [`FetchConfig::bridge_gap_bytes`] between planned chunks, so a plan on an image
-//! that was not laid out for it travels as fewer, longer requests.
+//! that was not laid out for it travels as fewer, longer requests. An ELF file no plan
+//! covers has the sections the dynamic loader will read queued at its first read ([`elf`]).
 //!
 //! **Workers.** [`FetchConfig::workers`] threads take the first slot of the highest
 //! non-empty queue and extend it with the chunks that follow it in the image's data section,
@@ -35,6 +36,7 @@
 //! an error once it has waited [`FetchConfig::retry_timeout`], whatever the source does, and
 //! a worker that panics fails its slots instead of leaving them in flight.
 
+pub mod elf;
 pub mod fill;
 pub mod readahead;
 
@@ -94,6 +96,10 @@ pub struct FetchConfig {
     pub bridge_gap_bytes: u64,
     /// The per-file read-ahead policy.
     pub readahead: ReadAheadConfig,
+    /// When a file no plan covers turns out to be an ELF library or executable at its
+    /// first read, queue the sections the dynamic loader reads ([`elf`]) at prefetch
+    /// priority. Default on.
+    pub loader_hints: bool,
     /// Attempts per request before its chunks fail. Default 20 ([`RetryPolicy`]).
     pub max_attempts: u32,
     /// Wait before the first retry; doubles each time, jittered. Default 50 ms.
@@ -131,6 +137,7 @@ impl Default for FetchConfig {
             miss_amplify_bytes: 256 * 1024,
             bridge_gap_bytes: 16 * 1024,
             readahead: ReadAheadConfig::default(),
+            loader_hints: true,
             max_attempts: RetryPolicy::default().max_attempts,
             initial_backoff: RetryPolicy::default().initial_backoff,
             max_backoff: RetryPolicy::default().max_backoff,

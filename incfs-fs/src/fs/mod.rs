@@ -13,6 +13,7 @@
 //! one per read that reached the file system (`ns`: nanoseconds since the Unix epoch).
 
 pub mod fuse;
+mod loader_hints;
 pub mod push;
 
 use std::collections::{HashMap, HashSet};
@@ -28,7 +29,9 @@ use crate::cache::fds::FdPermit;
 use crate::cache::offline;
 use crate::cache::{CacheError, ChunkCache, RecoveryReport};
 use crate::fetch::fill::{FillConfig, FillStats, Filler};
-use crate::fetch::{Completion, FetchConfig, FetchError, FetchStats, Fetcher, FileRead, ReadAhead};
+use crate::fetch::{
+    Completion, FetchConfig, FetchError, FetchStats, Fetcher, FileRead, ReadAhead, elf,
+};
 use crate::format::{
     Digest, FormatError, Header, ImageHead, Inode, InodeKind, Manifest, ROOT_INODE, read_head,
 };
@@ -314,6 +317,13 @@ pub struct Stats {
     /// cached open of their file ([`push`]).
     #[serde(default)]
     pub pushed_bytes: u64,
+    /// ELF files no plan covered whose loader sections were queued at their first read
+    /// ([`crate::fetch::elf`]).
+    #[serde(default)]
+    pub loader_hint_files: u64,
+    /// Bytes (file bytes, before compression) of the loader sections queued.
+    #[serde(default)]
+    pub loader_hint_bytes: u64,
     /// Chunks read back and checked at mount after an unclean stop (those recorded since
     /// the last checkpoint).
     #[serde(default)]
@@ -396,6 +406,8 @@ struct Counters {
     read_log_dropped: AtomicU64,
     bytes_used: AtomicU64,
     pushed_bytes: AtomicU64,
+    loader_hint_files: AtomicU64,
+    loader_hint_bytes: AtomicU64,
 }
 
 /// The file system core over one image.
@@ -428,6 +440,10 @@ pub struct IncFs {
     mount_time: SystemTime,
     /// Started without the source.
     offline: bool,
+    /// The loader-hint thread's queue, once a first ELF file is seen.
+    loader_hints: OnceLock<std::sync::mpsc::Sender<loader_hints::LoaderHint>>,
+    /// Files whose loader sections were considered (each once).
+    loader_hinted: Mutex<HashSet<u32>>,
 }
 
 impl IncFs {
@@ -578,6 +594,8 @@ impl IncFs {
             used_stored: Mutex::new(HashSet::new()),
             mount_time: SystemTime::now(),
             offline,
+            loader_hints: OnceLock::new(),
+            loader_hinted: Mutex::new(HashSet::new()),
         })
     }
 
@@ -1069,7 +1087,20 @@ impl IncFs {
                     .blocked_us
                     .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             }
-            reply(fs.finish_read(idx, first_chunk, first..last + 1, offset..end, r));
+            let result = fs.finish_read(idx, first_chunk, first..last + 1, offset..end, r);
+            // The ELF header, when this is a file's first bytes and no plan knows the file.
+            let head = match &result {
+                Ok(b) if offset == 0 && !planned && b.len() >= elf::HEADER_LEN => {
+                    let mut h = [0u8; elf::HEADER_LEN];
+                    h.copy_from_slice(&b[..elf::HEADER_LEN]);
+                    Some(h)
+                }
+                _ => None,
+            };
+            reply(result);
+            if let Some(h) = head {
+                fs.hint_loader(idx, first_chunk, fsize, &h);
+            }
         });
         // Taken out for the call: the scheduler may answer at once (all local), and the
         // answer must not find the handles locked.
@@ -1244,6 +1275,8 @@ impl IncFs {
             passthrough_opens: c.passthrough_opens.load(Ordering::Relaxed),
             cached_opens: c.cached_opens.load(Ordering::Relaxed),
             pushed_bytes: c.pushed_bytes.load(Ordering::Relaxed),
+            loader_hint_files: c.loader_hint_files.load(Ordering::Relaxed),
+            loader_hint_bytes: c.loader_hint_bytes.load(Ordering::Relaxed),
             recovered_rechecked: rec.rechecked,
             recovered_dropped: rec.dropped,
             recovered_unclean: rec.unclean,

@@ -37,7 +37,7 @@ use crate::retry::RetryPolicy;
 pub const REQUEST_KIND_HEADER: &str = "x-incfs-request";
 
 /// Most bytes reserved before a response's body arrives.
-const MAX_PREALLOC: usize = 16 << 20;
+pub(super) const MAX_PREALLOC: usize = 16 << 20;
 
 /// How an [`HttpSource`] talks to its server.
 #[derive(Debug, Clone)]
@@ -106,11 +106,7 @@ impl HttpSource {
                 "{url}: only http:// and https:// URLs are HTTP sources"
             )));
         }
-        let mut name = parsed.clone();
-        if name.query().is_some() {
-            name.set_query(Some("…"));
-        }
-        let name = name.to_string();
+        let name = redacted(&parsed);
         let unusable = |what: &str, e: &dyn std::error::Error| {
             SourceError::Unusable(format!("{name}: {what}: {}", error_chain(e)))
         };
@@ -457,7 +453,7 @@ impl Drop for HttpSource {
 }
 
 /// Parses `bytes A-B/TOTAL` (TOTAL may be `*`) into `(A, B, Some(TOTAL))`.
-fn parse_content_range(s: &str) -> Option<(u64, u64, Option<u64>)> {
+pub(super) fn parse_content_range(s: &str) -> Option<(u64, u64, Option<u64>)> {
     let rest = s.trim().strip_prefix("bytes")?.trim_start();
     let (range, total) = rest.split_once('/')?;
     let (a, b) = range.trim().split_once('-')?;
@@ -478,8 +474,20 @@ fn header_u64(h: &HeaderMap, name: reqwest::header::HeaderName) -> Option<u64> {
     header_str(h, name)?.trim().parse().ok()
 }
 
+/// `url` for messages and logs, its query (which may hold credentials or a pre-signed
+/// URL's signature) shown as `…`.
+pub(crate) fn redacted(url: &reqwest::Url) -> String {
+    // (`?%E2%80%A6` once encoded: this is also the source's name, under which its cache
+    // is found offline, so it must not change.)
+    let mut u = url.clone();
+    if u.query().is_some() {
+        u.set_query(Some("…"));
+    }
+    u.to_string()
+}
+
 /// "outer: inner: innermost", since reqwest's Display shows only the outer layer.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(inner) = cur {

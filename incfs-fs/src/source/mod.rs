@@ -1,12 +1,18 @@
-//! Where image bytes come from: a local file, an HTTP(S) server, or a test double.
+//! Where image bytes come from: a local file, an HTTP(S) server, an OCI registry
+//! ([`oci`]), an S3(-compatible) bucket, or a test double.
 //!
 //! Every request is tagged with why it is made ([`RequestKind`]), so logs, stats and the
 //! server can tell demand misses from prefetch.
 
+#[cfg(feature = "testing")]
 mod failing;
 mod file;
 mod http;
+#[cfg(feature = "testing")]
 mod mock;
+pub mod oci;
+mod s3;
+#[cfg(feature = "testing")]
 mod throttled;
 
 use std::fmt;
@@ -15,10 +21,14 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "testing")]
 pub use failing::{FailingSource, FailureKind, FailurePlan};
 pub use file::FileSource;
 pub use http::{HttpConfig, HttpSource, REQUEST_KIND_HEADER};
+#[cfg(feature = "testing")]
 pub use mock::{MockRequest, MockSource};
+pub use s3::S3Source;
+#[cfg(feature = "testing")]
 pub use throttled::ThrottledSource;
 
 use crate::format::RangeRead;
@@ -272,12 +282,7 @@ impl OfflineSource {
         // Named as the HTTP source would name itself: without the query (which may hold
         // credentials), so that its cache is found under the same name.
         let name = match reqwest::Url::parse(spec) {
-            Ok(mut url) if matches!(url.scheme(), "http" | "https") => {
-                if url.query().is_some() {
-                    url.set_query(Some("…"));
-                }
-                url.to_string()
-            }
+            Ok(url) if matches!(url.scheme(), "http" | "https") => http::redacted(&url),
             _ => spec.to_string(),
         };
         OfflineSource {
@@ -320,8 +325,8 @@ pub fn open_or_offline(spec: &str, retry: &RetryPolicy) -> Result<Arc<dyn Source
     }
 }
 
-/// Opens a source from what a user typed: a path, a `file://` URL, or an `http(s)://` URL
-/// (with [`HttpConfig::default`]).
+/// Opens a source from what a user typed: a path, a `file://` URL, an `http(s)://` URL
+/// (with [`HttpConfig::default`]), an `oci://` registry reference, or an `s3://BUCKET/KEY` URL.
 pub fn open(spec: &str) -> Result<Arc<dyn Source>, SourceError> {
     open_with(spec, &HttpConfig::default())
 }
@@ -332,7 +337,7 @@ pub fn open_for(spec: &str, retry: &RetryPolicy) -> Result<Arc<dyn Source>, Sour
     open_with(spec, &HttpConfig::for_policy(retry))
 }
 
-/// Like [`open`], with `http` for an HTTP(S) URL.
+/// Like [`open`], with `http` for an HTTP(S) URL or a registry.
 pub fn open_with(spec: &str, http: &HttpConfig) -> Result<Arc<dyn Source>, SourceError> {
     if let Some(path) = spec.strip_prefix("file://") {
         return Ok(Arc::new(FileSource::open(path.as_ref())?));
@@ -340,9 +345,16 @@ pub fn open_with(spec: &str, http: &HttpConfig) -> Result<Arc<dyn Source>, Sourc
     if spec.starts_with("http://") || spec.starts_with("https://") {
         return Ok(Arc::new(HttpSource::open(spec, http)?));
     }
+    if oci::is_oci(spec) {
+        return Ok(Arc::new(oci::open(spec, http)?));
+    }
+    if spec.starts_with(s3::SCHEME) {
+        return Ok(Arc::new(S3Source::open(spec, http)?));
+    }
     if let Some((scheme, _)) = spec.split_once("://") {
         return Err(SourceError::Unusable(format!(
-            "{spec}: unsupported scheme {scheme:?} (use a path, file://, http:// or https://)"
+            "{spec}: unsupported scheme {scheme:?} (use a path, file://, http://, https://, \
+             oci:// or s3://)"
         )));
     }
     Ok(Arc::new(FileSource::open(spec.as_ref())?))

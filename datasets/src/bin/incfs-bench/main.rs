@@ -247,6 +247,31 @@ pub struct Results {
 /// mount) and no background fill (it would complete files, and they are not measured).
 const SETUP_RUN: [&str; 3] = ["run", "--no-passthrough", "--no-fill"];
 
+/// A fresh, empty cache directory for one `incfs run`, removed when dropped: without
+/// `--cache`, a run would use the lasting per-user cache, and start warm.
+struct FreshCache(PathBuf);
+
+impl FreshCache {
+    /// `out/incfs-cache-NAME`, emptied.
+    fn new(out: &Path, name: &str) -> Result<Self> {
+        let dir = out.join(format!("incfs-cache-{name}"));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("emptying {}", dir.display()))?;
+        }
+        Ok(FreshCache(dir))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for FreshCache {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// What the methods share: paths, servers, images.
 struct Ctx {
     incfs: PathBuf,
@@ -368,9 +393,12 @@ fn main() -> Result<()> {
 
     eprintln!("[bench] measuring the demand set (one unmeasured run without plan)");
     let demand_log = out.join("demand.read-log");
+    let cache = FreshCache::new(&out, "demand")?;
     check(
         Command::new(&incfs)
             .args(SETUP_RUN)
+            .arg("--cache")
+            .arg(cache.path())
             .args(["--image", &fast.url("image.img"), "--read-log-out"])
             .arg(&demand_log)
             .arg("--")
@@ -670,7 +698,9 @@ fn run_method(ctx: &Ctx, m: Method, round: usize) -> Result<Sample> {
         | Method::IncfsPlanMountRecorded => {
             let stats_file = scratch.join("run-stats.json");
             let mut cmd = Command::new(&ctx.incfs);
+            // `scratch` is emptied before every run: a cold cache.
             cmd.arg("run").arg("--stats-json").arg(&stats_file);
+            cmd.arg("--cache").arg(scratch.join("incfs-cache"));
             match m {
                 Method::IncfsLazy => {
                     cmd.args(["--image", &ctx.img_url]);
@@ -746,6 +776,7 @@ impl PlanSetup<'_> {
             if matches!(source_used, PlanSource::Auto | PlanSource::Trace) {
                 let trace = self.out.join(format!("plan-run-{tag}-{i}.parquet"));
                 let mut cmd = Command::new(self.incfs);
+                let cache = FreshCache::new(self.out, &format!("plan-{tag}-{i}"))?;
                 match how {
                     // The README's way: the tree on local disk, read through the
                     // recorder's readahead-0 view.
@@ -759,6 +790,8 @@ impl PlanSetup<'_> {
                     }
                     Recorded::Mount => {
                         cmd.args(SETUP_RUN)
+                            .arg("--cache")
+                            .arg(cache.path())
                             .args(["--image", &self.image_url, "--"])
                             .arg(self.incfs)
                             .args(["record-trace", "-o"])
@@ -784,9 +817,12 @@ impl PlanSetup<'_> {
             }
             if !done {
                 let log = self.out.join(format!("plan-run-{tag}-{i}.read-log"));
+                let cache = FreshCache::new(self.out, &format!("plan-{tag}-{i}"))?;
                 check(
                     Command::new(self.incfs)
                         .args(SETUP_RUN)
+                        .arg("--cache")
+                        .arg(cache.path())
                         .args(["--image", &self.image_url, "--read-log-out"])
                         .arg(&log)
                         .arg("--")

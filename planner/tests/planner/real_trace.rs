@@ -3,9 +3,9 @@
 
 use std::ffi::OsString;
 use std::path::Path;
-use std::process::Command;
 
 use incfs_datasets::require::{Need, require};
+use incfs_datasets::trees::{self, Workload};
 use incfs_fs::format::{PackOptions, pack_dir};
 use incfs_planner::image_index::ImageIndex;
 use incfs_planner::input::load_input;
@@ -25,9 +25,7 @@ fn clang_cold_traces_plan_a_small_share_of_the_image() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let tree = tmp.path().join("clang");
-    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../datasets/clang/build-tree.sh");
-    assert!(Command::new(recipe).arg(&tree).status().unwrap().success());
+    let tree = trees::shared(Workload::Clang, Path::new(env!("CARGO_TARGET_TMPDIR"))).unwrap();
     let image = tmp.path().join("clang.img");
     pack_dir(&tree, &image, &PackOptions::default(), &()).unwrap();
 

@@ -3,13 +3,10 @@
 //! (`fuzz/harness.rs`, `fuzz/trace_harness.rs`), on the stable toolchain: every input must be handled without a
 //! panic, and the properties the harness asserts must hold.
 
-#[path = "../../fuzz/harness.rs"]
-mod harness;
-#[path = "../../fuzz/trace_harness.rs"]
-mod trace_harness;
-
 use std::fs;
 use std::path::{Path, PathBuf};
+
+use crate::{harness, trace_harness};
 
 /// The files of `fuzz/DIR/TARGET`, sorted; none when the directory does not exist.
 fn inputs(dir: &str, target: &str) -> Vec<PathBuf> {

@@ -1,10 +1,8 @@
 //! The planner on synthetic traces with known answers.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::*;
+use crate::common::*;
 use incfs_fs::format::Digest;
 use incfs_fs::plan::PrefetchPlan;
 use incfs_planner::PlannerError;
