@@ -402,6 +402,19 @@ impl ChunkCache {
             .name("incfs-flush".into())
             .spawn(move || bg.flush_loop())
             .map_err(io_err(&dir, "starting the cache flush thread"))?;
+        // The siblings' index is built in the background from now, so a start's first miss
+        // does not wait for all of it (it waits only for what is left, in `seed`). Not
+        // needed by an image that is whole already; if the thread cannot start, the first
+        // `seed` builds it.
+        if shared.local_chunks.load(Ordering::Relaxed) < shared.chunk_count {
+            let bg = Arc::clone(&shared);
+            let _ = std::thread::Builder::new()
+                .name("incfs-siblings".into())
+                .spawn(move || {
+                    bg.siblings
+                        .get_or_init(|| SiblingChunks::scan(&bg.cache_dir, &bg.root));
+                });
+        }
         Ok(ChunkCache {
             shared,
             flusher: Arc::new(Mutex::new(Some(flusher))),
