@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use incfs_fs::format::{
     Digest, Image, InodeKind, MAX_FRAME_LEN, PackOptions, RelayoutOptions, RelayoutSummary,
-    pack_dir, relayout as relayout_image,
+    pack_dir, relayout_on_base,
 };
 use incfs_fs::plan::PrefetchPlan;
 use serde::Serialize;
@@ -100,9 +100,24 @@ pub struct HotArgs {
     /// zstd level of the frames of planned chunks, 1..=22.
     #[arg(long, default_value_t = 19)]
     hot_level: i32,
+    /// Lay the image out as an update of this older image: a frame of planned chunks holds
+    /// only chunks the old image has or only chunks it lacks, so a reader with the old image
+    /// cached fetches no frame for the chunks it has (`incfs diff` counts them).
+    #[arg(long, value_name = "OLD_IMAGE")]
+    base: Option<PathBuf>,
 }
 
 impl HotArgs {
+    /// The chunk digests of the `--base` image (none without it).
+    fn base_digests(&self) -> anyhow::Result<HashSet<Digest>> {
+        let Some(base) = &self.base else {
+            return Ok(HashSet::new());
+        };
+        let img = Image::open_path(base, None)
+            .with_context(|| format!("opening the --base image {}", base.display()))?;
+        Ok(img.table().entries().iter().map(|e| e.digest).collect())
+    }
+
     fn options(&self) -> anyhow::Result<RelayoutOptions> {
         if !(1..=22).contains(&self.hot_level) {
             anyhow::bail!("--hot-level {}: must be 1..=22", self.hot_level);
@@ -170,6 +185,13 @@ pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
         chunk_size: u32::try_from(a.chunk_size).unwrap_or(u32::MAX),
         level: a.level,
     };
+    if a.hot.base.is_some() && a.order.is_empty() {
+        anyhow::bail!(
+            "--base lays out the planned chunks of a hot-first image: give --order too (without \
+             it, fixed chunks already line up with any image packed at the same chunk size)"
+        );
+    }
+    let base = a.hot.base_digests()?;
     let bar = PackBar(bytes_bar("packing"));
     // With --order, pack into a temporary image beside the output, then relay it out.
     let unordered = if a.order.is_empty() {
@@ -200,6 +222,7 @@ pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
             &a.output,
             a.plan_out.clone(),
             &a.hot.options()?,
+            &base,
         )?;
         s.root_digest = r.root_digest;
         s.image_bytes = r.image_bytes;
@@ -530,6 +553,7 @@ fn order_image(
     output: &std::path::Path,
     plan_out: Option<PathBuf>,
     hot_opts: &RelayoutOptions,
+    base: &HashSet<Digest>,
 ) -> anyhow::Result<(RelayoutSummary, PathBuf)> {
     let img = Image::open_path(packed, None)
         .with_context(|| format!("opening the packed image {}", packed.display()))?;
@@ -561,7 +585,7 @@ fn order_image(
         }
     };
     let hot = plan.slots(&named, img.manifest())?;
-    let r = relayout_image(&img, &hot, output, hot_opts)
+    let r = relayout_on_base(&img, &hot, base, output, hot_opts)
         .with_context(|| format!("writing {} hot-first", output.display()))?;
     let plan_out = plan_out.unwrap_or_else(|| {
         let mut p = output.to_path_buf().into_os_string();
@@ -578,13 +602,15 @@ pub fn relayout(a: RelayoutArgs) -> anyhow::Result<ExitCode> {
     let plan = PrefetchPlan::load(&a.plan)?;
     plan.check_image(&a.plan, &img.root_digest())?;
     let hot = plan.slots(&a.plan, img.manifest())?;
-    let s = relayout_image(&img, &hot, &a.output, &a.hot.options()?).with_context(|| {
-        format!(
-            "relaying out {} into {}",
-            a.image.display(),
-            a.output.display()
-        )
-    })?;
+    let base = a.hot.base_digests()?;
+    let s =
+        relayout_on_base(&img, &hot, &base, &a.output, &a.hot.options()?).with_context(|| {
+            format!(
+                "relaying out {} into {}",
+                a.image.display(),
+                a.output.display()
+            )
+        })?;
     let plan_out = a.plan_out.unwrap_or_else(|| {
         let mut p = a.output.clone().into_os_string();
         p.push(".plan.json");

@@ -14,6 +14,7 @@ mod progress;
 mod record_cmds;
 mod run_cmd;
 mod serve_cmd;
+mod update_cmds;
 mod util;
 
 use std::io::Write;
@@ -66,6 +67,8 @@ enum Command {
     Trace(plan_cmds::TraceArgs),
     /// Turn traces into a prefetch plan for an image (`incfs plan report` scores one).
     Plan(plan_cmds::PlanArgs),
+    /// Compare two images: the chunks and bytes the new one shares with the old one.
+    Diff(update_cmds::DiffArgs),
     /// Run a command under the eBPF recorder and write the pages its process tree touched.
     RecordTrace(record_cmds::RecordTraceArgs),
 }
@@ -95,6 +98,7 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Cache(a) => mount_cmds::cache(a),
         Command::Trace(a) => plan_cmds::trace(a),
         Command::Plan(a) => plan_cmds::plan(a),
+        Command::Diff(a) => update_cmds::diff(a),
         Command::RecordTrace(a) => record_cmds::record_trace(a),
     }
 }

@@ -43,6 +43,8 @@ pub struct PlanArgs {
 enum PlanCommand {
     /// Score a plan: bytes vs the image, leave-one-out hit rate and over-fetch, a timeline.
     Report(ReportArgs),
+    /// Carry a plan over to a new version of its image, where its chunks survive.
+    Carry(crate::update_cmds::CarryArgs),
 }
 
 #[derive(Args)]
@@ -172,8 +174,10 @@ struct PlanJson<'a> {
 
 /// Runs `incfs plan ...`.
 pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
-    if let Some(PlanCommand::Report(r)) = args.command {
-        return plan_report(r);
+    match args.command {
+        Some(PlanCommand::Report(r)) => return plan_report(r),
+        Some(PlanCommand::Carry(c)) => return crate::update_cmds::carry(c),
+        None => {}
     }
     let Some(output) = args.output else {
         anyhow::bail!("give the plan file to write with -o PLAN");

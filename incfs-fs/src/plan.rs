@@ -1,6 +1,8 @@
 //! The prefetch manifest: an ordered list of chunk ranges to fetch before a program asks for
 //! them, bound to one image by its root digest (see `docs/prefetch-manifest.md`).
 
+pub mod carry;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 

@@ -45,25 +45,27 @@ pub mod lock;
 pub mod offline;
 pub mod record;
 pub mod root;
+pub mod siblings;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::format::{Digest, InodeKind, Manifest};
+use crate::format::{ChunkEntry, Digest, InodeKind, Manifest};
 use crate::source::RequestKind;
 use crate::table::LazyTable;
 
 use fds::{FdBudget, FdPermit};
 use record::Record;
+use siblings::SiblingChunks;
 
 /// How long stored chunks may wait before the background flush makes them durable and
 /// records them: short enough that a crash loses little, long enough to batch fdatasyncs.
@@ -155,6 +157,12 @@ struct Shared {
     stop: AtomicBool,
     closed: AtomicBool,
     recovered: RecoveryReport,
+    /// The cache directory this image's cache lies in, and the other images' chunks found
+    /// there (scanned at the first [`ChunkCache::seed`]).
+    cache_dir: PathBuf,
+    siblings: OnceLock<SiblingChunks>,
+    seeded_chunks: AtomicU64,
+    seeded_bytes: AtomicU64,
     /// The users' lock, held shared while the cache is open ([`lock`]).
     users_lock: File,
 }
@@ -370,6 +378,10 @@ impl ChunkCache {
             stop: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             recovered: report,
+            cache_dir: cache_dir.to_path_buf(),
+            siblings: OnceLock::new(),
+            seeded_chunks: AtomicU64::new(0),
+            seeded_bytes: AtomicU64::new(0),
             users_lock,
         };
         for (wi, word) in words.iter().enumerate() {
@@ -390,6 +402,19 @@ impl ChunkCache {
             .name("incfs-flush".into())
             .spawn(move || bg.flush_loop())
             .map_err(io_err(&dir, "starting the cache flush thread"))?;
+        // The siblings' index is built in the background from now, so a start's first miss
+        // does not wait for all of it (it waits only for what is left, in `seed`). Not
+        // needed by an image that is whole already; if the thread cannot start, the first
+        // `seed` builds it.
+        if shared.local_chunks.load(Ordering::Relaxed) < shared.chunk_count {
+            let bg = Arc::clone(&shared);
+            let _ = std::thread::Builder::new()
+                .name("incfs-siblings".into())
+                .spawn(move || {
+                    bg.siblings
+                        .get_or_init(|| SiblingChunks::scan(&bg.cache_dir, &bg.root));
+                });
+        }
         Ok(ChunkCache {
             shared,
             flusher: Arc::new(Mutex::new(Some(flusher))),
@@ -463,6 +488,49 @@ impl ChunkCache {
             }
         }
         Ok(())
+    }
+
+    /// Stores `slot` from another image's cache under the same cache directory when one
+    /// holds a chunk with the digest `entry` (the slot's verified chunk-table entry) names,
+    /// its bytes checked against that digest first ([`siblings`]). True when the chunk is
+    /// local now; false when it must be fetched.
+    pub fn seed(&self, slot: u64, entry: &ChunkEntry) -> bool {
+        let sh = &self.shared;
+        if sh.is_local(slot) {
+            return true;
+        }
+        let siblings = sh
+            .siblings
+            .get_or_init(|| SiblingChunks::scan(&sh.cache_dir, &sh.root));
+        let Some(data) = siblings.read(entry) else {
+            return false;
+        };
+        match self.store(slot, &data) {
+            Ok(()) => {
+                sh.seeded_chunks.fetch_add(1, Ordering::Relaxed);
+                sh.seeded_bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                true
+            }
+            Err(error) => {
+                tracing::warn!(slot, %error, "storing a chunk copied from a sibling image cache failed");
+                false
+            }
+        }
+    }
+
+    /// True when a sibling image cache holds the chunk `entry` describes (as far as the
+    /// index built at the first [`ChunkCache::seed`] knows; false before it). No I/O.
+    pub fn sibling_holds(&self, entry: &ChunkEntry) -> bool {
+        self.shared.siblings.get().is_some_and(|s| s.holds(entry))
+    }
+
+    /// Chunks and bytes [`ChunkCache::seed`] took from sibling image caches.
+    pub fn seeded(&self) -> (u64, u64) {
+        (
+            self.shared.seeded_chunks.load(Ordering::Relaxed),
+            self.shared.seeded_bytes.load(Ordering::Relaxed),
+        )
     }
 
     /// Reads `buf.len()` bytes of file `inode` at `offset` from its backing file. The caller

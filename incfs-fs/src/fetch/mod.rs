@@ -357,8 +357,11 @@ impl Fetcher {
         if let Err(e) = self.inner.table.load(slots, priority.kind()) {
             tracing::warn!(error = %e, "not queueing chunks whose table entries did not load");
         }
+        // Chunks another image's cache holds are copied here, before they are queued, so a
+        // plan's requests are not cut into pieces around them in a worker.
+        let slots = self.inner.seed(slots.to_vec());
         let mut st = self.inner.state.lock();
-        if self.inner.queue(&mut st, slots, priority, false) {
+        if self.inner.queue(&mut st, &slots, priority, false) {
             self.inner.work.notify_all();
         }
     }
@@ -804,6 +807,13 @@ impl Inner {
             };
             // Neither local nor queued or in flight anywhere: free to take along.
             let free = |st: &State, s: u64| !st.slots.contains_key(&s) && !self.cache.is_local(s);
+            // Held by another image's cache: copied, not fetched, so a request widened or
+            // bridged over it would be cut in two (see `seed`).
+            let held = |s: u64| {
+                self.table
+                    .get(s)
+                    .is_some_and(|e| self.cache.sibling_holds(&e))
+            };
             let mut at = first_entry.stored_offset;
             let mut bytes = 0u64;
             loop {
@@ -820,7 +830,10 @@ impl Inner {
                 }
                 let take = if here.iter().any(|&s| wanted(st, s)) {
                     true
-                } else if amplify_left >= len && here.iter().any(|&s| free(st, s)) {
+                } else if amplify_left >= len
+                    && here.iter().any(|&s| free(st, s))
+                    && !here.iter().all(|&s| held(s))
+                {
                     amplify_left -= len;
                     true
                 } else if p == Priority::Prefetch {
@@ -841,10 +854,9 @@ impl Inner {
                             found = gap > 0;
                             break;
                         }
-                        if slots
-                            .iter()
-                            .any(|&s| matches!(st.slots.get(&s), Some(SlotState::InFlight)))
-                        {
+                        if slots.iter().any(|&s| {
+                            matches!(st.slots.get(&s), Some(SlotState::InFlight)) || held(s)
+                        }) {
                             break;
                         }
                         gap += l;
@@ -893,6 +905,13 @@ impl Inner {
         }
         match self.table.load(&want, p.kind()) {
             Ok(()) => {
+                // Chunks another image's cache holds become local here (and are released
+                // below), before the rest are queued.
+                for &slot in &slots {
+                    if let Some(e) = self.table.get(slot) {
+                        self.cache.seed(slot, &e);
+                    }
+                }
                 let mut st = self.state.lock();
                 let mut local = Vec::new();
                 for &slot in &slots {
@@ -961,7 +980,10 @@ impl Inner {
     /// Fetches, verifies and stores `batch`, retrying what fails; then releases the slots.
     fn run(&self, batch: Vec<u64>, priority: Priority) {
         let mut policy = self.config.retry().begin();
-        let mut remaining = batch;
+        let mut remaining = self.seed(batch);
+        if remaining.is_empty() {
+            return;
+        }
         loop {
             let mut retry = Vec::new();
             let mut last_error = String::new();
@@ -1002,6 +1024,20 @@ impl Inner {
             std::thread::sleep(pause);
             remaining = retry;
         }
+    }
+
+    /// Stores the chunks of `batch` that another image's cache under the same cache
+    /// directory holds ([`ChunkCache::seed`]) and releases them; returns the rest, to fetch.
+    /// Done before slots are queued (so requests are not cut around such chunks) and again
+    /// before a request (for chunks a request was widened over).
+    fn seed(&self, batch: Vec<u64>) -> Vec<u64> {
+        let (seeded, rest): (Vec<u64>, Vec<u64>) = batch.into_iter().partition(|&slot| {
+            self.table
+                .get(slot)
+                .is_some_and(|e| self.cache.seed(slot, &e))
+        });
+        self.release(&seeded);
+        rest
     }
 
     /// One range request for `run`, read as a stream: each chunk is decoded, checked and

@@ -21,6 +21,7 @@
 
 mod chunk;
 mod chunk_table;
+mod diff;
 mod header;
 mod image;
 mod manifest;
@@ -33,6 +34,7 @@ pub use chunk_table::{
     CHUNK_ENTRY_LEN, ChunkEntry, ChunkTable, MAX_FRAME_LEN, SEGMENT_BYTES, SEGMENT_ENTRIES,
     decode_segment,
 };
+pub use diff::{DiffCounts, FileDiff, FileStatus, ImageDiff, diff};
 pub use header::{HEADER_LEN, Header, MAGIC, VERSION};
 pub use image::{
     FileRef, INITIAL_READ, Image, ImageHead, RangeRead, VerifyFailure, VerifyReport, read_head,
@@ -40,7 +42,7 @@ pub use image::{
 };
 pub use manifest::{DirEntry, Inode, InodeKind, Manifest, ROOT_INODE, Xattr};
 pub use pack::{PackError, PackOptions, PackProgress, PackSummary, pack_dir};
-pub use relayout::{RelayoutOptions, RelayoutSummary, relayout};
+pub use relayout::{RelayoutOptions, RelayoutSummary, relayout, relayout_on_base};
 pub use table_order::{SlotRun, TableOrder};
 
 use std::fmt;

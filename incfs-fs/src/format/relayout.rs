@@ -78,6 +78,21 @@ pub fn relayout<R: RangeRead>(
     out: &Path,
     opts: &RelayoutOptions,
 ) -> Result<RelayoutSummary, PackError> {
+    relayout_on_base(img, hot, &HashSet::new(), out, opts)
+}
+
+/// [`relayout`] for an update of an image whose chunk digests are `base` (an older version
+/// a reader may hold cached): a hot frame holds only chunks `base` has or only chunks it
+/// lacks, so a reader holding `base` fetches no frame for the chunks it has. The two kinds
+/// of frames are each filled in plan order and stored in the order of their first chunk.
+/// With `base` empty, the same image as [`relayout`].
+pub fn relayout_on_base<R: RangeRead>(
+    img: &Image<R>,
+    hot: &[u64],
+    base: &HashSet<Digest>,
+    out: &Path,
+    opts: &RelayoutOptions,
+) -> Result<RelayoutSummary, PackError> {
     let table = img.table();
     if let Some(&bad) = hot.iter().find(|&&s| s >= table.len()) {
         return Err(PackError::Option(format!(
@@ -99,25 +114,30 @@ pub fn relayout<R: RangeRead>(
 
     // The hot chunks, cut into frames of raw bytes.
     let mut placed: HashMap<Digest, Placed> = HashMap::new();
+    // Frames by index, numbered when their first chunk comes, so in the order of their first
+    // chunk; `open[k]` is the frame being filled with chunks `base` has (k = 1) or lacks.
     let mut frames: Vec<Vec<u8>> = Vec::new();
     // Per hot chunk: (digest, frame index, offset in frame).
     let mut hot_spots: Vec<(Digest, usize, u32)> = Vec::new();
     let mut seen: HashSet<Digest> = HashSet::new();
-    let mut current: Vec<u8> = Vec::new();
+    let mut open: [Option<usize>; 2] = [None, None];
     for &slot in hot {
         let Some(e) = table.get(slot) else { continue };
         if !seen.insert(e.digest) {
             continue;
         }
         let raw = reader.chunk(slot, e)?;
-        if !current.is_empty() && current.len() + raw.len() > opts.frame_bytes as usize {
-            frames.push(std::mem::take(&mut current));
-        }
-        hot_spots.push((e.digest, frames.len(), current.len() as u32));
-        current.extend_from_slice(&raw);
-    }
-    if !current.is_empty() {
-        frames.push(current);
+        let kind = usize::from(base.contains(&e.digest));
+        let fi = match open[kind] {
+            Some(fi) if frames[fi].len() + raw.len() <= opts.frame_bytes as usize => fi,
+            _ => {
+                frames.push(Vec::new());
+                open[kind] = Some(frames.len() - 1);
+                frames.len() - 1
+            }
+        };
+        hot_spots.push((e.digest, fi, frames[fi].len() as u32));
+        frames[fi].extend_from_slice(&raw);
     }
     let level = opts.level;
     let stored_frames: Vec<Vec<u8>> = frames

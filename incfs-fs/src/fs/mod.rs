@@ -274,6 +274,13 @@ pub struct Stats {
     pub table_segments_total: u64,
     /// Chunks fetched and verified since mount.
     pub chunks_fetched: u64,
+    /// Chunks copied from another image's cache under the same cache directory instead of
+    /// fetched (`incfs_fs::cache::siblings`).
+    #[serde(default)]
+    pub chunks_seeded: u64,
+    /// Bytes of file data in those chunks.
+    #[serde(default)]
+    pub bytes_seeded: u64,
     /// Chunk slots local and verified.
     pub chunks_local: u64,
     /// Chunk slots the durable record claims (lags `chunks_local` by at most one flush).
@@ -1260,6 +1267,8 @@ impl IncFs {
             table_segments_loaded: t.segments_loaded,
             table_segments_total: t.segments_total,
             chunks_fetched: f.chunks_fetched,
+            chunks_seeded: self.cache.seeded().0,
+            bytes_seeded: self.cache.seeded().1,
             chunks_local: self.cache.local_chunks(),
             chunks_durable: self.cache.durable_chunks(),
             chunks_total: self.table.len(),
