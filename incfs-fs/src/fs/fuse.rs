@@ -382,10 +382,11 @@ impl Filesystem for FuseFs {
         };
         match mode {
             OpenMode::Cached => {
-                reply.opened(FileHandle(fh), CACHED_OPEN);
+                // Pushed before the open is answered ([`push`]).
                 if let Some(p) = self.pusher.get() {
                     p.opened(ino.0);
                 }
+                reply.opened(FileHandle(fh), CACHED_OPEN);
             }
             OpenMode::Direct => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             OpenMode::Passthrough { file, permit } => {

@@ -9,11 +9,12 @@
 //! over through passthrough, because mmap() of a passthrough file raises none
 //! (`docs/local-reads.md`).
 //!
-//! So at the first cached open of a file on a mount, background workers read the chunks of
-//! that file which were already local when the mount started (verified, and not fetched by
-//! this mount) from the backing file and hands them to the kernel with `FUSE_NOTIFY_STORE`,
-//! which fills the inode's page cache. The program's faults on those pages are then page-cache
-//! hits; pages not yet pushed, or not local, are read through incfs as before. What is pushed:
+//! So at the first cached open of a file on a mount, before the open is answered, workers
+//! read the chunks of that file which were already local when the mount started (verified,
+//! and not fetched by this mount) from the backing file and hand them to the kernel with
+//! `FUSE_NOTIFY_STORE`, which fills the inode's page cache. The program's faults on those
+//! pages are then page-cache hits; pages not local are read through incfs as before. What
+//! is pushed:
 //! - only verified local chunks, clipped to the file's size (a store past the end would grow
 //!   the kernel's idea of the file);
 //! - only chunks this mount did not fetch: those the mount fetches reach the page cache
@@ -22,27 +23,28 @@
 //! - at most [`PushConfig::max_file_bytes`] per file, from the start of the file, in pieces of
 //!   [`PIECE`].
 //!
-//! A file's ranges are cut into spans of [`SPAN`] that [`PushConfig::threads`] workers take in
-//! order, so that the files a program opens one after the other (a binary, then its
-//! libraries) and the parts of one big library are pushed side by side, not one after the
-//! other while the program faults on what is still to come. The workers are not FUSE
-//! threads: a store waits for the lock of any page a pending read holds, and that read is
-//! answered by the FUSE threads meanwhile.
+//! **Why before the open is answered.** A store locks each page it fills, and waits for that
+//! lock uninterruptibly (`fuse_notify_store` → `filemap_grab_folio`); the kernel locks a
+//! read's pages before it asks incfs for them. A store behind a read's page would be answered
+//! once the read is, but were the daemon killed meanwhile, the storing thread could never
+//! exit, the daemon's `/dev/fuse` would stay open, and the read (and the killed daemon) would
+//! wait for ever — a hung reader instead of `ENOTCONN` (seen: `mount_kill9_…` hung in CI).
+//! Before the first open of a file is answered, no read of it can be pending, so the push
+//! meets no page lock; other opens of the file meanwhile wait for the same push. An open waits
+//! at most [`OPEN_WAIT`]; a push that outlasts it keeps away from the pages of reads waiting
+//! for the network ([`WaitingReads`]).
 //!
-//! A store never goes to pages that a read waiting for the network holds ([`WaitingReads`]):
-//! the kernel locks a read's pages before it asks incfs for them, and a store waits for those
-//! locks uninterruptibly (`fuse_notify_store` → `filemap_grab_folio`). Were the daemon killed
-//! while a worker waits so, that worker could never exit, so the daemon's `/dev/fuse` would
-//! stay open and the read would wait for ever: a hung reader instead of `ENOTCONN`. Reads
-//! answered from the cache hold their pages for microseconds and are not tracked.
+//! A file's ranges are cut into spans of [`SPAN`] that [`PushConfig::threads`] workers take in
+//! order, so one big library is read from its backing file by all of them side by side.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::IncFs;
 use crate::format::InodeKind;
@@ -151,10 +153,46 @@ impl WaitingReads {
     }
 }
 
-/// One job: a span of a file's preloaded ranges.
+/// Longest an open waits for its file's push ([`Pusher::opened`]); a push that takes longer
+/// (a huge local part on a slow disk) goes on behind the open.
+pub const OPEN_WAIT: Duration = Duration::from_secs(5);
+
+/// The jobs of one file's push not yet done, and their waiters.
+#[derive(Default)]
+struct Pending {
+    left: Mutex<usize>,
+    done: Condvar,
+}
+
+impl Pending {
+    fn wait(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut left = self.left.lock();
+        while *left > 0 {
+            if self.done.wait_until(&mut left, deadline).timed_out() {
+                tracing::debug!(left = *left, "an open stopped waiting for its file's push");
+                return;
+            }
+        }
+    }
+}
+
+/// One job: a span of a file's preloaded ranges. Dropped, done or not, it counts down its
+/// file's [`Pending`] (so a queue dropped at shutdown releases every waiter).
 struct Job {
     ino: u64,
     range: Range<u64>,
+    pending: Arc<Pending>,
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        let mut left = self.pending.left.lock();
+        *left = left.saturating_sub(1);
+        if *left == 0 {
+            self.pending.done.notify_all();
+        }
+    }
 }
 
 /// The pushing workers and the files they have taken on.
@@ -162,8 +200,8 @@ pub struct Pusher {
     fs: Arc<IncFs>,
     budget: u64,
     tx: Mutex<Option<mpsc::Sender<Job>>>,
-    /// FUSE inodes already pushed (or queued) on this mount.
-    seen: Mutex<HashSet<u64>>,
+    /// FUSE inodes pushed (or being pushed) on this mount.
+    seen: Mutex<HashMap<u64, Arc<Pending>>>,
     /// Set by [`Pusher::stop`]: the workers drop what is still queued.
     stopping: Arc<AtomicBool>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -194,7 +232,8 @@ impl Pusher {
                         if stopping.load(Ordering::Relaxed) {
                             return;
                         }
-                        if let Err(e) = fs.push_range(job.ino, job.range, &*store, &mut buf) {
+                        if let Err(e) = fs.push_range(job.ino, job.range.clone(), &*store, &mut buf)
+                        {
                             // The mount going away ends every store with an error: stop.
                             tracing::debug!(ino = job.ino, error = %e, "pushing local data failed");
                             if matches!(e.raw_os_error(), Some(libc::ENODEV | libc::EBADF)) {
@@ -209,31 +248,59 @@ impl Pusher {
             fs,
             budget: config.max_file_bytes,
             tx: Mutex::new(Some(tx)),
-            seen: Mutex::new(HashSet::new()),
+            seen: Mutex::new(HashMap::new()),
             stopping,
             threads: Mutex::new(threads),
         })
     }
 
-    /// FUSE inode `ino` was opened cached: push its local data, the first time only.
+    /// FUSE inode `ino` is being opened cached: pushes its local data the first time, and
+    /// returns when it is in the page cache (at most [`OPEN_WAIT`]; an open of the file
+    /// that comes meanwhile waits too). Called before the open is answered: no read of the
+    /// file can then hold a page lock that a store would wait for (see the module docs).
     pub fn opened(&self, ino: u64) {
-        if !self.seen.lock().insert(ino) {
-            return;
-        }
-        let ranges = self.fs.preloaded_ranges(ino, self.budget);
-        if let Some(tx) = &*self.tx.lock() {
-            for r in ranges {
-                let mut start = r.start;
-                while start < r.end {
-                    let end = (start + SPAN).min(r.end);
-                    let _ = tx.send(Job {
-                        ino,
-                        range: start..end,
+        let pending = {
+            let mut seen = self.seen.lock();
+            match seen.get(&ino) {
+                Some(p) => Arc::clone(p),
+                None => {
+                    let spans = self.spans(ino);
+                    let p = Arc::new(Pending {
+                        left: Mutex::new(spans.len()),
+                        done: Condvar::new(),
                     });
-                    start = end;
+                    seen.insert(ino, Arc::clone(&p));
+                    let tx = self.tx.lock();
+                    for range in spans {
+                        let job = Job {
+                            ino,
+                            range,
+                            pending: Arc::clone(&p),
+                        };
+                        // Not sent (stopped): dropped here, counted down.
+                        if let Some(tx) = &*tx {
+                            let _ = tx.send(job);
+                        }
+                    }
+                    p
                 }
             }
+        };
+        pending.wait(OPEN_WAIT);
+    }
+
+    /// The preloaded ranges of `ino` cut into spans of [`SPAN`].
+    fn spans(&self, ino: u64) -> Vec<Range<u64>> {
+        let mut out = Vec::new();
+        for r in self.fs.preloaded_ranges(ino, self.budget) {
+            let mut start = r.start;
+            while start < r.end {
+                let end = (start + SPAN).min(r.end);
+                out.push(start..end);
+                start = end;
+            }
         }
+        out
     }
 
     /// Stops taking files, drops what is still queued (the mount is going away) and waits

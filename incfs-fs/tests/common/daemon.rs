@@ -217,16 +217,56 @@ impl Daemon {
         assert!(st.success(), "daemon exited with {st}");
     }
 
-    /// kill -9 of the daemon, then a lazy unmount of the dead mount.
+    /// kill -9 of the daemon, then a lazy unmount of the dead mount. A daemon that does not
+    /// exit (a thread of it stuck in the kernel, which keeps its `/dev/fuse` open and every
+    /// reader of the mount waiting) fails the test, after its connection is aborted so the
+    /// test's readers do not hang the run.
     pub fn kill9(mut self) {
         self.child.kill().unwrap();
-        self.child.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while matches!(self.child.try_wait(), Ok(None)) {
+            if Instant::now() > deadline {
+                let aborted = abort_connection(&self.mnt);
+                panic!(
+                    "the daemon did not exit within 20 s of kill -9 (a thread stuck in the \
+                     kernel holds its /dev/fuse); its FUSE connection aborted: {aborted:?}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = Command::new("fusermount3")
             .arg("-u")
             .arg("-z")
             .arg(&self.mnt)
             .status();
     }
+}
+
+/// Aborts the FUSE connection of the mount at `mnt` through fusectl (mounted if need be),
+/// found by the mount's device in /proc/self/mountinfo (a stat of the mount would wait on
+/// the dead daemon).
+fn abort_connection(mnt: &Path) -> Result<(), String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+    let mnt = mnt.to_string_lossy();
+    let minor = info
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            if f.get(4) != Some(&&*mnt) {
+                return None;
+            }
+            Some(f.get(2)?.split_once(':')?.1.to_string())
+        })
+        .last()
+        .ok_or("no such mount")?;
+    let ctl = Path::new("/sys/fs/fuse/connections");
+    if !ctl.join(&minor).exists() {
+        let _ = Command::new("mount")
+            .args(["-t", "fusectl", "none"])
+            .arg(ctl)
+            .status();
+    }
+    fs::write(ctl.join(&minor).join("abort"), "1").map_err(|e| e.to_string())
 }
 
 impl Drop for Daemon {
