@@ -64,7 +64,9 @@ pub struct MountArgs {
     #[arg(long)]
     allow_other: bool,
     /// Prefetch plan for the image (from `incfs plan` or `incfs relayout`): walked from
-    /// mount time on, ahead of the program.
+    /// mount time on, ahead of the program. Without it, the plan published with the image is
+    /// used: SOURCE.plan.json beside it, when there is one for this image (or an oci://
+    /// artifact's pushed plan); --no-plan turns that off.
     #[arg(long)]
     prefetch: Option<PathBuf>,
     /// Kernel readahead for files not yet local, in bytes (readahead of a lazy file fetches
@@ -313,6 +315,16 @@ fn serve_in(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     config.passthrough = !a.no_passthrough;
     let fill = a.fetch.apply(&mut config);
     config.fetch.retry_timeout = Duration::from_secs(a.retry_timeout);
+    // A plan published beside the image is fetched while the mount reads its metadata.
+    let published = (a.prefetch.is_none() && oci.is_none() && !a.oci.no_plan())
+        .then(|| {
+            let (spec, retry) = (a.source.clone(), config.fetch.retry());
+            std::thread::Builder::new()
+                .name("incfs-plan".into())
+                .spawn(move || incfs_fs::plan::published(&spec, &retry))
+                .ok()
+        })
+        .flatten();
     let source = incfs_fs::source::open_or_offline(&a.source, &config.fetch.retry())
         .with_context(|| format!("opening the source {} (check the path or URL)", a.source))?;
     let fs = Arc::new(
@@ -328,6 +340,8 @@ fn serve_in(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
         let plan = PrefetchPlan::parse(path, bytes)?;
         fs.start_prefetch(&plan, path, PrefetchConfig::default())
             .with_context(|| format!("cannot prefetch {} with its pushed plan", a.source))?;
+    } else if let Some(fetched) = published {
+        fs.start_published_prefetch(fetched, PrefetchConfig::default());
     }
     if let Some(fill) = fill {
         fs.start_fill(fill)

@@ -44,7 +44,8 @@ impl RegistryArgs {
 pub struct OciArgs {
     #[command(flatten)]
     registry: RegistryArgs,
-    /// For an oci:// image: do not prefetch the plan pushed with it.
+    /// Do not prefetch the plan published with the image (pushed with an oci:// artifact, or
+    /// SOURCE.plan.json beside any other image).
     #[arg(long)]
     no_plan: bool,
     /// The image pinned to its manifest digest, as the parent of a mount daemon resolved
@@ -63,6 +64,11 @@ pub struct OciStart {
 }
 
 impl OciArgs {
+    /// `--no-plan`.
+    pub fn no_plan(&self) -> bool {
+        self.no_plan
+    }
+
     /// For an oci:// `image`: configures the registry options, resolves the artifact and
     /// fetches its plan (unless `plan_given` or `--no-plan`). `None` for other images, and
     /// when the registry cannot be reached now (the mount then tries its cache).

@@ -22,7 +22,9 @@ pub struct RunArgs {
     /// (whose pushed plan is prefetched unless --prefetch or --no-plan).
     #[arg(long)]
     image: String,
-    /// Prefetch plan for the image (from `incfs plan` or `incfs relayout`).
+    /// Prefetch plan for the image (from `incfs plan` or `incfs relayout`). Without it, the
+    /// plan published with the image is used: IMAGE.plan.json beside it, when there is one
+    /// for this image (or an oci:// artifact's pushed plan); --no-plan turns that off.
     #[arg(long)]
     prefetch: Option<PathBuf>,
     #[command(flatten)]
@@ -116,6 +118,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             .prefetch
             .clone()
             .or_else(|| oci_plan.as_ref().map(|f| f.path().to_path_buf())),
+        published_plan: !a.oci.no_plan(),
         prefetch: PrefetchConfig::default(),
         fill,
         fs,

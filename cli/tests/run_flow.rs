@@ -1,7 +1,8 @@
 //! `incfs run` end to end, over `incfs serve` with an emulated link: a synthetic program
 //! reads a known scattered sequence; a plan made from its own read-log cuts its blocked
-//! reads; exit status is propagated; a plan for another image is refused; Ctrl-C leaves no
-//! mount behind.
+//! reads, given with --prefetch or published beside the image; exit status is propagated; a
+//! plan for another image is refused (given) or ignored (published); Ctrl-C leaves no mount
+//! behind.
 
 mod common;
 
@@ -161,6 +162,35 @@ fn a_plan_from_the_programs_own_read_log_removes_its_blocked_reads() {
         "with the plan {blocked_2} reads blocked, without it {blocked_1} (want ≤ 5%)"
     );
     assert!(j2["prefetch_hits"].as_u64().unwrap() > 0);
+
+    // Run 3: the plan published beside the image (`incfs serve` serves APP.img.plan.json
+    // next to it), no --prefetch given: used as if it had been.
+    fs::copy(&plan, tmp.path().join("app.img.plan.json")).unwrap();
+    let planned_runs = |name: &str, extra: &[&str]| {
+        let s = tmp.path().join(format!("{name}.json"));
+        let out = ok(incfs()
+            .args(["run", "--no-fill", "--miss-amplify", "0", "--image", &url])
+            .args(extra)
+            .arg("--cache")
+            .arg(tmp.path().join(format!("cache-{name}")))
+            .arg("--stats-json")
+            .arg(&s)
+            .args(["--", "sh", &program, "{mnt}"])
+            .output()
+            .unwrap());
+        assert!(out.stdout == want, "{name} read wrong bytes");
+        stats(&s)
+    };
+    let j3 = planned_runs("published", &[]);
+    let blocked_3 = j3["blocked_reads"].as_u64().unwrap();
+    assert!(
+        blocked_3 * 20 <= blocked_1 && j3["prefetch_hits"].as_u64().unwrap() > 0,
+        "with the published plan {blocked_3} reads blocked, without a plan {blocked_1}"
+    );
+    // Run 4: --no-plan leaves it alone.
+    let j4 = planned_runs("no-plan", &["--no-plan"]);
+    assert!(j4["blocked_reads"].as_u64().unwrap() >= 40, "{j4}");
+    assert_eq!(j4["prefetch_hits"].as_u64().unwrap(), 0, "{j4}");
 }
 
 #[test]
@@ -222,6 +252,23 @@ fn exit_status_is_propagated_and_other_images_plans_are_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("b.plan.json") && err.contains("the plan is for image"),
+        "{err}"
+    );
+
+    // The same plan published beside image a: not for it, so ignored with a warning.
+    fs::copy(&plan_b, tmp.path().join("a.img.plan.json")).unwrap();
+    let out = incfs()
+        .args(["run", "--image"])
+        .arg(&a)
+        .args(["--", "cat", "{mnt}/file"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(out.stdout, b"content of a");
+    assert!(
+        err.contains("ignoring the plan published beside the image")
+            && err.contains("a.img.plan.json"),
         "{err}"
     );
 

@@ -29,6 +29,66 @@ fn too_large(path: &Path) -> PlanError {
     }
 }
 
+/// Largest plan taken from beside an image ([`published`]): more than the plan of any start
+/// measured here (clang-22's is 0.4 MB), and a bound on what a server can make a start read.
+pub const MAX_PUBLISHED_PLAN_BYTES: u64 = 64 << 20;
+/// What a plan published beside an image is called: the image's path or URL with this added
+/// (`incfs pack --order` and `incfs relayout` write `IMG.plan.json`).
+pub const PUBLISHED_SUFFIX: &str = ".plan.json";
+
+/// A plan fetched from beside its image: its path or URL, for messages, and its bytes.
+pub type Published = (PathBuf, Vec<u8>);
+
+/// Longest a start waits for a published plan, retries included (at most the mount's own
+/// deadline): the plan is worth a few round trips, not a stalled start.
+pub const PUBLISHED_PLAN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Fetches the plan published beside the image at `source_spec` (a path, `file://`,
+/// `http(s)://` or `s3://`; the same with [`PUBLISHED_SUFFIX`]) within `retry`'s deadline,
+/// at most [`PUBLISHED_PLAN_DEADLINE`]. `Ok(None)` when there is none there, and for
+/// `oci://` images, whose plan is a layer of the artifact. Only fetched:
+/// [`PrefetchPlan::parse`] and the mount's checks decide whether it is used.
+pub fn published(
+    source_spec: &str,
+    retry: &crate::retry::RetryPolicy,
+) -> Result<Option<Published>, crate::source::SourceError> {
+    use crate::source::{self, RequestKind, SourceError};
+    let mut retry = *retry;
+    retry.deadline = retry.deadline.min(PUBLISHED_PLAN_DEADLINE);
+    let retry = &retry;
+    if source::oci::is_oci(source_spec) {
+        return Ok(None);
+    }
+    let spec = format!("{source_spec}{PUBLISHED_SUFFIX}");
+    let absent = |e: &SourceError| match e {
+        SourceError::Status { status, .. } => matches!(status, 403 | 404 | 410),
+        SourceError::Io { error, .. } => error.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
+    };
+    let src = match source::open_for(&spec, retry) {
+        Ok(s) => s,
+        Err(e) if absent(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = match src.total_len() {
+        Ok(l) => l,
+        Err(e) if absent(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if len > MAX_PUBLISHED_PLAN_BYTES {
+        return Err(SourceError::Unusable(format!(
+            "{spec}: {len} bytes is larger than the {} MiB a published plan may be",
+            MAX_PUBLISHED_PLAN_BYTES >> 20
+        )));
+    }
+    let bytes = if len == 0 {
+        Vec::new()
+    } else {
+        src.read_range(0, len, RequestKind::Prefetch)?
+    };
+    Ok(Some((PathBuf::from(spec), bytes)))
+}
+
 /// A prefetch manifest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PrefetchPlan {

@@ -41,6 +41,9 @@ pub struct RunConfig {
     pub source: String,
     /// The prefetch plan, if any.
     pub plan: Option<PathBuf>,
+    /// Without `plan`: prefetch the plan published beside the image, when there is one
+    /// ([`crate::plan::published`]).
+    pub published_plan: bool,
     /// Prefetcher tunables.
     pub prefetch: PrefetchConfig,
     /// The background fill of the rest of the image (`None`: off).
@@ -156,6 +159,16 @@ pub fn run(
         tracing::warn!(%error, "cannot raise the descriptor limit; the cache keeps fewer files open");
     }
     let mount_start = Instant::now();
+    // The published plan is fetched while the mount reads the image's metadata.
+    let published = (cfg.plan.is_none() && cfg.published_plan)
+        .then(|| {
+            let (spec, retry) = (cfg.source.clone(), cfg.fs.fetch.retry());
+            std::thread::Builder::new()
+                .name("incfs-plan".into())
+                .spawn(move || crate::plan::published(&spec, &retry))
+                .ok()
+        })
+        .flatten();
     let src = source::open_or_offline(&cfg.source, &cfg.fs.fetch.retry()).map_err(|error| {
         RunError::Source {
             spec: cfg.source.clone(),
@@ -166,6 +179,8 @@ pub fn run(
     if let Some(path) = &cfg.plan {
         let plan = PrefetchPlan::load(path)?;
         fs.start_prefetch(&plan, path, cfg.prefetch.clone())?;
+    } else if let Some(fetched) = published {
+        fs.start_published_prefetch(fetched, cfg.prefetch.clone());
     }
     if let Some(fill) = &cfg.fill {
         fs.start_fill(fill.clone())?;

@@ -760,9 +760,17 @@ fn resolve(root: &Root, raw_path: &str) -> Target {
         Root::File { path: file, name } => {
             let rel = path.trim_start_matches('/');
             if rel.is_empty() || rel == name {
-                open_file(file)
-            } else {
-                Target::NotFound
+                return open_file(file);
+            }
+            // The image's plan and signature, when they lie beside it (`NAME.plan.json`,
+            // `NAME.sig`): a mount looks for them there.
+            match rel.strip_prefix(name.as_str()) {
+                Some(suffix @ (".plan.json" | ".sig")) => {
+                    let mut beside = file.as_os_str().to_owned();
+                    beside.push(suffix);
+                    open_file(Path::new(&beside))
+                }
+                _ => Target::NotFound,
             }
         }
         Root::Dir(dir) => {

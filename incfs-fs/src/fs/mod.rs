@@ -628,6 +628,50 @@ impl IncFs {
         })
     }
 
+    /// Starts the plan published beside the image ([`crate::plan::published`]), fetched by
+    /// `fetched` (a thread started before the mount, so the fetch overlaps the metadata's).
+    /// Never fails the mount, nor waits for a source the mount found unreachable: a plan
+    /// that is absent starts nothing; one that cannot be
+    /// fetched, does not parse or is for another image is logged and skipped, and the mount
+    /// goes on without a plan. True when a plan runs.
+    pub fn start_published_prefetch(
+        &self,
+        fetched: std::thread::JoinHandle<
+            Result<Option<crate::plan::Published>, crate::source::SourceError>,
+        >,
+        config: PrefetchConfig,
+    ) -> bool {
+        if self.offline {
+            // Started from the cache with the source unreachable: not waited for.
+            return false;
+        }
+        let (path, bytes) = match fetched.join() {
+            Ok(Ok(Some(p))) => p,
+            Ok(Ok(None)) => return false,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "no prefetch plan: the one beside the image cannot be fetched");
+                return false;
+            }
+            Err(_) => {
+                tracing::warn!("no prefetch plan: fetching the one beside the image failed");
+                return false;
+            }
+        };
+        let started = PrefetchPlan::parse(&path, &bytes)
+            .map_err(FsError::Plan)
+            .and_then(|plan| self.start_prefetch(&plan, &path, config));
+        match started {
+            Ok(()) => {
+                tracing::info!(plan = %path.display(), "prefetching the plan published beside the image");
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "ignoring the plan published beside the image");
+                false
+            }
+        }
+    }
+
     /// Starts fetching the rest of the image in the background, at the lowest priority:
     /// after the prefetch plan has been fetched when one runs (call [`IncFs::start_prefetch`]
     /// first), at once otherwise. Call it once.
