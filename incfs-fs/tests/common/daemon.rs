@@ -257,7 +257,7 @@ fn abort_connection(mnt: &Path) -> Result<(), String> {
             }
             Some(f.get(2)?.split_once(':')?.1.to_string())
         })
-        .last()
+        .next_back()
         .ok_or("no such mount")?;
     let ctl = Path::new("/sys/fs/fuse/connections");
     if !ctl.join(&minor).exists() {
