@@ -124,6 +124,20 @@ struct Args {
     /// or `--incfs-arg=--miss-amplify=64K`), to measure the fetch policy's tunables.
     #[arg(long, allow_hyphen_values = true)]
     incfs_arg: Vec<String>,
+    /// Instead of the start bench: the update bench of a version pair (`numpy`: numpy 2.2.5
+    /// → 2.2.6; `python`: the python workload's packages one minor version apart), v2's
+    /// first planned start with v1 cached against an empty cache, over the emulated link
+    /// (`datasets/updates/bench.sh`, which this runs with this bench's incfs, `--runs`,
+    /// `--latency-ms` and `--bandwidth-mbit`; results in OUT).
+    #[arg(long, value_enum, value_name = "PAIR")]
+    update: Option<UpdatePair>,
+}
+
+/// A version pair of `datasets/updates/build-pair.sh`.
+#[derive(Clone, Copy, ValueEnum)]
+enum UpdatePair {
+    Numpy,
+    Python,
 }
 
 /// Where the plan runs are recorded.
@@ -321,6 +335,9 @@ fn main() -> Result<()> {
         Some(p) => p.clone(),
         None => workload::sibling("incfs")?,
     };
+    if let Some(pair) = a.update {
+        return update_bench(&a, pair, &incfs);
+    }
     let peers_bin = a.peers_bin.clone().unwrap_or_default();
     let needs = |m: &[Method]| m.iter().any(|x| methods.contains(x));
     if needs(&[Method::NydusLazy, Method::NydusPrefetch])
@@ -995,4 +1012,28 @@ fn utc_now() -> String {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
+}
+
+/// `--update PAIR`: runs `datasets/updates/bench.sh` (the flow of the update bench as
+/// a user's commands: pack, plan, relayout with `--base`, `plan carry`, `diff`, `run`).
+fn update_bench(a: &Args, pair: UpdatePair, incfs: &Path) -> Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("updates/bench.sh");
+    let pair = match pair {
+        UpdatePair::Numpy => "numpy",
+        UpdatePair::Python => "python",
+    };
+    let mut cmd = Command::new(&script);
+    cmd.arg(pair)
+        .arg(&a.out)
+        .env("INCFS", incfs)
+        .env("RUNS", a.runs.to_string())
+        .env("LATENCY_MS", a.latency_ms.to_string())
+        .env("BANDWIDTH_MBIT", a.bandwidth_mbit.to_string());
+    let st = cmd
+        .status()
+        .with_context(|| format!("starting {}", script.display()))?;
+    if !st.success() {
+        bail!("the update bench ({}) failed: {st}", script.display());
+    }
+    Ok(())
 }
