@@ -30,6 +30,11 @@ pub struct PackArgs {
     /// zstd level for chunks, 1..=22.
     #[arg(long, default_value_t = 3)]
     level: i32,
+    /// Compress consecutive chunks together in frames of this many raw bytes (at most 4M;
+    /// the chunk size or less: one chunk per frame). A read of a chunk fetches its frame.
+    /// With --order, the chunks the plan leaves out are stored one per frame again.
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    cold_frame_size: u64,
     /// Store hot chunks first: a prefetch plan (`.json`, made for an image of this tree at
     /// this chunk size), or traces / read-logs of the program to plan from (as `incfs plan`
     /// does with its defaults). The planned chunks lead the data section in plan order,
@@ -184,6 +189,7 @@ pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
     let opts = PackOptions {
         chunk_size: u32::try_from(a.chunk_size).unwrap_or(u32::MAX),
         level: a.level,
+        frame_bytes: u32::try_from(a.cold_frame_size).unwrap_or(u32::MAX),
     };
     if a.hot.base.is_some() && a.order.is_empty() {
         anyhow::bail!(

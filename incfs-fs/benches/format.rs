@@ -37,6 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let opts = PackOptions {
             chunk_size: chunk,
             level,
+            ..PackOptions::default()
         };
         let t = Instant::now();
         let s = pack_dir(&tree, &out, &opts, &())?;

@@ -48,6 +48,51 @@ fn odd_tree_round_trips_at_4k_64k_and_1m_chunks() {
 }
 
 #[test]
+fn odd_tree_round_trips_with_chunks_framed_together() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    common::odd_tree(&tree, 4096);
+    let one = pack(&tree, &tmp.path().join("one.img"), 4096);
+    let img_path = tmp.path().join("framed.img");
+    let opts = PackOptions {
+        chunk_size: 4096,
+        frame_bytes: 64 * 1024,
+        ..PackOptions::default()
+    };
+    let s = pack_dir(&tree, &img_path, &opts, &()).unwrap();
+    assert_eq!(
+        (s.unique_chunks, s.dedupe_saved),
+        (one.unique_chunks, one.dedupe_saved),
+        "the same chunks stored once, framed or not"
+    );
+    let img = Image::open_path(&img_path, Some(&s.root_digest)).unwrap();
+    let framed = img
+        .table()
+        .entries()
+        .iter()
+        .filter(|e| e.frame_len > e.raw_len)
+        .count();
+    assert!(framed > 0, "no chunk shares a frame");
+    assert!(
+        img.table()
+            .entries()
+            .iter()
+            .all(|e| e.frame_len <= 64 * 1024)
+    );
+    let files = common::assert_image_matches(&img, &tree);
+    assert!(files >= 14, "compared {files} files");
+    let report = img.verify(&|_| {});
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    // Too large a frame is refused, naming the option.
+    let big = PackOptions {
+        frame_bytes: 64 << 20,
+        ..opts
+    };
+    let e = pack_dir(&tree, &tmp.path().join("big.img"), &big, &()).unwrap_err();
+    assert!(e.to_string().contains("frame size"), "{e}");
+}
+
+#[test]
 fn packing_is_deterministic() {
     let tmp = tempfile::tempdir().unwrap();
     let tree = tmp.path().join("tree");

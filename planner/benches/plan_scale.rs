@@ -65,6 +65,7 @@ fn generate(dir: &Path, traces: usize, events: usize) -> anyhow::Result<()> {
         &PackOptions {
             chunk_size: CHUNK,
             level: 1,
+            ..PackOptions::default()
         },
         &(),
     )?;

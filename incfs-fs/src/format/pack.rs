@@ -7,7 +7,6 @@
 //! to a temporary file that is renamed over the output at the end.
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -20,7 +19,7 @@ use rayon::prelude::*;
 
 use super::{
     ChunkEntry, ChunkTable, DEFAULT_CHUNK_SIZE, Digest, DirEntry, FormatError, HEADER_LEN, Header,
-    Inode, InodeKind, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Manifest, Xattr, encode_chunk,
+    Inode, InodeKind, MAX_CHUNK_SIZE, MAX_FRAME_LEN, MIN_CHUNK_SIZE, Manifest, Xattr, encode_frame,
 };
 
 /// Bytes of file data compressed per parallel batch: large enough to keep every core busy,
@@ -37,6 +36,10 @@ pub struct PackOptions {
     pub chunk_size: u32,
     /// zstd level for chunks (1..=22). Default 3, which packs at well over 100 MB/s a core.
     pub level: i32,
+    /// Raw bytes of consecutive distinct chunks compressed together into one frame (at most
+    /// [`MAX_FRAME_LEN`]); `0` or anything up to the chunk size keeps one chunk per frame
+    /// (the default). A read of any chunk of a frame fetches the whole frame.
+    pub frame_bytes: u32,
 }
 
 impl Default for PackOptions {
@@ -44,6 +47,7 @@ impl Default for PackOptions {
         PackOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
             level: 3,
+            frame_bytes: 0,
         }
     }
 }
@@ -142,6 +146,12 @@ pub fn pack_dir(
             opts.chunk_size
         )));
     }
+    if opts.frame_bytes > MAX_FRAME_LEN {
+        return Err(PackError::Option(format!(
+            "frame size {} is larger than {MAX_FRAME_LEN}",
+            opts.frame_bytes
+        )));
+    }
     if !(1..=22).contains(&opts.level) {
         return Err(PackError::Option(format!(
             "zstd level {} is not in 1..=22",
@@ -194,7 +204,7 @@ pub fn pack_dir(
     };
     let mut data = tempfile::tempfile_in(parent_dir(out)).map_err(werr)?;
     let mut writer = ChunkWriter::new(&mut data);
-    let mut batch = Batch::new(opts);
+    let mut batch = Batch::new();
     for &inode in &order {
         let size = file_size(&manifest.inodes[inode as usize]);
         let first_chunk = batch.next_slot;
@@ -219,15 +229,11 @@ pub fn pack_dir(
             })?;
             left -= n as u64;
             if batch.push(buf) {
-                writer
-                    .write_batch(batch.compress()?, progress)
-                    .map_err(werr)?;
+                writer.write_batch(batch.take(), opts, progress, &werr)?;
             }
         }
     }
-    writer
-        .write_batch(batch.compress()?, progress)
-        .map_err(werr)?;
+    writer.write_batch(batch.take(), opts, progress, &werr)?;
     let ChunkWriter {
         entries,
         data_len,
@@ -522,16 +528,14 @@ fn read_xattrs(path: &Path) -> Vec<Xattr> {
 struct Batch {
     chunks: Vec<Vec<u8>>,
     bytes: usize,
-    level: i32,
     next_slot: u64,
 }
 
 impl Batch {
-    fn new(opts: &PackOptions) -> Self {
+    fn new() -> Self {
         Batch {
             chunks: Vec::new(),
             bytes: 0,
-            level: opts.level,
             next_slot: 0,
         }
     }
@@ -544,16 +548,21 @@ impl Batch {
         self.bytes >= BATCH_BYTES
     }
 
-    /// Compresses the batch on all cores; returns (raw length, stored bytes, digest) in order.
-    fn compress(&mut self) -> Result<Vec<(u32, Vec<u8>, Digest)>, FormatError> {
-        let level = self.level;
-        let chunks = std::mem::take(&mut self.chunks);
+    /// The chunks so far, in slot order; the batch starts again empty.
+    fn take(&mut self) -> Vec<Vec<u8>> {
         self.bytes = 0;
-        chunks
-            .into_par_iter()
-            .map(|raw| encode_chunk(&raw, level).map(|(s, d)| (raw.len() as u32, s, d)))
-            .collect()
+        std::mem::take(&mut self.chunks)
     }
+}
+
+/// Where a chunk of a batch is stored: an entry of an earlier batch, or a frame of this one.
+enum Place {
+    Known(ChunkEntry),
+    Framed {
+        frame: usize,
+        offset: u32,
+        first: bool,
+    },
 }
 
 /// Appends distinct chunks to the data section and builds the chunk table.
@@ -578,37 +587,92 @@ impl<'a> ChunkWriter<'a> {
         }
     }
 
+    /// Stores `chunks` (the next slots, in order): each distinct chunk once, consecutive new
+    /// ones together in frames of up to `opts.frame_bytes` raw bytes, compressed on all
+    /// cores.
     fn write_batch(
         &mut self,
-        batch: Vec<(u32, Vec<u8>, Digest)>,
+        chunks: Vec<Vec<u8>>,
+        opts: &PackOptions,
         progress: &dyn PackProgress,
-    ) -> io::Result<()> {
-        let mut buf = Vec::new();
-        for (raw_len, stored, digest) in batch {
-            let entry = match self.seen.entry(digest) {
-                Entry::Occupied(e) => {
-                    self.dedupe_saved += u64::from(raw_len);
-                    *e.get()
+        werr: &dyn Fn(io::Error) -> PackError,
+    ) -> Result<(), PackError> {
+        let digests: Vec<Digest> = chunks.par_iter().map(|c| Digest::of(c)).collect();
+        let frame_bytes = opts.frame_bytes as usize;
+        let mut frames: Vec<Vec<u8>> = Vec::new();
+        let mut in_batch: HashMap<Digest, (usize, u32)> = HashMap::new();
+        let mut places = Vec::with_capacity(chunks.len());
+        for (raw, digest) in chunks.iter().zip(&digests) {
+            if let Some(e) = self.seen.get(digest) {
+                places.push(Place::Known(*e));
+            } else if let Some(&(frame, offset)) = in_batch.get(digest) {
+                places.push(Place::Framed {
+                    frame,
+                    offset,
+                    first: false,
+                });
+            } else {
+                match frames.last() {
+                    Some(f) if f.len() + raw.len() <= frame_bytes => {}
+                    _ => frames.push(Vec::with_capacity(frame_bytes.max(raw.len()))),
                 }
-                Entry::Vacant(v) => {
+                let frame = frames.len() - 1;
+                let f = &mut frames[frame];
+                let offset = f.len() as u32;
+                f.extend_from_slice(raw);
+                in_batch.insert(*digest, (frame, offset));
+                places.push(Place::Framed {
+                    frame,
+                    offset,
+                    first: true,
+                });
+            }
+        }
+        let lens: Vec<u32> = chunks.iter().map(|c| c.len() as u32).collect();
+        drop(chunks);
+        let level = opts.level;
+        let stored: Vec<Vec<u8>> = frames
+            .par_iter()
+            .map(|raw| encode_frame(raw, level))
+            .collect::<Result<_, _>>()?;
+        let mut at = Vec::with_capacity(stored.len());
+        for f in &stored {
+            at.push(self.data_len);
+            self.data_len += f.len() as u64;
+            self.out.write_all(f).map_err(werr)?;
+        }
+        for ((place, digest), raw_len) in places.into_iter().zip(digests).zip(lens) {
+            let entry = match place {
+                Place::Known(e) => {
+                    self.dedupe_saved += u64::from(raw_len);
+                    e
+                }
+                Place::Framed {
+                    frame,
+                    offset,
+                    first,
+                } => {
                     let e = ChunkEntry {
-                        stored_offset: self.data_len,
-                        stored_len: stored.len() as u32,
+                        stored_offset: at[frame],
+                        stored_len: stored[frame].len() as u32,
                         raw_len,
-                        frame_offset: 0,
-                        frame_len: raw_len,
+                        frame_offset: offset,
+                        frame_len: frames[frame].len() as u32,
                         digest,
                     };
-                    self.data_len += stored.len() as u64;
-                    self.unique += 1;
-                    buf.extend_from_slice(&stored);
-                    *v.insert(e)
+                    if first {
+                        self.unique += 1;
+                        self.seen.insert(digest, e);
+                    } else {
+                        self.dedupe_saved += u64::from(raw_len);
+                    }
+                    e
                 }
             };
             self.entries.push(entry);
             progress.advance(u64::from(raw_len));
         }
-        self.out.write_all(&buf)
+        Ok(())
     }
 }
 

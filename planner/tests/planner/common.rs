@@ -36,6 +36,7 @@ pub fn fixture() -> Fixture {
     let opts = PackOptions {
         chunk_size: CS as u32,
         level: 1,
+        ..PackOptions::default()
     };
     pack_dir(&tree, &image, &opts, &()).unwrap();
     Fixture { dir, image }
