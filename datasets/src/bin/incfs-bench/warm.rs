@@ -87,9 +87,11 @@ pub fn prepare(
         }
     }
     eprintln!("[bench] warm caches: one planned start");
+    // Without the background fill, which would complete every file (the partial cache
+    // would then be the complete one).
     check(
         Command::new(incfs)
-            .args(["run", "--image", &url, "--prefetch"])
+            .args(["run", "--no-fill", "--image", &url, "--prefetch"])
             .arg(hot_plan)
             .arg("--cache")
             .arg(&w.partial)
@@ -142,12 +144,15 @@ impl WarmCaches {
         cmd.args(["run", "--image", img_url, "--stats-json"])
             .arg(&stats_file)
             .arg("--cache");
+        // The partial cache stays partial: no background fill in its runs.
         match m {
-            Method::IncfsWarm => cmd.arg(&self.partial),
-            Method::IncfsWarmNoPush => cmd.arg(&self.partial).arg("--no-push-local"),
+            Method::IncfsWarm => cmd.arg(&self.partial).arg("--no-fill"),
+            Method::IncfsWarmNoPush => cmd
+                .arg(&self.partial)
+                .args(["--no-fill", "--no-push-local"]),
             Method::IncfsWarmReadahead => cmd
                 .arg(scratch.join("warm-cache"))
-                .arg("--no-push-local")
+                .args(["--no-fill", "--no-push-local"])
                 .args(["--max-readahead", &READAHEAD.to_string()]),
             Method::IncfsWarmComplete => cmd.arg(&self.complete),
             _ => bail!("{} is not a warm method", m.label()),
