@@ -1133,7 +1133,14 @@ impl Inner {
         let error = match result {
             Err(e) => {
                 self.fetch_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(source = %self.source.describe(), offset = start, len, error = %e, "range request failed");
+                if next > 0 && e.is_retryable() {
+                    // A long request on a slow or shared link outlived its attempt after
+                    // storing some of its chunks: the rest is asked for again, with a fresh
+                    // deadline (the work made progress). Expected there, so not a warning.
+                    tracing::debug!(source = %self.source.describe(), offset = start, len, received, error = %e, "range request cut short; asking again for the rest");
+                } else {
+                    tracing::warn!(source = %self.source.describe(), offset = start, len, error = %e, "range request failed");
+                }
                 Some((e.to_string(), e.is_retryable()))
             }
             Ok(()) if received != len => {
