@@ -411,8 +411,9 @@ impl ChunkCache {
             let _ = std::thread::Builder::new()
                 .name("incfs-siblings".into())
                 .spawn(move || {
-                    bg.siblings
-                        .get_or_init(|| SiblingChunks::scan(&bg.cache_dir, &bg.root));
+                    bg.siblings.get_or_init(|| {
+                        SiblingChunks::scan(&bg.cache_dir, &bg.root, bg.chunk_size as u32)
+                    });
                 });
         }
         Ok(ChunkCache {
@@ -501,7 +502,7 @@ impl ChunkCache {
         }
         let siblings = sh
             .siblings
-            .get_or_init(|| SiblingChunks::scan(&sh.cache_dir, &sh.root));
+            .get_or_init(|| SiblingChunks::scan(&sh.cache_dir, &sh.root, sh.chunk_size as u32));
         let Some(data) = siblings.read(entry) else {
             return false;
         };

@@ -32,10 +32,12 @@ use super::offline::{self, TABLE_FILE};
 use super::record::{RECORD_HEADER_LEN, RecordHeader};
 use crate::format::{ChunkEntry, Digest, SEGMENT_BYTES, SEGMENT_ENTRIES, decode_segment};
 
-/// Sibling caches scanned at most, the most recently used first: enough for the versions
+/// Sibling caches indexed at most, the most recently used first: enough for the versions
 /// of an app a user keeps, and it bounds the scan's time and memory (a 4 KiB-chunk image of
-/// 1 GiB adds 14 MiB of table to read and ~260,000 entries to the index).
-pub const MAX_SIBLINGS: usize = 16;
+/// 1 GiB adds 14 MiB of table to read and ~260,000 entries to the index; a whole clang-22
+/// cache, 55,000 chunks, takes ~20–30 ms from a cold disk). The scan runs from the cache's
+/// open in the background, but a first miss waits for what is left of it.
+pub const MAX_SIBLINGS: usize = 8;
 /// Sibling backing files kept open at once (each copy of a chunk reads one).
 const OPEN_FILES: usize = 8;
 
@@ -71,7 +73,7 @@ impl SiblingChunks {
     /// Scans the image caches under `cache_dir` other than the one of `own` (at most
     /// [`MAX_SIBLINGS`], the most recently used first). Caches that cannot be read or do
     /// not verify are skipped (logged at debug).
-    pub fn scan(cache_dir: &Path, own: &Digest) -> Self {
+    pub fn scan(cache_dir: &Path, own: &Digest, chunk_size: u32) -> Self {
         let mut found: Vec<(std::time::SystemTime, Digest)> = Vec::new();
         if let Ok(rd) = fs::read_dir(cache_dir) {
             for e in rd.flatten() {
@@ -93,8 +95,11 @@ impl SiblingChunks {
         }
         found.sort_by_key(|f| std::cmp::Reverse(f.0));
         let mut out = SiblingChunks::default();
-        for (_, root) in found.into_iter().take(MAX_SIBLINGS) {
-            if let Err(why) = out.add(cache_dir, &root) {
+        for (_, root) in found {
+            if out.dirs.len() >= MAX_SIBLINGS {
+                break;
+            }
+            if let Err(why) = out.add(cache_dir, &root, chunk_size) {
                 tracing::debug!(sibling = %root, why, "not using a sibling image cache");
             }
         }
@@ -106,12 +111,19 @@ impl SiblingChunks {
         out
     }
 
-    fn add(&mut self, cache_dir: &Path, root: &Digest) -> Result<(), String> {
+    fn add(&mut self, cache_dir: &Path, root: &Digest, chunk_size: u32) -> Result<(), String> {
         let head = offline::load_head(cache_dir, "", Some(root))
             .map_err(|e| e.to_string())?
             .ok_or("no head kept")?;
         let dir = super::image_dir(cache_dir, root);
         let m = &head.manifest;
+        // Chunks of another size never have the same digests: not worth reading its table.
+        if m.chunk_size != chunk_size {
+            return Err(format!(
+                "chunk size {} (this image's is {chunk_size})",
+                m.chunk_size
+            ));
+        }
         let record = fs::read(dir.join("record")).map_err(|e| e.to_string())?;
         let rh = RecordHeader::decode(&record).ok_or("record header does not decode")?;
         if rh.root != *root || rh.chunk_count != m.chunk_count {
