@@ -1,6 +1,8 @@
 //! How quickly `incfs run` and `incfs umount` end (root, /dev/fuse): with the fetch workers
 //! in the middle of long requests over a slow link, `incfs run` returns within a second of
 //! its command's exit, and `incfs umount` returns within a second once the daemon is gone.
+//! A mount daemon prefetches the plan published beside its image (over HTTP and from a
+//! path), and none with `--no-plan`.
 
 mod common;
 
@@ -181,5 +183,51 @@ fn a_mount_daemon_unmounts_on_sigterm_and_records_its_cache() {
         }
         assert!(Instant::now() < deadline, "cache not clean: {infos}");
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_mount_daemon_prefetches_the_plan_published_beside_its_image() {
+    if !require(
+        "a_mount_daemon_prefetches_the_plan_published_beside_its_image",
+        &[Need::Root, Need::Fuse],
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, plan) = image_and_plan(tmp.path());
+    fs::copy(&plan, tmp.path().join("app.img.plan.json")).unwrap();
+    let server = Server::start(ServeConfig::new(&img)).unwrap();
+    let url = server.url("app.img");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    // Over HTTP (incfs serve serves APP.img.plan.json beside the image), then a path.
+    for (n, (source, extra)) in [
+        (url.as_str(), None),
+        (img.to_str().unwrap(), None),
+        (img.to_str().unwrap(), Some("--no-plan")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        ok(incfs()
+            .arg("mount")
+            .arg(source)
+            .arg(&mnt)
+            .arg("--no-fill")
+            .args(extra)
+            .arg("--cache")
+            .arg(tmp.path().join(format!("cache-{n}")))
+            .output()
+            .unwrap());
+        let stats: serde_json::Value =
+            serde_json::from_slice(&fs::read(mnt.join(".incfs/stats")).unwrap()).unwrap();
+        ok(incfs().arg("umount").arg(&mnt).output().unwrap());
+        let planned = stats["prefetch"]["planned_chunks"].as_u64();
+        if extra.is_some() {
+            assert_eq!(planned, None, "{source} --no-plan: {stats}");
+        } else {
+            assert!(planned.is_some_and(|p| p >= 8 * 512), "{source}: {stats}");
+        }
     }
 }
