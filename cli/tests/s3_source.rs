@@ -231,6 +231,23 @@ fn a_planned_start_through_s3_reads_what_http_does() {
         "s3 {s3} vs http {http}"
     );
 
+    // No plan in the bucket beside the image: a run without --prefetch starts lazily, and
+    // the missing plan is no warning.
+    let out = ok(s3_run(&moto.endpoint, (ak, sk))
+        .args(["--no-fill", "--image", "s3://images/app.img", "--cache"])
+        .arg(tmp.path().join("cache-no-plan"))
+        .args(["--", "sh"])
+        .arg(&script)
+        .arg("{mnt}")
+        .output()
+        .unwrap());
+    assert!(
+        out.stdout == want,
+        "a lazy start through s3:// read wrong bytes"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("plan"), "{err}");
+
     // A wrong secret key, and a bucket that does not exist: refused at once, naming the URL.
     let refused = |cmd: &mut Command, url: &str, why: &str| {
         let t = Instant::now();

@@ -63,6 +63,7 @@ pub fn published(
     let absent = |e: &SourceError| match e {
         SourceError::Status { status, .. } => matches!(status, 403 | 404 | 410),
         SourceError::Io { error, .. } => error.kind() == std::io::ErrorKind::NotFound,
+        SourceError::NotFound(_) => true,
         _ => false,
     };
     let src = match source::open_for(&spec, retry) {

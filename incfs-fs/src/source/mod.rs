@@ -104,6 +104,9 @@ pub enum SourceError {
     /// The source cannot be used at all (bad URL, unsupported scheme).
     #[error("{0}")]
     Unusable(String),
+    /// The store says the object does not exist (the message names it and what to check).
+    #[error("{0}")]
+    NotFound(String),
 }
 
 impl SourceError {
@@ -114,7 +117,9 @@ impl SourceError {
             SourceError::Status { status, .. } => {
                 *status >= 500 || *status == 429 || *status == 408
             }
-            SourceError::OutOfRange { .. } | SourceError::Unusable(_) => false,
+            SourceError::OutOfRange { .. }
+            | SourceError::Unusable(_)
+            | SourceError::NotFound(_) => false,
         }
     }
 }

@@ -211,7 +211,12 @@ impl S3Source {
                 };
             }
         };
-        SourceError::Unusable(format!("{}: {advice}: {e}", self.url))
+        let message = format!("{}: {advice}: {e}", self.url);
+        if matches!(e, E::NotFound { .. }) {
+            SourceError::NotFound(message)
+        } else {
+            SourceError::Unusable(message)
+        }
     }
 
     /// One ranged GET of `range`, its body handed to `on_piece` as it arrives.
