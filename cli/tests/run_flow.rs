@@ -141,31 +141,7 @@ fn a_plan_from_the_programs_own_read_log_removes_its_blocked_reads() {
         .output()
         .unwrap());
 
-    // Run 2: with the plan, prefetched from mount time on.
-    let s2 = tmp.path().join("s2.json");
-    let out = ok(incfs()
-        .args(["run", "--no-fill", "--miss-amplify", "0", "--image", &url])
-        .arg("--cache")
-        .arg(tmp.path().join("cache-2"))
-        .arg("--prefetch")
-        .arg(&plan)
-        .arg("--stats-json")
-        .arg(&s2)
-        .args(["--", "sh", &program, "{mnt}"])
-        .output()
-        .unwrap());
-    assert!(out.stdout == want, "run 2 read wrong bytes");
-    let j2 = stats(&s2);
-    let blocked_2 = j2["blocked_reads"].as_u64().unwrap();
-    assert!(
-        blocked_2 * 20 <= blocked_1,
-        "with the plan {blocked_2} reads blocked, without it {blocked_1} (want ≤ 5%)"
-    );
-    assert!(j2["prefetch_hits"].as_u64().unwrap() > 0);
-
-    // Run 3: the plan published beside the image (`incfs serve` serves APP.img.plan.json
-    // next to it), no --prefetch given: used as if it had been.
-    fs::copy(&plan, tmp.path().join("app.img.plan.json")).unwrap();
+    // Later runs: a fresh cache each, the same program.
     let planned_runs = |name: &str, extra: &[&str]| {
         let s = tmp.path().join(format!("{name}.json"));
         let out = ok(incfs()
@@ -181,6 +157,19 @@ fn a_plan_from_the_programs_own_read_log_removes_its_blocked_reads() {
         assert!(out.stdout == want, "{name} read wrong bytes");
         stats(&s)
     };
+
+    // Run 2: with the plan, prefetched from mount time on.
+    let j2 = planned_runs("given", &["--prefetch", plan.to_str().unwrap()]);
+    let blocked_2 = j2["blocked_reads"].as_u64().unwrap();
+    assert!(
+        blocked_2 * 20 <= blocked_1,
+        "with the plan {blocked_2} reads blocked, without it {blocked_1} (want ≤ 5%)"
+    );
+    assert!(j2["prefetch_hits"].as_u64().unwrap() > 0);
+
+    // Run 3: the plan published beside the image (`incfs serve` serves APP.img.plan.json
+    // next to it), no --prefetch given: used as if it had been.
+    fs::copy(&plan, tmp.path().join("app.img.plan.json")).unwrap();
     let j3 = planned_runs("published", &[]);
     let blocked_3 = j3["blocked_reads"].as_u64().unwrap();
     assert!(
