@@ -173,6 +173,22 @@ fn mount_small_tree_from_a_local_image() {
         &w.path("cache"),
         None,
     );
+    // A listing brings its entries' attributes (READDIRPLUS): a stat of a listed name asks
+    // the daemon nothing.
+    let before = d.stats().lookups;
+    let names: Vec<_> = fs::read_dir(w.path("mnt"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(names.len() > 3, "{names:?}");
+    for p in &names {
+        fs::symlink_metadata(p).unwrap();
+    }
+    assert_eq!(
+        d.stats().lookups,
+        before,
+        "stats of listed names were looked up"
+    );
     let n = assert_same_tree(&w.path("tree"), &w.path("mnt"));
     assert!(n > 8 << 20);
     let s = d.stats();

@@ -313,6 +313,10 @@ pub struct Stats {
     pub passthrough_opens: u64,
     /// Opens served through the file system.
     pub cached_opens: u64,
+    /// Names looked up (a listing's entries come with their attributes, READDIRPLUS, and
+    /// need none).
+    #[serde(default)]
+    pub lookups: u64,
     /// Bytes of chunks local at mount pushed into the kernel's page cache at the first
     /// cached open of their file ([`push`]).
     #[serde(default)]
@@ -403,6 +407,7 @@ struct Counters {
     reads: AtomicU64,
     passthrough_opens: AtomicU64,
     cached_opens: AtomicU64,
+    lookups: AtomicU64,
     read_log_dropped: AtomicU64,
     bytes_used: AtomicU64,
     pushed_bytes: AtomicU64,
@@ -809,6 +814,7 @@ impl IncFs {
 
     /// Looks `name` up in directory `parent`.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, FsError> {
+        self.counters.lookups.fetch_add(1, Ordering::Relaxed);
         if parent == self.control_ino() {
             return match name {
                 b"stats" => Ok(self.control_attr(self.stats_ino())),
@@ -1327,6 +1333,7 @@ impl IncFs {
             reads: c.reads.load(Ordering::Relaxed),
             passthrough_opens: c.passthrough_opens.load(Ordering::Relaxed),
             cached_opens: c.cached_opens.load(Ordering::Relaxed),
+            lookups: c.lookups.load(Ordering::Relaxed),
             pushed_bytes: c.pushed_bytes.load(Ordering::Relaxed),
             loader_hint_files: c.loader_hint_files.load(Ordering::Relaxed),
             loader_hint_bytes: c.loader_hint_bytes.load(Ordering::Relaxed),
