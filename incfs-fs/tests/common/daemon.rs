@@ -260,13 +260,17 @@ fn abort_connection(mnt: &Path) -> Result<(), String> {
         .next_back()
         .ok_or("no such mount")?;
     let ctl = Path::new("/sys/fs/fuse/connections");
-    if !ctl.join(&minor).exists() {
-        let _ = Command::new("mount")
+    let mounted_here = !ctl.join(&minor).exists()
+        && Command::new("mount")
             .args(["-t", "fusectl", "none"])
             .arg(ctl)
-            .status();
+            .status()
+            .is_ok_and(|s| s.success());
+    let aborted = fs::write(ctl.join(&minor).join("abort"), "1").map_err(|e| e.to_string());
+    if mounted_here {
+        let _ = Command::new("umount").arg(ctl).status();
     }
-    fs::write(ctl.join(&minor).join("abort"), "1").map_err(|e| e.to_string())
+    aborted
 }
 
 impl Drop for Daemon {
