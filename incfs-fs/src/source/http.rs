@@ -36,9 +36,6 @@ use crate::retry::RetryPolicy;
 /// `incfs serve` counts requests and bytes by it, other servers ignore it.
 pub const REQUEST_KIND_HEADER: &str = "x-incfs-request";
 
-/// Most bytes reserved before a response's body arrives.
-pub(super) const MAX_PREALLOC: usize = 16 << 20;
-
 /// How an [`HttpSource`] talks to its server.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
@@ -373,36 +370,26 @@ impl HttpSource {
         Ok(())
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<(), SourceError> {
-        if offset.checked_add(len).is_none_or(|end| end > self.len) {
-            return Err(SourceError::OutOfRange {
-                source_name: self.name.clone(),
-                offset,
-                len,
-                total: self.len,
-            });
+    /// A range read, within `timeout` when one is given.
+    fn ranged(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: RequestKind,
+        timeout: Option<Duration>,
+        on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        super::check_range(&self.name, offset, len, self.len)?;
+        if len == 0 {
+            return Ok(());
         }
-        Ok(())
+        self.fetch(offset, len, kind, timeout, on_piece)
     }
 }
 
 impl Source for HttpSource {
     fn read_range(&self, offset: u64, len: u64, kind: RequestKind) -> Result<Vec<u8>, SourceError> {
-        self.check_range(offset, len)?;
-        let cap = usize::try_from(len).map_err(|_| SourceError::OutOfRange {
-            source_name: self.name.clone(),
-            offset,
-            len,
-            total: self.len,
-        })?;
-        // The length is the caller's, maybe from an unverified header, and the image length
-        // is the server's word: allocate as bytes arrive, not all up front.
-        let mut buf = Vec::with_capacity(cap.min(MAX_PREALLOC));
-        self.read_range_streaming(offset, len, kind, &mut |piece| {
-            buf.extend_from_slice(piece);
-            ControlFlow::Continue(())
-        })?;
-        Ok(buf)
+        super::collect_range(self, offset, len, kind, None)
     }
 
     fn total_len(&self) -> Result<u64, SourceError> {
@@ -420,11 +407,7 @@ impl Source for HttpSource {
         kind: RequestKind,
         on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
     ) -> Result<(), SourceError> {
-        self.check_range(offset, len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        self.fetch(offset, len, kind, None, on_piece)
+        self.ranged(offset, len, kind, None, on_piece)
     }
 
     fn read_range_within(
@@ -435,11 +418,7 @@ impl Source for HttpSource {
         timeout: Duration,
         on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
     ) -> Result<(), SourceError> {
-        self.check_range(offset, len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        self.fetch(offset, len, kind, Some(timeout), on_piece)
+        self.ranged(offset, len, kind, Some(timeout), on_piece)
     }
 }
 

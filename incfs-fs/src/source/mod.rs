@@ -208,19 +208,47 @@ impl<S: Source + ?Sized> Source for Arc<S> {
     }
 }
 
-/// Reads exactly `len` bytes at `offset` within `timeout` (see [`Source::read_range_within`]).
-pub fn read_within<S: Source + ?Sized>(
+/// Most bytes a network source reserves for a range before its body arrives (the length may
+/// come from a header not yet verified).
+pub(crate) const MAX_PREALLOC: usize = 16 << 20;
+
+/// `OutOfRange` unless `offset..offset + len` lies within an image of `total` bytes.
+pub(crate) fn check_range(
+    name: &str,
+    offset: u64,
+    len: u64,
+    total: u64,
+) -> Result<(), SourceError> {
+    if offset.checked_add(len).is_none_or(|end| end > total) {
+        return Err(SourceError::OutOfRange {
+            source_name: name.to_string(),
+            offset,
+            len,
+            total,
+        });
+    }
+    Ok(())
+}
+
+/// Reads exactly `len` bytes at `offset` through the source's streaming read, within
+/// `timeout` when one is given ([`Source::read_range_within`]), the buffer growing as bytes
+/// arrive: what a network source's [`Source::read_range`] is.
+pub(crate) fn collect_range<S: Source + ?Sized>(
     source: &S,
     offset: u64,
     len: u64,
     kind: RequestKind,
-    timeout: Duration,
+    timeout: Option<Duration>,
 ) -> Result<Vec<u8>, SourceError> {
-    let mut buf = Vec::new();
-    source.read_range_within(offset, len, kind, timeout, &mut |piece| {
+    let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(usize::MAX).min(MAX_PREALLOC));
+    let mut push = |piece: &[u8]| {
         buf.extend_from_slice(piece);
         ControlFlow::Continue(())
-    })?;
+    };
+    match timeout {
+        Some(t) => source.read_range_within(offset, len, kind, t, &mut push)?,
+        None => source.read_range_streaming(offset, len, kind, &mut push)?,
+    }
     if buf.len() as u64 != len {
         return Err(SourceError::Short {
             source_name: source.describe(),
@@ -229,6 +257,17 @@ pub fn read_within<S: Source + ?Sized>(
         });
     }
     Ok(buf)
+}
+
+/// Reads exactly `len` bytes at `offset` within `timeout` (see [`Source::read_range_within`]).
+pub fn read_within<S: Source + ?Sized>(
+    source: &S,
+    offset: u64,
+    len: u64,
+    kind: RequestKind,
+    timeout: Duration,
+) -> Result<Vec<u8>, SourceError> {
+    collect_range(source, offset, len, kind, Some(timeout))
 }
 
 /// Lets the format layer read an image's metadata through any source (as background

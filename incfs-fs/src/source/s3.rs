@@ -220,6 +220,20 @@ impl S3Source {
     }
 
     /// One ranged GET of `range`, its body handed to `on_piece` as it arrives.
+    /// A range read, within `timeout` when one is given.
+    fn ranged(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: RequestKind,
+        timeout: Option<Duration>,
+        on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        tracing::trace!(offset, len, %kind, "S3 range");
+        super::check_range(&self.url, offset, len, self.len)?;
+        self.get(offset..offset + len, timeout, on_piece)
+    }
+
     fn get(
         &self,
         range: Range<u64>,
@@ -275,19 +289,7 @@ impl S3Source {
 
 impl Source for S3Source {
     fn read_range(&self, offset: u64, len: u64, kind: RequestKind) -> Result<Vec<u8>, SourceError> {
-        let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(0).min(16 << 20));
-        self.read_range_streaming(offset, len, kind, &mut |piece| {
-            buf.extend_from_slice(piece);
-            ControlFlow::Continue(())
-        })?;
-        if buf.len() as u64 != len {
-            return Err(SourceError::Short {
-                source_name: self.url.clone(),
-                got: buf.len() as u64,
-                want: len,
-            });
-        }
-        Ok(buf)
+        super::collect_range(self, offset, len, kind, None)
     }
 
     fn total_len(&self) -> Result<u64, SourceError> {
@@ -305,14 +307,7 @@ impl Source for S3Source {
         kind: RequestKind,
         on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
     ) -> Result<(), SourceError> {
-        tracing::trace!(offset, len, %kind, "S3 range");
-        let end = offset.checked_add(len).ok_or(SourceError::OutOfRange {
-            source_name: self.url.clone(),
-            offset,
-            len,
-            total: self.len,
-        })?;
-        self.get(offset..end, None, on_piece)
+        self.ranged(offset, len, kind, None, on_piece)
     }
 
     fn read_range_within(
@@ -323,14 +318,7 @@ impl Source for S3Source {
         timeout: Duration,
         on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
     ) -> Result<(), SourceError> {
-        tracing::trace!(offset, len, %kind, "S3 range");
-        let end = offset.checked_add(len).ok_or(SourceError::OutOfRange {
-            source_name: self.url.clone(),
-            offset,
-            len,
-            total: self.len,
-        })?;
-        self.get(offset..end, Some(timeout), on_piece)
+        self.ranged(offset, len, kind, Some(timeout), on_piece)
     }
 }
 

@@ -51,7 +51,8 @@ use manifest::{MAX_MANIFEST, Manifest, ROOT_DIGEST_ANNOTATION};
 pub use push::{PushFiles, PushReport, push};
 pub use reference::{Reference, SCHEME, Target};
 
-use super::http::{MAX_PREALLOC, parse_content_range};
+use super::MAX_PREALLOC;
+use super::http::parse_content_range;
 use super::{HttpConfig, REQUEST_KIND_HEADER, RequestKind, Source, SourceError};
 
 /// Largest plan blob read (plans of big images are a few MiB).
@@ -604,16 +605,20 @@ impl OciSource {
         &self.artifact
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<(), SourceError> {
-        if offset.checked_add(len).is_none_or(|end| end > self.len) {
-            return Err(SourceError::OutOfRange {
-                source_name: self.name.clone(),
-                offset,
-                len,
-                total: self.len,
-            });
+    /// A range read, within `timeout` when one is given.
+    fn ranged(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: RequestKind,
+        timeout: Option<Duration>,
+        on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        super::check_range(&self.name, offset, len, self.len)?;
+        if len == 0 {
+            return Ok(());
         }
-        Ok(())
+        self.fetch_checked(offset, len, kind, timeout, on_piece)
     }
 
     async fn start(
@@ -784,14 +789,7 @@ impl OciSource {
 
 impl Source for OciSource {
     fn read_range(&self, offset: u64, len: u64, kind: RequestKind) -> Result<Vec<u8>, SourceError> {
-        self.check_range(offset, len)?;
-        let cap = usize::try_from(len).unwrap_or(usize::MAX);
-        let mut buf = Vec::with_capacity(cap.min(MAX_PREALLOC));
-        self.read_range_streaming(offset, len, kind, &mut |piece| {
-            buf.extend_from_slice(piece);
-            ControlFlow::Continue(())
-        })?;
-        Ok(buf)
+        super::collect_range(self, offset, len, kind, None)
     }
 
     fn total_len(&self) -> Result<u64, SourceError> {
@@ -809,11 +807,7 @@ impl Source for OciSource {
         kind: RequestKind,
         on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
     ) -> Result<(), SourceError> {
-        self.check_range(offset, len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        self.fetch_checked(offset, len, kind, None, on_piece)
+        self.ranged(offset, len, kind, None, on_piece)
     }
 
     fn read_range_within(
@@ -824,10 +818,6 @@ impl Source for OciSource {
         timeout: Duration,
         on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
     ) -> Result<(), SourceError> {
-        self.check_range(offset, len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        self.fetch_checked(offset, len, kind, Some(timeout), on_piece)
+        self.ranged(offset, len, kind, Some(timeout), on_piece)
     }
 }
