@@ -317,13 +317,7 @@ fn serve_in(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     config.fetch.retry_timeout = Duration::from_secs(a.retry_timeout);
     // A plan published beside the image is fetched while the mount reads its metadata.
     let published = (a.prefetch.is_none() && oci.is_none() && !a.oci.no_plan())
-        .then(|| {
-            let (spec, retry) = (a.source.clone(), config.fetch.retry());
-            std::thread::Builder::new()
-                .name("incfs-plan".into())
-                .spawn(move || incfs_fs::plan::published(&spec, &retry))
-                .ok()
-        })
+        .then(|| incfs_fs::plan::spawn_published(&a.source, &config.fetch.retry()))
         .flatten();
     let source = incfs_fs::source::open_or_offline(&a.source, &config.fetch.retry())
         .with_context(|| format!("opening the source {} (check the path or URL)", a.source))?;

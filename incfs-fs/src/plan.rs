@@ -90,6 +90,24 @@ pub fn published(
     Ok(Some((PathBuf::from(spec), bytes)))
 }
 
+/// [`published`] in a thread of its own, so the fetch overlaps the mount's metadata reads;
+/// hand the handle to [`crate::fs::IncFs::start_published_prefetch`]. `None` when the thread
+/// cannot start (the mount then goes on without a plan).
+pub fn spawn_published(
+    source_spec: &str,
+    retry: &crate::retry::RetryPolicy,
+) -> Option<PublishedFetch> {
+    let (spec, retry) = (source_spec.to_string(), *retry);
+    std::thread::Builder::new()
+        .name("incfs-plan".into())
+        .spawn(move || published(&spec, &retry))
+        .ok()
+}
+
+/// A fetch of a published plan under way ([`spawn_published`]).
+pub type PublishedFetch =
+    std::thread::JoinHandle<Result<Option<Published>, crate::source::SourceError>>;
+
 /// A prefetch manifest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PrefetchPlan {

@@ -161,13 +161,7 @@ pub fn run(
     let mount_start = Instant::now();
     // The published plan is fetched while the mount reads the image's metadata.
     let published = (cfg.plan.is_none() && cfg.published_plan)
-        .then(|| {
-            let (spec, retry) = (cfg.source.clone(), cfg.fs.fetch.retry());
-            std::thread::Builder::new()
-                .name("incfs-plan".into())
-                .spawn(move || crate::plan::published(&spec, &retry))
-                .ok()
-        })
+        .then(|| crate::plan::spawn_published(&cfg.source, &cfg.fs.fetch.retry()))
         .flatten();
     let src = source::open_or_offline(&cfg.source, &cfg.fs.fetch.retry()).map_err(|error| {
         RunError::Source {

@@ -633,17 +633,15 @@ impl IncFs {
         })
     }
 
-    /// Starts the plan published beside the image ([`crate::plan::published`]), fetched by
-    /// `fetched` (a thread started before the mount, so the fetch overlaps the metadata's).
+    /// Starts the plan published beside the image, fetched by `fetched`
+    /// ([`crate::plan::spawn_published`], started before the mount).
     /// Never fails the mount, nor waits for a source the mount found unreachable: a plan
     /// that is absent starts nothing; one that cannot be
     /// fetched, does not parse or is for another image is logged and skipped, and the mount
     /// goes on without a plan. True when a plan runs.
     pub fn start_published_prefetch(
         &self,
-        fetched: std::thread::JoinHandle<
-            Result<Option<crate::plan::Published>, crate::source::SourceError>,
-        >,
+        fetched: crate::plan::PublishedFetch,
         config: PrefetchConfig,
     ) -> bool {
         if self.offline {
