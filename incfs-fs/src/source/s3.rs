@@ -219,7 +219,6 @@ impl S3Source {
         }
     }
 
-    /// One ranged GET of `range`, its body handed to `on_piece` as it arrives.
     /// A range read, within `timeout` when one is given.
     fn ranged(
         &self,
@@ -234,20 +233,14 @@ impl S3Source {
         self.get(offset..offset + len, timeout, on_piece)
     }
 
+    /// One ranged GET of `range` (within the object: [`S3Source::ranged`] checks), its body
+    /// handed to `on_piece` as it arrives.
     fn get(
         &self,
         range: Range<u64>,
         timeout: Option<Duration>,
         on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
     ) -> Result<(), SourceError> {
-        if range.end > self.len {
-            return Err(SourceError::OutOfRange {
-                source_name: self.url.clone(),
-                offset: range.start,
-                len: range.end - range.start,
-                total: self.len,
-            });
-        }
         if range.is_empty() {
             return Ok(());
         }
