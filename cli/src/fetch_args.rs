@@ -33,6 +33,13 @@ pub struct FetchArgs {
     /// Largest gap between planned chunks that one prefetch request bridges (K, M).
     #[arg(long, value_parser = parse_size, default_value = "16K")]
     bridge_gap: u64,
+    /// Most runs of planned chunks asked for in one multi-range request, where the server
+    /// answers those (1 asks for one range at a time).
+    #[arg(long, default_value_t = 64)]
+    ranges_per_request: usize,
+    /// Stored bytes at which a multi-range prefetch request stops taking more runs (K, M).
+    #[arg(long, value_parser = parse_size, default_value = "256K")]
+    multi_range_bytes: u64,
     /// Do not queue the sections the dynamic loader reads (symbol tables, relocations,
     /// relocated data) when an ELF file no plan covers is first read.
     #[arg(long)]
@@ -46,6 +53,8 @@ impl FetchArgs {
         fs.fetch.demand_workers = fs.fetch.demand_workers.min(fs.fetch.workers - 1);
         fs.fetch.miss_amplify_bytes = self.miss_amplify;
         fs.fetch.bridge_gap_bytes = self.bridge_gap;
+        fs.fetch.ranges_per_request = self.ranges_per_request.max(1);
+        fs.fetch.multi_range_bytes = self.multi_range_bytes;
         fs.fetch.loader_hints = !self.no_loader_hints;
         (!self.no_fill).then(|| FillConfig {
             bytes_per_sec: self
@@ -62,7 +71,11 @@ impl FetchArgs {
             .arg("--miss-amplify")
             .arg(self.miss_amplify.to_string())
             .arg("--bridge-gap")
-            .arg(self.bridge_gap.to_string());
+            .arg(self.bridge_gap.to_string())
+            .arg("--ranges-per-request")
+            .arg(self.ranges_per_request.to_string())
+            .arg("--multi-range-bytes")
+            .arg(self.multi_range_bytes.to_string());
         if self.no_fill {
             cmd.arg("--no-fill");
         }

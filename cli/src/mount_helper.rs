@@ -39,6 +39,8 @@ const VALUED: &[&str] = &[
     "fetch_workers",
     "miss_amplify",
     "bridge_gap",
+    "ranges_per_request",
+    "multi_range_bytes",
     "log",
 ];
 /// `incfs mount` flags, as mount options name them.

@@ -43,6 +43,10 @@ pub struct ServeArgs {
     /// Worker threads of the server.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Answer a request for several ranges with the whole file, as servers without
+    /// multi-range support do (S3, some CDNs), instead of a multipart/byteranges body.
+    #[arg(long)]
+    single_range: bool,
 }
 
 fn parse_kind(s: &str) -> Result<FaultKind, String> {
@@ -73,6 +77,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         listen: args.listen,
         link: link.clone(),
         workers: args.workers.max(1),
+        multi_range: !args.single_range,
         ..ServeConfig::new(&args.path)
     };
     let mut server = Server::start(config).map_err(|e| {

@@ -4,9 +4,10 @@
 //! `/<name>`) or every file under a directory (with an HTML index at each directory), with
 //! correct single-range semantics: `206` with `Content-Range`, `416` with `bytes */LEN` for
 //! unsatisfiable ranges, `200` with the whole file when there is no (usable) `Range`, `HEAD`,
-//! `Content-Length`, `Accept-Ranges: bytes`, keep-alive. Requests with several ranges get
-//! the whole file, as RFC 9110 allows. Files are read with `pread` piece by piece, never
-//! loaded whole.
+//! `Content-Length`, `Accept-Ranges: bytes`, keep-alive. Requests with several ranges get a
+//! `multipart/byteranges` answer when the ranges are ascending and apart (at most
+//! [`MAX_RANGES`]), and the whole file otherwise or with [`ServeConfig::multi_range`] off, as
+//! RFC 9110 allows. Files are read with `pread` piece by piece, never loaded whole.
 //!
 //! Link emulation ([`LinkConfig`]) makes loopback behave like a real link (this kernel has
 //! no netem): every request waits `latency_ms` before its response head, one [`TokenBucket`]
@@ -66,6 +67,10 @@ const SHAPED_PIECE: u64 = 16 * 1024;
 /// [`Stats::ranges_dropped`]. 100,000 entries is a few MB, and more than a clang start asks for.
 const MAX_RANGE_LOG: usize = 100_000;
 
+/// Most ranges answered as parts of one multi-range request; a request with more gets the
+/// whole file.
+pub const MAX_RANGES: usize = 256;
+
 /// Worker threads of the server's runtime by default: the machines this runs on have 2 cores.
 const DEFAULT_WORKERS: usize = 2;
 
@@ -80,6 +85,10 @@ pub struct ServeConfig {
     pub link: LinkConfig,
     /// Worker threads of the server's runtime (default 2).
     pub workers: usize,
+    /// Answer several ranges of one request as a `multipart/byteranges` body (default true);
+    /// off, such requests get the whole file, like servers without multi-range support
+    /// (S3, some CDNs).
+    pub multi_range: bool,
 }
 
 impl ServeConfig {
@@ -90,6 +99,7 @@ impl ServeConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             link: LinkConfig::default(),
             workers: DEFAULT_WORKERS,
+            multi_range: true,
         }
     }
 }
@@ -150,8 +160,11 @@ pub struct Stats {
     pub requests: u64,
     /// `HEAD` requests among them.
     pub head_requests: u64,
-    /// Answers `206` (one range).
+    /// Answers `206` (one range, or several as one `multipart/byteranges` body).
     pub range_requests: u64,
+    /// Of those, answers with several ranges.
+    #[serde(default)]
+    pub multi_range_requests: u64,
     /// Answers `200` with a whole file to a `GET`.
     pub full_requests: u64,
     /// Answers `416`.
@@ -194,6 +207,7 @@ struct State {
     link: LinkConfig,
     bucket: Option<TokenBucket>,
     faults: Option<FaultInjector>,
+    multi_range: bool,
     stats: Mutex<Stats>,
 }
 
@@ -256,6 +270,7 @@ impl Server {
             bucket: config.link.token_bucket(),
             faults: FaultInjector::new(&config.link.faults),
             link: config.link,
+            multi_range: config.multi_range,
             stats: Mutex::new(Stats::default()),
         });
         if !addr.ip().is_loopback() {
@@ -533,9 +548,17 @@ async fn handle(
         req.headers().get(RANGE).and_then(|v| v.to_str().ok()),
         file_len,
     );
-    let (status, start, len) = match range {
-        RangeAsk::Whole => (StatusCode::OK, 0, file_len),
-        RangeAsk::Range(a, b) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
+    // The answer: its status, the file ranges it carries (first byte, length), and for
+    // several ranges the multipart boundary.
+    let (status, ranges, boundary) = match range {
+        RangeAsk::Whole => (StatusCode::OK, vec![(0, file_len)], None),
+        RangeAsk::Range(a, b) => (StatusCode::PARTIAL_CONTENT, vec![(a, b - a + 1)], None),
+        RangeAsk::Ranges(rs) if state.multi_range => (
+            StatusCode::PARTIAL_CONTENT,
+            rs.iter().map(|&(a, b)| (a, b - a + 1)).collect(),
+            Some(boundary()),
+        ),
+        RangeAsk::Ranges(_) => (StatusCode::OK, vec![(0, file_len)], None),
         RangeAsk::Unsatisfiable => {
             state.stats().unsatisfiable += 1;
             let mut r = empty(StatusCode::RANGE_NOT_SATISFIABLE);
@@ -547,6 +570,8 @@ async fn handle(
             return Ok(r);
         }
     };
+    let len: u64 = ranges.iter().map(|r| r.1).sum();
+    let start = ranges[0].0;
 
     let fault = if head {
         None
@@ -582,23 +607,45 @@ async fn handle(
         let mut stats = state.stats();
         if status == StatusCode::PARTIAL_CONTENT {
             stats.range_requests += 1;
+            stats.multi_range_requests += u64::from(boundary.is_some());
         } else if !head {
             stats.full_requests += 1;
         }
         if !head {
-            if stats.ranges.len() < MAX_RANGE_LOG {
-                stats.ranges.push(RangeRecord {
-                    path: path.clone(),
-                    start,
-                    len,
-                    kind: kind.clone(),
-                });
-            } else {
-                stats.ranges_dropped += 1;
+            for &(start, len) in &ranges {
+                if stats.ranges.len() < MAX_RANGE_LOG {
+                    stats.ranges.push(RangeRecord {
+                        path: path.clone(),
+                        start,
+                        len,
+                        kind: kind.clone(),
+                    });
+                } else {
+                    stats.ranges_dropped += 1;
+                }
             }
         }
     }
-    trace!(path, start, len, %status, head, "answer");
+    trace!(path, start, len, ranges = ranges.len(), %status, head, "answer");
+
+    // Each part's header text before its bytes, and the closing boundary after them.
+    let (parts, tail) = match &boundary {
+        Some(b) => (
+            ranges
+                .iter()
+                .map(|&(a, n)| {
+                    let head = format!(
+                        "\r\n--{b}\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes {a}-{}/{file_len}\r\n\r\n",
+                        a + n - 1
+                    );
+                    (Bytes::from(head), a, n)
+                })
+                .collect::<Vec<_>>(),
+            Bytes::from(format!("\r\n--{b}--\r\n")),
+        ),
+        None => (vec![(Bytes::new(), start, len)], Bytes::new()),
+    };
+    let body_len = len + parts.iter().map(|p| p.0.len() as u64).sum::<u64>() + tail.len() as u64;
 
     let body = if head {
         Body::Full(None)
@@ -608,39 +655,63 @@ async fn handle(
         let job = Produce {
             state: state.clone(),
             file,
-            start,
-            len,
+            parts,
+            tail,
             fault: body_fault,
             kind,
             reset,
         };
         tokio::spawn(job.run(tx));
-        Body::Stream { rx, len }
+        Body::Stream { rx, len: body_len }
     };
     let mut r = Response::new(body);
     *r.status_mut() = status;
     let h = r.headers_mut();
     h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    h.insert(CONTENT_LENGTH, HeaderValue::from(len));
-    if status == StatusCode::PARTIAL_CONTENT {
-        h.insert(
-            CONTENT_RANGE,
-            header_value(format!("bytes {start}-{}/{file_len}", start + len - 1)),
-        );
+    h.insert(CONTENT_LENGTH, HeaderValue::from(body_len));
+    match &boundary {
+        Some(b) => {
+            h.insert(
+                CONTENT_TYPE,
+                header_value(format!("multipart/byteranges; boundary={b}")),
+            );
+        }
+        None => {
+            h.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            if status == StatusCode::PARTIAL_CONTENT {
+                h.insert(
+                    CONTENT_RANGE,
+                    header_value(format!("bytes {start}-{}/{file_len}", start + len - 1)),
+                );
+            }
+        }
     }
     Ok(r)
+}
+
+/// A multipart boundary: unlikely to occur in the parts (readers go by their lengths anyway).
+fn boundary() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!(
+        "incfs-{}",
+        hex::encode(&blake3::hash(&nanos.to_le_bytes()).as_bytes()[..16])
+    )
 }
 
 /// What a producer task needs to send one body.
 struct Produce {
     state: Arc<State>,
     file: Arc<File>,
-    start: u64,
-    len: u64,
+    /// The body's parts: header text, then `len` bytes of the file from `start`.
+    parts: Vec<(Bytes, u64, u64)>,
+    /// Text after the last part.
+    tail: Bytes,
     /// A fault striking inside the body.
     fault: Option<Fault>,
     kind: String,
@@ -649,14 +720,15 @@ struct Produce {
 }
 
 impl Produce {
-    /// Reads the range piece by piece, paced by the link, and sends the pieces to the body;
-    /// applies the body fault on the way.
+    /// Reads the parts' ranges piece by piece, paced by the link, and sends them, each after
+    /// its header text, to the body; applies the body fault on the way (its offset counts
+    /// file bytes only).
     async fn run(self, tx: mpsc::Sender<io::Result<Bytes>>) {
         let Produce {
             state,
             file,
-            start,
-            len,
+            parts,
+            tail,
             fault,
             kind,
             reset,
@@ -666,6 +738,7 @@ impl Produce {
         } else {
             PIECE
         };
+        let len: u64 = parts.iter().map(|p| p.2).sum();
         let mut fault = fault;
         // A short body stops at the fault point; the rest of the announced length never comes.
         let stop = match fault {
@@ -676,71 +749,84 @@ impl Produce {
             }) => at,
             _ => len,
         };
+        // File bytes sent, over all parts.
         let mut sent = 0u64;
-        while sent < stop {
-            let mut n = piece.min(stop - sent);
-            if let Some(f) = fault
-                && matches!(f.kind, FaultKind::Reset | FaultKind::Stall)
-                && let Some(at) = f.at
-                && at < sent + n
-            {
-                if at > sent {
-                    // Send up to the fault point first.
-                    n = at - sent;
-                } else {
-                    fault = None;
-                    if f.kind == FaultKind::Reset {
-                        reset.store(true, Ordering::Relaxed);
-                        let _ = tx
-                            .send(Err(io::Error::other("connection reset by fault injection")))
-                            .await;
+        for (head, start, part_len) in parts {
+            if !head.is_empty() && tx.send(Ok(head)).await.is_err() {
+                return;
+            }
+            let part_end = sent + part_len;
+            while sent < stop.min(part_end) {
+                let mut n = piece.min(stop.min(part_end) - sent);
+                if let Some(f) = fault
+                    && matches!(f.kind, FaultKind::Reset | FaultKind::Stall)
+                    && let Some(at) = f.at
+                    && at < sent + n
+                {
+                    if at > sent {
+                        // Send up to the fault point first.
+                        n = at - sent;
+                    } else {
+                        fault = None;
+                        if f.kind == FaultKind::Reset {
+                            reset.store(true, Ordering::Relaxed);
+                            let _ = tx
+                                .send(Err(io::Error::other("connection reset by fault injection")))
+                                .await;
+                            return;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(
+                            state.link.faults.stall_ms,
+                        ))
+                        .await;
+                        continue;
+                    }
+                }
+                if let Some(bucket) = &state.bucket {
+                    let wait = bucket.reserve(n);
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                let offset = start + (sent + part_len - part_end);
+                let read = {
+                    let file = file.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; n as usize];
+                        file.read_exact_at(&mut buf, offset).map(|()| buf)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e)))
+                };
+                let mut data = match read {
+                    Ok(d) => d,
+                    Err(e) => {
+                        warn!(error = %e, offset, "read failed while serving");
+                        let _ = tx.send(Err(e)).await;
                         return;
                     }
-                    tokio::time::sleep(std::time::Duration::from_millis(
-                        state.link.faults.stall_ms,
-                    ))
-                    .await;
-                    continue;
+                };
+                if let Some(f) = fault
+                    && f.kind == FaultKind::BitFlip
+                    && let Some(at) = f.at
+                    && (sent..sent + n).contains(&at)
+                {
+                    data[(at - sent) as usize] ^= 1 << (f.detail % 8);
                 }
-            }
-            if let Some(bucket) = &state.bucket {
-                let wait = bucket.reserve(n);
-                if !wait.is_zero() {
-                    tokio::time::sleep(wait).await;
+                if tx.send(Ok(Bytes::from(data))).await.is_err() {
+                    return; // the client went away
                 }
+                sent += n;
+                let mut stats = state.stats();
+                stats.bytes_sent += n;
+                stats.by_kind.entry(kind.clone()).or_default().bytes += n;
             }
-            let read = {
-                let file = file.clone();
-                let offset = start + sent;
-                tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; n as usize];
-                    file.read_exact_at(&mut buf, offset).map(|()| buf)
-                })
-                .await
-                .unwrap_or_else(|e| Err(io::Error::other(e)))
-            };
-            let mut data = match read {
-                Ok(d) => d,
-                Err(e) => {
-                    warn!(error = %e, offset = start + sent, "read failed while serving");
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            };
-            if let Some(f) = fault
-                && f.kind == FaultKind::BitFlip
-                && let Some(at) = f.at
-                && (sent..sent + n).contains(&at)
-            {
-                data[(at - sent) as usize] ^= 1 << (f.detail % 8);
+            if sent >= stop && stop < len {
+                return; // a short body: the rest never comes
             }
-            if tx.send(Ok(Bytes::from(data))).await.is_err() {
-                return; // the client went away
-            }
-            sent += n;
-            let mut stats = state.stats();
-            stats.bytes_sent += n;
-            stats.by_kind.entry(kind.clone()).or_default().bytes += n;
+        }
+        if !tail.is_empty() {
+            let _ = tx.send(Ok(tail)).await;
         }
     }
 }
@@ -846,6 +932,8 @@ enum RangeAsk {
     Whole,
     /// First and last byte, inclusive, clipped to the file.
     Range(u64, u64),
+    /// Several ranges, each clipped to the file, ascending and apart (first and last byte).
+    Ranges(Vec<(u64, u64)>),
     /// A valid range that misses the file: `416`.
     Unsatisfiable,
 }
@@ -854,9 +942,31 @@ fn parse_range(header: Option<&str>, len: u64) -> RangeAsk {
     let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
         return RangeAsk::Whole;
     };
-    if spec.contains(',') {
+    if !spec.contains(',') {
+        return parse_one_range(spec, len);
+    }
+    // Several: the satisfiable ones are answered; any bad one, ranges that overlap, touch
+    // or come out of order, or too many of them get the whole file.
+    let mut ranges = Vec::new();
+    for one in spec.split(',') {
+        match parse_one_range(one, len) {
+            RangeAsk::Range(a, b) => ranges.push((a, b)),
+            RangeAsk::Unsatisfiable => {}
+            _ => return RangeAsk::Whole,
+        }
+    }
+    if ranges.len() > MAX_RANGES || ranges.windows(2).any(|w| w[0].1 + 1 >= w[1].0) {
         return RangeAsk::Whole;
     }
+    match ranges.as_slice() {
+        [] => RangeAsk::Unsatisfiable,
+        [(a, b)] => RangeAsk::Range(*a, *b),
+        _ => RangeAsk::Ranges(ranges),
+    }
+}
+
+/// One `first-last`, `first-` or `-suffix` range.
+fn parse_one_range(spec: &str, len: u64) -> RangeAsk {
     let Some((a, b)) = spec.split_once('-') else {
         return RangeAsk::Whole;
     };
@@ -952,7 +1062,16 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=-0"), 100), Unsatisfiable);
         assert_eq!(parse_range(Some("bytes=0-0"), 0), Unsatisfiable);
         assert_eq!(parse_range(Some("bytes=9-0"), 100), Whole);
-        assert_eq!(parse_range(Some("bytes=0-1,5-6"), 100), Whole);
+        assert_eq!(
+            parse_range(Some("bytes=0-1, 5-6"), 100),
+            Ranges(vec![(0, 1), (5, 6)])
+        );
+        assert_eq!(parse_range(Some("bytes=0-1,200-300"), 100), Range(0, 1));
+        assert_eq!(parse_range(Some("bytes=200-,300-400"), 100), Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=5-6,0-1"), 100), Whole);
+        assert_eq!(parse_range(Some("bytes=0-5,5-6"), 100), Whole);
+        assert_eq!(parse_range(Some("bytes=0-4,5-6"), 100), Whole);
+        assert_eq!(parse_range(Some("bytes=0-1,x"), 100), Whole);
         assert_eq!(parse_range(Some("items=0-1"), 100), Whole);
         assert_eq!(parse_range(Some("bytes=+1-2"), 100), Whole);
     }

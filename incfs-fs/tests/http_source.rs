@@ -1,5 +1,5 @@
 //! `HttpSource` against `incfs serve`, a real nginx (HTTP/1.1 and HTTPS with HTTP/2), a
-//! scripted misbehaving server, and injected faults.
+//! scripted misbehaving server, and injected faults; single and multi-range requests.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -699,6 +699,17 @@ fn reads_from_nginx_over_http1_and_https_with_http2() {
             .expect("all")
             == data
     );
+    // Several ranges in one request: nginx answers multipart/byteranges.
+    let ranges = scattered_ranges(data.len() as u64, 20, 6);
+    assert_ranges(
+        &read_ranges(&*src, &ranges).expect("multi-range read from nginx"),
+        &ranges,
+        &data,
+    );
+    assert!(
+        src.ranges_per_request() > 1,
+        "nginx's multi-range answer was refused"
+    );
     let missing = source::open(&format!("http://127.0.0.1:{}/nothing", nginx.port));
     match missing {
         Err(SourceError::Status { status: 404, .. }) => {}
@@ -725,11 +736,16 @@ fn reads_from_nginx_over_http1_and_https_with_http2() {
             scope.spawn(move || check_random_ranges(tls, data, 10, 20 + t));
         }
     });
+    assert_ranges(
+        &read_ranges(&tls, &ranges).expect("multi-range read over HTTP/2"),
+        &ranges,
+        &data,
+    );
     // Without the CA the server is not trusted.
     let err = HttpSource::open(&tls_url, &HttpConfig::default()).expect_err("untrusted");
     assert!(err.to_string().contains("127.0.0.1"), "{err}");
 
-    // 1 HEAD + 30 ranges + 1 whole + 1 HEAD 404 + 1 HEAD empty (+ probe) on HTTP/1.1; at
+    // 1 HEAD + 30 ranges + 1 whole + 1 multi-range + 1 HEAD 404 + 1 HEAD empty (+ probe) on HTTP/1.1; at
     // least 1 HEAD + 40 ranges over HTTP/2.
     let lines = access_log(&nginx, 75);
     let h1: Vec<&String> = lines.iter().filter(|l| l.starts_with("HTTP/1.1")).collect();
@@ -794,4 +810,172 @@ fn a_slow_consumer_does_not_stall_other_threads() {
             "the demand reads waited for the slow prefetch consumer"
         );
     });
+}
+
+/// Reads `ranges` of `src` with one `read_ranges_within`; returns each range's bytes.
+fn read_ranges(src: &dyn Source, ranges: &[(u64, u64)]) -> Result<Vec<Vec<u8>>, SourceError> {
+    let mut out = vec![Vec::new(); ranges.len()];
+    src.read_ranges_within(
+        ranges,
+        RequestKind::Prefetch,
+        Duration::from_secs(10),
+        &mut |i, piece| {
+            out[i].extend_from_slice(piece);
+            ControlFlow::Continue(())
+        },
+    )?;
+    Ok(out)
+}
+
+/// `count` ascending ranges, apart, of up to 20,000 bytes each, within `len`.
+fn scattered_ranges(len: u64, count: u64, seed: u64) -> Vec<(u64, u64)> {
+    let mut rng = Lcg(seed);
+    let step = len / count;
+    (0..count)
+        .map(|i| {
+            (
+                i * step + rng.below(step / 2),
+                1 + rng.below(20_000.min(step / 2)),
+            )
+        })
+        .collect()
+}
+
+fn assert_ranges(got: &[Vec<u8>], ranges: &[(u64, u64)], data: &[u8]) {
+    for (i, (&(o, n), g)) in ranges.iter().zip(got).enumerate() {
+        assert!(
+            g[..] == data[o as usize..(o + n) as usize],
+            "range {i} ({o}+{n}) differs from the file"
+        );
+    }
+}
+
+#[test]
+fn several_ranges_come_in_one_request_or_one_at_a_time_when_the_server_cannot() {
+    // incfs serve answers them as one multipart/byteranges body.
+    let s = serve(3_000_000, LinkConfig::default());
+    let src = HttpSource::open(&s.server.url("image.incfs"), &HttpConfig::default())
+        .expect("open HTTP source");
+    assert!(src.ranges_per_request() > 1);
+    let ranges = scattered_ranges(s.data.len() as u64, 40, 3);
+    s.server.reset_stats();
+    let got = read_ranges(&src, &ranges).expect("multi-range read");
+    assert_ranges(&got, &ranges, &s.data);
+    let stats = s.server.stats();
+    assert_eq!(
+        (stats.requests, stats.multi_range_requests),
+        (1, 1),
+        "40 ranges took {} requests",
+        stats.requests
+    );
+    assert_eq!(stats.ranges.len(), 40);
+
+    // A server that answers several ranges with the whole file (as S3 does): the source
+    // drops that answer, reads the ranges one by one, and asks one at a time from then on.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("image.incfs");
+    std::fs::write(&path, &s.data).expect("write image");
+    let mut config = ServeConfig::new(&path);
+    config.multi_range = false;
+    // Paced, so that bytes the client did not wait for are not counted as sent.
+    config.link.bandwidth_mbit = Some(200.0);
+    let single = Server::start(config).expect("start incfs serve");
+    let src = HttpSource::open(&single.url("image.incfs"), &HttpConfig::default())
+        .expect("open HTTP source");
+    let got = read_ranges(&src, &ranges).expect("read one by one");
+    assert_ranges(&got, &ranges, &s.data);
+    assert_eq!(src.ranges_per_request(), 1);
+    let stats = single.stats();
+    assert_eq!(stats.full_requests, 1, "the refused multi-range request");
+    assert_eq!(stats.range_requests, 40);
+    assert!(
+        stats.bytes_sent < 3_000_000,
+        "the whole file was read: {} bytes",
+        stats.bytes_sent
+    );
+    let got = read_ranges(&src, &ranges[..5]).expect("read again");
+    assert_ranges(&got, &ranges[..5], &s.data);
+    assert_eq!(
+        single.stats().full_requests,
+        1,
+        "asked for several ranges again"
+    );
+}
+
+#[test]
+fn multi_range_answers_coalesced_or_wrong_give_right_bytes_or_errors() {
+    let data = content(10_000, 12);
+    let d = data.clone();
+    // Every multi-range request is answered by one 206 part from 1,000 to 4,999 (the
+    // server coalesced the ranges with their gaps, as RFC 9110 allows), except the ones
+    // the script spoils.
+    let server = Scripted::start(move |method, range| {
+        if method == "HEAD" {
+            return response("200 OK", &[("Content-Length", "10000".into())], b"");
+        }
+        let one_part = |first: usize, last: usize, total: usize| {
+            response(
+                "206 Partial Content",
+                &[
+                    ("Content-Range", format!("bytes {first}-{last}/{total}")),
+                    ("Content-Length", (last - first + 1).to_string()),
+                ],
+                &d[first..=last],
+            )
+        };
+        let multipart = |parts: &[(usize, usize)]| {
+            let mut body = Vec::new();
+            for &(a, b) in parts {
+                body.extend(
+                    format!("\r\n--BND\r\nContent-Range: bytes {a}-{b}/10000\r\n\r\n").bytes(),
+                );
+                body.extend_from_slice(&d[a..=b]);
+            }
+            body.extend(b"\r\n--BND--\r\n");
+            response(
+                "206 Partial Content",
+                &[
+                    ("Content-Type", "multipart/byteranges; boundary=BND".into()),
+                    ("Content-Length", body.len().to_string()),
+                ],
+                &body,
+            )
+        };
+        match range {
+            Some("bytes=1000-1999,4000-4999") => one_part(1000, 4999, 10000),
+            // The parts in reverse order.
+            Some("bytes=100-199,300-399") => multipart(&[(300, 399), (100, 199)]),
+            // A part the request did not ask for.
+            Some("bytes=5000-5099,6000-6099") => multipart(&[(5000, 5099), (7000, 7099)]),
+            // A part of another file's length.
+            Some("bytes=8000-8099,9000-9099") => one_part(8000, 9099, 20000),
+            // The closing boundary never comes: the second part is short.
+            Some("bytes=2000-2099,2500-2599") => {
+                let mut r = multipart(&[(2000, 2099), (2500, 2599)]);
+                r.truncate(r.len() - 60);
+                r
+            }
+            _ => response(
+                "500 Internal Server Error",
+                &[("Content-Length", "0".into())],
+                b"",
+            ),
+        }
+    });
+    let src = HttpSource::open(&server.url(), &HttpConfig::default()).expect("open");
+    let ok = [(1000, 1000), (4000, 1000)];
+    assert_ranges(&read_ranges(&src, &ok).expect("coalesced"), &ok, &data);
+    let ok = [(100, 100), (300, 100)];
+    assert_ranges(&read_ranges(&src, &ok).expect("reordered"), &ok, &data);
+    for bad in [
+        [(5000, 100), (6000, 100)],
+        [(8000, 100), (9000, 100)],
+        [(2000, 100), (2500, 100)],
+    ] {
+        let err = read_ranges(&src, &bad).expect_err("a wrong answer accepted");
+        assert!(err.is_retryable(), "{bad:?}: {err}");
+    }
+    // Ranges that are not ascending and apart are the caller's error.
+    let err = read_ranges(&src, &[(300, 100), (100, 100)]).expect_err("unsorted accepted");
+    assert!(!err.is_retryable(), "{err}");
 }

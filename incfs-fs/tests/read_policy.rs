@@ -2,7 +2,8 @@
 //! a miss is widened over the chunks that follow it, a sequential reader's window grows so
 //! a 64 MiB read takes few requests, a read never blocks its caller while it waits, a
 //! reader that waits too long gets an error (and the next read works), a plan on a layout
-//! not made for it is bridged into few requests with many in flight, and the background
+//! not made for it is bridged into few requests with many in flight (and shares requests
+//! where the server answers several ranges in one), and the background
 //! fill makes the image local without ever going before a reader.
 
 mod common;
@@ -273,6 +274,69 @@ fn far_apart_planned_ranges_are_in_flight_together() {
     let peak = src.peak_in_flight();
     assert!(peak >= 8, "only {peak} requests in flight at once");
     fs.shutdown().unwrap();
+}
+
+#[test]
+fn far_apart_planned_ranges_share_requests_where_the_server_takes_several() {
+    use incfs_fs::serve::{ServeConfig, Server};
+    use incfs_fs::source::{HttpConfig, HttpSource};
+    let tmp = tempfile::tempdir().unwrap();
+    let big = common::noise(1000 * CHUNK as usize, 9);
+    let (bytes, h) = pack(tmp.path(), &[("big", big.clone())]);
+    let img = tmp.path().join("served.img");
+    fs::write(&img, &bytes).unwrap();
+    // 40 chunks 25 apart (too far to bridge): 40 runs of ~4 KiB, within one request's
+    // 64 ranges and 256 KiB.
+    let plan: Vec<u64> = (0..1000).step_by(25).collect();
+    let data_ranges = |server: &Server| {
+        server
+            .stats()
+            .ranges
+            .iter()
+            .filter(|r| r.start >= h.data_offset && r.kind == "prefetch")
+            .count()
+    };
+    for multi in [true, false] {
+        let mut config = ServeConfig::new(&img);
+        config.link.latency_ms = 5;
+        config.multi_range = multi;
+        let server = Server::start(config).unwrap();
+        let src =
+            Arc::new(HttpSource::open(&server.url("served.img"), &HttpConfig::default()).unwrap());
+        let cache = tmp.path().join(format!("cache-{multi}"));
+        let fs = mount(src, &cache, fetch_config(0));
+        server.reset_stats();
+        fs.fetcher().submit(&plan, Priority::Prefetch);
+        fs.fetcher().fetch(&plan, Priority::Prefetch).unwrap();
+        let stats = server.stats();
+        assert_eq!(
+            data_ranges(&server),
+            40,
+            "every planned chunk asked for once"
+        );
+        if multi {
+            assert!(
+                stats.requests <= 3 && stats.multi_range_requests >= 1,
+                "40 planned runs took {} requests ({} multi-range)",
+                stats.requests,
+                stats.multi_range_requests
+            );
+        } else {
+            assert!(stats.requests >= 40, "{} requests", stats.requests);
+        }
+        // The chunks are stored and right.
+        let ino = ino(&fs, "big");
+        let (fh, _) = fs.open(ino).unwrap();
+        for &slot in &plan {
+            let at = slot * CHUNK;
+            let got = fs.read(ino, fh, at, CHUNK as u32).unwrap();
+            assert!(
+                got[..] == big[at as usize..(at + CHUNK) as usize],
+                "chunk {slot}"
+            );
+        }
+        fs.shutdown().unwrap();
+    }
 }
 
 #[test]

@@ -83,7 +83,7 @@ fn write_file(dir: &Path, name: &str, data: &[u8]) -> std::path::PathBuf {
 }
 
 #[test]
-fn single_ranges_get_206_416_head_and_whole_files() {
+fn ranges_get_206_multipart_416_head_and_whole_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = content(1_000_003, 1);
     let len = data.len();
@@ -133,8 +133,25 @@ fn single_ranges_get_206_416_head_and_whole_files() {
         assert!(ans.body.is_empty());
     }
 
-    // Several ranges, or nonsense, are ignored: the whole file.
-    let ans = get(addr, "/", "Range: bytes=0-1,5-6\r\n");
+    // Several ranges: one multipart/byteranges body, each part with its Content-Range.
+    let ans = get(addr, "/", "Range: bytes=0-1,5-6,-3\r\n");
+    assert_eq!(ans.status, 206);
+    let ct = ans.header("content-type").unwrap_or_default().to_string();
+    let boundary = ct
+        .strip_prefix("multipart/byteranges; boundary=")
+        .unwrap_or_else(|| panic!("content type {ct}"));
+    let mut want = Vec::new();
+    for (a, b) in [(0, 1), (5, 6), (len - 3, len - 1)] {
+        want.extend(
+            format!("\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes {a}-{b}/{len}\r\n\r\n")
+                .bytes(),
+        );
+        want.extend_from_slice(&data[a..=b]);
+    }
+    want.extend(format!("\r\n--{boundary}--\r\n").bytes());
+    assert!(ans.body == want, "multipart body differs");
+    // Ranges out of order or overlapping, or nonsense, are ignored: the whole file.
+    let ans = get(addr, "/", "Range: bytes=5-6,0-1\r\n");
     assert_eq!((ans.status, ans.body.len()), (200, len));
     let ans = get(addr, "/", "Range: bytes=9-3\r\n");
     assert_eq!((ans.status, ans.body.len()), (200, len));

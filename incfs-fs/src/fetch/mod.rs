@@ -12,9 +12,13 @@
 //! rest of a small file and a window that grows while access stays sequential. A demand
 //! miss that no plan covers is widened in stored order over the chunks that follow it, up to
 //! [`FetchConfig::miss_amplify_bytes`] (Nydus's `amplify_io`), since a start that faults a
-//! page of a library usually faults its neighbours next. A prefetch request bridges gaps of
-//! up to [`FetchConfig::bridge_gap_bytes`] between planned chunks, so a plan on an image
-//! that was not laid out for it travels as fewer, longer requests. An ELF file no plan
+//! page of a library usually faults its neighbours next. A plan on an image that was not
+//! laid out for it has hundreds of separate runs of planned chunks: where the source takes
+//! several ranges in one request (an HTTP server answering multi-range requests), up to
+//! [`FetchConfig::ranges_per_request`] runs and [`FetchConfig::multi_range_bytes`] share
+//! one request and its round trip; elsewhere a prefetch request bridges gaps of up to
+//! [`FetchConfig::bridge_gap_bytes`] between planned chunks (fetching the gap too), so the
+//! plan travels as fewer, longer requests. An ELF file no plan
 //! covers has the sections the dynamic loader will read queued at its first read ([`elf`]).
 //!
 //! **Workers.** [`FetchConfig::workers`] threads take the first slot of the highest
@@ -89,11 +93,22 @@ pub struct FetchConfig {
     /// less often than at 128 KiB without the fill, and larger values gain nothing with it.
     pub miss_amplify_bytes: u64,
     /// Largest gap, in stored bytes, between two queued prefetch chunks that one request
-    /// bridges (fetching the gap's chunks too). Default 16 KiB, chosen by measurement
-    /// (BENCHMARKS.md, "Fast without a plan"): clang's plan on the pack layout takes 2.2×
-    /// fewer requests than without bridging and moves 1.3× its bytes; wider gaps move more
-    /// bytes than the round trips they save.
+    /// bridges (fetching the gap's chunks too), where the source takes one range per
+    /// request. Default 16 KiB, chosen by measurement (BENCHMARKS.md, "Fast without a
+    /// plan"): clang's plan on the pack layout takes 2.2× fewer requests than without
+    /// bridging and moves 1.3× its bytes; wider gaps move more bytes than the round trips
+    /// they save. Where the source takes several ranges per request, runs share requests
+    /// instead and no gap is bridged (bridging 4 KiB gaps there made the same start 1.07×
+    /// slower: BENCHMARKS.md, "Multi-range requests").
     pub bridge_gap_bytes: u64,
+    /// Most separate runs of planned chunks asked for in one request, where the source
+    /// takes several ranges in one ([`Source::ranges_per_request`]; 1 turns grouping off).
+    /// Default 64, chosen by measurement (BENCHMARKS.md, "Multi-range requests").
+    pub ranges_per_request: usize,
+    /// Stored bytes at which a prefetch request stops taking more runs. Default 256 KiB
+    /// (BENCHMARKS.md, "Multi-range requests"): a request's ranges arrive in image order, not
+    /// in the plan's, so a request should be short next to the start it feeds.
+    pub multi_range_bytes: u64,
     /// The per-file read-ahead policy.
     pub readahead: ReadAheadConfig,
     /// When a file no plan covers turns out to be an ELF library or executable at its
@@ -136,6 +151,8 @@ impl Default for FetchConfig {
             background_request_bytes: 1024 * 1024,
             miss_amplify_bytes: 256 * 1024,
             bridge_gap_bytes: 16 * 1024,
+            ranges_per_request: 64,
+            multi_range_bytes: 256 * 1024,
             readahead: ReadAheadConfig::default(),
             loader_hints: true,
             max_attempts: RetryPolicy::default().max_attempts,
@@ -771,12 +788,39 @@ impl Inner {
     /// queued ones at `p` or above; for a demand miss that may be widened, any that are not
     /// local up to the amplification budget; for prefetch, gaps up to the bridge size
     /// between queued ones.
+    ///
+    /// At prefetch priority, when the source takes several ranges in one request, further
+    /// runs are taken the same way (up to [`FetchConfig::ranges_per_request`] and
+    /// [`FetchConfig::multi_range_bytes`]): the batch is then fetched as one multi-range
+    /// request ([`Inner::run`]).
     fn pick_chunks(&self, st: &mut State, p: Priority) -> Option<Vec<u64>> {
         let limit = if p == Priority::Background {
             self.config.background_request_bytes
         } else {
             self.config.max_request_bytes
         };
+        let (mut batch, mut bytes) = self.pick_run(st, p, limit)?;
+        if p == Priority::Prefetch {
+            let max_runs = self
+                .config
+                .ranges_per_request
+                .min(self.source.ranges_per_request());
+            let mut runs = 1;
+            while runs < max_runs && bytes < self.config.multi_range_bytes {
+                let Some((more, n)) = self.pick_run(st, p, limit - bytes.min(limit)) else {
+                    break;
+                };
+                batch.extend(more);
+                bytes += n;
+                runs += 1;
+            }
+        }
+        Some(batch)
+    }
+
+    /// One run of [`Inner::pick_chunks`]: the next queued slot at `p` and what follows it,
+    /// up to `limit` stored bytes; with its stored bytes.
+    fn pick_run(&self, st: &mut State, p: Priority, limit: u64) -> Option<(Vec<u64>, u64)> {
         while let Some(first) = st.queues[p as usize].pop_front() {
             let amplify = match st.slots.get(&first) {
                 Some(SlotState::Queued(q, a)) if *q == p => *a,
@@ -814,6 +858,14 @@ impl Inner {
                     .get(s)
                     .is_some_and(|e| self.cache.sibling_holds(&e))
             };
+            // Runs share requests where the source allows it; bridging gaps only pays for
+            // a round trip elsewhere.
+            let bridge_gap =
+                if self.source.ranges_per_request() > 1 && self.config.ranges_per_request > 1 {
+                    0
+                } else {
+                    self.config.bridge_gap_bytes
+                };
             let mut at = first_entry.stored_offset;
             let mut bytes = 0u64;
             loop {
@@ -836,12 +888,12 @@ impl Inner {
                 {
                     amplify_left -= len;
                     true
-                } else if p == Priority::Prefetch {
+                } else if p == Priority::Prefetch && bridge_gap > 0 {
                     // Bridge to the next wanted chunk if it is near.
                     let mut gap = 0u64;
                     let mut probe = at;
                     let mut found = false;
-                    while gap <= self.config.bridge_gap_bytes {
+                    while gap <= bridge_gap {
                         let slots = self.table.slots_at(probe);
                         let Some(l) = slots
                             .first()
@@ -886,7 +938,7 @@ impl Inner {
                 bytes += len;
                 at += len;
             }
-            return Some(batch);
+            return Some((batch, bytes.max(u64::from(first_entry.stored_len))));
         }
         None
     }
@@ -987,8 +1039,16 @@ impl Inner {
         loop {
             let mut retry = Vec::new();
             let mut last_error = String::new();
-            for run in contiguous_runs(&self.table, &remaining) {
-                let (not_done, error) = self.fetch_run(&run, priority, policy.timeout());
+            // In stored order, so runs that touch are one range and the ranges ascend.
+            remaining.sort_by_key(|s| (self.table.get(*s).map(|e| e.stored_offset), *s));
+            let runs = contiguous_runs(&self.table, &remaining);
+            let group = self
+                .config
+                .ranges_per_request
+                .min(self.source.ranges_per_request())
+                .max(1);
+            for runs in runs.chunks(group) {
+                let (not_done, error) = self.fetch_runs(runs, priority, policy.timeout());
                 if let Some((why, retryable)) = error {
                     if !retryable {
                         self.fail(&not_done, &why);
@@ -1040,117 +1100,95 @@ impl Inner {
         rest
     }
 
-    /// One range request for `run`, read as a stream: each chunk is decoded, checked and
-    /// stored as soon as its bytes have arrived, and its waiters are woken then. Returns the
-    /// slots not stored (to retry or fail) and the error that stopped the request, with
-    /// whether it is worth retrying.
-    fn fetch_run(
+    /// One request for `runs` (ascending, apart; one range each, several in one request
+    /// where the source allows), read as a stream: each chunk is decoded, checked and stored
+    /// as soon as its bytes have arrived, and its waiters are woken then. Returns the slots
+    /// not stored (to retry or fail) and the error that stopped the request, with whether it
+    /// is worth retrying.
+    fn fetch_runs(
         &self,
-        run: &[u64],
+        runs: &[Vec<u64>],
         priority: Priority,
         timeout: Duration,
     ) -> (Vec<u64>, Option<(String, bool)>) {
-        let (Some(first), Some(last)) = (
-            run.first().and_then(|s| self.table.get(*s)),
-            run.last().and_then(|s| self.table.get(*s)),
-        ) else {
-            return (run.to_vec(), Some(("empty run".into(), false)));
+        let Some(mut readers) = runs
+            .iter()
+            .map(|run| RunReader::new(&self.table, run, self.config.max_request_bytes))
+            .collect::<Option<Vec<_>>>()
+        else {
+            return (
+                runs.concat(),
+                Some(("a run without table entries".into(), false)),
+            );
         };
-        let start = first.stored_offset;
-        let len = last.stored_offset + u64::from(last.stored_len) - start;
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        let mut buf: Vec<u8> = Vec::with_capacity(len.min(self.config.max_request_bytes) as usize);
-        // Chunks of `run` before `next` are handled; `consumed` bytes of the range precede it.
-        let mut next = 0usize;
-        let mut consumed = 0u64;
-        let mut bad: Vec<(u64, String)> = Vec::new();
-        let mut received = 0u64;
-        // The last frame decoded: (stored offset, raw bytes).
-        let mut frame: Option<(u64, Vec<u8>)> = None;
-        let result = self.source.read_range_within(
-            self.data_offset + start,
-            len,
+        let ranges: Vec<(u64, u64)> = readers
+            .iter()
+            .map(|r| (self.data_offset + r.start, r.len))
+            .collect();
+        let requests = if self.source.ranges_per_request() > 1 {
+            1
+        } else {
+            ranges.len() as u64
+        };
+        self.requests.fetch_add(requests, Ordering::Relaxed);
+        let result = self.source.read_ranges_within(
+            &ranges,
             priority.kind(),
             timeout,
-            &mut |piece: &[u8]| {
-                received += piece.len() as u64;
+            &mut |i, piece: &[u8]| {
                 // Counted as it arrives: a reader woken below may read the stats at once.
                 self.bytes_fetched
                     .fetch_add(piece.len() as u64, Ordering::Relaxed);
-                buf.extend_from_slice(piece);
-                let mut done = Vec::new();
-                while let Some(&slot) = run.get(next) {
-                    let Some(e) = self.table.get(slot) else { break };
-                    let at = (e.stored_offset - start - consumed) as usize;
-                    let end = at + e.stored_len as usize;
-                    if end > buf.len() {
-                        break;
-                    }
-                    // Chunks of one frame come one after another in the run: decode it once.
-                    if frame.as_ref().is_none_or(|(o, _)| *o != e.stored_offset) {
-                        frame = match decode_frame(slot, &e, &buf[at..end]) {
-                            Ok(f) => Some((e.stored_offset, f)),
-                            Err(err) => {
-                                self.fetch_errors.fetch_add(1, Ordering::Relaxed);
-                                tracing::warn!(slot, source = %self.source.describe(), error = %err, "frame did not decode; not using its bytes");
-                                None
-                            }
-                        };
-                    }
-                    let stored = match &frame {
-                        Some((_, f)) => self.verify_store(slot, &e, f),
-                        None => Err(format!("chunk slot {slot}: its frame did not decode")),
-                    };
-                    match stored {
-                        Ok(()) => done.push(slot),
-                        Err(why) => bad.push((slot, why)),
-                    }
-                    next += 1;
-                    // A slot sharing this chunk's stored bytes (deduplicated) may come next:
-                    // keep the bytes until the run moves past them.
-                    let next_is_past =
-                        run.get(next)
-                            .and_then(|s| self.table.get(*s))
-                            .is_some_and(|n| {
-                                n.stored_offset >= e.stored_offset + u64::from(e.stored_len)
-                            });
-                    if next_is_past && end > (1 << 20) {
-                        // Drop what is handled so the buffer stays small.
-                        buf.drain(..end);
-                        consumed += end as u64;
-                    }
-                }
+                let Some(reader) = readers.get_mut(i) else {
+                    return std::ops::ControlFlow::Break(());
+                };
+                let done = reader.feed(self, piece);
                 self.release(&done);
-                if received > len || self.shutdown.load(Ordering::Acquire) {
+                if reader.received > reader.len || self.shutdown.load(Ordering::Acquire) {
                     std::ops::ControlFlow::Break(())
                 } else {
                     std::ops::ControlFlow::Continue(())
                 }
             },
         );
-        let mut not_done: Vec<u64> = bad.iter().map(|(s, _)| *s).collect();
-        not_done.extend_from_slice(&run[next..]);
+        let mut not_done = Vec::new();
+        let mut bad_why = None;
+        let mut short = None;
+        let mut progress = false;
+        for r in &readers {
+            not_done.extend(r.bad.iter().map(|(s, _)| *s));
+            not_done.extend_from_slice(&r.run[r.next..]);
+            progress |= r.next > 0;
+            if let Some((_, why)) = r.bad.last() {
+                bad_why = Some(why.clone());
+            }
+            if r.received != r.len && short.is_none() {
+                short = Some((r.received, r.len));
+            }
+        }
+        let (start, len) = (ranges[0].0, ranges.iter().map(|r| r.1).sum::<u64>());
         let error = match result {
             Err(e) => {
                 self.fetch_errors.fetch_add(1, Ordering::Relaxed);
-                if next > 0 && e.is_retryable() {
+                if progress && e.is_retryable() {
                     // A long request on a slow or shared link outlived its attempt after
                     // storing some of its chunks: the rest is asked for again, with a fresh
                     // deadline (the work made progress). Expected there, so not a warning.
-                    tracing::debug!(source = %self.source.describe(), offset = start, len, received, error = %e, "range request cut short; asking again for the rest");
+                    tracing::debug!(source = %self.source.describe(), offset = start, len, ranges = ranges.len(), error = %e, "range request cut short; asking again for the rest");
                 } else {
-                    tracing::warn!(source = %self.source.describe(), offset = start, len, error = %e, "range request failed");
+                    tracing::warn!(source = %self.source.describe(), offset = start, len, ranges = ranges.len(), error = %e, "range request failed");
                 }
                 Some((e.to_string(), e.is_retryable()))
             }
-            Ok(()) if received != len => {
+            Ok(()) if short.is_some() => {
                 self.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                let (got, want) = short.unwrap_or_default();
                 Some((
-                    format!("source returned {received} bytes for a range of {len}"),
+                    format!("source returned {got} bytes for a range of {want}"),
                     true,
                 ))
             }
-            Ok(()) => bad.last().map(|(_, why)| (why.clone(), true)),
+            Ok(()) => bad_why.map(|why| (why, true)),
         };
         (not_done, error)
     }
@@ -1240,6 +1278,98 @@ impl Inner {
                 reason: Arc::clone(&reason),
             }));
         }
+    }
+}
+
+/// The chunks of one run as its range's bytes arrive: decoded, checked and stored one by one.
+struct RunReader<'a> {
+    run: &'a [u64],
+    /// The range: first stored byte (within the data section) and length.
+    start: u64,
+    len: u64,
+    /// Bytes received and not yet dropped; `consumed` bytes of the range precede them.
+    buf: Vec<u8>,
+    consumed: u64,
+    received: u64,
+    /// Chunks of `run` before `next` are handled.
+    next: usize,
+    /// Chunks that did not verify or store, with why.
+    bad: Vec<(u64, String)>,
+    /// The last frame decoded: (stored offset, raw bytes).
+    frame: Option<(u64, Vec<u8>)>,
+}
+
+impl<'a> RunReader<'a> {
+    /// `None` when the run is empty or lacks table entries.
+    fn new(table: &LazyTable, run: &'a [u64], max_buf: u64) -> Option<Self> {
+        let first = table.get(*run.first()?)?;
+        let last = table.get(*run.last()?)?;
+        let len = last.stored_offset + u64::from(last.stored_len) - first.stored_offset;
+        Some(RunReader {
+            run,
+            start: first.stored_offset,
+            len,
+            buf: Vec::with_capacity(len.min(max_buf) as usize),
+            consumed: 0,
+            received: 0,
+            next: 0,
+            bad: Vec::new(),
+            frame: None,
+        })
+    }
+
+    /// Takes the next bytes of the range; returns the slots stored from them.
+    fn feed(&mut self, inner: &Inner, piece: &[u8]) -> Vec<u64> {
+        self.received += piece.len() as u64;
+        self.buf.extend_from_slice(piece);
+        let mut done = Vec::new();
+        while let Some(&slot) = self.run.get(self.next) {
+            let Some(e) = inner.table.get(slot) else {
+                break;
+            };
+            let at = (e.stored_offset - self.start - self.consumed) as usize;
+            let end = at + e.stored_len as usize;
+            if end > self.buf.len() {
+                break;
+            }
+            // Chunks of one frame come one after another in the run: decode it once.
+            if self
+                .frame
+                .as_ref()
+                .is_none_or(|(o, _)| *o != e.stored_offset)
+            {
+                self.frame = match decode_frame(slot, &e, &self.buf[at..end]) {
+                    Ok(f) => Some((e.stored_offset, f)),
+                    Err(err) => {
+                        inner.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(slot, source = %inner.source.describe(), error = %err, "frame did not decode; not using its bytes");
+                        None
+                    }
+                };
+            }
+            let stored = match &self.frame {
+                Some((_, f)) => inner.verify_store(slot, &e, f),
+                None => Err(format!("chunk slot {slot}: its frame did not decode")),
+            };
+            match stored {
+                Ok(()) => done.push(slot),
+                Err(why) => self.bad.push((slot, why)),
+            }
+            self.next += 1;
+            // A slot sharing this chunk's stored bytes (deduplicated) may come next: keep
+            // the bytes until the run moves past them.
+            let next_is_past = self
+                .run
+                .get(self.next)
+                .and_then(|s| inner.table.get(*s))
+                .is_some_and(|n| n.stored_offset >= e.stored_offset + u64::from(e.stored_len));
+            if next_is_past && end > (1 << 20) {
+                // Drop what is handled so the buffer stays small.
+                self.buf.drain(..end);
+                self.consumed += end as u64;
+            }
+        }
+        done
     }
 }
 

@@ -23,18 +23,26 @@
 use std::error::Error as _;
 use std::io;
 use std::ops::ControlFlow;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
-use reqwest::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, HeaderMap, RANGE};
-use tracing::{debug, trace};
+use reqwest::header::{
+    ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HeaderMap, RANGE,
+};
+use tracing::{debug, info, trace};
 
+use super::byteranges::{Demux, Multipart};
 use super::{RequestKind, Source, SourceError};
 use crate::retry::RetryPolicy;
 
 /// Header telling the server why a range is read (`demand`, `prefetch`, `background`);
 /// `incfs serve` counts requests and bytes by it, other servers ignore it.
 pub const REQUEST_KIND_HEADER: &str = "x-incfs-request";
+
+/// Most ranges asked for in one multi-range request: 64 ranges keep the `Range` header near
+/// 1.5 KB, well under the 8 KB header limit of common servers (nginx, Go's net/http).
+const MAX_RANGES_PER_REQUEST: usize = 64;
 
 /// How an [`HttpSource`] talks to its server.
 #[derive(Debug, Clone)]
@@ -90,6 +98,9 @@ pub struct HttpSource {
     /// Always `Some` until drop, which shuts it down without blocking.
     runtime: Option<tokio::runtime::Runtime>,
     len: u64,
+    /// False once the server has answered a multi-range request with the whole file
+    /// (as RFC 9110 allows): ranges are then asked for one at a time.
+    multi_range: AtomicBool,
 }
 
 impl HttpSource {
@@ -142,6 +153,7 @@ impl HttpSource {
             client,
             runtime: Some(runtime),
             len: 0,
+            multi_range: AtomicBool::new(true),
         };
         source.len = source.block_on(source.probe_len())?;
         debug!(url = %source.name, len = source.len, "opened HTTP source");
@@ -387,6 +399,102 @@ impl HttpSource {
     }
 }
 
+impl HttpSource {
+    /// Several ranges in one request; see [`Source::read_ranges_within`].
+    fn ranged_many(
+        &self,
+        ranges: &[(u64, u64)],
+        kind: RequestKind,
+        timeout: Duration,
+        on_piece: &mut dyn FnMut(usize, &[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        for &(offset, len) in ranges {
+            super::check_range(&self.name, offset, len, self.len)?;
+        }
+        if ranges.len() < 2 || !self.multi_range.load(Ordering::Relaxed) {
+            return super::read_ranges_one_by_one(self, ranges, kind, timeout, on_piece);
+        }
+        let mut demux = Demux::new(ranges, self.len)
+            .map_err(|e| SourceError::Unusable(format!("{}: {e}", self.name)))?;
+        let started = Instant::now();
+        let spec: Vec<String> = ranges
+            .iter()
+            .map(|&(o, l)| format!("{o}-{}", o + l - 1))
+            .collect();
+        let (first, end) = (
+            ranges[0].0,
+            ranges[ranges.len() - 1].0 + ranges[ranges.len() - 1].1,
+        );
+        trace!(ranges = ranges.len(), first, end, %kind, "http multi-range request");
+        let req = self
+            .client
+            .get(self.url.clone())
+            .header(RANGE, format!("bytes={}", spec.join(",")))
+            .header(REQUEST_KIND_HEADER, kind.to_string())
+            .timeout(timeout);
+        let mut resp = self.block_on(async { req.send().await.map_err(|e| self.net_error(&e)) })?;
+        let bad = |what: String| self.bad_answer(format!("multi-range answer: {what}"));
+        // Either a multipart body, or one part (the server coalesced every range into one).
+        let mut multipart = None;
+        let mut single_at = None;
+        match resp.status().as_u16() {
+            206 => {
+                let ct = header_str(resp.headers(), CONTENT_TYPE).unwrap_or_default();
+                if let Some(mp) = Multipart::for_content_type(&ct) {
+                    multipart = Some(mp);
+                } else {
+                    let cr = header_str(resp.headers(), CONTENT_RANGE).unwrap_or_default();
+                    let (a, b, total) = parse_content_range(&cr)
+                        .ok_or_else(|| bad(format!("206 with Content-Range {cr:?}")))?;
+                    demux.begin_part(a, b, total).map_err(bad)?;
+                    single_at = Some(a);
+                }
+            }
+            200 => {
+                drop(resp);
+                self.multi_range.store(false, Ordering::Relaxed);
+                info!(url = %self.name, "the server answers multi-range requests with the whole file; asking for one range at a time");
+                let left = timeout.saturating_sub(started.elapsed());
+                return super::read_ranges_one_by_one(self, ranges, kind, left, on_piece);
+            }
+            status => {
+                return Err(SourceError::Status {
+                    source_name: self.name.clone(),
+                    status,
+                    offset: first,
+                    end,
+                });
+            }
+        }
+        while let Some(piece) =
+            self.block_on(async { resp.chunk().await.map_err(|e| self.net_error(&e)) })?
+        {
+            let flow = match (&mut multipart, &mut single_at) {
+                (Some(mp), _) => mp.feed(&piece, &mut demux, on_piece),
+                (None, Some(at)) => {
+                    let r = demux.deliver(*at, &piece, on_piece);
+                    *at += piece.len() as u64;
+                    r
+                }
+                (None, None) => Ok(ControlFlow::Break(())),
+            }
+            .map_err(bad)?;
+            if flow.is_break() {
+                return Ok(());
+            }
+        }
+        let (got, want) = demux.progress();
+        if got != want || multipart.as_ref().is_some_and(|mp| !mp.is_done()) {
+            return Err(SourceError::Short {
+                source_name: self.name.clone(),
+                got,
+                want,
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Source for HttpSource {
     fn read_range(&self, offset: u64, len: u64, kind: RequestKind) -> Result<Vec<u8>, SourceError> {
         super::collect_range(self, offset, len, kind, None)
@@ -419,6 +527,24 @@ impl Source for HttpSource {
         on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
     ) -> Result<(), SourceError> {
         self.ranged(offset, len, kind, Some(timeout), on_piece)
+    }
+
+    fn ranges_per_request(&self) -> usize {
+        if self.multi_range.load(Ordering::Relaxed) {
+            MAX_RANGES_PER_REQUEST
+        } else {
+            1
+        }
+    }
+
+    fn read_ranges_within(
+        &self,
+        ranges: &[(u64, u64)],
+        kind: RequestKind,
+        timeout: Duration,
+        on_piece: &mut dyn FnMut(usize, &[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        self.ranged_many(ranges, kind, timeout, on_piece)
     }
 }
 

@@ -4,6 +4,7 @@
 //! Every request is tagged with why it is made ([`RequestKind`]), so logs, stats and the
 //! server can tell demand misses from prefetch.
 
+mod byteranges;
 #[cfg(feature = "testing")]
 mod failing;
 mod file;
@@ -175,6 +176,53 @@ pub trait Source: Send + Sync {
         let _ = timeout;
         self.read_range_streaming(offset, len, kind, on_piece)
     }
+
+    /// Most ranges [`Source::read_ranges_within`] asks for in one request: 1 (the default)
+    /// when the source has no such request, so callers should not group ranges for it.
+    fn ranges_per_request(&self) -> usize {
+        1
+    }
+
+    /// Reads several ranges, ascending and apart, in as few requests as the source allows
+    /// (an HTTP multi-range request), within `timeout` in all. `on_piece(i, bytes)` gets
+    /// each range's bytes in order within the range; the ranges may come in any order. As
+    /// with [`Source::read_range_streaming`], on an error the pieces already handed over
+    /// were correct as far as the source can tell, and [`ControlFlow::Break`] stops it all.
+    ///
+    /// The default reads the ranges one after another with [`Source::read_range_within`].
+    fn read_ranges_within(
+        &self,
+        ranges: &[(u64, u64)],
+        kind: RequestKind,
+        timeout: Duration,
+        on_piece: &mut dyn FnMut(usize, &[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        read_ranges_one_by_one(self, ranges, kind, timeout, on_piece)
+    }
+}
+
+/// [`Source::read_ranges_within`] as one request per range.
+pub(crate) fn read_ranges_one_by_one<S: Source + ?Sized>(
+    source: &S,
+    ranges: &[(u64, u64)],
+    kind: RequestKind,
+    timeout: Duration,
+    on_piece: &mut dyn FnMut(usize, &[u8]) -> ControlFlow<()>,
+) -> Result<(), SourceError> {
+    let started = std::time::Instant::now();
+    for (i, &(offset, len)) in ranges.iter().enumerate() {
+        let left = timeout.saturating_sub(started.elapsed());
+        let mut stop = false;
+        source.read_range_within(offset, len, kind, left, &mut |piece| {
+            let flow = on_piece(i, piece);
+            stop = flow.is_break();
+            flow
+        })?;
+        if stop {
+            break;
+        }
+    }
+    Ok(())
 }
 
 impl<S: Source + ?Sized> Source for Arc<S> {
@@ -205,6 +253,18 @@ impl<S: Source + ?Sized> Source for Arc<S> {
         on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
     ) -> Result<(), SourceError> {
         (**self).read_range_within(offset, len, kind, timeout, on_piece)
+    }
+    fn ranges_per_request(&self) -> usize {
+        (**self).ranges_per_request()
+    }
+    fn read_ranges_within(
+        &self,
+        ranges: &[(u64, u64)],
+        kind: RequestKind,
+        timeout: Duration,
+        on_piece: &mut dyn FnMut(usize, &[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        (**self).read_ranges_within(ranges, kind, timeout, on_piece)
     }
 }
 
