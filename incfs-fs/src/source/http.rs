@@ -27,22 +27,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
-use reqwest::header::{
-    ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HeaderMap, RANGE,
-};
+use reqwest::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, HeaderMap, RANGE};
 use tracing::{debug, info, trace};
 
-use super::byteranges::{Demux, Multipart};
+use super::byteranges::{Answer, Demux, MAX_RANGES_PER_REQUEST, range_header};
 use super::{RequestKind, Source, SourceError};
 use crate::retry::RetryPolicy;
 
 /// Header telling the server why a range is read (`demand`, `prefetch`, `background`);
 /// `incfs serve` counts requests and bytes by it, other servers ignore it.
 pub const REQUEST_KIND_HEADER: &str = "x-incfs-request";
-
-/// Most ranges asked for in one multi-range request: 64 ranges keep the `Range` header near
-/// 1.5 KB, well under the 8 KB header limit of common servers (nginx, Go's net/http).
-const MAX_RANGES_PER_REQUEST: usize = 64;
 
 /// How an [`HttpSource`] talks to its server.
 #[derive(Debug, Clone)]
@@ -417,10 +411,6 @@ impl HttpSource {
         let mut demux = Demux::new(ranges, self.len)
             .map_err(|e| SourceError::Unusable(format!("{}: {e}", self.name)))?;
         let started = Instant::now();
-        let spec: Vec<String> = ranges
-            .iter()
-            .map(|&(o, l)| format!("{o}-{}", o + l - 1))
-            .collect();
         let (first, end) = (
             ranges[0].0,
             ranges[ranges.len() - 1].0 + ranges[ranges.len() - 1].1,
@@ -429,27 +419,13 @@ impl HttpSource {
         let req = self
             .client
             .get(self.url.clone())
-            .header(RANGE, format!("bytes={}", spec.join(",")))
+            .header(RANGE, range_header(ranges))
             .header(REQUEST_KIND_HEADER, kind.to_string())
             .timeout(timeout);
         let mut resp = self.block_on(async { req.send().await.map_err(|e| self.net_error(&e)) })?;
         let bad = |what: String| self.bad_answer(format!("multi-range answer: {what}"));
-        // Either a multipart body, or one part (the server coalesced every range into one).
-        let mut multipart = None;
-        let mut single_at = None;
-        match resp.status().as_u16() {
-            206 => {
-                let ct = header_str(resp.headers(), CONTENT_TYPE).unwrap_or_default();
-                if let Some(mp) = Multipart::for_content_type(&ct) {
-                    multipart = Some(mp);
-                } else {
-                    let cr = header_str(resp.headers(), CONTENT_RANGE).unwrap_or_default();
-                    let (a, b, total) = parse_content_range(&cr)
-                        .ok_or_else(|| bad(format!("206 with Content-Range {cr:?}")))?;
-                    demux.begin_part(a, b, total).map_err(bad)?;
-                    single_at = Some(a);
-                }
-            }
+        let mut answer = match resp.status().as_u16() {
+            206 => Answer::new(resp.headers(), &mut demux).map_err(bad)?,
             200 => {
                 drop(resp);
                 self.multi_range.store(false, Ordering::Relaxed);
@@ -465,33 +441,25 @@ impl HttpSource {
                     end,
                 });
             }
-        }
+        };
         while let Some(piece) =
             self.block_on(async { resp.chunk().await.map_err(|e| self.net_error(&e)) })?
         {
-            let flow = match (&mut multipart, &mut single_at) {
-                (Some(mp), _) => mp.feed(&piece, &mut demux, on_piece),
-                (None, Some(at)) => {
-                    let r = demux.deliver(*at, &piece, on_piece);
-                    *at += piece.len() as u64;
-                    r
-                }
-                (None, None) => Ok(ControlFlow::Break(())),
-            }
-            .map_err(bad)?;
-            if flow.is_break() {
+            if answer
+                .feed(&piece, &mut demux, on_piece)
+                .map_err(bad)?
+                .is_break()
+            {
                 return Ok(());
             }
         }
-        let (got, want) = demux.progress();
-        if got != want || multipart.as_ref().is_some_and(|mp| !mp.is_done()) {
-            return Err(SourceError::Short {
+        answer
+            .finish(&demux)
+            .map_err(|(got, want)| SourceError::Short {
                 source_name: self.name.clone(),
                 got,
                 want,
-            });
-        }
-        Ok(())
+            })
     }
 }
 

@@ -36,13 +36,14 @@ mod reference;
 use std::io::{self, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 use reqwest::{Method, StatusCode, Url};
 use sha2::Digest as _;
-use tracing::{debug, trace};
+use tracing::{debug, info, trace};
 
 pub use auth::Credentials;
 use client::{Registry, Req, check_status};
@@ -52,6 +53,7 @@ pub use push::{PushFiles, PushReport, push};
 pub use reference::{Reference, SCHEME, Target};
 
 use super::MAX_PREALLOC;
+use super::byteranges::{Answer, Demux, MAX_RANGES_PER_REQUEST, range_header};
 use super::http::parse_content_range;
 use super::{HttpConfig, REQUEST_KIND_HEADER, RequestKind, Source, SourceError};
 
@@ -514,6 +516,7 @@ impl OciArtifact {
             len: self.layers.image.size,
             name: self.spec.clone(),
             artifact: Arc::clone(self),
+            multi_range: AtomicBool::new(true),
         }
     }
 }
@@ -597,6 +600,9 @@ pub struct OciSource {
     blob_url: Url,
     name: String,
     len: u64,
+    /// False once the registry (or the storage it redirects to) has answered a multi-range
+    /// request with the whole blob: ranges are then asked for one at a time.
+    multi_range: AtomicBool,
 }
 
 impl OciSource {
@@ -787,6 +793,97 @@ impl OciSource {
     }
 }
 
+impl OciSource {
+    /// Several ranges in one request; see [`Source::read_ranges_within`]. Ranges that touch
+    /// the image header are read one by one, so the header is checked ([`Self::fetch_checked`]).
+    fn ranged_many(
+        &self,
+        ranges: &[(u64, u64)],
+        kind: RequestKind,
+        timeout: Duration,
+        on_piece: &mut dyn FnMut(usize, &[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        for &(offset, len) in ranges {
+            super::check_range(&self.name, offset, len, self.len)?;
+        }
+        let header_len = crate::format::HEADER_LEN as u64;
+        if ranges.len() < 2 || !self.multi_range.load(Ordering::Relaxed) || ranges[0].0 < header_len
+        {
+            return super::read_ranges_one_by_one(self, ranges, kind, timeout, on_piece);
+        }
+        let mut demux = Demux::new(ranges, self.len)
+            .map_err(|e| SourceError::Unusable(format!("{}: {e}", self.name)))?;
+        let started = Instant::now();
+        let (first, end) = (
+            ranges[0].0,
+            ranges[ranges.len() - 1].0 + ranges[ranges.len() - 1].1,
+        );
+        trace!(ranges = ranges.len(), first, end, %kind, "registry multi-range request");
+        let req = Req::new(Method::GET, self.blob_url.clone(), Some(timeout))
+            .header(RANGE, &range_header(ranges))
+            .header(
+                reqwest::header::HeaderName::from_static(REQUEST_KIND_HEADER),
+                &kind.to_string(),
+            );
+        let reg = &self.artifact.registry;
+        let mut resp = self.block_on(async { Ok(reg.send(&req).await?) })?;
+        let bad = |what: String| SourceError::Io {
+            source_name: self.name.clone(),
+            error: io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("multi-range answer: {what}"),
+            ),
+        };
+        let mut answer = match resp.status() {
+            StatusCode::PARTIAL_CONTENT => Answer::new(resp.headers(), &mut demux).map_err(bad)?,
+            StatusCode::OK => {
+                drop(resp);
+                self.multi_range.store(false, Ordering::Relaxed);
+                info!(source = %self.name, "the registry answers multi-range requests with the whole blob; asking for one range at a time");
+                let left = timeout.saturating_sub(started.elapsed());
+                return super::read_ranges_one_by_one(self, ranges, kind, left, on_piece);
+            }
+            s if s == StatusCode::UNAUTHORIZED || s == StatusCode::FORBIDDEN => {
+                let name = &self.name;
+                return self.block_on(async move {
+                    Err(check_status(resp, name)
+                        .await
+                        .err()
+                        .map_or_else(|| SourceError::Unusable(name.clone()), Into::into))
+                });
+            }
+            s => {
+                return Err(SourceError::Status {
+                    source_name: self.name.clone(),
+                    status: s.as_u16(),
+                    offset: first,
+                    end,
+                });
+            }
+        };
+        while let Some(piece) = self.block_on(async {
+            resp.chunk()
+                .await
+                .map_err(|e| SourceError::from(reg.net_error(&self.name, e)))
+        })? {
+            if answer
+                .feed(&piece, &mut demux, on_piece)
+                .map_err(bad)?
+                .is_break()
+            {
+                return Ok(());
+            }
+        }
+        answer
+            .finish(&demux)
+            .map_err(|(got, want)| SourceError::Short {
+                source_name: self.name.clone(),
+                got,
+                want,
+            })
+    }
+}
+
 impl Source for OciSource {
     fn read_range(&self, offset: u64, len: u64, kind: RequestKind) -> Result<Vec<u8>, SourceError> {
         super::collect_range(self, offset, len, kind, None)
@@ -819,5 +916,23 @@ impl Source for OciSource {
         on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
     ) -> Result<(), SourceError> {
         self.ranged(offset, len, kind, Some(timeout), on_piece)
+    }
+
+    fn ranges_per_request(&self) -> usize {
+        if self.multi_range.load(Ordering::Relaxed) {
+            MAX_RANGES_PER_REQUEST
+        } else {
+            1
+        }
+    }
+
+    fn read_ranges_within(
+        &self,
+        ranges: &[(u64, u64)],
+        kind: RequestKind,
+        timeout: Duration,
+        on_piece: &mut dyn FnMut(usize, &[u8]) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        self.ranged_many(ranges, kind, timeout, on_piece)
     }
 }
