@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
+use incfs_fs::format::delta::{DELTA_SUFFIX, DeltaSummary, write_deltas};
 use incfs_fs::format::{
     Digest, Image, InodeKind, MAX_FRAME_LEN, PackOptions, RelayoutOptions, RelayoutSummary,
     pack_dir, relayout_on_base,
@@ -107,12 +108,52 @@ pub struct HotArgs {
     hot_level: i32,
     /// Lay the image out as an update of this older image: a frame of planned chunks holds
     /// only chunks the old image has or only chunks it lacks, so a reader with the old image
-    /// cached fetches no frame for the chunks it has (`incfs diff` counts them).
+    /// cached fetches no frame for the chunks it has (`incfs diff` counts them); and write
+    /// IMAGE.delta beside it, the chunks the old image lacks as deltas against it, which a
+    /// reader with the old image cached fetches instead of those chunks.
     #[arg(long, value_name = "OLD_IMAGE")]
     base: Option<PathBuf>,
 }
 
+/// One line on what [`HotArgs::write_deltas`] wrote.
+fn print_deltas(path: &std::path::Path, d: &DeltaSummary) {
+    println!(
+        "deltas against --base: {} ({} of {} changed chunks, {} as deltas instead of {})",
+        path.display(),
+        d.deltas,
+        d.candidates,
+        human(d.delta_bytes),
+        human(d.stored_bytes)
+    );
+}
+
 impl HotArgs {
+    /// With `--base`, writes `IMAGE.delta` beside `image`: its changed chunks as deltas
+    /// against the base ([`incfs_fs::format::delta`]); returns where and what.
+    fn write_deltas(
+        &self,
+        image: &std::path::Path,
+    ) -> anyhow::Result<Option<(PathBuf, DeltaSummary)>> {
+        let Some(base) = &self.base else {
+            return Ok(None);
+        };
+        let old = Image::open_path(base, None)
+            .with_context(|| format!("opening the --base image {}", base.display()))?;
+        let new = Image::open_path(image, None)
+            .with_context(|| format!("opening {}", image.display()))?;
+        let mut out = image.to_path_buf().into_os_string();
+        out.push(DELTA_SUFFIX);
+        let out = PathBuf::from(out);
+        let d = write_deltas(&old, &new, &out).with_context(|| {
+            format!(
+                "writing the deltas of {} against {}",
+                image.display(),
+                base.display()
+            )
+        })?;
+        Ok(Some((out, d)))
+    }
+
     /// The chunk digests of the `--base` image (none without it).
     fn base_digests(&self) -> anyhow::Result<HashSet<Digest>> {
         let Some(base) = &self.base else {
@@ -183,6 +224,9 @@ struct PackJson {
     hot_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     plan: Option<PathBuf>,
+    /// With --base: the deltas written beside the image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deltas: Option<DeltaSummary>,
 }
 
 pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
@@ -234,6 +278,7 @@ pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
         s.image_bytes = r.image_bytes;
         hot = Some((r, plan_out));
     }
+    let deltas = a.hot.write_deltas(&a.output)?;
     let secs = s.elapsed.as_secs_f64();
     if a.json {
         let j = PackJson {
@@ -258,6 +303,7 @@ pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
             hot_chunks: hot.as_ref().map(|(r, _)| r.hot_chunks),
             hot_bytes: hot.as_ref().map(|(r, _)| r.hot_bytes),
             plan: hot.as_ref().map(|(_, p)| p.clone()),
+            deltas: deltas.as_ref().map(|(_, d)| *d),
         };
         println!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(ExitCode::SUCCESS);
@@ -298,6 +344,9 @@ pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
             r.hot_frames,
             plan_out.display()
         );
+    }
+    if let Some((path, d)) = &deltas {
+        print_deltas(path, d);
     }
     println!("root digest {}", s.root_digest);
     Ok(ExitCode::SUCCESS)
@@ -623,6 +672,7 @@ pub fn relayout(a: RelayoutArgs) -> anyhow::Result<ExitCode> {
         PathBuf::from(p)
     });
     plan.rebind(&s.root_digest).save(&plan_out)?;
+    let deltas = a.hot.write_deltas(&a.output)?;
     println!(
         "wrote {}: {} hot chunks first ({} in {} frames), {} distinct chunks, image {}",
         a.output.display(),
@@ -633,6 +683,9 @@ pub fn relayout(a: RelayoutArgs) -> anyhow::Result<ExitCode> {
         human(s.image_bytes)
     );
     println!("plan for it: {}", plan_out.display());
+    if let Some((path, d)) = deltas {
+        print_deltas(&path, &d);
+    }
     println!("root digest {}", s.root_digest);
     Ok(ExitCode::SUCCESS)
 }

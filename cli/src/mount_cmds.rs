@@ -319,12 +319,18 @@ fn serve_in(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     let published = (a.prefetch.is_none() && oci.is_none() && !a.oci.no_plan())
         .then(|| incfs_fs::plan::spawn_published(&a.source, &config.fetch.retry()))
         .flatten();
+    // So are deltas against an older image the cache holds.
+    let deltas =
+        incfs_fs::fetch::delta::spawn_fetch(&a.source, &config.cache_dir, &config.fetch.retry());
     let source = incfs_fs::source::open_or_offline(&a.source, &config.fetch.retry())
         .with_context(|| format!("opening the source {} (check the path or URL)", a.source))?;
     let fs = Arc::new(
         IncFs::new(source, &config)
             .with_context(|| format!("cannot mount {}: the image is not usable", a.source))?,
     );
+    if let Some(d) = deltas {
+        fs.use_deltas(d);
+    }
     let pushed_plan = oci.as_ref().and_then(|o| o.plan.as_ref());
     if let Some(path) = &a.prefetch {
         let plan = PrefetchPlan::load(path)?;

@@ -211,3 +211,89 @@ fn a_run_of_v2_with_v1_cached_fetches_only_the_new_chunks() {
         total["stored_bytes"].as_u64().unwrap() - total["shared_stored_bytes"].as_u64().unwrap()
     );
 }
+
+#[test]
+fn a_relayout_on_its_base_publishes_deltas_that_a_run_with_the_base_cached_uses() {
+    use incfs_datasets::require::{Need, require};
+    use incfs_fs::serve::{ServeConfig, Server};
+    if !require(
+        "a_relayout_on_its_base_publishes_deltas_that_a_run_with_the_base_cached_uses",
+        &[Need::Root, Need::Fuse],
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (t1, t2, served) = (
+        tmp.path().join("t1"),
+        tmp.path().join("t2"),
+        tmp.path().join("served"),
+    );
+    for d in [&t1, &t2, &served] {
+        fs::create_dir_all(d).unwrap();
+    }
+    // A rebuilt library: 100 bytes inserted near the start shift every later chunk.
+    let lib = bytes(64 * 4096, 21);
+    let mut lib2 = lib.clone();
+    lib2.splice(5_000..5_000, bytes(100, 22));
+    fs::write(t1.join("lib.so"), &lib).unwrap();
+    fs::write(t2.join("lib.so"), &lib2).unwrap();
+    let (v1, v2) = (served.join("v1.img"), tmp.path().join("v2.img"));
+    pack(&t1, &v1);
+    pack(&t2, &v2);
+    let root = incfs_fs::format::Image::open_path(&v2, None)
+        .unwrap()
+        .root_digest();
+    let plan = incfs_fs::plan::PrefetchPlan {
+        version: incfs_fs::plan::PLAN_VERSION,
+        image_digest: root.to_hex(),
+        chunk_size: 4096,
+        total_bytes: 0,
+        entries: vec![incfs_fs::plan::PlanEntry {
+            file: "lib.so".into(),
+            first_chunk: 0,
+            chunk_count: 8,
+            offset_ms: 0.0,
+            confidence: 1.0,
+        }],
+    };
+    let plan_path = tmp.path().join("v2.plan.json");
+    plan.save(&plan_path).unwrap();
+    let hot = served.join("v2-base.img");
+    let out = ok(incfs(&[
+        "relayout",
+        v2.to_str().unwrap(),
+        "--plan",
+        plan_path.to_str().unwrap(),
+        "-o",
+        hot.to_str().unwrap(),
+        "--base",
+        v1.to_str().unwrap(),
+    ]));
+    assert!(out.contains("deltas against --base"), "{out}");
+    assert!(served.join("v2-base.img.delta").is_file());
+
+    let server = Server::start(ServeConfig::new(&served)).unwrap();
+    let cache = tmp.path().join("cache");
+    let run = |img: &str, want: &[u8], stats: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_incfs"))
+            .args(["run", "--no-fill", "--image", &server.url(img), "--cache"])
+            .arg(&cache)
+            .arg("--stats-json")
+            .arg(stats)
+            .args(["--", "cat", "{mnt}/lib.so"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && out.stdout == want,
+            "{img}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&fs::read(stats).unwrap()).unwrap()
+    };
+    run("v1.img", &lib, &tmp.path().join("s1.json"));
+    let s2 = run("v2-base.img", &lib2, &tmp.path().join("s2.json"));
+    let s = &s2["stats"];
+    assert!(s["chunks_from_deltas"].as_u64().unwrap() >= 60, "{s2}");
+    // The deltas of ~64 shifted chunks of noise instead of their 256 KiB.
+    assert!(s["bytes_fetched"].as_u64().unwrap() < 64 * 1024, "{s2}");
+}

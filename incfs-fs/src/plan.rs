@@ -60,12 +60,7 @@ pub fn published(
         return Ok(None);
     }
     let spec = format!("{source_spec}{PUBLISHED_SUFFIX}");
-    let absent = |e: &SourceError| match e {
-        SourceError::Status { status, .. } => matches!(status, 403 | 404 | 410),
-        SourceError::Io { error, .. } => error.kind() == std::io::ErrorKind::NotFound,
-        SourceError::NotFound(_) => true,
-        _ => false,
-    };
+    let absent = source::is_absent;
     let src = match source::open_for(&spec, retry) {
         Ok(s) => s,
         Err(e) if absent(&e) => return Ok(None),

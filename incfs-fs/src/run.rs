@@ -163,6 +163,9 @@ pub fn run(
     let published = (cfg.plan.is_none() && cfg.published_plan)
         .then(|| crate::plan::spawn_published(&cfg.source, &cfg.fs.fetch.retry()))
         .flatten();
+    // So are deltas against an older image the cache holds.
+    let deltas =
+        crate::fetch::delta::spawn_fetch(&cfg.source, &cfg.fs.cache_dir, &cfg.fs.fetch.retry());
     let src = source::open_or_offline(&cfg.source, &cfg.fs.fetch.retry()).map_err(|error| {
         RunError::Source {
             spec: cfg.source.clone(),
@@ -170,6 +173,9 @@ pub fn run(
         }
     })?;
     let fs = Arc::new(IncFs::new(src, &cfg.fs)?);
+    if let Some(d) = deltas {
+        fs.use_deltas(d);
+    }
     if let Some(path) = &cfg.plan {
         let plan = PrefetchPlan::load(path)?;
         fs.start_prefetch(&plan, path, cfg.prefetch.clone())?;

@@ -384,3 +384,93 @@ fn a_planned_chunk_that_moved_to_another_file_is_found_by_its_digest() {
         ("zz/other.dat", 1, 2)
     );
 }
+
+#[test]
+fn a_rebuilt_files_shifted_chunks_come_as_deltas_against_the_cached_old_version() {
+    use incfs_fs::fetch::delta::spawn_fetch;
+    use incfs_fs::format::delta::{DELTA_HEADER_LEN, write_deltas};
+    use incfs_fs::retry::RetryPolicy;
+    let tmp = tempfile::tempdir().unwrap();
+    let (t1, t2) = (tmp.path().join("t1"), tmp.path().join("t2"));
+    fs::create_dir_all(&t1).unwrap();
+    fs::create_dir_all(&t2).unwrap();
+    // v2 of the library: 150 bytes inserted near its start (every later chunk shifts) and
+    // one byte changed further on.
+    let old_lib = common::noise(60 * CHUNK, 11);
+    let mut new_lib = old_lib.clone();
+    new_lib.splice(10_000..10_000, common::noise(150, 12));
+    new_lib[200_000] ^= 1;
+    fs::write(t1.join("lib.so"), &old_lib).unwrap();
+    fs::write(t2.join("lib.so"), &new_lib).unwrap();
+    let (v1, v2) = (tmp.path().join("v1.img"), tmp.path().join("v2.img"));
+    pack_dir(&t1, &v1, &PackOptions::default(), &()).unwrap();
+    pack_dir(&t2, &v2, &PackOptions::default(), &()).unwrap();
+    let (old, new) = (
+        Image::open_path(&v1, None).unwrap(),
+        Image::open_path(&v2, None).unwrap(),
+    );
+    let d = diff(&old, &new);
+    assert!(d.total.new_chunks() >= 55, "{:?}", d.total);
+    let sidecar = tmp.path().join("v2.img.delta");
+    let summary = write_deltas(&old, &new, &sidecar).unwrap();
+    assert_eq!(summary.candidates, d.total.new_chunks());
+    assert!(summary.deltas >= 55, "{summary:?}");
+    assert!(
+        summary.delta_bytes * 10 < summary.stored_bytes,
+        "{summary:?}"
+    );
+
+    // v1 read whole into a cache root; then v2 with the same root and its sidecar.
+    let v2_start = |cache: &Path| {
+        let fs1 = mount(Arc::new(MockSource::new(fs::read(&v1).unwrap())), cache);
+        read_everything(&fs1, &old);
+        fs1.shutdown().unwrap();
+        drop(fs1);
+        let src = Arc::new(MockSource::new(fs::read(&v2).unwrap()));
+        let fs2 = mount(src.clone(), cache);
+        let fetch = spawn_fetch(&v2.to_string_lossy(), cache, &RetryPolicy::default()).unwrap();
+        let used = fs2.use_deltas(fetch);
+        read_everything(&fs2, &new);
+        let stats = fs2.stats();
+        fs2.shutdown().unwrap();
+        let fetched: u64 = data_requests(&src, &new).iter().map(|r| r.1).sum();
+        (used, stats, fetched)
+    };
+    let cache = tempfile::tempdir().unwrap();
+    let (used, s, fetched) = v2_start(cache.path());
+    assert!(used);
+    assert_eq!(s.chunks_from_deltas, summary.deltas, "{s:?}");
+    assert_eq!(s.delta_bytes, summary.delta_bytes, "{s:?}");
+    assert_eq!(
+        s.chunks_fetched,
+        d.total.new_chunks() - summary.deltas,
+        "{s:?}"
+    );
+    assert!(
+        fetched * 5 < d.total.new_stored_bytes(),
+        "fetched {fetched} of the image's {} new stored bytes",
+        d.total.new_stored_bytes()
+    );
+
+    // A damaged sidecar costs fetches, never a wrong byte (read_everything checks them).
+    let mut bytes = fs::read(&sidecar).unwrap();
+    let index_len = u64::from_le_bytes(bytes[72..80].try_into().unwrap());
+    for b in &mut bytes[(DELTA_HEADER_LEN + index_len) as usize..] {
+        *b ^= 0x5a;
+    }
+    fs::write(&sidecar, &bytes).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let (_, s, _) = v2_start(cache.path());
+    assert_eq!(s.chunks_from_deltas, 0, "{s:?}");
+    assert_eq!(s.chunks_fetched, d.total.new_chunks(), "{s:?}");
+
+    // Without the old version cached, the sidecar is not even read.
+    let alone = tempfile::tempdir().unwrap();
+    let fs2 = mount(
+        Arc::new(MockSource::new(fs::read(&v2).unwrap())),
+        alone.path(),
+    );
+    let fetch = spawn_fetch(&v2.to_string_lossy(), alone.path(), &RetryPolicy::default()).unwrap();
+    assert!(!fs2.use_deltas(fetch));
+    fs2.shutdown().unwrap();
+}

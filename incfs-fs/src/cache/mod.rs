@@ -526,6 +526,22 @@ impl ChunkCache {
         self.shared.siblings.get().is_some_and(|s| s.holds(entry))
     }
 
+    /// Bytes of a file of another image under the same cache directory
+    /// ([`SiblingChunks::window`]): the window a delta of this image's chunk is decoded
+    /// against. Builds the siblings' index first if it is not there yet.
+    pub fn sibling_window(
+        &self,
+        root: &Digest,
+        inode: u32,
+        offset: u64,
+        len: u32,
+    ) -> Option<Vec<u8>> {
+        let sh = &self.shared;
+        sh.siblings
+            .get_or_init(|| SiblingChunks::scan(&sh.cache_dir, &sh.root, sh.chunk_size as u32))
+            .window(root, inode, offset, len)
+    }
+
     /// Chunks and bytes [`ChunkCache::seed`] took from sibling image caches.
     pub fn seeded(&self) -> (u64, u64) {
         (

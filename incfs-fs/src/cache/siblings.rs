@@ -20,7 +20,7 @@
 //! Mbit/s before the first read), while the lazy copy needs only the segments a start loads
 //! anyway, and chunks a start never reads are copied by the background fill.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -56,6 +56,12 @@ struct Location {
 pub struct SiblingChunks {
     /// The data directories of the siblings scanned.
     dirs: Vec<PathBuf>,
+    /// Their images' root digests, by the same index.
+    roots: Vec<Digest>,
+    /// Their local chunks by place: (dir, inode, chunk index in the file).
+    local: HashSet<(u32, u32, u64)>,
+    /// Their chunk size (the same as this image's, or they are not scanned).
+    chunk_size: u32,
     by_digest: HashMap<Digest, Location>,
     open: Mutex<HashMap<(u32, u32), Arc<File>>>,
 }
@@ -180,6 +186,7 @@ impl SiblingChunks {
                 let Some((inode, chunk)) = owner(slot) else {
                     continue;
                 };
+                self.local.insert((index, inode, chunk));
                 self.by_digest.entry(e.digest).or_insert_with(|| {
                     added += 1;
                     Location {
@@ -192,6 +199,8 @@ impl SiblingChunks {
             }
         }
         self.dirs.push(dir.join("data"));
+        self.roots.push(*root);
+        self.chunk_size = chunk_size;
         tracing::debug!(sibling = %root, chunks = added, "sibling image cache indexed");
         Ok(())
     }
@@ -229,6 +238,29 @@ impl SiblingChunks {
             return None;
         }
         Some(buf)
+    }
+
+    /// Bytes `offset..offset + len` of file `inode` of the image with root digest `root`,
+    /// when that image's cache is a sibling holding every chunk of the range; not checked
+    /// against anything (a delta decoded against them is checked instead).
+    pub fn window(&self, root: &Digest, inode: u32, offset: u64, len: u32) -> Option<Vec<u8>> {
+        let dir = self.roots.iter().position(|r| r == root)? as u32;
+        let chunk = u64::from(self.chunk_size.max(1));
+        let end = offset.checked_add(u64::from(len))?;
+        if len == 0
+            || !(offset / chunk..end.div_ceil(chunk)).all(|c| self.local.contains(&(dir, inode, c)))
+        {
+            return None;
+        }
+        let file = self.file(dir, inode)?;
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, offset).ok()?;
+        Some(buf)
+    }
+
+    /// True when the image with root digest `root` is among the siblings scanned.
+    pub fn has_image(&self, root: &Digest) -> bool {
+        self.roots.contains(root)
     }
 
     fn file(&self, dir: u32, inode: u32) -> Option<Arc<File>> {

@@ -40,6 +40,7 @@
 //! an error once it has waited [`FetchConfig::retry_timeout`], whatever the source does, and
 //! a worker that panics fails its slots instead of leaving them in flight.
 
+pub mod delta;
 pub mod elf;
 pub mod fill;
 pub mod readahead;
@@ -239,6 +240,10 @@ pub struct FetchStats {
     pub chunks_failed: u64,
     /// Reads answered with an error because they waited longer than the retry timeout.
     pub reads_timed_out: u64,
+    /// Chunks rebuilt from deltas against an image the cache holds ([`delta`]).
+    pub delta_chunks: u64,
+    /// Bytes of those deltas (counted in `bytes_fetched` too).
+    pub delta_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,6 +313,10 @@ struct Inner {
     /// Stored offset of the latest demand request, plus one (0: none yet): where the
     /// program reads now, which the background fill follows.
     last_demand: AtomicU64,
+    /// Deltas against an image the cache holds, once fetched ([`delta`]).
+    deltas: std::sync::OnceLock<delta::Deltas>,
+    delta_chunks: AtomicU64,
+    delta_bytes: AtomicU64,
 }
 
 /// The scheduler. Dropping it stops the workers and answers every waiter.
@@ -347,6 +356,9 @@ impl Fetcher {
             reads_timed_out: AtomicU64::new(0),
             fetched: (0..words).map(|_| AtomicU64::new(0)).collect(),
             last_demand: AtomicU64::new(0),
+            deltas: std::sync::OnceLock::new(),
+            delta_chunks: AtomicU64::new(0),
+            delta_bytes: AtomicU64::new(0),
         });
         let mut threads = Vec::with_capacity(n + 1);
         for i in 0..n {
@@ -535,7 +547,17 @@ impl Fetcher {
             fetch_errors: i.fetch_errors.load(Ordering::Relaxed),
             chunks_failed: i.chunks_failed.load(Ordering::Relaxed),
             reads_timed_out: i.reads_timed_out.load(Ordering::Relaxed),
+            delta_chunks: i.delta_chunks.load(Ordering::Relaxed),
+            delta_bytes: i.delta_bytes.load(Ordering::Relaxed),
         }
+    }
+
+    /// From now on, chunks that have a delta in `deltas` are fetched as that delta when the
+    /// base image's cache holds its window ([`delta`]). Once per mount; later calls are
+    /// ignored.
+    pub fn use_deltas(&self, deltas: delta::Deltas) {
+        tracing::info!(chunks = deltas.len(), base = %deltas.base_root, "chunks this cache's older image can rebuild come as deltas");
+        let _ = self.inner.deltas.set(deltas);
     }
 
     /// True when this scheduler fetched and stored `slot` (since it started).
@@ -1032,7 +1054,8 @@ impl Inner {
     /// Fetches, verifies and stores `batch`, retrying what fails; then releases the slots.
     fn run(&self, batch: Vec<u64>, priority: Priority) {
         let mut policy = self.config.retry().begin();
-        let mut remaining = self.seed(batch);
+        let remaining = self.seed(batch);
+        let mut remaining = self.rebuild(remaining, priority, policy.timeout());
         if remaining.is_empty() {
             return;
         }
@@ -1098,6 +1121,131 @@ impl Inner {
         });
         self.release(&seeded);
         rest
+    }
+
+    /// Rebuilds the chunks of `batch` that have a delta whose window the base image's cache
+    /// holds ([`delta`]) from those deltas, fetched in as few requests as the sidecar's
+    /// source allows, one attempt; returns the rest, and the chunks whose delta did not
+    /// come or did not verify, to fetch as usual.
+    fn rebuild(&self, batch: Vec<u64>, priority: Priority, timeout: Duration) -> Vec<u64> {
+        let Some(d) = self.deltas.get() else {
+            return batch;
+        };
+        let mut rest = Vec::new();
+        // (slot, entry, window), in the order of their deltas.
+        let mut jobs = Vec::new();
+        for slot in batch {
+            let window = d.by_slot.get(&slot).and_then(|e| {
+                self.cache
+                    .sibling_window(&d.base_root, e.base_inode, e.window_offset, e.window_len)
+                    .map(|w| (slot, *e, w))
+            });
+            match window {
+                Some(j) => jobs.push(j),
+                None => rest.push(slot),
+            }
+        }
+        if jobs.is_empty() {
+            return rest;
+        }
+        jobs.sort_by_key(|j| j.1.data_offset);
+        // Adjacent deltas make one range: (start, len, first job, jobs).
+        let mut groups: Vec<(u64, u64, usize, usize)> = Vec::new();
+        for (k, (_, e, _)) in jobs.iter().enumerate() {
+            let at = d.data_start + e.data_offset;
+            match groups.last_mut() {
+                Some(g) if g.0 + g.1 == at && g.1 < self.config.max_request_bytes => {
+                    g.1 += u64::from(e.data_len);
+                    g.3 += 1;
+                }
+                _ => groups.push((at, u64::from(e.data_len), k, 1)),
+            }
+        }
+        let mut stored = vec![false; jobs.len()];
+        let per_request = d.source.ranges_per_request().max(1);
+        for part in groups.chunks(per_request) {
+            let ranges: Vec<(u64, u64)> = part.iter().map(|g| (g.0, g.1)).collect();
+            let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); part.len()];
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            let r =
+                d.source
+                    .read_ranges_within(&ranges, priority.kind(), timeout, &mut |i, piece| {
+                        self.bytes_fetched
+                            .fetch_add(piece.len() as u64, Ordering::Relaxed);
+                        let (Some(buf), Some(&(start, len, first, n))) =
+                            (bufs.get_mut(i), part.get(i))
+                        else {
+                            return std::ops::ControlFlow::Break(());
+                        };
+                        buf.extend_from_slice(piece);
+                        if buf.len() as u64 == len {
+                            let mut done = Vec::new();
+                            for k in first..first + n {
+                                let (slot, e, w) = &jobs[k];
+                                let at = (d.data_start + e.data_offset - start) as usize;
+                                let delta = &buf[at..at + e.data_len as usize];
+                                if self.store_delta(*slot, delta, w) {
+                                    stored[k] = true;
+                                    done.push(*slot);
+                                }
+                            }
+                            self.release(&done);
+                        }
+                        std::ops::ControlFlow::Continue(())
+                    });
+            if let Err(e) = r {
+                self.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(source = %d.source.describe(), error = %e, "deltas did not come; fetching their chunks");
+            }
+        }
+        rest.extend(
+            jobs.iter()
+                .zip(&stored)
+                .filter(|(_, s)| !**s)
+                .map(|((slot, _, _), _)| *slot),
+        );
+        rest
+    }
+
+    /// Decodes `delta` against `window`, checks it against `slot`'s digest and stores it.
+    fn store_delta(&self, slot: u64, delta: &[u8], window: &[u8]) -> bool {
+        let Some(e) = self.table.get(slot) else {
+            return false;
+        };
+        let raw = match crate::format::delta::decode_delta(delta, window, e.raw_len) {
+            Ok(raw)
+                if raw.len() == e.raw_len as usize
+                    && crate::format::Digest::of(&raw) == e.digest =>
+            {
+                raw
+            }
+            Ok(_) => {
+                tracing::debug!(
+                    slot,
+                    "a delta decoded to other bytes than its chunk; fetching the chunk"
+                );
+                return false;
+            }
+            Err(error) => {
+                tracing::debug!(slot, %error, "a delta did not decode; fetching the chunk");
+                return false;
+            }
+        };
+        match self.cache.store(slot, &raw) {
+            Ok(()) => {
+                self.delta_chunks.fetch_add(1, Ordering::Relaxed);
+                self.delta_bytes
+                    .fetch_add(delta.len() as u64, Ordering::Relaxed);
+                if let Some(w) = self.fetched.get((slot / 64) as usize) {
+                    w.fetch_or(1 << (slot % 64), Ordering::Relaxed);
+                }
+                true
+            }
+            Err(err) => {
+                tracing::error!(slot, error = %err, "storing a chunk rebuilt from its delta failed");
+                false
+            }
+        }
     }
 
     /// One request for `runs` (ascending, apart; one range each, several in one request

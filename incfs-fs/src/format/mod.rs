@@ -21,6 +21,7 @@
 
 mod chunk;
 mod chunk_table;
+pub mod delta;
 mod diff;
 mod header;
 mod image;
@@ -168,6 +169,17 @@ pub enum FormatError {
     /// Reading the image failed.
     #[error("reading the image failed: {0}")]
     Io(#[from] std::io::Error),
+    /// A delta sidecar ([`delta`]) is not usable.
+    #[error("delta sidecar is invalid: {0}")]
+    DeltaInvalid(String),
+    /// Writing a delta sidecar failed.
+    #[error("{what}: {error}")]
+    Write {
+        /// What was being written.
+        what: String,
+        /// Why it failed.
+        error: std::io::Error,
+    },
 }
 
 impl FormatError {

@@ -281,6 +281,13 @@ pub struct Stats {
     /// Bytes of file data in those chunks.
     #[serde(default)]
     pub bytes_seeded: u64,
+    /// Chunks rebuilt from deltas against an older image the cache holds
+    /// (`incfs_fs::fetch::delta`).
+    #[serde(default)]
+    pub chunks_from_deltas: u64,
+    /// Bytes of those deltas (part of `bytes_fetched`).
+    #[serde(default)]
+    pub delta_bytes: u64,
     /// Chunk slots local and verified.
     pub chunks_local: u64,
     /// Chunk slots the durable record claims (lags `chunks_local` by at most one flush).
@@ -672,6 +679,32 @@ impl IncFs {
                 tracing::warn!(%error, "ignoring the plan published beside the image");
                 false
             }
+        }
+    }
+
+    /// Takes the deltas [`crate::fetch::delta::spawn_fetch`] fetched beside the image, when
+    /// they are for this image, so chunks the cached older image can rebuild come as deltas.
+    /// Call it before [`IncFs::start_prefetch`], so the plan's chunks use them. True when
+    /// they are used.
+    pub fn use_deltas(&self, fetched: crate::fetch::delta::DeltaFetch) -> bool {
+        if self.offline {
+            return false;
+        }
+        match fetched.join() {
+            Ok(Ok(Some((deltas, image)))) if image == self.header.root_digest => {
+                self.fetcher.use_deltas(deltas);
+                true
+            }
+            Ok(Ok(Some((_, image)))) => {
+                tracing::warn!(%image, "ignoring the deltas beside the image: they are for another image");
+                false
+            }
+            Ok(Ok(None)) => false,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "no deltas: the sidecar beside the image cannot be used");
+                false
+            }
+            Err(_) => false,
         }
     }
 
@@ -1317,6 +1350,8 @@ impl IncFs {
             chunks_fetched: f.chunks_fetched,
             chunks_seeded: self.cache.seeded().0,
             bytes_seeded: self.cache.seeded().1,
+            chunks_from_deltas: f.delta_chunks,
+            delta_bytes: f.delta_bytes,
             chunks_local: self.cache.local_chunks(),
             chunks_durable: self.cache.durable_chunks(),
             chunks_total: self.table.len(),

@@ -80,6 +80,32 @@ fn renamed_files(
     out
 }
 
+/// Each file of `new_files` with its version in the old image: the old file of the same
+/// path, or the one renamed to it ([`RENAME_SIMILARITY`]); as (index into `new_files`, old
+/// file). Files without an old version are left out.
+pub(crate) fn version_pairs(
+    old_files: &HashMap<Vec<u8>, FileRef>,
+    new_files: &[FileRef],
+) -> Vec<(usize, FileRef)> {
+    let new_by_path: HashMap<&[u8], usize> = new_files
+        .iter()
+        .enumerate()
+        .map(|(k, f)| (f.path.as_slice(), k))
+        .collect();
+    let mut pairs: Vec<(usize, FileRef)> = new_files
+        .iter()
+        .enumerate()
+        .filter_map(|(k, f)| old_files.get(&f.path).map(|o| (k, o.clone())))
+        .collect();
+    for (old, k) in renamed_files(old_files, new_files, &new_by_path) {
+        if let Some(o) = old_files.get(&old) {
+            pairs.push((k, o.clone()));
+        }
+    }
+    pairs.sort_by_key(|(k, _)| *k);
+    pairs
+}
+
 /// What [`carry`] did with the old plan's chunks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct CarryReport {

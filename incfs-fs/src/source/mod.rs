@@ -268,6 +268,17 @@ impl<S: Source + ?Sized> Source for Arc<S> {
     }
 }
 
+/// True when `e` says the object is not there (HTTP 403, 404 or 410, no such file, no such
+/// S3 object): a sidecar beside an image that is simply absent.
+pub fn is_absent(e: &SourceError) -> bool {
+    match e {
+        SourceError::Status { status, .. } => matches!(status, 403 | 404 | 410),
+        SourceError::Io { error, .. } => error.kind() == io::ErrorKind::NotFound,
+        SourceError::NotFound(_) => true,
+        _ => false,
+    }
+}
+
 /// Most bytes a network source reserves for a range before its body arrives (the length may
 /// come from a header not yet verified).
 pub(crate) const MAX_PREALLOC: usize = 16 << 20;
