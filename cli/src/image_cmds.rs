@@ -6,10 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use incfs_fs::format::delta::{DELTA_SUFFIX, DeltaSummary, write_deltas};
+use incfs_fs::format::delta::{DELTA_SUFFIX, DeltaSummary, delta_digests, write_deltas};
 use incfs_fs::format::{
     Digest, Image, InodeKind, MAX_FRAME_LEN, PackOptions, RelayoutOptions, RelayoutSummary,
-    pack_dir, relayout_on_base,
+    pack_dir, relayout_for_update,
 };
 use incfs_fs::plan::PrefetchPlan;
 use serde::Serialize;
@@ -154,14 +154,30 @@ impl HotArgs {
         Ok(Some((out, d)))
     }
 
-    /// The chunk digests of the `--base` image (none without it).
-    fn base_digests(&self) -> anyhow::Result<HashSet<Digest>> {
+    /// The chunk digests of the `--base` image, and those of `image`'s chunks the base lacks
+    /// but can rebuild from a delta (both empty without `--base`).
+    fn update_sets(
+        &self,
+        image: &std::path::Path,
+    ) -> anyhow::Result<(HashSet<Digest>, HashSet<Digest>)> {
         let Some(base) = &self.base else {
-            return Ok(HashSet::new());
+            return Ok(Default::default());
         };
-        let img = Image::open_path(base, None)
+        let old = Image::open_path(base, None)
             .with_context(|| format!("opening the --base image {}", base.display()))?;
-        Ok(img.table().entries().iter().map(|e| e.digest).collect())
+        let new = Image::open_path(image, None)
+            .with_context(|| format!("opening {}", image.display()))?;
+        let deltas = delta_digests(&old, &new).with_context(|| {
+            format!(
+                "finding the deltas of {} against {}",
+                image.display(),
+                base.display()
+            )
+        })?;
+        Ok((
+            old.table().entries().iter().map(|e| e.digest).collect(),
+            deltas,
+        ))
     }
 
     fn options(&self) -> anyhow::Result<RelayoutOptions> {
@@ -241,7 +257,6 @@ pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
              it, fixed chunks already line up with any image packed at the same chunk size)"
         );
     }
-    let base = a.hot.base_digests()?;
     let bar = PackBar(bytes_bar("packing"));
     // With --order, pack into a temporary image beside the output, then relay it out.
     let unordered = if a.order.is_empty() {
@@ -272,7 +287,7 @@ pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
             &a.output,
             a.plan_out.clone(),
             &a.hot.options()?,
-            &base,
+            &a.hot.update_sets(tmp)?,
         )?;
         s.root_digest = r.root_digest;
         s.image_bytes = r.image_bytes;
@@ -608,7 +623,7 @@ fn order_image(
     output: &std::path::Path,
     plan_out: Option<PathBuf>,
     hot_opts: &RelayoutOptions,
-    base: &HashSet<Digest>,
+    (base, deltas): &(HashSet<Digest>, HashSet<Digest>),
 ) -> anyhow::Result<(RelayoutSummary, PathBuf)> {
     let img = Image::open_path(packed, None)
         .with_context(|| format!("opening the packed image {}", packed.display()))?;
@@ -640,7 +655,7 @@ fn order_image(
         }
     };
     let hot = plan.slots(&named, img.manifest())?;
-    let r = relayout_on_base(&img, &hot, base, output, hot_opts)
+    let r = relayout_for_update(&img, &hot, base, deltas, output, hot_opts)
         .with_context(|| format!("writing {} hot-first", output.display()))?;
     let plan_out = plan_out.unwrap_or_else(|| {
         let mut p = output.to_path_buf().into_os_string();
@@ -657,9 +672,9 @@ pub fn relayout(a: RelayoutArgs) -> anyhow::Result<ExitCode> {
     let plan = PrefetchPlan::load(&a.plan)?;
     plan.check_image(&a.plan, &img.root_digest())?;
     let hot = plan.slots(&a.plan, img.manifest())?;
-    let base = a.hot.base_digests()?;
-    let s =
-        relayout_on_base(&img, &hot, &base, &a.output, &a.hot.options()?).with_context(|| {
+    let (base, deltas) = a.hot.update_sets(&a.image)?;
+    let s = relayout_for_update(&img, &hot, &base, &deltas, &a.output, &a.hot.options()?)
+        .with_context(|| {
             format!(
                 "relaying out {} into {}",
                 a.image.display(),

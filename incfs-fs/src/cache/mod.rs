@@ -542,6 +542,14 @@ impl ChunkCache {
             .window(root, inode, offset, len)
     }
 
+    /// [`SiblingChunks::prepare_window`] of a sibling image's file.
+    pub fn prepare_sibling_window(&self, root: &Digest, inode: u32, offset: u64, len: u32) -> bool {
+        let sh = &self.shared;
+        sh.siblings
+            .get_or_init(|| SiblingChunks::scan(&sh.cache_dir, &sh.root, sh.chunk_size as u32))
+            .prepare_window(root, inode, offset, len)
+    }
+
     /// Chunks and bytes [`ChunkCache::seed`] took from sibling image caches.
     pub fn seeded(&self) -> (u64, u64) {
         (

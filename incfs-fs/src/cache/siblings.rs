@@ -244,6 +244,33 @@ impl SiblingChunks {
     /// when that image's cache is a sibling holding every chunk of the range; not checked
     /// against anything (a delta decoded against them is checked instead).
     pub fn window(&self, root: &Digest, inode: u32, offset: u64, len: u32) -> Option<Vec<u8>> {
+        let file = self.window_file(root, inode, offset, len)?;
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, offset).ok()?;
+        Some(buf)
+    }
+
+    /// True when [`SiblingChunks::window`] would find the range; asks the kernel to start
+    /// reading it (`POSIX_FADV_WILLNEED`), so a read of it after a round trip finds it in
+    /// the page cache.
+    pub fn prepare_window(&self, root: &Digest, inode: u32, offset: u64, len: u32) -> bool {
+        let Some(file) = self.window_file(root, inode, offset, len) else {
+            return false;
+        };
+        // SAFETY: a plain advisory call on a descriptor this struct keeps open.
+        unsafe {
+            libc::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&*file),
+                offset as libc::off_t,
+                libc::off_t::from(len),
+                libc::POSIX_FADV_WILLNEED,
+            );
+        }
+        true
+    }
+
+    /// The backing file of a window whose chunks are all local.
+    fn window_file(&self, root: &Digest, inode: u32, offset: u64, len: u32) -> Option<Arc<File>> {
         let dir = self.roots.iter().position(|r| r == root)? as u32;
         let chunk = u64::from(self.chunk_size.max(1));
         let end = offset.checked_add(u64::from(len))?;
@@ -252,10 +279,7 @@ impl SiblingChunks {
         {
             return None;
         }
-        let file = self.file(dir, inode)?;
-        let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, offset).ok()?;
-        Some(buf)
+        self.file(dir, inode)
     }
 
     /// True when the image with root digest `root` is among the siblings scanned.

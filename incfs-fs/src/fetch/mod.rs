@@ -1132,16 +1132,20 @@ impl Inner {
             return batch;
         };
         let mut rest = Vec::new();
-        // (slot, entry, window), in the order of their deltas.
+        // (slot, entry), in the order of their deltas; their windows are read from disk
+        // while the deltas travel.
         let mut jobs = Vec::new();
         for slot in batch {
-            let window = d.by_slot.get(&slot).and_then(|e| {
-                self.cache
-                    .sibling_window(&d.base_root, e.base_inode, e.window_offset, e.window_len)
-                    .map(|w| (slot, *e, w))
+            let job = d.by_slot.get(&slot).filter(|e| {
+                self.cache.prepare_sibling_window(
+                    &d.base_root,
+                    e.base_inode,
+                    e.window_offset,
+                    e.window_len,
+                )
             });
-            match window {
-                Some(j) => jobs.push(j),
+            match job {
+                Some(e) => jobs.push((slot, *e)),
                 None => rest.push(slot),
             }
         }
@@ -1151,7 +1155,7 @@ impl Inner {
         jobs.sort_by_key(|j| j.1.data_offset);
         // Adjacent deltas make one range: (start, len, first job, jobs).
         let mut groups: Vec<(u64, u64, usize, usize)> = Vec::new();
-        for (k, (_, e, _)) in jobs.iter().enumerate() {
+        for (k, (_, e)) in jobs.iter().enumerate() {
             let at = d.data_start + e.data_offset;
             match groups.last_mut() {
                 Some(g) if g.0 + g.1 == at && g.1 < self.config.max_request_bytes => {
@@ -1181,10 +1185,16 @@ impl Inner {
                         if buf.len() as u64 == len {
                             let mut done = Vec::new();
                             for k in first..first + n {
-                                let (slot, e, w) = &jobs[k];
+                                let (slot, e) = &jobs[k];
                                 let at = (d.data_start + e.data_offset - start) as usize;
                                 let delta = &buf[at..at + e.data_len as usize];
-                                if self.store_delta(*slot, delta, w) {
+                                let window = self.cache.sibling_window(
+                                    &d.base_root,
+                                    e.base_inode,
+                                    e.window_offset,
+                                    e.window_len,
+                                );
+                                if window.is_some_and(|w| self.store_delta(*slot, delta, &w)) {
                                     stored[k] = true;
                                     done.push(*slot);
                                 }
@@ -1202,7 +1212,7 @@ impl Inner {
             jobs.iter()
                 .zip(&stored)
                 .filter(|(_, s)| !**s)
-                .map(|((slot, _, _), _)| *slot),
+                .map(|((slot, _), _)| *slot),
         );
         rest
     }

@@ -86,7 +86,7 @@ type FileDeltas = (u64, Vec<(DeltaEntry, Vec<u8>)>);
 pub struct DeltaSummary {
     /// Chunks of the new image the base lacks, in files the base has a version of.
     pub candidates: u64,
-    /// Of them, written as deltas (those at most half their stored size).
+    /// Of them, written as deltas (those at most half the chunk compressed alone).
     pub deltas: u64,
     /// Stored bytes of those chunks in the new image.
     pub stored_bytes: u64,
@@ -248,9 +248,11 @@ fn file_deltas<B: RangeRead>(
         let Some(delta) = encode_delta(chunk, window) else {
             continue;
         };
-        // The chunk's share of its frame's stored bytes: what fetching it costs.
-        let cost = u64::from(e.stored_len) * u64::from(e.raw_len) / u64::from(e.frame_len.max(1));
-        if (delta.len() as u64) * 2 > cost {
+        // Worth it when at most half the chunk compressed alone: a measure that does not
+        // depend on the layout, so the chunks chosen before a relayout
+        // ([`delta_digests`]) are the ones written after it.
+        let alone = super::encode_frame(chunk, DELTA_LEVEL)?.len() as u64;
+        if (delta.len() as u64) * 2 > alone {
             continue;
         }
         out.push((
@@ -268,16 +270,24 @@ fn file_deltas<B: RangeRead>(
     Ok((changed.len() as u64, out))
 }
 
-/// Writes the sidecar of `new`'s chunks as deltas against `base` to `out`: for every file of
-/// `new` whose path `base` has too (or that a file of `base` was renamed to, as
-/// [`crate::plan::carry`] matches them), each chunk whose digest `base` lacks, when its delta
-/// is at most half the chunk's stored size. The deltas are laid out in the new image's
-/// stored order, so the changed chunks of one request have adjacent deltas.
-pub fn write_deltas<A: RangeRead + Sync, B: RangeRead + Sync>(
+/// The digests of the chunks of `new` that [`write_deltas`] would write as deltas against
+/// `base` (for [`super::relayout_for_update`], which keeps them in frames of their own).
+pub fn delta_digests<A: RangeRead + Sync, B: RangeRead + Sync>(
     base: &Image<A>,
     new: &Image<B>,
-    out: &Path,
-) -> Result<DeltaSummary, FormatError> {
+) -> Result<HashSet<Digest>, FormatError> {
+    let (_, deltas) = compute(base, new)?;
+    Ok(deltas
+        .iter()
+        .filter_map(|(e, _)| new.table().get(e.slot).map(|c| c.digest))
+        .collect())
+}
+
+/// The deltas of every changed chunk worth one, and how many changed chunks there are.
+fn compute<A: RangeRead + Sync, B: RangeRead + Sync>(
+    base: &Image<A>,
+    new: &Image<B>,
+) -> Result<FileDeltas, FormatError> {
     let base_digests: HashSet<Digest> = base.table().entries().iter().map(|e| e.digest).collect();
     let base_files: HashMap<Vec<u8>, FileRef> = base
         .files()
@@ -288,18 +298,36 @@ pub fn write_deltas<A: RangeRead + Sync, B: RangeRead + Sync>(
     let pairs = crate::plan::carry::version_pairs(&base_files, &new_files);
     let results: Vec<Result<FileDeltas, FormatError>> = pairs
         .par_iter()
-        .map(|&(k, ref old)| {
+        .map(|(k, old)| {
             let old_bytes = base.read_file(old.inode)?;
-            file_deltas(new, &new_files[k], old.inode, &old_bytes, &base_digests)
+            file_deltas(new, &new_files[*k], old.inode, &old_bytes, &base_digests)
         })
         .collect();
-    let mut summary = DeltaSummary::default();
+    let mut candidates = 0;
     let mut all = Vec::new();
     for r in results {
-        let (candidates, deltas) = r?;
-        summary.candidates += candidates;
+        let (c, deltas) = r?;
+        candidates += c;
         all.extend(deltas);
     }
+    Ok((candidates, all))
+}
+
+/// Writes the sidecar of `new`'s chunks as deltas against `base` to `out`: for every file of
+/// `new` whose path `base` has too (or that a file of `base` was renamed to, as
+/// [`crate::plan::carry`] matches them), each chunk whose digest `base` lacks, when its delta
+/// is at most half the chunk compressed alone. The deltas are laid out in the new image's
+/// stored order, so the changed chunks of one request have adjacent deltas.
+pub fn write_deltas<A: RangeRead + Sync, B: RangeRead + Sync>(
+    base: &Image<A>,
+    new: &Image<B>,
+    out: &Path,
+) -> Result<DeltaSummary, FormatError> {
+    let (candidates, mut all) = compute(base, new)?;
+    let mut summary = DeltaSummary {
+        candidates,
+        ..DeltaSummary::default()
+    };
     all.sort_by_key(|(e, _)| {
         (
             new.table()

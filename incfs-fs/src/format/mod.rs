@@ -43,7 +43,9 @@ pub use image::{
 };
 pub use manifest::{DirEntry, Inode, InodeKind, Manifest, ROOT_INODE, Xattr};
 pub use pack::{PackError, PackOptions, PackProgress, PackSummary, pack_dir};
-pub use relayout::{RelayoutOptions, RelayoutSummary, relayout, relayout_on_base};
+pub use relayout::{
+    RelayoutOptions, RelayoutSummary, relayout, relayout_for_update, relayout_on_base,
+};
 pub use table_order::{SlotRun, TableOrder};
 
 use std::fmt;

@@ -93,6 +93,20 @@ pub fn relayout_on_base<R: RangeRead>(
     out: &Path,
     opts: &RelayoutOptions,
 ) -> Result<RelayoutSummary, PackError> {
+    relayout_for_update(img, hot, base, &HashSet::new(), out, opts)
+}
+
+/// [`relayout_on_base`] that also keeps the chunks `base` lacks but can rebuild from a delta
+/// (`deltas`, [`super::delta`]) in frames of their own: a reader holding `base` takes those
+/// as deltas, and a frame it must fetch for another chunk then holds none of them.
+pub fn relayout_for_update<R: RangeRead>(
+    img: &Image<R>,
+    hot: &[u64],
+    base: &HashSet<Digest>,
+    deltas: &HashSet<Digest>,
+    out: &Path,
+    opts: &RelayoutOptions,
+) -> Result<RelayoutSummary, PackError> {
     let table = img.table();
     if let Some(&bad) = hot.iter().find(|&&s| s >= table.len()) {
         return Err(PackError::Option(format!(
@@ -115,19 +129,26 @@ pub fn relayout_on_base<R: RangeRead>(
     // The hot chunks, cut into frames of raw bytes.
     let mut placed: HashMap<Digest, Placed> = HashMap::new();
     // Frames by index, numbered when their first chunk comes, so in the order of their first
-    // chunk; `open[k]` is the frame being filled with chunks `base` has (k = 1) or lacks.
+    // chunk; `open[k]` is the frame being filled with chunks `base` has (k = 1), lacks but
+    // can rebuild from a delta (k = 2), or lacks (k = 0).
     let mut frames: Vec<Vec<u8>> = Vec::new();
     // Per hot chunk: (digest, frame index, offset in frame).
     let mut hot_spots: Vec<(Digest, usize, u32)> = Vec::new();
     let mut seen: HashSet<Digest> = HashSet::new();
-    let mut open: [Option<usize>; 2] = [None, None];
+    let mut open: [Option<usize>; 3] = [None; 3];
     for &slot in hot {
         let Some(e) = table.get(slot) else { continue };
         if !seen.insert(e.digest) {
             continue;
         }
         let raw = reader.chunk(slot, e)?;
-        let kind = usize::from(base.contains(&e.digest));
+        let kind = if base.contains(&e.digest) {
+            1
+        } else if deltas.contains(&e.digest) {
+            2
+        } else {
+            0
+        };
         let fi = match open[kind] {
             Some(fi) if frames[fi].len() + raw.len() <= opts.frame_bytes as usize => fi,
             _ => {
