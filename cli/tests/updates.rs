@@ -21,6 +21,32 @@ fn ok(out: Output) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `incfs run --no-fill` of `url` with `cache` running `cmd` (which names `{mnt}`): checks
+/// that it prints `want`; returns its `--stats-json`.
+fn run_printing(
+    url: &str,
+    cache: &Path,
+    stats: &Path,
+    cmd: &[&str],
+    want: &[u8],
+) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_incfs"))
+        .args(["run", "--no-fill", "--image", url, "--cache"])
+        .arg(cache)
+        .arg("--stats-json")
+        .arg(stats)
+        .arg("--")
+        .args(cmd)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stdout == want,
+        "{url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&fs::read(stats).unwrap()).unwrap()
+}
+
 fn bytes(n: usize, seed: u32) -> Vec<u8> {
     let mut x = seed.wrapping_mul(2_654_435_761) | 1;
     (0..n)
@@ -161,14 +187,6 @@ fn a_run_of_v2_with_v1_cached_fetches_only_the_new_chunks() {
     let server = Server::start(ServeConfig::new(&served)).unwrap();
     let cache = tmp.path().join("cache");
     let run = |img: &str, tree: &Path, stats: &Path| {
-        let out = Command::new(env!("CARGO_BIN_EXE_incfs"))
-            .args(["run", "--no-fill", "--image", &server.url(img), "--cache"])
-            .arg(&cache)
-            .arg("--stats-json")
-            .arg(stats)
-            .args(["--", "sh", "-c", "cat {mnt}/*"])
-            .output()
-            .unwrap();
         let mut want = Vec::new();
         let mut names: Vec<_> = fs::read_dir(tree)
             .unwrap()
@@ -178,12 +196,13 @@ fn a_run_of_v2_with_v1_cached_fetches_only_the_new_chunks() {
         for n in names {
             want.extend(fs::read(n).unwrap());
         }
-        assert!(
-            out.status.success() && out.stdout == want,
-            "{img}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&fs::read(stats).unwrap()).unwrap()
+        run_printing(
+            &server.url(img),
+            &cache,
+            stats,
+            &["sh", "-c", "cat {mnt}/*"],
+            &want,
+        )
     };
     run("v1.img", &t1, &tmp.path().join("s1.json"));
     server.reset_stats();
@@ -275,20 +294,13 @@ fn a_relayout_on_its_base_publishes_deltas_that_a_run_with_the_base_cached_uses(
     let server = Server::start(ServeConfig::new(&served)).unwrap();
     let cache = tmp.path().join("cache");
     let run = |img: &str, want: &[u8], stats: &Path| {
-        let out = Command::new(env!("CARGO_BIN_EXE_incfs"))
-            .args(["run", "--no-fill", "--image", &server.url(img), "--cache"])
-            .arg(&cache)
-            .arg("--stats-json")
-            .arg(stats)
-            .args(["--", "cat", "{mnt}/lib.so"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success() && out.stdout == want,
-            "{img}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&fs::read(stats).unwrap()).unwrap()
+        run_printing(
+            &server.url(img),
+            &cache,
+            stats,
+            &["cat", "{mnt}/lib.so"],
+            want,
+        )
     };
     run("v1.img", &lib, &tmp.path().join("s1.json"));
     let s2 = run("v2-base.img", &lib2, &tmp.path().join("s2.json"));

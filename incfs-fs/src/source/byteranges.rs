@@ -263,17 +263,14 @@ impl Multipart {
 
 /// The body of a `206` answer to a multi-range request, as it is read: a multipart body, or
 /// one part (the server coalesced every range into one).
-pub(super) enum Answer {
+enum Answer {
     Parts(Multipart),
     One { at: u64 },
 }
 
 impl Answer {
     /// For a `206` answer with these headers; a single part is begun in `demux` at once.
-    pub(super) fn new(
-        headers: &reqwest::header::HeaderMap,
-        demux: &mut Demux<'_>,
-    ) -> Result<Self, String> {
+    fn new(headers: &reqwest::header::HeaderMap, demux: &mut Demux<'_>) -> Result<Self, String> {
         let header = |name| {
             headers
                 .get(name)
@@ -322,6 +319,95 @@ impl Answer {
             Err((got, want))
         }
     }
+}
+
+/// Whether a source still asks for several ranges in one request: until its server answers
+/// such a request with the whole file (as RFC 9110 allows, and S3 does).
+#[derive(Debug)]
+pub(super) struct MultiRange(std::sync::atomic::AtomicBool);
+
+impl MultiRange {
+    pub(super) fn new() -> Self {
+        MultiRange(std::sync::atomic::AtomicBool::new(true))
+    }
+
+    /// [`super::Source::ranges_per_request`].
+    pub(super) fn per_request(&self) -> usize {
+        if self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            MAX_RANGES_PER_REQUEST
+        } else {
+            1
+        }
+    }
+
+    /// True when `ranges` should go in one request.
+    pub(super) fn wanted(&self, ranges: &[(u64, u64)]) -> bool {
+        ranges.len() > 1 && self.per_request() > 1
+    }
+
+    /// The server answered a multi-range request with the whole file: ranges one at a time
+    /// from now on.
+    pub(super) fn refused(&self, source_name: &str) {
+        self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(source = %source_name, "the server answers multi-range requests with the whole file; asking for one range at a time");
+    }
+}
+
+/// Checks ranges a source is asked for in one call: each within the image, and (for a
+/// multi-range request) ascending, apart and none empty.
+pub(super) fn check_ranges(
+    name: &str,
+    ranges: &[(u64, u64)],
+    image_len: u64,
+) -> Result<(), super::SourceError> {
+    for &(offset, len) in ranges {
+        super::check_range(name, offset, len, image_len)?;
+    }
+    if ranges.len() > 1 {
+        Demux::new(ranges, image_len)
+            .map_err(|e| super::SourceError::Unusable(format!("{name}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Reads the `206` answer (its `headers`, then its body from `next`) of a multi-range request
+/// for `ranges` of an image of `image_len` bytes, handing each range's bytes to `on_piece`;
+/// `name` is the source's, for errors.
+pub(super) fn read_answer(
+    name: &str,
+    image_len: u64,
+    ranges: &[(u64, u64)],
+    headers: &reqwest::header::HeaderMap,
+    next: &mut dyn FnMut() -> Result<Option<bytes::Bytes>, super::SourceError>,
+    on_piece: &mut dyn FnMut(usize, &[u8]) -> ControlFlow<()>,
+) -> Result<(), super::SourceError> {
+    use super::SourceError;
+    let mut demux =
+        Demux::new(ranges, image_len).map_err(|e| SourceError::Unusable(format!("{name}: {e}")))?;
+    let bad = |what: String| SourceError::Io {
+        source_name: name.to_string(),
+        error: std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("multi-range answer: {what}"),
+        ),
+    };
+    let mut answer = Answer::new(headers, &mut demux).map_err(bad)?;
+    while let Some(piece) = next()? {
+        if answer
+            .feed(&piece, &mut demux, on_piece)
+            .map_err(bad)?
+            .is_break()
+        {
+            return Ok(());
+        }
+    }
+    answer
+        .finish(&demux)
+        .map_err(|(got, want)| SourceError::Short {
+            source_name: name.to_string(),
+            got,
+            want,
+        })
 }
 
 /// The `Range` header value asking for `ranges` (offset, length).

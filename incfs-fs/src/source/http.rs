@@ -23,14 +23,13 @@
 use std::error::Error as _;
 use std::io;
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, HeaderMap, RANGE};
-use tracing::{debug, info, trace};
+use tracing::{debug, trace};
 
-use super::byteranges::{Answer, Demux, MAX_RANGES_PER_REQUEST, range_header};
+use super::byteranges::{MultiRange, check_ranges, range_header, read_answer};
 use super::{RequestKind, Source, SourceError};
 use crate::retry::RetryPolicy;
 
@@ -92,9 +91,8 @@ pub struct HttpSource {
     /// Always `Some` until drop, which shuts it down without blocking.
     runtime: Option<tokio::runtime::Runtime>,
     len: u64,
-    /// False once the server has answered a multi-range request with the whole file
-    /// (as RFC 9110 allows): ranges are then asked for one at a time.
-    multi_range: AtomicBool,
+    /// Whether ranges still go several to a request.
+    multi_range: MultiRange,
 }
 
 impl HttpSource {
@@ -147,7 +145,7 @@ impl HttpSource {
             client,
             runtime: Some(runtime),
             len: 0,
-            multi_range: AtomicBool::new(true),
+            multi_range: MultiRange::new(),
         };
         source.len = source.block_on(source.probe_len())?;
         debug!(url = %source.name, len = source.len, "opened HTTP source");
@@ -402,20 +400,12 @@ impl HttpSource {
         timeout: Duration,
         on_piece: &mut dyn FnMut(usize, &[u8]) -> ControlFlow<()>,
     ) -> Result<(), SourceError> {
-        for &(offset, len) in ranges {
-            super::check_range(&self.name, offset, len, self.len)?;
-        }
-        if ranges.len() < 2 || !self.multi_range.load(Ordering::Relaxed) {
+        check_ranges(&self.name, ranges, self.len)?;
+        if !self.multi_range.wanted(ranges) {
             return super::read_ranges_one_by_one(self, ranges, kind, timeout, on_piece);
         }
-        let mut demux = Demux::new(ranges, self.len)
-            .map_err(|e| SourceError::Unusable(format!("{}: {e}", self.name)))?;
         let started = Instant::now();
-        let (first, end) = (
-            ranges[0].0,
-            ranges[ranges.len() - 1].0 + ranges[ranges.len() - 1].1,
-        );
-        trace!(ranges = ranges.len(), first, end, %kind, "http multi-range request");
+        trace!(ranges = ranges.len(), first = ranges[0].0, %kind, "http multi-range request");
         let req = self
             .client
             .get(self.url.clone())
@@ -423,43 +413,36 @@ impl HttpSource {
             .header(REQUEST_KIND_HEADER, kind.to_string())
             .timeout(timeout);
         let mut resp = self.block_on(async { req.send().await.map_err(|e| self.net_error(&e)) })?;
-        let bad = |what: String| self.bad_answer(format!("multi-range answer: {what}"));
-        let mut answer = match resp.status().as_u16() {
-            206 => Answer::new(resp.headers(), &mut demux).map_err(bad)?,
+        match resp.status().as_u16() {
+            206 => {}
             200 => {
                 drop(resp);
-                self.multi_range.store(false, Ordering::Relaxed);
-                info!(url = %self.name, "the server answers multi-range requests with the whole file; asking for one range at a time");
+                self.multi_range.refused(&self.name);
                 let left = timeout.saturating_sub(started.elapsed());
                 return super::read_ranges_one_by_one(self, ranges, kind, left, on_piece);
             }
-            status => {
-                return Err(SourceError::Status {
-                    source_name: self.name.clone(),
-                    status,
-                    offset: first,
-                    end,
-                });
-            }
-        };
-        while let Some(piece) =
-            self.block_on(async { resp.chunk().await.map_err(|e| self.net_error(&e)) })?
-        {
-            if answer
-                .feed(&piece, &mut demux, on_piece)
-                .map_err(bad)?
-                .is_break()
-            {
-                return Ok(());
-            }
+            status => return Err(self.multi_status(ranges, status)),
         }
-        answer
-            .finish(&demux)
-            .map_err(|(got, want)| SourceError::Short {
-                source_name: self.name.clone(),
-                got,
-                want,
-            })
+        let headers = resp.headers().clone();
+        read_answer(
+            &self.name,
+            self.len,
+            ranges,
+            &headers,
+            &mut || self.block_on(async { resp.chunk().await.map_err(|e| self.net_error(&e)) }),
+            on_piece,
+        )
+    }
+
+    /// The error of a multi-range request answered with `status`.
+    fn multi_status(&self, ranges: &[(u64, u64)], status: u16) -> SourceError {
+        let last = ranges[ranges.len() - 1];
+        SourceError::Status {
+            source_name: self.name.clone(),
+            status,
+            offset: ranges[0].0,
+            end: last.0 + last.1,
+        }
     }
 }
 
@@ -498,11 +481,7 @@ impl Source for HttpSource {
     }
 
     fn ranges_per_request(&self) -> usize {
-        if self.multi_range.load(Ordering::Relaxed) {
-            MAX_RANGES_PER_REQUEST
-        } else {
-            1
-        }
+        self.multi_range.per_request()
     }
 
     fn read_ranges_within(

@@ -36,14 +36,13 @@ mod reference;
 use std::io::{self, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 use reqwest::{Method, StatusCode, Url};
 use sha2::Digest as _;
-use tracing::{debug, info, trace};
+use tracing::{debug, trace};
 
 pub use auth::Credentials;
 use client::{Registry, Req, check_status};
@@ -53,7 +52,7 @@ pub use push::{PushFiles, PushReport, push};
 pub use reference::{Reference, SCHEME, Target};
 
 use super::MAX_PREALLOC;
-use super::byteranges::{Answer, Demux, MAX_RANGES_PER_REQUEST, range_header};
+use super::byteranges::{MultiRange, check_ranges, range_header, read_answer};
 use super::http::parse_content_range;
 use super::{HttpConfig, REQUEST_KIND_HEADER, RequestKind, Source, SourceError};
 
@@ -516,7 +515,7 @@ impl OciArtifact {
             len: self.layers.image.size,
             name: self.spec.clone(),
             artifact: Arc::clone(self),
-            multi_range: AtomicBool::new(true),
+            multi_range: MultiRange::new(),
         }
     }
 }
@@ -600,9 +599,9 @@ pub struct OciSource {
     blob_url: Url,
     name: String,
     len: u64,
-    /// False once the registry (or the storage it redirects to) has answered a multi-range
-    /// request with the whole blob: ranges are then asked for one at a time.
-    multi_range: AtomicBool,
+    /// Whether ranges still go several to a request (until the registry, or the storage it
+    /// redirects to, answers such a request with the whole blob).
+    multi_range: MultiRange,
 }
 
 impl OciSource {
@@ -803,22 +802,13 @@ impl OciSource {
         timeout: Duration,
         on_piece: &mut dyn FnMut(usize, &[u8]) -> ControlFlow<()>,
     ) -> Result<(), SourceError> {
-        for &(offset, len) in ranges {
-            super::check_range(&self.name, offset, len, self.len)?;
-        }
+        check_ranges(&self.name, ranges, self.len)?;
         let header_len = crate::format::HEADER_LEN as u64;
-        if ranges.len() < 2 || !self.multi_range.load(Ordering::Relaxed) || ranges[0].0 < header_len
-        {
+        if !self.multi_range.wanted(ranges) || ranges[0].0 < header_len {
             return super::read_ranges_one_by_one(self, ranges, kind, timeout, on_piece);
         }
-        let mut demux = Demux::new(ranges, self.len)
-            .map_err(|e| SourceError::Unusable(format!("{}: {e}", self.name)))?;
         let started = Instant::now();
-        let (first, end) = (
-            ranges[0].0,
-            ranges[ranges.len() - 1].0 + ranges[ranges.len() - 1].1,
-        );
-        trace!(ranges = ranges.len(), first, end, %kind, "registry multi-range request");
+        trace!(ranges = ranges.len(), first = ranges[0].0, %kind, "registry multi-range request");
         let req = Req::new(Method::GET, self.blob_url.clone(), Some(timeout))
             .header(RANGE, &range_header(ranges))
             .header(
@@ -827,19 +817,11 @@ impl OciSource {
             );
         let reg = &self.artifact.registry;
         let mut resp = self.block_on(async { Ok(reg.send(&req).await?) })?;
-        let bad = |what: String| SourceError::Io {
-            source_name: self.name.clone(),
-            error: io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("multi-range answer: {what}"),
-            ),
-        };
-        let mut answer = match resp.status() {
-            StatusCode::PARTIAL_CONTENT => Answer::new(resp.headers(), &mut demux).map_err(bad)?,
+        match resp.status() {
+            StatusCode::PARTIAL_CONTENT => {}
             StatusCode::OK => {
                 drop(resp);
-                self.multi_range.store(false, Ordering::Relaxed);
-                info!(source = %self.name, "the registry answers multi-range requests with the whole blob; asking for one range at a time");
+                self.multi_range.refused(&self.name);
                 let left = timeout.saturating_sub(started.elapsed());
                 return super::read_ranges_one_by_one(self, ranges, kind, left, on_piece);
             }
@@ -853,34 +835,30 @@ impl OciSource {
                 });
             }
             s => {
+                let last = ranges[ranges.len() - 1];
                 return Err(SourceError::Status {
                     source_name: self.name.clone(),
                     status: s.as_u16(),
-                    offset: first,
-                    end,
+                    offset: ranges[0].0,
+                    end: last.0 + last.1,
                 });
             }
-        };
-        while let Some(piece) = self.block_on(async {
-            resp.chunk()
-                .await
-                .map_err(|e| SourceError::from(reg.net_error(&self.name, e)))
-        })? {
-            if answer
-                .feed(&piece, &mut demux, on_piece)
-                .map_err(bad)?
-                .is_break()
-            {
-                return Ok(());
-            }
         }
-        answer
-            .finish(&demux)
-            .map_err(|(got, want)| SourceError::Short {
-                source_name: self.name.clone(),
-                got,
-                want,
-            })
+        let headers = resp.headers().clone();
+        read_answer(
+            &self.name,
+            self.len,
+            ranges,
+            &headers,
+            &mut || {
+                self.block_on(async {
+                    resp.chunk()
+                        .await
+                        .map_err(|e| SourceError::from(reg.net_error(&self.name, e)))
+                })
+            },
+            on_piece,
+        )
     }
 }
 
@@ -919,11 +897,7 @@ impl Source for OciSource {
     }
 
     fn ranges_per_request(&self) -> usize {
-        if self.multi_range.load(Ordering::Relaxed) {
-            MAX_RANGES_PER_REQUEST
-        } else {
-            1
-        }
+        self.multi_range.per_request()
     }
 
     fn read_ranges_within(
