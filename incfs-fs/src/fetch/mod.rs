@@ -1125,8 +1125,8 @@ impl Inner {
 
     /// Rebuilds the chunks of `batch` that have a delta whose window the base image's cache
     /// holds ([`delta`]) from those deltas, fetched in as few requests as the sidecar's
-    /// source allows, one attempt; returns the rest, and the chunks whose delta did not
-    /// come or did not verify, to fetch as usual.
+    /// source allows, one attempt; the rest go back to the queue for another worker.
+    /// Returns the chunks whose delta did not come or did not verify, to fetch as usual.
     fn rebuild(&self, batch: Vec<u64>, priority: Priority, timeout: Duration) -> Vec<u64> {
         let Some(d) = self.deltas.get() else {
             return batch;
@@ -1151,6 +1151,18 @@ impl Inner {
         }
         if jobs.is_empty() {
             return rest;
+        }
+        if !rest.is_empty() {
+            // The chunks without a usable delta go back to the front of their queue, so
+            // another worker fetches them while this one fetches the deltas.
+            let mut st = self.state.lock();
+            for &slot in rest.iter().rev() {
+                st.slots.insert(slot, SlotState::Queued(priority, false));
+                st.queues[priority as usize].push_front(slot);
+            }
+            drop(st);
+            self.work.notify_all();
+            rest.clear();
         }
         jobs.sort_by_key(|j| j.1.data_offset);
         // Adjacent deltas make one range: (start, len, first job, jobs).
