@@ -1,7 +1,8 @@
 //! The registry protocol against small loopback servers that stand in for a registry, its
 //! token service and its blob storage: a redirect to storage on another origin (as
 //! distribution answers with an S3 or GCS backend) keeps the range and drops the registry's
-//! `Authorization`; a bearer token is renewed before the lifetime its issuer gave ends.
+//! `Authorization` (and storage that answers several ranges with the whole blob is read one
+//! range at a time); a bearer token is renewed before the lifetime its issuer gave ends.
 //! (`cli/tests/oci_registry.rs` runs the real registry.)
 
 use std::collections::BTreeMap;
@@ -97,9 +98,13 @@ fn pinned_manifest(blob: &[u8], root: &str) -> oci::manifest::Manifest {
     )
 }
 
-/// The bytes `bytes=A-B` of `blob`, as a 206 answer.
+/// The bytes `bytes=A-B` of `blob`, as a 206 answer; several ranges get the whole blob with
+/// 200, as S3 answers them.
 fn range_answer(blob: &[u8], h: &Headers) -> (String, Vec<(String, String)>, Vec<u8>) {
     let range = h.get("range").cloned().unwrap_or_default();
+    if range.contains(',') {
+        return ("200 OK".into(), Vec::new(), blob.to_vec());
+    }
     let (a, b) = range
         .strip_prefix("bytes=")
         .and_then(|r| r.split_once('-'))
@@ -240,6 +245,36 @@ fn a_redirect_to_storage_keeps_the_range_and_drops_the_authorization() {
     assert_eq!(
         blob_reads[0].1.get("authorization").map(String::as_str),
         Some(want_auth)
+    );
+
+    // Several ranges in one request: storage answers with the whole blob (as S3 does), so
+    // they are read one by one, and asked one at a time from then on.
+    assert!(src.ranges_per_request() > 1);
+    let ranges = [(10_000u64, 100u64), (50_000, 200)];
+    let mut got = vec![Vec::new(); ranges.len()];
+    src.read_ranges_within(
+        &ranges,
+        RequestKind::Prefetch,
+        std::time::Duration::from_secs(10),
+        &mut |i, piece| {
+            got[i].extend_from_slice(piece);
+            std::ops::ControlFlow::Continue(())
+        },
+    )
+    .unwrap();
+    assert!(got[0] == blob[10_000..10_100] && got[1] == blob[50_000..50_200]);
+    assert_eq!(src.ranges_per_request(), 1);
+    let seen: Vec<String> = storage_log.lock().unwrap()[1..]
+        .iter()
+        .filter_map(|(_, h)| h.get("range").cloned())
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            "bytes=10000-10099,50000-50199",
+            "bytes=10000-10099",
+            "bytes=50000-50199"
+        ]
     );
 
     // A bad reference is refused, naming what is wrong.
