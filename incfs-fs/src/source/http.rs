@@ -347,31 +347,12 @@ impl HttpSource {
         on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
     ) -> Result<(), SourceError> {
         let mut resp = self.block_on(self.start(offset, len, kind, timeout))?;
-        let mut got = 0u64;
-        while let Some(piece) =
-            self.block_on(async { resp.chunk().await.map_err(|e| self.net_error(&e)) })?
-        {
-            let n = piece.len() as u64;
-            if n > len - got {
-                return Err(SourceError::Short {
-                    source_name: self.name.clone(),
-                    got: got + n,
-                    want: len,
-                });
-            }
-            got += n;
-            if on_piece(&piece).is_break() {
-                return Ok(());
-            }
-        }
-        if got != len {
-            return Err(SourceError::Short {
-                source_name: self.name.clone(),
-                got,
-                want: len,
-            });
-        }
-        Ok(())
+        super::stream_exact(
+            &self.name,
+            len,
+            &mut || self.block_on(async { resp.chunk().await.map_err(|e| self.net_error(&e)) }),
+            on_piece,
+        )
     }
 
     /// A range read, within `timeout` when one is given.

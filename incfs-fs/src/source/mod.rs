@@ -301,6 +301,37 @@ pub(crate) fn check_range(
     Ok(())
 }
 
+/// Hands the pieces of a body `next` yields to `on_piece` until it ends, checking that they
+/// make exactly `len` bytes (`name` for errors): the body loop of a network source's range
+/// read, stopped early when `on_piece` breaks.
+pub(crate) fn stream_exact(
+    name: &str,
+    len: u64,
+    next: &mut dyn FnMut() -> Result<Option<bytes::Bytes>, SourceError>,
+    on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
+) -> Result<(), SourceError> {
+    let short = |got| SourceError::Short {
+        source_name: name.to_string(),
+        got,
+        want: len,
+    };
+    let mut got = 0u64;
+    while let Some(piece) = next()? {
+        let n = piece.len() as u64;
+        if n > len - got {
+            return Err(short(got + n));
+        }
+        got += n;
+        if on_piece(&piece).is_break() {
+            return Ok(());
+        }
+    }
+    if got != len {
+        return Err(short(got));
+    }
+    Ok(())
+}
+
 /// Reads exactly `len` bytes at `offset` through the source's streaming read, within
 /// `timeout` when one is given ([`Source::read_range_within`]), the buffer growing as bytes
 /// arrive: what a network source's [`Source::read_range`] is.

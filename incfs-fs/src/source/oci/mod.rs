@@ -714,33 +714,18 @@ impl OciSource {
     ) -> Result<(), SourceError> {
         let reg = &self.artifact.registry;
         let mut resp = self.block_on(self.start(offset, len, kind, timeout))?;
-        let mut got = 0u64;
-        while let Some(piece) = self.block_on(async {
-            resp.chunk()
-                .await
-                .map_err(|e| SourceError::from(reg.net_error(&self.name, e)))
-        })? {
-            let n = piece.len() as u64;
-            if n > len - got {
-                return Err(SourceError::Short {
-                    source_name: self.name.clone(),
-                    got: got + n,
-                    want: len,
-                });
-            }
-            got += n;
-            if on_piece(&piece).is_break() {
-                return Ok(());
-            }
-        }
-        if got != len {
-            return Err(SourceError::Short {
-                source_name: self.name.clone(),
-                got,
-                want: len,
-            });
-        }
-        Ok(())
+        super::stream_exact(
+            &self.name,
+            len,
+            &mut || {
+                self.block_on(async {
+                    resp.chunk()
+                        .await
+                        .map_err(|e| SourceError::from(reg.net_error(&self.name, e)))
+                })
+            },
+            on_piece,
+        )
     }
 
     fn block_on<T>(
