@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use incfs_fs::format::delta::{DELTA_SUFFIX, DeltaSummary, delta_digests, write_deltas};
+use incfs_fs::format::delta::{ChunkDeltas, DELTA_SUFFIX, DeltaSummary};
 use incfs_fs::format::{
     Digest, Image, InodeKind, MAX_FRAME_LEN, PackOptions, RelayoutOptions, RelayoutSummary,
     pack_dir, relayout_for_update,
@@ -115,7 +115,43 @@ pub struct HotArgs {
     base: Option<PathBuf>,
 }
 
-/// One line on what [`HotArgs::write_deltas`] wrote.
+/// What `--base` asks of a relayout: the base's chunk digests and the deltas against it.
+#[derive(Default)]
+struct Update {
+    base: HashSet<Digest>,
+    deltas: Option<ChunkDeltas>,
+}
+
+impl Update {
+    /// The digests of the chunks that have a delta (none without `--base`).
+    fn delta_digests(&self) -> HashSet<Digest> {
+        self.deltas
+            .as_ref()
+            .map(ChunkDeltas::digests)
+            .unwrap_or_default()
+    }
+
+    /// Writes `IMAGE.delta` beside `image` (the relaid-out image); returns where and what.
+    fn write_deltas(
+        self,
+        image: &std::path::Path,
+    ) -> anyhow::Result<Option<(PathBuf, DeltaSummary)>> {
+        let Some(deltas) = self.deltas else {
+            return Ok(None);
+        };
+        let img = Image::open_path(image, None)
+            .with_context(|| format!("opening {}", image.display()))?;
+        let mut out = image.to_path_buf().into_os_string();
+        out.push(DELTA_SUFFIX);
+        let out = PathBuf::from(out);
+        let d = deltas
+            .write(&img, &out)
+            .with_context(|| format!("writing the deltas of {}", image.display()))?;
+        Ok(Some((out, d)))
+    }
+}
+
+/// One line on what [`Update::write_deltas`] wrote.
 fn print_deltas(path: &std::path::Path, d: &DeltaSummary) {
     println!(
         "deltas against --base: {} ({} of {} changed chunks, {} as deltas instead of {})",
@@ -128,56 +164,27 @@ fn print_deltas(path: &std::path::Path, d: &DeltaSummary) {
 }
 
 impl HotArgs {
-    /// With `--base`, writes `IMAGE.delta` beside `image`: its changed chunks as deltas
-    /// against the base ([`incfs_fs::format::delta`]); returns where and what.
-    fn write_deltas(
-        &self,
-        image: &std::path::Path,
-    ) -> anyhow::Result<Option<(PathBuf, DeltaSummary)>> {
+    /// With `--base`: the base image's chunk digests, and the deltas of `image`'s chunks the
+    /// base lacks, computed once for the layout and the sidecar.
+    fn update(&self, image: &std::path::Path) -> anyhow::Result<Update> {
         let Some(base) = &self.base else {
-            return Ok(None);
+            return Ok(Update::default());
         };
         let old = Image::open_path(base, None)
             .with_context(|| format!("opening the --base image {}", base.display()))?;
         let new = Image::open_path(image, None)
             .with_context(|| format!("opening {}", image.display()))?;
-        let mut out = image.to_path_buf().into_os_string();
-        out.push(DELTA_SUFFIX);
-        let out = PathBuf::from(out);
-        let d = write_deltas(&old, &new, &out).with_context(|| {
-            format!(
-                "writing the deltas of {} against {}",
-                image.display(),
-                base.display()
-            )
-        })?;
-        Ok(Some((out, d)))
-    }
-
-    /// The chunk digests of the `--base` image, and those of `image`'s chunks the base lacks
-    /// but can rebuild from a delta (both empty without `--base`).
-    fn update_sets(
-        &self,
-        image: &std::path::Path,
-    ) -> anyhow::Result<(HashSet<Digest>, HashSet<Digest>)> {
-        let Some(base) = &self.base else {
-            return Ok(Default::default());
-        };
-        let old = Image::open_path(base, None)
-            .with_context(|| format!("opening the --base image {}", base.display()))?;
-        let new = Image::open_path(image, None)
-            .with_context(|| format!("opening {}", image.display()))?;
-        let deltas = delta_digests(&old, &new).with_context(|| {
+        let deltas = ChunkDeltas::compute(&old, &new).with_context(|| {
             format!(
                 "finding the deltas of {} against {}",
                 image.display(),
                 base.display()
             )
         })?;
-        Ok((
-            old.table().entries().iter().map(|e| e.digest).collect(),
-            deltas,
-        ))
+        Ok(Update {
+            base: old.table().entries().iter().map(|e| e.digest).collect(),
+            deltas: Some(deltas),
+        })
     }
 
     fn options(&self) -> anyhow::Result<RelayoutOptions> {
@@ -280,20 +287,22 @@ pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("packing {} into {}", a.dir.display(), a.output.display()))?;
     bar.0.finish_and_clear();
     let mut hot = None;
+    let mut deltas = None;
     if let Some(tmp) = &unordered {
+        let update = a.hot.update(tmp)?;
         let (r, plan_out) = order_image(
             tmp,
             &a.order,
             &a.output,
             a.plan_out.clone(),
             &a.hot.options()?,
-            &a.hot.update_sets(tmp)?,
+            (&update.base, &update.delta_digests()),
         )?;
         s.root_digest = r.root_digest;
         s.image_bytes = r.image_bytes;
         hot = Some((r, plan_out));
+        deltas = update.write_deltas(&a.output)?;
     }
-    let deltas = a.hot.write_deltas(&a.output)?;
     let secs = s.elapsed.as_secs_f64();
     if a.json {
         let j = PackJson {
@@ -623,7 +632,7 @@ fn order_image(
     output: &std::path::Path,
     plan_out: Option<PathBuf>,
     hot_opts: &RelayoutOptions,
-    (base, deltas): &(HashSet<Digest>, HashSet<Digest>),
+    (base, deltas): (&HashSet<Digest>, &HashSet<Digest>),
 ) -> anyhow::Result<(RelayoutSummary, PathBuf)> {
     let img = Image::open_path(packed, None)
         .with_context(|| format!("opening the packed image {}", packed.display()))?;
@@ -672,22 +681,29 @@ pub fn relayout(a: RelayoutArgs) -> anyhow::Result<ExitCode> {
     let plan = PrefetchPlan::load(&a.plan)?;
     plan.check_image(&a.plan, &img.root_digest())?;
     let hot = plan.slots(&a.plan, img.manifest())?;
-    let (base, deltas) = a.hot.update_sets(&a.image)?;
-    let s = relayout_for_update(&img, &hot, &base, &deltas, &a.output, &a.hot.options()?)
-        .with_context(|| {
-            format!(
-                "relaying out {} into {}",
-                a.image.display(),
-                a.output.display()
-            )
-        })?;
+    let update = a.hot.update(&a.image)?;
+    let s = relayout_for_update(
+        &img,
+        &hot,
+        &update.base,
+        &update.delta_digests(),
+        &a.output,
+        &a.hot.options()?,
+    )
+    .with_context(|| {
+        format!(
+            "relaying out {} into {}",
+            a.image.display(),
+            a.output.display()
+        )
+    })?;
     let plan_out = a.plan_out.unwrap_or_else(|| {
         let mut p = a.output.clone().into_os_string();
         p.push(".plan.json");
         PathBuf::from(p)
     });
     plan.rebind(&s.root_digest).save(&plan_out)?;
-    let deltas = a.hot.write_deltas(&a.output)?;
+    let deltas = update.write_deltas(&a.output)?;
     println!(
         "wrote {}: {} hot chunks first ({} in {} frames), {} distinct chunks, image {}",
         a.output.display(),

@@ -52,12 +52,11 @@ impl Deltas {
     }
 }
 
-/// True when `cache_dir` holds the cache of an image other than `own` (`None`: any).
-fn holds_other(cache_dir: &Path, own: Option<&Digest>) -> bool {
+/// True when `cache_dir` holds any image's cache (a directory named by a root digest).
+fn holds_any_image(cache_dir: &Path) -> bool {
     std::fs::read_dir(cache_dir).is_ok_and(|rd| {
-        rd.flatten().any(|e| {
-            Digest::from_hex(&e.file_name().to_string_lossy()).is_ok_and(|d| Some(&d) != own)
-        })
+        rd.flatten()
+            .any(|e| Digest::from_hex(&e.file_name().to_string_lossy()).is_ok())
     })
 }
 
@@ -71,7 +70,7 @@ pub fn fetch(
     cache_dir: &Path,
     retry: &RetryPolicy,
 ) -> Result<Option<(Deltas, Digest)>, SourceError> {
-    if source::oci::is_oci(source_spec) || !holds_other(cache_dir, None) {
+    if source::oci::is_oci(source_spec) || !holds_any_image(cache_dir) {
         return Ok(None);
     }
     let mut retry = *retry;

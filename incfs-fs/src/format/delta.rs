@@ -270,111 +270,135 @@ fn file_deltas<B: RangeRead>(
     Ok((changed.len() as u64, out))
 }
 
-/// The digests of the chunks of `new` that [`write_deltas`] would write as deltas against
-/// `base` (for [`super::relayout_for_update`], which keeps them in frames of their own).
-pub fn delta_digests<A: RangeRead + Sync, B: RangeRead + Sync>(
-    base: &Image<A>,
-    new: &Image<B>,
-) -> Result<HashSet<Digest>, FormatError> {
-    let (_, deltas) = compute(base, new)?;
-    Ok(deltas
-        .iter()
-        .filter_map(|(e, _)| new.table().get(e.slot).map(|c| c.digest))
-        .collect())
+/// The deltas of an image's changed chunks against a base image, computed once: their
+/// digests lay out a relayout ([`super::relayout_for_update`] keeps them in frames of their
+/// own), and [`ChunkDeltas::write`] writes them for the relaid-out image, whose slots are the
+/// same.
+pub struct ChunkDeltas {
+    base_root: Digest,
+    candidates: u64,
+    /// Each delta with the digest of the chunk it rebuilds.
+    deltas: Vec<(DeltaEntry, Digest, Vec<u8>)>,
 }
 
-/// The deltas of every changed chunk worth one, and how many changed chunks there are.
-fn compute<A: RangeRead + Sync, B: RangeRead + Sync>(
-    base: &Image<A>,
-    new: &Image<B>,
-) -> Result<FileDeltas, FormatError> {
-    let base_digests: HashSet<Digest> = base.table().entries().iter().map(|e| e.digest).collect();
-    let base_files: HashMap<Vec<u8>, FileRef> = base
-        .files()
-        .into_iter()
-        .map(|f| (f.path.clone(), f))
-        .collect();
-    let new_files = new.files();
-    let pairs = crate::plan::carry::version_pairs(&base_files, &new_files);
-    let results: Vec<Result<FileDeltas, FormatError>> = pairs
-        .par_iter()
-        .map(|(k, old)| {
-            let old_bytes = base.read_file(old.inode)?;
-            file_deltas(new, &new_files[*k], old.inode, &old_bytes, &base_digests)
+impl ChunkDeltas {
+    /// For every file of `new` whose path `base` has too (or that a file of `base` was
+    /// renamed to, as [`crate::plan::carry`] matches them), each chunk whose digest `base`
+    /// lacks, when its delta is at most half the chunk compressed alone.
+    pub fn compute<A: RangeRead + Sync, B: RangeRead + Sync>(
+        base: &Image<A>,
+        new: &Image<B>,
+    ) -> Result<Self, FormatError> {
+        let base_digests: HashSet<Digest> =
+            base.table().entries().iter().map(|e| e.digest).collect();
+        let base_files: HashMap<Vec<u8>, FileRef> = base
+            .files()
+            .into_iter()
+            .map(|f| (f.path.clone(), f))
+            .collect();
+        let new_files = new.files();
+        let pairs = crate::plan::carry::version_pairs(&base_files, &new_files);
+        let results: Vec<Result<FileDeltas, FormatError>> = pairs
+            .par_iter()
+            .map(|(k, old)| {
+                let old_bytes = base.read_file(old.inode)?;
+                file_deltas(new, &new_files[*k], old.inode, &old_bytes, &base_digests)
+            })
+            .collect();
+        let mut candidates = 0;
+        let mut deltas = Vec::new();
+        for r in results {
+            let (c, file) = r?;
+            candidates += c;
+            deltas.extend(
+                file.into_iter()
+                    .filter_map(|(e, d)| new.table().get(e.slot).map(|c| (e, c.digest, d))),
+            );
+        }
+        Ok(ChunkDeltas {
+            base_root: base.root_digest(),
+            candidates,
+            deltas,
         })
-        .collect();
-    let mut candidates = 0;
-    let mut all = Vec::new();
-    for r in results {
-        let (c, deltas) = r?;
-        candidates += c;
-        all.extend(deltas);
     }
-    Ok((candidates, all))
+
+    /// The digests of the chunks that have a delta.
+    pub fn digests(&self) -> HashSet<Digest> {
+        self.deltas.iter().map(|(_, d, _)| *d).collect()
+    }
+
+    /// Writes the sidecar for `image` (the image the deltas were computed for, or a relayout
+    /// of it) to `out`, the deltas in `image`'s stored order, so the changed chunks of one
+    /// request have adjacent deltas. A delta whose slot holds another chunk in `image` is
+    /// left out.
+    pub fn write<R: RangeRead>(
+        mut self,
+        image: &Image<R>,
+        out: &Path,
+    ) -> Result<DeltaSummary, FormatError> {
+        let table = image.table();
+        self.deltas
+            .retain(|(e, digest, _)| table.get(e.slot).is_some_and(|c| c.digest == *digest));
+        self.deltas.sort_by_key(|(e, _, _)| {
+            (
+                table.get(e.slot).map_or(u64::MAX, |c| c.stored_offset),
+                e.slot,
+            )
+        });
+        let mut summary = DeltaSummary {
+            candidates: self.candidates,
+            ..DeltaSummary::default()
+        };
+        let mut at = 0u64;
+        for (e, _, d) in &mut self.deltas {
+            e.data_offset = at;
+            at += d.len() as u64;
+            summary.deltas += 1;
+            summary.delta_bytes += d.len() as u64;
+            if let Some(c) = table.get(e.slot) {
+                summary.stored_bytes +=
+                    u64::from(c.stored_len) * u64::from(c.raw_len) / u64::from(c.frame_len.max(1));
+            }
+        }
+        let entries: Vec<DeltaEntry> = self.deltas.iter().map(|(e, _, _)| *e).collect();
+        let index = postcard::to_allocvec(&entries)
+            .map_err(|e| FormatError::DeltaInvalid(format!("index does not encode: {e}")))?;
+        let io = |error: std::io::Error| FormatError::Write {
+            what: format!("writing {}", out.display()),
+            error,
+        };
+        let dir = out
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+        {
+            let w = tmp.as_file_mut();
+            w.write_all(DELTA_MAGIC).map_err(io)?;
+            w.write_all(&self.base_root.0).map_err(io)?;
+            w.write_all(&image.root_digest().0).map_err(io)?;
+            w.write_all(&(index.len() as u64).to_le_bytes())
+                .map_err(io)?;
+            w.write_all(&index).map_err(io)?;
+            for (_, _, d) in &self.deltas {
+                w.write_all(d).map_err(io)?;
+            }
+            w.sync_all().map_err(io)?;
+        }
+        summary.file_bytes = DELTA_HEADER_LEN + index.len() as u64 + at;
+        tmp.persist(out).map_err(|e| io(e.error))?;
+        Ok(summary)
+    }
 }
 
-/// Writes the sidecar of `new`'s chunks as deltas against `base` to `out`: for every file of
-/// `new` whose path `base` has too (or that a file of `base` was renamed to, as
-/// [`crate::plan::carry`] matches them), each chunk whose digest `base` lacks, when its delta
-/// is at most half the chunk compressed alone. The deltas are laid out in the new image's
-/// stored order, so the changed chunks of one request have adjacent deltas.
+/// Writes the sidecar of `new`'s chunks as deltas against `base` to `out`
+/// ([`ChunkDeltas::compute`], then [`ChunkDeltas::write`]).
 pub fn write_deltas<A: RangeRead + Sync, B: RangeRead + Sync>(
     base: &Image<A>,
     new: &Image<B>,
     out: &Path,
 ) -> Result<DeltaSummary, FormatError> {
-    let (candidates, mut all) = compute(base, new)?;
-    let mut summary = DeltaSummary {
-        candidates,
-        ..DeltaSummary::default()
-    };
-    all.sort_by_key(|(e, _)| {
-        (
-            new.table()
-                .get(e.slot)
-                .map_or(u64::MAX, |c| c.stored_offset),
-            e.slot,
-        )
-    });
-    let mut at = 0u64;
-    for (e, d) in &mut all {
-        e.data_offset = at;
-        at += d.len() as u64;
-        summary.deltas += 1;
-        summary.delta_bytes += d.len() as u64;
-        if let Some(c) = new.table().get(e.slot) {
-            summary.stored_bytes +=
-                u64::from(c.stored_len) * u64::from(c.raw_len) / u64::from(c.frame_len.max(1));
-        }
-    }
-    let entries: Vec<DeltaEntry> = all.iter().map(|(e, _)| *e).collect();
-    let index = postcard::to_allocvec(&entries)
-        .map_err(|e| FormatError::DeltaInvalid(format!("index does not encode: {e}")))?;
-    let io = |error: std::io::Error| FormatError::Write {
-        what: format!("writing {}", out.display()),
-        error,
-    };
-    let dir = out
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
-    {
-        let w = tmp.as_file_mut();
-        w.write_all(DELTA_MAGIC).map_err(io)?;
-        w.write_all(&base.root_digest().0).map_err(io)?;
-        w.write_all(&new.root_digest().0).map_err(io)?;
-        w.write_all(&(index.len() as u64).to_le_bytes())
-            .map_err(io)?;
-        w.write_all(&index).map_err(io)?;
-        for (_, d) in &all {
-            w.write_all(d).map_err(io)?;
-        }
-        w.sync_all().map_err(io)?;
-    }
-    summary.file_bytes = DELTA_HEADER_LEN + index.len() as u64 + at;
-    tmp.persist(out).map_err(|e| io(e.error))?;
-    Ok(summary)
+    ChunkDeltas::compute(base, new)?.write(new, out)
 }
 
 #[cfg(test)]
