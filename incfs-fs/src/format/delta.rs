@@ -129,10 +129,15 @@ pub fn parse_index(header: &[u8], index: &[u8]) -> Result<DeltaIndex, FormatErro
     }
     let entries: Vec<DeltaEntry> = postcard::from_bytes(index)
         .map_err(|e| FormatError::DeltaInvalid(format!("index does not decode: {e}")))?;
-    if let Some(e) = entries
-        .iter()
-        .find(|e| e.window_len > MAX_WINDOW || e.data_len > 64 * 1024 || e.data_len == 0)
-    {
+    // Offsets beyond 2^48 (256 TiB) are no sidecar's: refused, so no sum of them overflows.
+    let far = |o: u64| o > 1 << 48;
+    if let Some(e) = entries.iter().find(|e| {
+        e.window_len > MAX_WINDOW
+            || e.data_len > 64 * 1024
+            || e.data_len == 0
+            || far(e.data_offset)
+            || far(e.window_offset)
+    }) {
         return Err(FormatError::DeltaInvalid(format!(
             "entry of slot {} names a {}-byte window and a {}-byte delta",
             e.slot, e.window_len, e.data_len
@@ -445,5 +450,18 @@ mod tests {
         h.extend([0u8; 64]);
         h.extend((bad.len() as u64).to_le_bytes());
         assert!(parse_index(&h, &bad).is_err());
+        let far = postcard::to_allocvec(&vec![DeltaEntry {
+            slot: 1,
+            base_inode: 0,
+            window_offset: 0,
+            window_len: 100,
+            data_offset: u64::MAX - 5,
+            data_len: 10,
+        }])
+        .unwrap();
+        let mut h = DELTA_MAGIC.to_vec();
+        h.extend([0u8; 64]);
+        h.extend((far.len() as u64).to_le_bytes());
+        assert!(parse_index(&h, &far).is_err());
     }
 }
