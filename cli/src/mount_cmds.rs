@@ -77,6 +77,11 @@ pub struct MountArgs {
     /// open (they are then read through incfs page by page; docs/local-reads.md).
     #[arg(long)]
     no_push_local: bool,
+    /// Do not pin incfs's request threads to the CPU of the process they answer (by default
+    /// they follow it, so a request costs a hand-off on one CPU instead of two cross-CPU
+    /// wake-ups)
+    #[arg(long)]
+    no_follow_cpu: bool,
     /// Daemon log file (default: CACHE/daemon.log).
     #[arg(long)]
     log: Option<PathBuf>,
@@ -242,6 +247,9 @@ fn daemonize(a: &MountArgs, cache: &CacheDir, oci: Option<&OciStart>) -> anyhow:
     if a.no_push_local {
         cmd.arg("--no-push-local");
     }
+    if a.no_follow_cpu {
+        cmd.arg("--no-follow-cpu");
+    }
     if a.allow_other {
         cmd.arg("--allow-other");
     }
@@ -355,6 +363,7 @@ fn serve_in(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
             enabled: !a.no_push_local,
             ..incfs_fs::fs::push::PushConfig::default()
         },
+        follow_requester_cpu: !a.no_follow_cpu,
     };
     let notify = a.notify_ready;
     incfs_fs::run::serve_mount(fs, &a.mountpoint, &opts, || {

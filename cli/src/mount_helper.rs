@@ -44,7 +44,13 @@ const VALUED: &[&str] = &[
     "log",
 ];
 /// `incfs mount` flags, as mount options name them.
-const FLAGS: &[&str] = &["no_fill", "allow_other", "no_passthrough", "no_push_local"];
+const FLAGS: &[&str] = &[
+    "no_fill",
+    "allow_other",
+    "no_passthrough",
+    "no_push_local",
+    "no_follow_cpu",
+];
 /// Generic mount(8) and fstab options with no meaning for incfs (a read-only FUSE mount).
 const IGNORED: &[&str] = &[
     "ro",

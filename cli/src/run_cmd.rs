@@ -53,6 +53,11 @@ pub struct RunArgs {
     /// open (they are then read through incfs page by page; docs/local-reads.md).
     #[arg(long)]
     no_push_local: bool,
+    /// Do not pin incfs's request threads to the CPU of the process they answer (by default
+    /// they follow it, so a request costs a hand-off on one CPU instead of two cross-CPU
+    /// wake-ups)
+    #[arg(long)]
+    no_follow_cpu: bool,
     /// Kernel readahead for files not yet local, in bytes (readahead of a lazy file fetches
     /// chunks nobody asked for).
     #[arg(long, default_value_t = 0)]
@@ -128,6 +133,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                 enabled: !a.no_push_local,
                 ..incfs_fs::fs::push::PushConfig::default()
             },
+            follow_requester_cpu: !a.no_follow_cpu,
             ..MountOptions::default()
         },
         command: a.command.clone(),

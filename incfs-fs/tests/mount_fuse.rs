@@ -189,6 +189,28 @@ fn mount_small_tree_from_a_local_image() {
         before,
         "stats of listed names were looked up"
     );
+    // Directories are opened by the kernel itself after the first OPENDIR is refused: each
+    // directory listed twice gives the same names, and no OPENDIR reaches the daemon again.
+    let listing = |dir: &Path| -> Vec<_> {
+        let mut v: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let dirs: Vec<_> = names
+        .iter()
+        .filter(|p| !p.ends_with(".incfs") && fs::symlink_metadata(p).unwrap().is_dir())
+        .cloned()
+        .chain([w.path("mnt")])
+        .collect();
+    assert!(dirs.len() > 1, "{names:?}");
+    let first: Vec<_> = dirs.iter().map(|d| listing(d)).collect();
+    assert!(first.iter().any(|l| l.len() > 3), "{first:?}");
+    let again: Vec<_> = dirs.iter().map(|d| listing(d)).collect();
+    assert_eq!(first, again);
+    assert_eq!(d.stats().dir_opens, 1, "{:?}", d.stats());
     let n = assert_same_tree(&w.path("tree"), &w.path("mnt"));
     assert!(n > 8 << 20);
     let s = d.stats();

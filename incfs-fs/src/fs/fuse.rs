@@ -27,6 +27,7 @@ use fuser::{
 use parking_lot::Mutex;
 use tracing::instrument;
 
+use super::cpu_follow;
 use super::push::{PushConfig, Pusher, Store};
 use super::{Attr, FsError, IncFs, NodeKind, OpenMode};
 use crate::cache::fds::FdPermit;
@@ -87,6 +88,10 @@ pub struct MountOptions {
     /// Pushing the local data of partly local files into the page cache at their first
     /// open ([`super::push`]).
     pub push: PushConfig,
+    /// Event-loop threads pin themselves to the CPU of the process whose request they
+    /// answer, so a request is a hand-off on one CPU rather than two cross-CPU wake-ups
+    /// ([`super::cpu_follow`]). Default on.
+    pub follow_requester_cpu: bool,
 }
 
 impl Default for MountOptions {
@@ -96,6 +101,7 @@ impl Default for MountOptions {
             allow_other: false,
             max_readahead: 0,
             push: PushConfig::default(),
+            follow_requester_cpu: true,
         }
     }
 }
@@ -126,6 +132,8 @@ pub struct FuseFs {
     backings: Mutex<Backings>,
     /// Set once the session exists (it needs the session's notifier).
     pusher: Arc<OnceLock<Pusher>>,
+    /// Event-loop threads run on their requester's CPU ([`super::cpu_follow`]).
+    follow_cpu: bool,
 }
 
 impl FuseFs {
@@ -136,6 +144,13 @@ impl FuseFs {
             max_readahead: MountOptions::default().max_readahead,
             backings: Mutex::new(Backings::default()),
             pusher: Arc::new(OnceLock::new()),
+            follow_cpu: MountOptions::default().follow_requester_cpu,
+        }
+    }
+
+    fn follow(&self, req: &Request) {
+        if self.follow_cpu {
+            cpu_follow::follow(req.pid());
         }
     }
 }
@@ -170,6 +185,7 @@ pub fn new_session(
     let cfg = session_config(&fs.source_name, opts);
     let mut ffs = FuseFs::new(Arc::clone(&fs));
     ffs.max_readahead = opts.max_readahead;
+    ffs.follow_cpu = opts.follow_requester_cpu;
     let pusher = Arc::clone(&ffs.pusher);
     let session = fuser::Session::new(ffs, mountpoint, &cfg).map_err(|e| {
         // Without root, the device must be open to the user (Debian's udev rule makes it
@@ -327,7 +343,7 @@ impl Filesystem for FuseFs {
     /// queries) expects — quietly, where fuser's default logs a warning per call.
     fn ioctl(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         _fh: FileHandle,
         _flags: IoctlFlags,
@@ -336,6 +352,7 @@ impl Filesystem for FuseFs {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
+        self.follow(req);
         reply.error(Errno::ENOTTY);
     }
 
@@ -350,6 +367,7 @@ impl Filesystem for FuseFs {
 
     #[instrument(skip_all, fields(req = req.unique().0, ino = parent.0))]
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.follow(req);
         match self.fs.lookup(parent.0, name.as_bytes()) {
             Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
             // The image never changes: a name that is absent stays absent. Node id 0 makes
@@ -362,6 +380,7 @@ impl Filesystem for FuseFs {
 
     #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0))]
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.follow(req);
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(e.to_errno()),
@@ -370,6 +389,7 @@ impl Filesystem for FuseFs {
 
     #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0))]
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.follow(req);
         match self.fs.readlink(ino.0) {
             Ok(t) => reply.data(t),
             Err(e) => reply.error(e.to_errno()),
@@ -378,6 +398,7 @@ impl Filesystem for FuseFs {
 
     #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0))]
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.follow(req);
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             reply.error(Errno::EROFS);
             return;
@@ -451,6 +472,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.follow(req);
         // Answered when the data is there, from whichever thread has it: a miss holds no
         // event-loop thread while it waits for the source.
         self.fs
@@ -483,6 +505,7 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.follow(req);
         self.fs.release(fh.0);
         let mut b = self.backings.lock();
         if b.by_handle.remove(&fh.0).is_some()
@@ -495,15 +518,15 @@ impl Filesystem for FuseFs {
         reply.ok();
     }
 
+    /// ENOSYS, once: the kernel then opens directories itself (`no_opendir`, with
+    /// `FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR`, what an answer here would say: the tree never
+    /// changes, listings stay cached) and sends neither OPENDIR nor RELEASEDIR again, two
+    /// round trips fewer per listed directory.
     #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0))]
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.getattr(ino.0) {
-            Ok(a) if a.kind == NodeKind::Dir => {
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR)
-            }
-            Ok(_) => reply.error(Errno::ENOTDIR),
-            Err(e) => reply.error(e.to_errno()),
-        }
+        self.follow(req);
+        self.fs.count_dir_open();
+        reply.error(Errno::ENOSYS);
     }
 
     #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0, offset))]
@@ -515,6 +538,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.follow(req);
         match self.fs.readdir(ino.0, offset) {
             Ok(items) => {
                 for it in items {
@@ -542,6 +566,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        self.follow(req);
         match self.fs.readdir(ino.0, offset) {
             Ok(items) => {
                 for it in items {
@@ -568,12 +593,14 @@ impl Filesystem for FuseFs {
 
     #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0))]
     fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        self.follow(req);
         let (blocks, files) = self.fs.statfs();
         reply.statfs(blocks, 0, 0, files, 0, 4096, 255, 4096);
     }
 
     #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0))]
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.follow(req);
         match self.fs.getxattr(ino.0, name.as_bytes()) {
             Ok(v) => reply_xattr(v, size, reply),
             Err(e) => reply.error(e.to_errno()),
@@ -582,6 +609,7 @@ impl Filesystem for FuseFs {
 
     #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0))]
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.follow(req);
         match self.fs.listxattr(ino.0) {
             Ok(v) => reply_xattr(&v, size, reply),
             Err(e) => reply.error(e.to_errno()),
@@ -590,6 +618,7 @@ impl Filesystem for FuseFs {
 
     #[instrument(skip_all, fields(req = req.unique().0, ino = ino.0))]
     fn access(&self, req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        self.follow(req);
         match self.fs.getattr(ino.0) {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(e.to_errno()),

@@ -12,6 +12,7 @@
 //! object per line, `{"ns":…,"path":"rel/path","offset":…,"len":…,"result":"hit"|"miss"}`,
 //! one per read that reached the file system (`ns`: nanoseconds since the Unix epoch).
 
+mod cpu_follow;
 pub mod fuse;
 mod loader_hints;
 pub mod push;
@@ -324,6 +325,10 @@ pub struct Stats {
     /// need none).
     #[serde(default)]
     pub lookups: u64,
+    /// OPENDIR requests: one at most, the kernel opens directories itself after the first
+    /// is refused ([`fuse`]).
+    #[serde(default)]
+    pub dir_opens: u64,
     /// Bytes of chunks local at mount pushed into the kernel's page cache at the first
     /// cached open of their file ([`push`]).
     #[serde(default)]
@@ -415,6 +420,7 @@ struct Counters {
     passthrough_opens: AtomicU64,
     cached_opens: AtomicU64,
     lookups: AtomicU64,
+    dir_opens: AtomicU64,
     read_log_dropped: AtomicU64,
     bytes_used: AtomicU64,
     pushed_bytes: AtomicU64,
@@ -841,6 +847,11 @@ impl IncFs {
             gid: inode.gid,
             mtime,
         })
+    }
+
+    /// Counts an OPENDIR request ([`Stats::dir_opens`]).
+    pub fn count_dir_open(&self) {
+        self.counters.dir_opens.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Looks `name` up in directory `parent`.
@@ -1367,6 +1378,7 @@ impl IncFs {
             passthrough_opens: c.passthrough_opens.load(Ordering::Relaxed),
             cached_opens: c.cached_opens.load(Ordering::Relaxed),
             lookups: c.lookups.load(Ordering::Relaxed),
+            dir_opens: c.dir_opens.load(Ordering::Relaxed),
             pushed_bytes: c.pushed_bytes.load(Ordering::Relaxed),
             loader_hint_files: c.loader_hint_files.load(Ordering::Relaxed),
             loader_hint_bytes: c.loader_hint_bytes.load(Ordering::Relaxed),
