@@ -181,6 +181,7 @@ pub enum Method {
     IncfsWarmNoPush,
     IncfsWarmReadahead,
     IncfsWarmComplete,
+    IncfsWarmCompleteNoFollow,
 }
 
 impl Method {
@@ -201,6 +202,7 @@ impl Method {
             Method::IncfsWarmNoPush => "incfs warm, partial (no push)",
             Method::IncfsWarmReadahead => "incfs warm, partial (readahead 128K)",
             Method::IncfsWarmComplete => "incfs warm, complete",
+            Method::IncfsWarmCompleteNoFollow => "incfs warm, complete (no CPU follow)",
         }
     }
 }
@@ -697,7 +699,8 @@ fn run_method(ctx: &Ctx, m: Method, round: usize) -> Result<Sample> {
         Method::IncfsWarm
         | Method::IncfsWarmNoPush
         | Method::IncfsWarmReadahead
-        | Method::IncfsWarmComplete => ctx
+        | Method::IncfsWarmComplete
+        | Method::IncfsWarmCompleteNoFollow => ctx
             .warm
             .as_ref()
             .context("the warm caches were not prepared")?

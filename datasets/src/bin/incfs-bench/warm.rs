@@ -15,7 +15,9 @@
 //! - `incfs-warm-no-push`: partial cache, `--no-push-local` (every local page a FUSE read);
 //! - `incfs-warm-readahead`: partial cache (a fresh copy for every run: readahead fetches
 //!   more), no push, `--max-readahead 131072`;
-//! - `incfs-warm-complete`: complete cache (passthrough).
+//! - `incfs-warm-complete`: complete cache (passthrough);
+//! - `incfs-warm-complete-no-follow`: complete cache, `--no-follow-cpu` (event-loop threads
+//!   wherever the scheduler puts them, `docs/local-reads.md`).
 //!
 //! Besides the main table, `OUT/warm.md` lists each row's median against local cold with the
 //! FUSE reads, pushed bytes, passthrough opens and bytes fetched of its median run.
@@ -61,6 +63,7 @@ pub fn is_warm(m: Method) -> bool {
             | Method::IncfsWarmNoPush
             | Method::IncfsWarmReadahead
             | Method::IncfsWarmComplete
+            | Method::IncfsWarmCompleteNoFollow
     )
 }
 
@@ -155,6 +158,7 @@ impl WarmCaches {
                 .args(["--no-fill", "--no-push-local"])
                 .args(["--max-readahead", &READAHEAD.to_string()]),
             Method::IncfsWarmComplete => cmd.arg(&self.complete),
+            Method::IncfsWarmCompleteNoFollow => cmd.arg(&self.complete).arg("--no-follow-cpu"),
             _ => bail!("{} is not a warm method", m.label()),
         };
         check(cmd.arg("--").args(argv), m.label())?;
