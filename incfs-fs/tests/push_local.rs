@@ -9,6 +9,7 @@
 mod common;
 
 use std::fs;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -166,6 +167,66 @@ fn only_whole_chunks_local_at_mount_are_pushed_with_their_bytes() {
     assert_eq!(fs.stats().pushed_bytes, expected);
     fs.release(fh);
     fs.shutdown().unwrap();
+}
+
+/// A [`Store`] that notes which thread made each store, and where.
+#[derive(Clone, Default)]
+struct ThreadRecorder(Arc<Mutex<Vec<(std::thread::ThreadId, Range<u64>)>>>);
+
+impl Store for ThreadRecorder {
+    fn store(&self, _ino: u64, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let at = offset..offset + data.len() as u64;
+        self.0
+            .lock()
+            .unwrap()
+            .push((std::thread::current().id(), at));
+        Ok(())
+    }
+}
+
+/// Makes the first `chunks` chunks of `lib` local in a fresh cache, remounts it and opens
+/// `lib` through a pusher; returns the threads that stored, and what.
+fn push_after_reading(chunks: u64) -> Vec<(std::thread::ThreadId, Range<u64>)> {
+    let w = tempfile::tempdir().unwrap();
+    let (img, _) = one_file_image(w.path());
+    let cache = dir(w.path(), "cache");
+    let ino = 2;
+    let fs = open_fs(&img, &cache);
+    let (fh, _) = fs.open(ino).unwrap();
+    fs.read(ino, fh, 0, (chunks * CHUNK) as u32).unwrap();
+    fs.release(fh);
+    fs.shutdown().unwrap();
+    drop(fs);
+
+    let fs = open_fs(&img, &cache);
+    let rec = ThreadRecorder::default();
+    let pusher = Pusher::start(Arc::clone(&fs), rec.clone(), PushConfig::default()).unwrap();
+    pusher.opened(ino);
+    assert_eq!(fs.stats().pushed_bytes, chunks * CHUNK);
+    pusher.stop();
+    fs.shutdown().unwrap();
+    let got = rec.0.lock().unwrap().clone();
+    got
+}
+
+/// A file whose local part is one small range is pushed by the thread that opens it (a
+/// hand-off to a worker and back would cost as much as the push); a larger one by the
+/// workers, side by side.
+#[test]
+fn a_small_local_part_is_pushed_by_the_opening_thread_and_a_large_one_by_the_workers() {
+    let me = std::thread::current().id();
+    let small = 2;
+    assert!(small * CHUNK <= incfs_fs::fs::push::INLINE_BYTES);
+    let got = push_after_reading(small);
+    assert!(!got.is_empty());
+    assert!(got.iter().all(|(t, _)| *t == me), "{got:?}");
+    assert_eq!(got.last().map(|(_, r)| r.end), Some(small * CHUNK));
+
+    let large = 40;
+    assert!(large * CHUNK > incfs_fs::fs::push::INLINE_BYTES);
+    let got = push_after_reading(large);
+    assert!(!got.is_empty());
+    assert!(got.iter().all(|(t, _)| *t != me), "{got:?}");
 }
 
 /// A read that waits for the network holds its pages locked in the kernel, and a store into

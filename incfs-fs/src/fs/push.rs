@@ -35,7 +35,10 @@
 //! for the network ([`WaitingReads`]).
 //!
 //! A file's ranges are cut into spans of [`SPAN`] that [`PushConfig::threads`] workers take in
-//! order, so one big library is read from its backing file by all of them side by side.
+//! order, so one big library is read from its backing file by all of them side by side. A
+//! local part of one range of at most [`INLINE_BYTES`] (a Python module, a small resource) is
+//! pushed by the opening thread itself: handing it to a worker and waiting for it would cost
+//! two wake-ups, often across CPUs, for one read and one store.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -156,6 +159,10 @@ impl WaitingReads {
 /// Longest an open waits for its file's push ([`Pusher::opened`]); a push that takes longer
 /// (a huge local part on a slow disk) goes on behind the open.
 pub const OPEN_WAIT: Duration = Duration::from_secs(5);
+/// Largest local part of a file the opening thread pushes itself: one read of the backing
+/// file and one store, which a hand-off to a worker and back (two wake-ups, often on another
+/// CPU) would cost as much as. Python's modules are nearly all below it.
+pub const INLINE_BYTES: u64 = 256 << 10;
 
 /// The jobs of one file's push not yet done, and their waiters.
 #[derive(Default)]
@@ -202,6 +209,8 @@ pub struct Pusher {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     /// FUSE inodes pushed (or being pushed) on this mount.
     seen: Mutex<HashMap<u64, Arc<Pending>>>,
+    /// The workers' store, for the small pushes the opening thread makes itself.
+    store: Arc<dyn Store + Sync>,
     /// Set by [`Pusher::stop`]: the workers drop what is still queued.
     stopping: Arc<AtomicBool>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -216,7 +225,7 @@ impl Pusher {
     ) -> std::io::Result<Pusher> {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
-        let store = Arc::new(store);
+        let store: Arc<dyn Store + Sync> = Arc::new(store);
         let stopping = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for i in 0..config.threads.max(1) {
@@ -249,6 +258,7 @@ impl Pusher {
             budget: config.max_file_bytes,
             tx: Mutex::new(Some(tx)),
             seen: Mutex::new(HashMap::new()),
+            store,
             stopping,
             threads: Mutex::new(threads),
         })
@@ -259,10 +269,10 @@ impl Pusher {
     /// that comes meanwhile waits too). Called before the open is answered: no read of the
     /// file can then hold a page lock that a store would wait for (see the module docs).
     pub fn opened(&self, ino: u64) {
-        let pending = {
+        let (pending, inline) = {
             let mut seen = self.seen.lock();
             match seen.get(&ino) {
-                Some(p) => Arc::clone(p),
+                Some(p) => (Arc::clone(p), None),
                 None => {
                     let spans = self.spans(ino);
                     let p = Arc::new(Pending {
@@ -270,22 +280,42 @@ impl Pusher {
                         done: Condvar::new(),
                     });
                     seen.insert(ino, Arc::clone(&p));
-                    let tx = self.tx.lock();
-                    for range in spans {
-                        let job = Job {
-                            ino,
-                            range,
-                            pending: Arc::clone(&p),
-                        };
-                        // Not sent (stopped): dropped here, counted down.
-                        if let Some(tx) = &*tx {
-                            let _ = tx.send(job);
+                    let mut jobs = spans.into_iter().map(|range| Job {
+                        ino,
+                        range,
+                        pending: Arc::clone(&p),
+                    });
+                    match (jobs.next(), jobs.next()) {
+                        (Some(job), None) if job.range.end - job.range.start <= INLINE_BYTES => {
+                            (p, Some(job))
+                        }
+                        (first, second) => {
+                            let tx = self.tx.lock();
+                            for job in first.into_iter().chain(second).chain(jobs) {
+                                // Not sent (stopped): dropped here, counted down.
+                                if let Some(tx) = &*tx {
+                                    let _ = tx.send(job);
+                                }
+                            }
+                            (p, None)
                         }
                     }
-                    p
                 }
             }
         };
+        if let Some(job) = inline {
+            if !self.stopping.load(Ordering::Relaxed) {
+                let mut buf = vec![0u8; (job.range.end - job.range.start) as usize];
+                if let Err(e) =
+                    self.fs
+                        .push_range(job.ino, job.range.clone(), &*self.store, &mut buf)
+                {
+                    tracing::debug!(ino = job.ino, error = %e, "pushing local data failed");
+                }
+            }
+            // Dropping the job counts it down: opens of the file that came meanwhile go on.
+            drop(job);
+        }
         pending.wait(OPEN_WAIT);
     }
 
