@@ -169,9 +169,12 @@ fn only_whole_chunks_local_at_mount_are_pushed_with_their_bytes() {
     fs.shutdown().unwrap();
 }
 
+/// A store's thread and byte range.
+type ThreadStore = (std::thread::ThreadId, Range<u64>);
+
 /// A [`Store`] that notes which thread made each store, and where.
 #[derive(Clone, Default)]
-struct ThreadRecorder(Arc<Mutex<Vec<(std::thread::ThreadId, Range<u64>)>>>);
+struct ThreadRecorder(Arc<Mutex<Vec<ThreadStore>>>);
 
 impl Store for ThreadRecorder {
     fn store(&self, _ino: u64, offset: u64, data: &[u8]) -> std::io::Result<()> {
@@ -186,7 +189,7 @@ impl Store for ThreadRecorder {
 
 /// Makes the first `chunks` chunks of `lib` local in a fresh cache, remounts it and opens
 /// `lib` through a pusher; returns the threads that stored, and what.
-fn push_after_reading(chunks: u64) -> Vec<(std::thread::ThreadId, Range<u64>)> {
+fn push_after_reading(chunks: u64) -> Vec<ThreadStore> {
     let w = tempfile::tempdir().unwrap();
     let (img, _) = one_file_image(w.path());
     let cache = dir(w.path(), "cache");
@@ -205,8 +208,7 @@ fn push_after_reading(chunks: u64) -> Vec<(std::thread::ThreadId, Range<u64>)> {
     assert_eq!(fs.stats().pushed_bytes, chunks * CHUNK);
     pusher.stop();
     fs.shutdown().unwrap();
-    let got = rec.0.lock().unwrap().clone();
-    got
+    rec.0.lock().unwrap().clone()
 }
 
 /// A file whose local part is one small range is pushed by the thread that opens it (a
