@@ -8,7 +8,9 @@
 //! Regular files are opened with `FOPEN_KEEP_CACHE` (content never changes) and
 //! `FOPEN_NOFLUSH` (nothing to flush on a read-only mount: no FLUSH round trip per close),
 //! or with passthrough when [`IncFs::open`] says so; the backing id of a passthrough inode is
-//! shared by all its live opens, as the kernel requires.
+//! shared by all its live opens, as the kernel requires. Each handler first lets its
+//! event-loop thread follow the requester's CPU ([`super::cpu_follow`]); directories are
+//! opened by the kernel itself (OPENDIR is refused once).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
