@@ -26,14 +26,15 @@ use std::time::{Duration, Instant};
 const RECHECK: Duration = Duration::from_millis(2);
 
 /// How soon after a check a new requester is looked up (so a stream of requests from many
-/// processes costs at most one `/proc` read a millisecond per thread).
+/// processes costs at most two `/proc` reads a millisecond per thread).
 const RECHECK_NEW_PID: Duration = Duration::from_micros(500);
 
 #[derive(Clone, Copy)]
 struct Pin {
     checked: Instant,
     pid: u32,
-    cpu: usize,
+    /// The CPU the thread is pinned to, if any.
+    cpu: Option<usize>,
 }
 
 thread_local! {
@@ -49,19 +50,20 @@ pub(super) fn follow(pid: u32) {
         return;
     }
     let now = Instant::now();
-    if let Some(p) = PIN.get() {
+    let last = PIN.get();
+    if let Some(p) = last {
         let age = now.saturating_duration_since(p.checked);
         if age < RECHECK && (p.pid == pid || age < RECHECK_NEW_PID) {
             return;
         }
     }
-    let Some(cpu) = requester_cpu(pid) else {
-        return;
+    // Whatever the outcome, the look is rate-limited: a requester that is gone, or a CPU the
+    // thread may not take, is not tried again at every request.
+    let pinned = last.and_then(|p| p.cpu);
+    let cpu = match requester_cpu(pid) {
+        Some(cpu) if pinned == Some(cpu) || pin_to(cpu) => Some(cpu),
+        _ => pinned,
     };
-    let pinned = PIN.get().map(|p| p.cpu);
-    if pinned != Some(cpu) && !pin_to(cpu) {
-        return;
-    }
     PIN.set(Some(Pin {
         checked: now,
         pid,
@@ -69,8 +71,6 @@ pub(super) fn follow(pid: u32) {
     }));
 }
 
-/// The CPU thread `pid` last ran on, from `/proc/PID/stat`; `None` when it is gone or the
-/// file does not parse.
 /// The file stays open while the requester stays the same: a `pread` of it costs a few
 /// microseconds, an open and close several times that.
 fn requester_cpu(pid: u32) -> Option<usize> {
