@@ -150,27 +150,37 @@ mod tests {
 
     #[test]
     fn a_thread_follows_the_cpu_its_requester_runs_on() {
-        // The requester is the test's thread, asleep in `join` while the follower checks:
-        // the follower ends up pinned to the one CPU the requester last ran on.
+        // The requester is the test's thread, asleep in `join` while the follower checks
+        // (it may still be on its way to sleep, and be moved, at the first look: the
+        // follower looks again after RECHECK until the two agree).
         // SAFETY: gettid has no preconditions.
         let me = unsafe { libc::gettid() } as u32;
         std::thread::spawn(move || {
-            follow(me);
-            let on = requester_cpu(me).expect("the requester's /proc stat");
             let allowed = allowed_cpus().expect("own affinity");
-            // SAFETY: `on` is a CPU number the kernel reported, below CPU_SETSIZE; the sets
-            // are initialised cpu_set_t values (sched_getaffinity fills `now`).
-            unsafe {
-                let mut now: libc::cpu_set_t = std::mem::zeroed();
-                assert_eq!(
-                    libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut now),
-                    0
-                );
-                if libc::CPU_ISSET(on, &allowed) {
-                    assert_eq!(libc::CPU_COUNT(&now), 1, "pinned to one CPU");
-                    assert!(libc::CPU_ISSET(on, &now), "pinned to CPU {on}");
+            let mut last = None;
+            for _ in 0..100 {
+                follow(me);
+                let on = requester_cpu(me).expect("the requester's /proc stat");
+                // SAFETY: `now` is filled by sched_getaffinity; `on` is a CPU number the
+                // kernel reported, below CPU_SETSIZE.
+                let (count, pinned_on) = unsafe {
+                    let mut now: libc::cpu_set_t = std::mem::zeroed();
+                    assert_eq!(
+                        libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut now),
+                        0
+                    );
+                    (libc::CPU_COUNT(&now), libc::CPU_ISSET(on, &now))
+                };
+                // SAFETY: as above.
+                let is_allowed = unsafe { libc::CPU_ISSET(on, &allowed) };
+                assert!(is_allowed, "CPU {on} not allowed");
+                if count == 1 && pinned_on {
+                    return;
                 }
+                last = Some((on, count));
+                std::thread::sleep(RECHECK + Duration::from_millis(1));
             }
+            panic!("never pinned to the requester's CPU: {last:?}");
         })
         .join()
         .expect("follower thread");
