@@ -483,7 +483,7 @@ fn clean_restart_fetches_nothing_again() {
         read_all(&fs, u64::from(f.inode) + 1, 1 << 20).unwrap();
     }
     fs.shutdown().unwrap();
-    drop(fs);
+    stop_and_wait(fs, cache.path());
     let src = Arc::new(MockSource::new(fx.bytes.clone()));
     let fs = mount(src.clone(), cache.path());
     let before = src.requests().len();
@@ -512,6 +512,33 @@ fn image_cache(cache: &Path) -> PathBuf {
     dirs[0].clone()
 }
 
+/// Drops the mount `fs` of `cache` and waits until nothing of it holds the image cache (its
+/// fetch workers end on their own, and on a loaded machine may outlive the drop's short wait
+/// for them): the next mount then starts as a new process's would, alone.
+fn stop_and_wait(fs: Arc<IncFs>, cache: &Path) {
+    drop(fs);
+    let lock = image_cache(cache).join("lock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let f = fs::File::open(&lock).unwrap();
+        // SAFETY: `f` is an open descriptor for the duration of the call.
+        if unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } == 0
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cache stayed in use"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn unclean_stop_rechecks_recorded_chunks() {
     let fx = big(8 * CHUNK as usize);
@@ -524,7 +551,7 @@ fn unclean_stop_rechecks_recorded_chunks() {
     fs.read(ino, fh, 0, 4 * CHUNK).unwrap();
     fs.release(fh);
     fs.cache().flush().unwrap();
-    drop(fs);
+    stop_and_wait(fs, cache.path());
 
     // Torn state: chunk 1's bytes damaged on disk, and the record claiming chunk 6, whose
     // bytes never arrived (a hole of zeros).
@@ -572,7 +599,7 @@ fn recovery_rechecks_only_chunks_recorded_since_the_last_checkpoint() {
     fs.read(ino, fh, 0, 4 * CHUNK).unwrap();
     fs.release(fh);
     fs.shutdown().unwrap();
-    drop(fs);
+    stop_and_wait(fs, cache.path());
     // A mount that reads 4..8 and stops uncleanly.
     let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), cache.path());
     assert!(!fs.cache().recovery().unclean);
@@ -580,7 +607,7 @@ fn recovery_rechecks_only_chunks_recorded_since_the_last_checkpoint() {
     fs.read(ino, fh, 4 * u64::from(CHUNK), 4 * CHUNK).unwrap();
     fs.release(fh);
     fs.cache().flush().unwrap();
-    drop(fs);
+    stop_and_wait(fs, cache.path());
     // Only 4..8 are read back and checked; nothing is fetched again.
     let src = Arc::new(MockSource::new(fx.bytes.clone()));
     let fs = mount(src.clone(), cache.path());
@@ -592,7 +619,7 @@ fn recovery_rechecks_only_chunks_recorded_since_the_last_checkpoint() {
     let before = src.requests().len();
     assert_eq!(read_all(&fs, ino, 1 << 20).unwrap(), want);
     assert_eq!(src.requests().len(), before);
-    drop(fs);
+    stop_and_wait(fs, cache.path());
     // That recovery was itself a checkpoint: a second unclean stop re-checks nothing.
     let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), cache.path());
     let r = fs.cache().recovery();
@@ -607,7 +634,7 @@ fn a_damaged_record_header_starts_empty() {
     let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), cache.path());
     read_all(&fs, resolve(&fs, b"big"), 1 << 20).unwrap();
     fs.shutdown().unwrap();
-    drop(fs);
+    stop_and_wait(fs, cache.path());
     let rec = image_cache(cache.path()).join("record");
     let mut bytes = fs::read(&rec).unwrap();
     bytes[20] ^= 0xff;
