@@ -353,6 +353,17 @@ impl MultiRange {
     }
 }
 
+/// The error of a multi-range request for `ranges` answered with HTTP `status`.
+pub(super) fn status_error(name: &str, ranges: &[(u64, u64)], status: u16) -> super::SourceError {
+    let last = ranges[ranges.len() - 1];
+    super::SourceError::Status {
+        source_name: name.to_owned(),
+        status,
+        offset: ranges[0].0,
+        end: last.0 + last.1,
+    }
+}
+
 /// Checks ranges a source is asked for in one call: each within the image, and (for a
 /// multi-range request) ascending, apart and none empty.
 pub(super) fn check_ranges(

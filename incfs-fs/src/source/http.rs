@@ -29,7 +29,7 @@ use reqwest::StatusCode;
 use reqwest::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, HeaderMap, RANGE};
 use tracing::{debug, trace};
 
-use super::byteranges::{MultiRange, check_ranges, range_header, read_answer};
+use super::byteranges::{MultiRange, check_ranges, range_header, read_answer, status_error};
 use super::{RequestKind, Source, SourceError};
 use crate::retry::RetryPolicy;
 
@@ -160,6 +160,14 @@ impl HttpSource {
     /// True when the image is empty.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The next piece of a response's body.
+    fn next_piece(
+        &self,
+        resp: &mut reqwest::Response,
+    ) -> Result<Option<bytes::Bytes>, SourceError> {
+        self.block_on(async { resp.chunk().await.map_err(|e| self.net_error(&e)) })
     }
 
     fn block_on<T>(
@@ -350,7 +358,7 @@ impl HttpSource {
         super::stream_exact(
             &self.name,
             len,
-            &mut || self.block_on(async { resp.chunk().await.map_err(|e| self.net_error(&e)) }),
+            &mut || self.next_piece(&mut resp),
             on_piece,
         )
     }
@@ -369,61 +377,6 @@ impl HttpSource {
             return Ok(());
         }
         self.fetch(offset, len, kind, timeout, on_piece)
-    }
-}
-
-impl HttpSource {
-    /// Several ranges in one request; see [`Source::read_ranges_within`].
-    fn ranged_many(
-        &self,
-        ranges: &[(u64, u64)],
-        kind: RequestKind,
-        timeout: Duration,
-        on_piece: &mut dyn FnMut(usize, &[u8]) -> ControlFlow<()>,
-    ) -> Result<(), SourceError> {
-        check_ranges(&self.name, ranges, self.len)?;
-        if !self.multi_range.wanted(ranges) {
-            return super::read_ranges_one_by_one(self, ranges, kind, timeout, on_piece);
-        }
-        let started = Instant::now();
-        trace!(ranges = ranges.len(), first = ranges[0].0, %kind, "http multi-range request");
-        let req = self
-            .client
-            .get(self.url.clone())
-            .header(RANGE, range_header(ranges))
-            .header(REQUEST_KIND_HEADER, kind.to_string())
-            .timeout(timeout);
-        let mut resp = self.block_on(async { req.send().await.map_err(|e| self.net_error(&e)) })?;
-        match resp.status().as_u16() {
-            206 => {}
-            200 => {
-                drop(resp);
-                self.multi_range.refused(&self.name);
-                let left = timeout.saturating_sub(started.elapsed());
-                return super::read_ranges_one_by_one(self, ranges, kind, left, on_piece);
-            }
-            status => return Err(self.multi_status(ranges, status)),
-        }
-        let headers = resp.headers().clone();
-        read_answer(
-            &self.name,
-            self.len,
-            ranges,
-            &headers,
-            &mut || self.block_on(async { resp.chunk().await.map_err(|e| self.net_error(&e)) }),
-            on_piece,
-        )
-    }
-
-    /// The error of a multi-range request answered with `status`.
-    fn multi_status(&self, ranges: &[(u64, u64)], status: u16) -> SourceError {
-        let last = ranges[ranges.len() - 1];
-        SourceError::Status {
-            source_name: self.name.clone(),
-            status,
-            offset: ranges[0].0,
-            end: last.0 + last.1,
-        }
     }
 }
 
@@ -465,6 +418,8 @@ impl Source for HttpSource {
         self.multi_range.per_request()
     }
 
+    /// Several ranges in one request (`multipart/byteranges`), or one at a time where the
+    /// server answered an earlier one with the whole file.
     fn read_ranges_within(
         &self,
         ranges: &[(u64, u64)],
@@ -472,7 +427,38 @@ impl Source for HttpSource {
         timeout: Duration,
         on_piece: &mut dyn FnMut(usize, &[u8]) -> ControlFlow<()>,
     ) -> Result<(), SourceError> {
-        self.ranged_many(ranges, kind, timeout, on_piece)
+        check_ranges(&self.name, ranges, self.len)?;
+        if !self.multi_range.wanted(ranges) {
+            return super::read_ranges_one_by_one(self, ranges, kind, timeout, on_piece);
+        }
+        let started = Instant::now();
+        trace!(ranges = ranges.len(), first = ranges[0].0, %kind, "http multi-range request");
+        let req = self
+            .client
+            .get(self.url.clone())
+            .header(RANGE, range_header(ranges))
+            .header(REQUEST_KIND_HEADER, kind.to_string())
+            .timeout(timeout);
+        let mut resp = self.block_on(async { req.send().await.map_err(|e| self.net_error(&e)) })?;
+        match resp.status().as_u16() {
+            206 => {}
+            200 => {
+                drop(resp);
+                self.multi_range.refused(&self.name);
+                let left = timeout.saturating_sub(started.elapsed());
+                return super::read_ranges_one_by_one(self, ranges, kind, left, on_piece);
+            }
+            status => return Err(status_error(&self.name, ranges, status)),
+        }
+        let headers = resp.headers().clone();
+        read_answer(
+            &self.name,
+            self.len,
+            ranges,
+            &headers,
+            &mut || self.next_piece(&mut resp),
+            on_piece,
+        )
     }
 }
 

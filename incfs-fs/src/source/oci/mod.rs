@@ -52,7 +52,7 @@ pub use push::{PushFiles, PushReport, push};
 pub use reference::{Reference, SCHEME, Target};
 
 use super::MAX_PREALLOC;
-use super::byteranges::{MultiRange, check_ranges, range_header, read_answer};
+use super::byteranges::{MultiRange, check_ranges, range_header, read_answer, status_error};
 use super::http::parse_content_range;
 use super::{HttpConfig, REQUEST_KIND_HEADER, RequestKind, Source, SourceError};
 
@@ -712,20 +712,26 @@ impl OciSource {
         timeout: Option<Duration>,
         on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
     ) -> Result<(), SourceError> {
-        let reg = &self.artifact.registry;
         let mut resp = self.block_on(self.start(offset, len, kind, timeout))?;
         super::stream_exact(
             &self.name,
             len,
-            &mut || {
-                self.block_on(async {
-                    resp.chunk()
-                        .await
-                        .map_err(|e| SourceError::from(reg.net_error(&self.name, e)))
-                })
-            },
+            &mut || self.next_piece(&mut resp),
             on_piece,
         )
+    }
+
+    /// The next piece of a response's body.
+    fn next_piece(
+        &self,
+        resp: &mut reqwest::Response,
+    ) -> Result<Option<bytes::Bytes>, SourceError> {
+        let reg = &self.artifact.registry;
+        self.block_on(async {
+            resp.chunk()
+                .await
+                .map_err(|e| SourceError::from(reg.net_error(&self.name, e)))
+        })
     }
 
     fn block_on<T>(
@@ -777,76 +783,6 @@ impl OciSource {
     }
 }
 
-impl OciSource {
-    /// Several ranges in one request; see [`Source::read_ranges_within`]. Ranges that touch
-    /// the image header are read one by one, so the header is checked ([`Self::fetch_checked`]).
-    fn ranged_many(
-        &self,
-        ranges: &[(u64, u64)],
-        kind: RequestKind,
-        timeout: Duration,
-        on_piece: &mut dyn FnMut(usize, &[u8]) -> ControlFlow<()>,
-    ) -> Result<(), SourceError> {
-        check_ranges(&self.name, ranges, self.len)?;
-        let header_len = crate::format::HEADER_LEN as u64;
-        if !self.multi_range.wanted(ranges) || ranges[0].0 < header_len {
-            return super::read_ranges_one_by_one(self, ranges, kind, timeout, on_piece);
-        }
-        let started = Instant::now();
-        trace!(ranges = ranges.len(), first = ranges[0].0, %kind, "registry multi-range request");
-        let req = Req::new(Method::GET, self.blob_url.clone(), Some(timeout))
-            .header(RANGE, &range_header(ranges))
-            .header(
-                reqwest::header::HeaderName::from_static(REQUEST_KIND_HEADER),
-                &kind.to_string(),
-            );
-        let reg = &self.artifact.registry;
-        let mut resp = self.block_on(async { Ok(reg.send(&req).await?) })?;
-        match resp.status() {
-            StatusCode::PARTIAL_CONTENT => {}
-            StatusCode::OK => {
-                drop(resp);
-                self.multi_range.refused(&self.name);
-                let left = timeout.saturating_sub(started.elapsed());
-                return super::read_ranges_one_by_one(self, ranges, kind, left, on_piece);
-            }
-            s if s == StatusCode::UNAUTHORIZED || s == StatusCode::FORBIDDEN => {
-                let name = &self.name;
-                return self.block_on(async move {
-                    Err(check_status(resp, name)
-                        .await
-                        .err()
-                        .map_or_else(|| SourceError::Unusable(name.clone()), Into::into))
-                });
-            }
-            s => {
-                let last = ranges[ranges.len() - 1];
-                return Err(SourceError::Status {
-                    source_name: self.name.clone(),
-                    status: s.as_u16(),
-                    offset: ranges[0].0,
-                    end: last.0 + last.1,
-                });
-            }
-        }
-        let headers = resp.headers().clone();
-        read_answer(
-            &self.name,
-            self.len,
-            ranges,
-            &headers,
-            &mut || {
-                self.block_on(async {
-                    resp.chunk()
-                        .await
-                        .map_err(|e| SourceError::from(reg.net_error(&self.name, e)))
-                })
-            },
-            on_piece,
-        )
-    }
-}
-
 impl Source for OciSource {
     fn read_range(&self, offset: u64, len: u64, kind: RequestKind) -> Result<Vec<u8>, SourceError> {
         super::collect_range(self, offset, len, kind, None)
@@ -885,6 +821,8 @@ impl Source for OciSource {
         self.multi_range.per_request()
     }
 
+    /// Several ranges in one request (`multipart/byteranges`). Ranges that touch
+    /// the image header are read one by one, so the header is checked ([`Self::fetch_checked`]).
     fn read_ranges_within(
         &self,
         ranges: &[(u64, u64)],
@@ -892,6 +830,48 @@ impl Source for OciSource {
         timeout: Duration,
         on_piece: &mut dyn FnMut(usize, &[u8]) -> ControlFlow<()>,
     ) -> Result<(), SourceError> {
-        self.ranged_many(ranges, kind, timeout, on_piece)
+        check_ranges(&self.name, ranges, self.len)?;
+        let header_len = crate::format::HEADER_LEN as u64;
+        if !self.multi_range.wanted(ranges) || ranges[0].0 < header_len {
+            return super::read_ranges_one_by_one(self, ranges, kind, timeout, on_piece);
+        }
+        let started = Instant::now();
+        trace!(ranges = ranges.len(), first = ranges[0].0, %kind, "registry multi-range request");
+        let req = Req::new(Method::GET, self.blob_url.clone(), Some(timeout))
+            .header(RANGE, &range_header(ranges))
+            .header(
+                reqwest::header::HeaderName::from_static(REQUEST_KIND_HEADER),
+                &kind.to_string(),
+            );
+        let reg = &self.artifact.registry;
+        let mut resp = self.block_on(async { Ok(reg.send(&req).await?) })?;
+        match resp.status() {
+            StatusCode::PARTIAL_CONTENT => {}
+            StatusCode::OK => {
+                drop(resp);
+                self.multi_range.refused(&self.name);
+                let left = timeout.saturating_sub(started.elapsed());
+                return super::read_ranges_one_by_one(self, ranges, kind, left, on_piece);
+            }
+            s if s == StatusCode::UNAUTHORIZED || s == StatusCode::FORBIDDEN => {
+                let name = &self.name;
+                return self.block_on(async move {
+                    Err(check_status(resp, name)
+                        .await
+                        .err()
+                        .map_or_else(|| SourceError::Unusable(name.clone()), Into::into))
+                });
+            }
+            s => return Err(status_error(&self.name, ranges, s.as_u16())),
+        }
+        let headers = resp.headers().clone();
+        read_answer(
+            &self.name,
+            self.len,
+            ranges,
+            &headers,
+            &mut || self.next_piece(&mut resp),
+            on_piece,
+        )
     }
 }
