@@ -271,35 +271,35 @@ impl Pusher {
     pub fn opened(&self, ino: u64) {
         let (pending, inline) = {
             let mut seen = self.seen.lock();
-            match seen.get(&ino) {
-                Some(p) => (Arc::clone(p), None),
-                None => {
-                    let spans = self.spans(ino);
-                    let p = Arc::new(Pending {
-                        left: Mutex::new(spans.len()),
-                        done: Condvar::new(),
-                    });
-                    seen.insert(ino, Arc::clone(&p));
-                    let mut jobs = spans.into_iter().map(|range| Job {
+            if let Some(p) = seen.get(&ino) {
+                (Arc::clone(p), None)
+            } else {
+                let spans = self.spans(ino);
+                let small = matches!(spans.as_slice(), [r] if r.end - r.start <= INLINE_BYTES);
+                let p = Arc::new(Pending {
+                    left: Mutex::new(spans.len()),
+                    done: Condvar::new(),
+                });
+                seen.insert(ino, Arc::clone(&p));
+                let mut jobs: Vec<Job> = spans
+                    .into_iter()
+                    .map(|range| Job {
                         ino,
                         range,
                         pending: Arc::clone(&p),
-                    });
-                    match (jobs.next(), jobs.next()) {
-                        (Some(job), None) if job.range.end - job.range.start <= INLINE_BYTES => {
-                            (p, Some(job))
-                        }
-                        (first, second) => {
-                            let tx = self.tx.lock();
-                            for job in first.into_iter().chain(second).chain(jobs) {
-                                // Not sent (stopped): dropped here, counted down.
-                                if let Some(tx) = &*tx {
-                                    let _ = tx.send(job);
-                                }
-                            }
-                            (p, None)
+                    })
+                    .collect();
+                if small {
+                    (p, jobs.pop())
+                } else {
+                    let tx = self.tx.lock();
+                    for job in jobs {
+                        // Not sent (stopped): dropped here, counted down.
+                        if let Some(tx) = &*tx {
+                            let _ = tx.send(job);
                         }
                     }
+                    (p, None)
                 }
             }
         };
