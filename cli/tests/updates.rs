@@ -2,7 +2,7 @@
 //! run` of v2 with v1 cached under the same `--cache` fetches only v2's new chunks.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn incfs(args: &[&str]) -> Output {
@@ -19,6 +19,15 @@ fn ok(out: Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// The trees of two versions and the directory served, made under `root`.
+fn version_dirs(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let dirs = (root.join("t1"), root.join("t2"), root.join("served"));
+    for d in [&dirs.0, &dirs.1, &dirs.2] {
+        fs::create_dir_all(d).unwrap();
+    }
+    dirs
 }
 
 /// `incfs run --no-fill` of `url` with `cache` running `cmd` (which names `{mnt}`): checks
@@ -158,14 +167,7 @@ fn a_run_of_v2_with_v1_cached_fetches_only_the_new_chunks() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let (t1, t2, served) = (
-        tmp.path().join("t1"),
-        tmp.path().join("t2"),
-        tmp.path().join("served"),
-    );
-    for d in [&t1, &t2, &served] {
-        fs::create_dir_all(d).unwrap();
-    }
+    let (t1, t2, served) = version_dirs(tmp.path());
     let lib = bytes(64 * 4096, 11);
     let mut lib2 = lib.clone();
     lib2[10 * 4096..12 * 4096].copy_from_slice(&bytes(2 * 4096, 12));
@@ -242,14 +244,7 @@ fn a_relayout_on_its_base_publishes_deltas_that_a_run_with_the_base_cached_uses(
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let (t1, t2, served) = (
-        tmp.path().join("t1"),
-        tmp.path().join("t2"),
-        tmp.path().join("served"),
-    );
-    for d in [&t1, &t2, &served] {
-        fs::create_dir_all(d).unwrap();
-    }
+    let (t1, t2, served) = version_dirs(tmp.path());
     // A rebuilt library: 100 bytes inserted near the start shift every later chunk.
     let lib = bytes(64 * 4096, 21);
     let mut lib2 = lib.clone();

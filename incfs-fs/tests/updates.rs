@@ -344,6 +344,17 @@ fn an_update_laid_out_on_its_base_keeps_shared_and_new_chunks_in_separate_frames
     fs2.shutdown().unwrap();
 }
 
+/// Packs trees `t1` and `t2` (default options) into `dir`'s `v1.img` and `v2.img`; opens both.
+fn pack_versions(t1: &Path, t2: &Path, dir: &Path) -> (Image<fs::File>, Image<fs::File>) {
+    let (v1, v2) = (dir.join("v1.img"), dir.join("v2.img"));
+    pack_dir(t1, &v1, &PackOptions::default(), &()).unwrap();
+    pack_dir(t2, &v2, &PackOptions::default(), &()).unwrap();
+    (
+        Image::open_path(&v1, None).unwrap(),
+        Image::open_path(&v2, None).unwrap(),
+    )
+}
+
 #[test]
 fn a_planned_chunk_that_moved_to_another_file_is_found_by_its_digest() {
     let tmp = tempfile::tempdir().unwrap();
@@ -355,13 +366,7 @@ fn a_planned_chunk_that_moved_to_another_file_is_found_by_its_digest() {
     let mut other = common::noise(CHUNK, 22);
     other.extend_from_slice(&x);
     fs::write(t2.join("zz/other.dat"), &other).unwrap();
-    let (v1, v2) = (tmp.path().join("v1.img"), tmp.path().join("v2.img"));
-    pack_dir(&t1, &v1, &PackOptions::default(), &()).unwrap();
-    pack_dir(&t2, &v2, &PackOptions::default(), &()).unwrap();
-    let (old, new) = (
-        Image::open_path(&v1, None).unwrap(),
-        Image::open_path(&v2, None).unwrap(),
-    );
+    let (old, new) = pack_versions(&t1, &t2, tmp.path());
     let plan = PrefetchPlan {
         version: PLAN_VERSION,
         image_digest: old.root_digest().to_hex(),
@@ -402,13 +407,8 @@ fn a_rebuilt_files_shifted_chunks_come_as_deltas_against_the_cached_old_version(
     new_lib[200_000] ^= 1;
     fs::write(t1.join("lib.so"), &old_lib).unwrap();
     fs::write(t2.join("lib.so"), &new_lib).unwrap();
+    let (old, new) = pack_versions(&t1, &t2, tmp.path());
     let (v1, v2) = (tmp.path().join("v1.img"), tmp.path().join("v2.img"));
-    pack_dir(&t1, &v1, &PackOptions::default(), &()).unwrap();
-    pack_dir(&t2, &v2, &PackOptions::default(), &()).unwrap();
-    let (old, new) = (
-        Image::open_path(&v1, None).unwrap(),
-        Image::open_path(&v2, None).unwrap(),
-    );
     let d = diff(&old, &new);
     assert!(d.total.new_chunks() >= 55, "{:?}", d.total);
     let sidecar = tmp.path().join("v2.img.delta");
