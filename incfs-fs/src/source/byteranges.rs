@@ -345,11 +345,22 @@ impl MultiRange {
         ranges.len() > 1 && self.per_request() > 1
     }
 
-    /// The server answered a multi-range request with the whole file: ranges one at a time
-    /// from now on.
-    pub(super) fn refused(&self, source_name: &str) {
+    /// The server answered a multi-range request of `source` (sent at `started`) with the
+    /// whole file, which the caller has dropped unread: ranges one at a time from now on,
+    /// starting with these, within what is left of `timeout`.
+    pub(super) fn refused<S: super::Source + ?Sized>(
+        &self,
+        source: &S,
+        ranges: &[(u64, u64)],
+        kind: super::RequestKind,
+        timeout: std::time::Duration,
+        started: std::time::Instant,
+        on_piece: &mut dyn FnMut(usize, &[u8]) -> ControlFlow<()>,
+    ) -> Result<(), super::SourceError> {
         self.0.store(false, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(source = %source_name, "the server answers multi-range requests with the whole file; asking for one range at a time");
+        tracing::info!(source = %source.describe(), "the server answers multi-range requests with the whole file; asking for one range at a time");
+        let left = timeout.saturating_sub(started.elapsed());
+        super::read_ranges_one_by_one(source, ranges, kind, left, on_piece)
     }
 }
 

@@ -444,9 +444,9 @@ impl Source for HttpSource {
             206 => {}
             200 => {
                 drop(resp);
-                self.multi_range.refused(&self.name);
-                let left = timeout.saturating_sub(started.elapsed());
-                return super::read_ranges_one_by_one(self, ranges, kind, left, on_piece);
+                return self
+                    .multi_range
+                    .refused(self, ranges, kind, timeout, started, on_piece);
             }
             status => return Err(status_error(&self.name, ranges, status)),
         }

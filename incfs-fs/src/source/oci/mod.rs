@@ -849,9 +849,9 @@ impl Source for OciSource {
             StatusCode::PARTIAL_CONTENT => {}
             StatusCode::OK => {
                 drop(resp);
-                self.multi_range.refused(&self.name);
-                let left = timeout.saturating_sub(started.elapsed());
-                return super::read_ranges_one_by_one(self, ranges, kind, left, on_piece);
+                return self
+                    .multi_range
+                    .refused(self, ranges, kind, timeout, started, on_piece);
             }
             s if s == StatusCode::UNAUTHORIZED || s == StatusCode::FORBIDDEN => {
                 let name = &self.name;
