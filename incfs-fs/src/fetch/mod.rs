@@ -823,13 +823,10 @@ impl Inner {
         };
         let (mut batch, mut bytes) = self.pick_run(st, p, limit)?;
         if p == Priority::Prefetch {
-            let max_runs = self
-                .config
-                .ranges_per_request
-                .min(self.source.ranges_per_request());
+            let max_runs = self.runs_per_request();
             let mut runs = 1;
             while runs < max_runs && bytes < self.config.multi_range_bytes {
-                let Some((more, n)) = self.pick_run(st, p, limit - bytes.min(limit)) else {
+                let Some((more, n)) = self.pick_run(st, p, limit.saturating_sub(bytes)) else {
                     break;
                 };
                 batch.extend(more);
@@ -840,9 +837,23 @@ impl Inner {
         Some(batch)
     }
 
+    /// Runs one request may carry: what the configuration allows and the source takes.
+    fn runs_per_request(&self) -> usize {
+        self.config
+            .ranges_per_request
+            .min(self.source.ranges_per_request())
+    }
+
     /// One run of [`Inner::pick_chunks`]: the next queued slot at `p` and what follows it,
     /// up to `limit` stored bytes; with its stored bytes.
     fn pick_run(&self, st: &mut State, p: Priority, limit: u64) -> Option<(Vec<u64>, u64)> {
+        // Runs share requests where the source allows it; bridging gaps only pays for a
+        // round trip elsewhere.
+        let bridge_gap = if self.runs_per_request() > 1 {
+            0
+        } else {
+            self.config.bridge_gap_bytes
+        };
         while let Some(first) = st.queues[p as usize].pop_front() {
             let amplify = match st.slots.get(&first) {
                 Some(SlotState::Queued(q, a)) if *q == p => *a,
@@ -880,14 +891,6 @@ impl Inner {
                     .get(s)
                     .is_some_and(|e| self.cache.sibling_holds(&e))
             };
-            // Runs share requests where the source allows it; bridging gaps only pays for
-            // a round trip elsewhere.
-            let bridge_gap =
-                if self.source.ranges_per_request() > 1 && self.config.ranges_per_request > 1 {
-                    0
-                } else {
-                    self.config.bridge_gap_bytes
-                };
             let mut at = first_entry.stored_offset;
             let mut bytes = 0u64;
             loop {
@@ -1065,11 +1068,7 @@ impl Inner {
             // In stored order, so runs that touch are one range and the ranges ascend.
             remaining.sort_by_key(|s| (self.table.get(*s).map(|e| e.stored_offset), *s));
             let runs = contiguous_runs(&self.table, &remaining);
-            let group = self
-                .config
-                .ranges_per_request
-                .min(self.source.ranges_per_request())
-                .max(1);
+            let group = self.runs_per_request().max(1);
             for runs in runs.chunks(group) {
                 let (not_done, error) = self.fetch_runs(runs, priority, policy.timeout());
                 if let Some((why, retryable)) = error {
