@@ -282,11 +282,6 @@ impl SiblingChunks {
         self.file(dir, inode)
     }
 
-    /// True when the image with root digest `root` is among the siblings scanned.
-    pub fn has_image(&self, root: &Digest) -> bool {
-        self.roots.contains(root)
-    }
-
     fn file(&self, dir: u32, inode: u32) -> Option<Arc<File>> {
         let mut open = self.open.lock();
         if let Some(f) = open.get(&(dir, inode)) {

@@ -107,13 +107,13 @@ pub fn fetch(
         RequestKind::Prefetch,
         timeout,
     )?;
-    let index = parse_index(&header, &index).map_err(|e| unusable(e.to_string()))?;
-    let by_slot = index.entries.iter().map(|e| (e.slot, *e)).collect();
+    let entries = parse_index(&index, index_len).map_err(|e| unusable(e.to_string()))?;
+    let by_slot = entries.iter().map(|e| (e.slot, *e)).collect();
     let deltas = Deltas {
         source: src,
         base_root,
         by_slot,
-        data_start: index.data_start,
+        data_start: DELTA_HEADER_LEN + index_len,
     };
     Ok(Some((deltas, for_image)))
 }

@@ -64,19 +64,6 @@ pub struct DeltaEntry {
     pub data_len: u32,
 }
 
-/// A sidecar's header and index.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeltaIndex {
-    /// Root digest of the image the windows are taken from.
-    pub base_root: Digest,
-    /// Root digest of the image the deltas rebuild chunks of.
-    pub image_root: Digest,
-    /// The entries, in the order of their data.
-    pub entries: Vec<DeltaEntry>,
-    /// Offset in the sidecar where the deltas start.
-    pub data_start: u64,
-}
-
 /// The changed chunks of one file that have a delta worth it (data offsets still 0), and
 /// how many changed chunks it has.
 type FileDeltas = (u64, Vec<(DeltaEntry, Vec<u8>)>);
@@ -117,10 +104,10 @@ pub fn parse_header(b: &[u8]) -> Result<(Digest, Digest, u64), FormatError> {
     Ok((digest(8..40)?, digest(40..72)?, len))
 }
 
-/// Parses an index of `index` bytes after `header`'s [`parse_header`]; entries that name
+/// Parses an index whose header ([`parse_header`]) gave its length `len`; the entries are in
+/// the order of their data, which starts at `DELTA_HEADER_LEN + len`. Entries that name
 /// windows larger than [`MAX_WINDOW`] or deltas beyond 64 KiB are refused.
-pub fn parse_index(header: &[u8], index: &[u8]) -> Result<DeltaIndex, FormatError> {
-    let (base_root, image_root, len) = parse_header(header)?;
+pub fn parse_index(index: &[u8], len: u64) -> Result<Vec<DeltaEntry>, FormatError> {
     if index.len() as u64 != len {
         return Err(FormatError::DeltaInvalid(format!(
             "index of {} bytes, the header says {len}",
@@ -143,12 +130,7 @@ pub fn parse_index(header: &[u8], index: &[u8]) -> Result<DeltaIndex, FormatErro
             e.slot, e.window_len, e.data_len
         )));
     }
-    Ok(DeltaIndex {
-        base_root,
-        image_root,
-        entries,
-        data_start: DELTA_HEADER_LEN + len,
-    })
+    Ok(entries)
 }
 
 /// Decodes a delta against its window into at most `raw_len` bytes (not checked against any
@@ -433,10 +415,7 @@ mod tests {
         h.extend([0u8; 64]);
         h.extend((MAX_INDEX_BYTES + 1).to_le_bytes());
         assert!(parse_header(&h).unwrap_err().to_string().contains("larger"));
-        let mut h = DELTA_MAGIC.to_vec();
-        h.extend([0u8; 64]);
-        h.extend(3u64.to_le_bytes());
-        assert!(parse_index(&h, b"abcd").is_err());
+        assert!(parse_index(b"abcd", 3).is_err());
         let bad = postcard::to_allocvec(&vec![DeltaEntry {
             slot: 1,
             base_inode: 0,
@@ -446,10 +425,7 @@ mod tests {
             data_len: 10,
         }])
         .unwrap();
-        let mut h = DELTA_MAGIC.to_vec();
-        h.extend([0u8; 64]);
-        h.extend((bad.len() as u64).to_le_bytes());
-        assert!(parse_index(&h, &bad).is_err());
+        assert!(parse_index(&bad, bad.len() as u64).is_err());
         let far = postcard::to_allocvec(&vec![DeltaEntry {
             slot: 1,
             base_inode: 0,
@@ -459,9 +435,6 @@ mod tests {
             data_len: 10,
         }])
         .unwrap();
-        let mut h = DELTA_MAGIC.to_vec();
-        h.extend([0u8; 64]);
-        h.extend((far.len() as u64).to_le_bytes());
-        assert!(parse_index(&h, &far).is_err());
+        assert!(parse_index(&far, far.len() as u64).is_err());
     }
 }
