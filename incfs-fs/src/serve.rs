@@ -755,7 +755,7 @@ impl Produce {
             if !head.is_empty() && tx.send(Ok(head)).await.is_err() {
                 return;
             }
-            let part_end = sent + part_len;
+            let (part_start, part_end) = (sent, sent + part_len);
             while sent < stop.min(part_end) {
                 let mut n = piece.min(stop.min(part_end) - sent);
                 if let Some(f) = fault
@@ -788,7 +788,7 @@ impl Produce {
                         tokio::time::sleep(wait).await;
                     }
                 }
-                let offset = start + (sent + part_len - part_end);
+                let offset = start + (sent - part_start);
                 let read = {
                     let file = file.clone();
                     tokio::task::spawn_blocking(move || {

@@ -411,9 +411,7 @@ impl ChunkCache {
             let _ = std::thread::Builder::new()
                 .name("incfs-siblings".into())
                 .spawn(move || {
-                    bg.siblings.get_or_init(|| {
-                        SiblingChunks::scan(&bg.cache_dir, &bg.root, bg.chunk_size as u32)
-                    });
+                    bg.siblings();
                 });
         }
         Ok(ChunkCache {
@@ -500,10 +498,7 @@ impl ChunkCache {
         if sh.is_local(slot) {
             return true;
         }
-        let siblings = sh
-            .siblings
-            .get_or_init(|| SiblingChunks::scan(&sh.cache_dir, &sh.root, sh.chunk_size as u32));
-        let Some(data) = siblings.read(entry) else {
+        let Some(data) = sh.siblings().read(entry) else {
             return false;
         };
         match self.store(slot, &data) {
@@ -536,17 +531,13 @@ impl ChunkCache {
         offset: u64,
         len: u32,
     ) -> Option<Vec<u8>> {
-        let sh = &self.shared;
-        sh.siblings
-            .get_or_init(|| SiblingChunks::scan(&sh.cache_dir, &sh.root, sh.chunk_size as u32))
-            .window(root, inode, offset, len)
+        self.shared.siblings().window(root, inode, offset, len)
     }
 
     /// [`SiblingChunks::prepare_window`] of a sibling image's file.
     pub fn prepare_sibling_window(&self, root: &Digest, inode: u32, offset: u64, len: u32) -> bool {
-        let sh = &self.shared;
-        sh.siblings
-            .get_or_init(|| SiblingChunks::scan(&sh.cache_dir, &sh.root, sh.chunk_size as u32))
+        self.shared
+            .siblings()
             .prepare_window(root, inode, offset, len)
     }
 
@@ -648,6 +639,14 @@ impl ChunkCache {
 }
 
 impl Shared {
+    /// The index of the chunks other images' caches under this cache directory hold, built
+    /// at the first call.
+    fn siblings(&self) -> &SiblingChunks {
+        self.siblings.get_or_init(|| {
+            SiblingChunks::scan(&self.cache_dir, &self.root, self.chunk_size as u32)
+        })
+    }
+
     fn is_local(&self, slot: u64) -> bool {
         self.local
             .get((slot / 64) as usize)
