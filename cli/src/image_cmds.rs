@@ -164,17 +164,19 @@ fn print_deltas(path: &std::path::Path, d: &DeltaSummary) {
 }
 
 impl HotArgs {
-    /// With `--base`: the base image's chunk digests, and the deltas of `image`'s chunks the
-    /// base lacks, computed once for the layout and the sidecar.
-    fn update(&self, image: &std::path::Path) -> anyhow::Result<Update> {
+    /// With `--base`: the base image's chunk digests, and the deltas of the chunks of `new`
+    /// (opened from `image`) the base lacks, computed once for the layout and the sidecar.
+    fn update(
+        &self,
+        new: &Image<std::fs::File>,
+        image: &std::path::Path,
+    ) -> anyhow::Result<Update> {
         let Some(base) = &self.base else {
             return Ok(Update::default());
         };
         let old = Image::open_path(base, None)
             .with_context(|| format!("opening the --base image {}", base.display()))?;
-        let new = Image::open_path(image, None)
-            .with_context(|| format!("opening {}", image.display()))?;
-        let deltas = ChunkDeltas::compute(&old, &new).with_context(|| {
+        let deltas = ChunkDeltas::compute(&old, new).with_context(|| {
             format!(
                 "finding the deltas of {} against {}",
                 image.display(),
@@ -289,15 +291,8 @@ pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
     let mut hot = None;
     let mut deltas = None;
     if let Some(tmp) = &unordered {
-        let update = a.hot.update(tmp)?;
-        let (r, plan_out) = order_image(
-            tmp,
-            &a.order,
-            &a.output,
-            a.plan_out.clone(),
-            &a.hot.options()?,
-            (&update.base, &update.delta_digests()),
-        )?;
+        let (r, plan_out, update) =
+            order_image(tmp, &a.order, &a.output, a.plan_out.clone(), &a.hot)?;
         s.root_digest = r.root_digest;
         s.image_bytes = r.image_bytes;
         hot = Some((r, plan_out));
@@ -625,15 +620,15 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
 
 /// Relays the freshly packed image `packed` out hot-first into `output`, in the order of
 /// `order` (a plan for an image of the same tree and chunk size, or planner inputs), and
-/// writes the plan for the new image; returns what relayout did and where the plan went.
+/// writes the plan for the new image; returns what relayout did, where the plan went, and
+/// what `--base` asked of it (the deltas, for the sidecar).
 fn order_image(
     packed: &std::path::Path,
     order: &[PathBuf],
     output: &std::path::Path,
     plan_out: Option<PathBuf>,
-    hot_opts: &RelayoutOptions,
-    (base, deltas): (&HashSet<Digest>, &HashSet<Digest>),
-) -> anyhow::Result<(RelayoutSummary, PathBuf)> {
+    hot_args: &HotArgs,
+) -> anyhow::Result<(RelayoutSummary, PathBuf, Update)> {
     let img = Image::open_path(packed, None)
         .with_context(|| format!("opening the packed image {}", packed.display()))?;
     let is_plan = |p: &PathBuf| p.extension().is_some_and(|e| e == "json");
@@ -664,15 +659,23 @@ fn order_image(
         }
     };
     let hot = plan.slots(&named, img.manifest())?;
-    let r = relayout_for_update(&img, &hot, base, deltas, output, hot_opts)
-        .with_context(|| format!("writing {} hot-first", output.display()))?;
+    let update = hot_args.update(&img, packed)?;
+    let r = relayout_for_update(
+        &img,
+        &hot,
+        &update.base,
+        &update.delta_digests(),
+        output,
+        &hot_args.options()?,
+    )
+    .with_context(|| format!("writing {} hot-first", output.display()))?;
     let plan_out = plan_out.unwrap_or_else(|| {
         let mut p = output.to_path_buf().into_os_string();
         p.push(".plan.json");
         PathBuf::from(p)
     });
     plan.rebind(&r.root_digest).save(&plan_out)?;
-    Ok((r, plan_out))
+    Ok((r, plan_out, update))
 }
 
 pub fn relayout(a: RelayoutArgs) -> anyhow::Result<ExitCode> {
@@ -681,7 +684,7 @@ pub fn relayout(a: RelayoutArgs) -> anyhow::Result<ExitCode> {
     let plan = PrefetchPlan::load(&a.plan)?;
     plan.check_image(&a.plan, &img.root_digest())?;
     let hot = plan.slots(&a.plan, img.manifest())?;
-    let update = a.hot.update(&a.image)?;
+    let update = a.hot.update(&img, &a.image)?;
     let s = relayout_for_update(
         &img,
         &hot,
