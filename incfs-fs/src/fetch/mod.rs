@@ -1252,21 +1252,13 @@ impl Inner {
                 return false;
             }
         };
-        match self.cache.store(slot, &raw) {
-            Ok(()) => {
-                self.delta_chunks.fetch_add(1, Ordering::Relaxed);
-                self.delta_bytes
-                    .fetch_add(delta.len() as u64, Ordering::Relaxed);
-                if let Some(w) = self.fetched.get((slot / 64) as usize) {
-                    w.fetch_or(1 << (slot % 64), Ordering::Relaxed);
-                }
-                true
-            }
-            Err(err) => {
-                tracing::error!(slot, error = %err, "storing a chunk rebuilt from its delta failed");
-                false
-            }
+        if self.store_verified(slot, &raw).is_err() {
+            return false;
         }
+        self.delta_chunks.fetch_add(1, Ordering::Relaxed);
+        self.delta_bytes
+            .fetch_add(delta.len() as u64, Ordering::Relaxed);
+        true
     }
 
     /// One request for `runs` (ascending, apart; one range each, several in one request
@@ -1366,25 +1358,29 @@ impl Inner {
     /// not verify are dropped here and never reach the cache.
     fn verify_store(&self, slot: u64, e: &ChunkEntry, frame: &[u8]) -> Result<(), String> {
         match chunk_of_frame(slot, e, frame) {
-            Ok(raw) => match self.cache.store(slot, &raw) {
-                Ok(()) => {
-                    self.chunks_fetched.fetch_add(1, Ordering::Relaxed);
-                    if let Some(w) = self.fetched.get((slot / 64) as usize) {
-                        w.fetch_or(1 << (slot % 64), Ordering::Relaxed);
-                    }
-                    Ok(())
-                }
-                Err(err) => {
-                    tracing::error!(slot, error = %err, "storing a verified chunk failed");
-                    Err(err.to_string())
-                }
-            },
+            Ok(raw) => {
+                self.store_verified(slot, &raw)?;
+                self.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
             Err(err) => {
                 self.fetch_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(slot, source = %self.source.describe(), error = %err, "chunk did not verify; not using its bytes");
                 Err(err.to_string())
             }
         }
+    }
+
+    /// Stores the verified bytes of `slot` and marks it fetched by this mount.
+    fn store_verified(&self, slot: u64, raw: &[u8]) -> Result<(), String> {
+        if let Err(err) = self.cache.store(slot, raw) {
+            tracing::error!(slot, error = %err, "storing a verified chunk failed");
+            return Err(err.to_string());
+        }
+        if let Some(w) = self.fetched.get((slot / 64) as usize) {
+            w.fetch_or(1 << (slot % 64), Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Marks stored slots finished and answers the waiters that have all they need.
