@@ -53,19 +53,19 @@ pub fn published(
     retry: &crate::retry::RetryPolicy,
 ) -> Result<Option<Published>, crate::source::SourceError> {
     use crate::source::{self, RequestKind, SourceError};
-    let mut retry = *retry;
-    retry.deadline = retry.deadline.min(PUBLISHED_PLAN_DEADLINE);
-    let retry = &retry;
-    if source::oci::is_oci(source_spec) {
+    let beside = source::open_beside(
+        source_spec,
+        PUBLISHED_SUFFIX,
+        retry,
+        PUBLISHED_PLAN_DEADLINE,
+    )?;
+    let Some(source::Beside {
+        spec, source: src, ..
+    }) = beside
+    else {
         return Ok(None);
-    }
-    let spec = format!("{source_spec}{PUBLISHED_SUFFIX}");
-    let absent = source::is_absent;
-    let src = match source::open_for(&spec, retry) {
-        Ok(s) => s,
-        Err(e) if absent(&e) => return Ok(None),
-        Err(e) => return Err(e),
     };
+    let absent = source::is_absent;
     let len = match src.total_len() {
         Ok(l) => l,
         Err(e) if absent(&e) => return Ok(None),

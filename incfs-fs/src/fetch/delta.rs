@@ -70,16 +70,16 @@ pub fn fetch(
     cache_dir: &Path,
     retry: &RetryPolicy,
 ) -> Result<Option<(Deltas, Digest)>, SourceError> {
-    if source::oci::is_oci(source_spec) || !holds_any_image(cache_dir) {
+    if !holds_any_image(cache_dir) {
         return Ok(None);
     }
-    let mut retry = *retry;
-    retry.deadline = retry.deadline.min(SIDECAR_DEADLINE);
-    let spec = format!("{source_spec}{DELTA_SUFFIX}");
-    let src = match source::open_for(&spec, &retry) {
-        Ok(s) => s,
-        Err(e) if source::is_absent(&e) => return Ok(None),
-        Err(e) => return Err(e),
+    let Some(source::Beside {
+        spec,
+        source: src,
+        retry,
+    }) = source::open_beside(source_spec, DELTA_SUFFIX, retry, SIDECAR_DEADLINE)?
+    else {
+        return Ok(None);
     };
     let unusable = |why: String| SourceError::Unusable(format!("{spec}: {why}"));
     let timeout = retry.attempt_timeout();

@@ -483,6 +483,42 @@ pub fn open_for(spec: &str, retry: &RetryPolicy) -> Result<Arc<dyn Source>, Sour
     open_with(spec, &HttpConfig::for_policy(retry))
 }
 
+/// A file published beside an image ([`open_beside`]).
+pub struct Beside {
+    /// Its spec: the image's with the suffix.
+    pub spec: String,
+    /// The open source.
+    pub source: Arc<dyn Source>,
+    /// The policy it was opened with (the caller's, its deadline capped).
+    pub retry: RetryPolicy,
+}
+
+/// Opens the file published beside the image at `image_spec`, named with `suffix` (a plan,
+/// a delta sidecar), within `retry` but at most `deadline`. `Ok(None)` when there is none
+/// there, and for `oci://` images (whose companions are layers of the artifact).
+pub fn open_beside(
+    image_spec: &str,
+    suffix: &str,
+    retry: &RetryPolicy,
+    deadline: Duration,
+) -> Result<Option<Beside>, SourceError> {
+    if oci::is_oci(image_spec) {
+        return Ok(None);
+    }
+    let mut retry = *retry;
+    retry.deadline = retry.deadline.min(deadline);
+    let spec = format!("{image_spec}{suffix}");
+    match open_for(&spec, &retry) {
+        Ok(source) => Ok(Some(Beside {
+            spec,
+            source,
+            retry,
+        })),
+        Err(e) if is_absent(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Like [`open`], with `http` for an HTTP(S) URL or a registry.
 pub fn open_with(spec: &str, http: &HttpConfig) -> Result<Arc<dyn Source>, SourceError> {
     if let Some(path) = spec.strip_prefix("file://") {
