@@ -147,9 +147,10 @@ pub fn chunk(data: &[u8]) {
         raw_len,
         frame_offset,
         frame_len,
+        dictionary: 0,
         digest,
     };
-    match decode_chunk(7, &entry, stored) {
+    match decode_chunk(7, &entry, stored, None) {
         Ok(raw) => {
             assert_eq!(raw.len(), raw_len as usize);
             assert!(
@@ -188,6 +189,7 @@ fn plan_manifest() -> Manifest {
         data_len: 16384,
         segment_digests: vec![Digest([0; 32])],
         table_order: Vec::new(),
+        dictionaries: Vec::new(),
         inodes: vec![
             inode(InodeKind::Dir {
                 entries: vec![entry(b"a", 1), entry(b"dir", 2), entry(b"e", 4)],

@@ -28,14 +28,19 @@ pub struct PackArgs {
     /// Chunk size: a power of two from 4K to 1M (suffixes K, M).
     #[arg(long, value_parser = parse_size, default_value = "4K")]
     chunk_size: u64,
-    /// zstd level for chunks, 1..=22.
-    #[arg(long, default_value_t = 3)]
+    /// zstd level for chunks, 1..=22. The default, 15, packs clang-22's 218 MB in ~17 s on
+    /// two cores (level 3: 2 s, 13 % larger; 19: 31 s, 0.3 % smaller).
+    #[arg(long, default_value_t = 15)]
     level: i32,
     /// Compress consecutive chunks together in frames of this many raw bytes (at most 4M;
     /// the chunk size or less: one chunk per frame). A read of a chunk fetches its frame.
     /// With --order, the chunks the plan leaves out are stored one per frame again.
     #[arg(long, value_parser = parse_size, default_value = "0")]
     cold_frame_size: u64,
+    /// Compress every chunk alone, without the zstd dictionaries `pack` trains for groups of
+    /// similar chunks (each large ELF section; the files of one extension).
+    #[arg(long)]
+    no_dictionaries: bool,
     /// Store hot chunks first: a prefetch plan (`.json`, made for an image of this tree at
     /// this chunk size), or traces / read-logs of the program to plan from (as `incfs plan`
     /// does with its defaults). The planned chunks lead the data section in plan order,
@@ -259,6 +264,7 @@ pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
         chunk_size: u32::try_from(a.chunk_size).unwrap_or(u32::MAX),
         level: a.level,
         frame_bytes: u32::try_from(a.cold_frame_size).unwrap_or(u32::MAX),
+        dictionaries: !a.no_dictionaries,
     };
     if a.hot.base.is_some() && a.order.is_empty() {
         anyhow::bail!(

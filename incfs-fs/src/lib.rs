@@ -14,6 +14,7 @@
 //! `MockSource`, `FailingSource`, `ThrottledSource`, and `link`).
 
 pub mod cache;
+pub mod elf;
 pub mod fetch;
 pub mod format;
 pub mod fs;

@@ -97,6 +97,7 @@ fn rig(bytes: Vec<u8>) -> Rig {
     let fetcher = Fetcher::new(
         dyn_source,
         header.data_offset,
+        &manifest.dictionaries,
         Arc::clone(&table),
         cache,
         FetchConfig::default(),

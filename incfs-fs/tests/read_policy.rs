@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::sync::mpsc::TryRecvError;
 use std::time::{Duration, Instant};
 
+use incfs_fs::elf;
 use incfs_fs::fetch::fill::FillConfig;
-use incfs_fs::fetch::{FetchConfig, Priority, elf};
+use incfs_fs::fetch::{FetchConfig, Priority};
 use incfs_fs::format::{Header, Image, PackOptions, pack_dir};
 use incfs_fs::fs::{FsConfig, IncFs};
 use incfs_fs::link::LinkConfig;

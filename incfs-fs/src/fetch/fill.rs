@@ -139,7 +139,11 @@ fn run(s: &Shared, fetcher: &Fetcher, config: &FillConfig) {
     let table = Arc::clone(fetcher.table());
     let cache = fetcher.cache();
     let stopped = || s.stop.load(Ordering::Acquire) || fetcher.is_shut_down();
-    // The table first, a few segments per request, so the fill knows the stored order.
+    // The dictionaries first: every frame of their groups needs one.
+    if let Err(e) = fetcher.load_all_dictionaries() {
+        tracing::warn!(error = %e, "background fill: loading the dictionaries failed; chunks will load them");
+    }
+    // The table next, a few segments per request, so the fill knows the stored order.
     let step = (SEGMENT_ENTRIES * 16) as u64;
     let mut from = 0u64;
     let mut pause = Duration::from_millis(100);

@@ -41,7 +41,6 @@
 //! a worker that panics fails its slots instead of leaving them in flight.
 
 pub mod delta;
-pub mod elf;
 pub mod fill;
 pub mod readahead;
 
@@ -56,9 +55,9 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::cache::ChunkCache;
-use crate::format::{ChunkEntry, chunk_of_frame, decode_frame};
+use crate::format::{ChunkEntry, Dictionaries, Dictionary, chunk_of_frame, decode_frame};
 use crate::retry::RetryPolicy;
-use crate::source::{RequestKind, Source};
+use crate::source::{RequestKind, Source, read_within};
 use crate::table::LazyTable;
 
 pub use readahead::{ReadAhead, ReadAheadConfig};
@@ -313,6 +312,9 @@ struct Inner {
     /// Stored offset of the latest demand request, plus one (0: none yet): where the
     /// program reads now, which the background fill follows.
     last_demand: AtomicU64,
+    /// The image's zstd dictionaries, each fetched once before the first frame that needs
+    /// it is decoded.
+    dictionaries: Dictionaries,
     /// Deltas against an image the cache holds, once fetched ([`delta`]).
     deltas: std::sync::OnceLock<delta::Deltas>,
     delta_chunks: AtomicU64,
@@ -327,10 +329,12 @@ pub struct Fetcher {
 
 impl Fetcher {
     /// Starts a scheduler that reads chunks of `table` (whose data section starts at
-    /// `data_offset`) from `source` into `cache`.
+    /// `data_offset`, and whose frames may name the zstd `dictionaries` the manifest lists)
+    /// from `source` into `cache`.
     pub fn new(
         source: Arc<dyn Source>,
         data_offset: u64,
+        dictionaries: &[Dictionary],
         table: Arc<LazyTable>,
         cache: ChunkCache,
         config: FetchConfig,
@@ -356,6 +360,7 @@ impl Fetcher {
             reads_timed_out: AtomicU64::new(0),
             fetched: (0..words).map(|_| AtomicU64::new(0)).collect(),
             last_demand: AtomicU64::new(0),
+            dictionaries: Dictionaries::new(dictionaries),
             deltas: std::sync::OnceLock::new(),
             delta_chunks: AtomicU64::new(0),
             delta_bytes: AtomicU64::new(0),
@@ -376,6 +381,27 @@ impl Fetcher {
                 .spawn(move || timer.deadlines())?,
         );
         Ok(Fetcher { inner, threads })
+    }
+
+    /// Fetches every dictionary of the image that is not loaded yet, at background priority,
+    /// retrying like a chunk: the fill does so first, so that a start without a plan does not
+    /// wait for a dictionary at its first miss in each group.
+    pub fn load_all_dictionaries(&self) -> Result<(), String> {
+        let numbers: Vec<u8> = (1..=self.inner.dictionaries.len() as u8).collect();
+        let mut policy = self.inner.config.retry().begin();
+        loop {
+            match self.inner.load_dictionary_numbers(
+                &numbers,
+                Priority::Background,
+                policy.timeout(),
+            ) {
+                Ok(()) => return Ok(()),
+                Err((_, why)) => match policy.next_pause() {
+                    Some(p) if !self.is_shut_down() => std::thread::sleep(p),
+                    _ => return Err(why),
+                },
+            }
+        }
     }
 
     /// Queues the slots that are not local at `priority` (raising the priority of slots
@@ -1067,7 +1093,22 @@ impl Inner {
             let mut last_error = String::new();
             // In stored order, so runs that touch are one range and the ranges ascend.
             remaining.sort_by_key(|s| (self.table.get(*s).map(|e| e.stored_offset), *s));
-            let runs = contiguous_runs(&self.table, &remaining);
+            // A chunk whose dictionary did not come is tried again, like any request; the
+            // others go on.
+            let mut current = remaining.clone();
+            if let Err((missing, why)) =
+                self.load_dictionaries(&current, priority, policy.timeout())
+            {
+                let needs = |s: &u64| {
+                    self.table
+                        .get(*s)
+                        .is_some_and(|e| missing.contains(&e.dictionary))
+                };
+                retry.extend(current.iter().copied().filter(needs));
+                current.retain(|s| !needs(s));
+                last_error = why;
+            }
+            let runs = contiguous_runs(&self.table, &current);
             let group = self.runs_per_request().max(1);
             for runs in runs.chunks(group) {
                 let (not_done, error) = self.fetch_runs(runs, priority, policy.timeout());
@@ -1105,6 +1146,63 @@ impl Inner {
             tracing::debug!(attempt, slots = retry.len(), error = %last_error, "retrying chunks");
             std::thread::sleep(pause);
             remaining = retry;
+        }
+    }
+
+    /// Fetches and prepares the dictionaries the frames of `slots` name that are not loaded
+    /// yet; on failure, the numbers of those that are not, and why.
+    fn load_dictionaries(
+        &self,
+        slots: &[u64],
+        priority: Priority,
+        timeout: Duration,
+    ) -> Result<(), (Vec<u8>, String)> {
+        let mut wanted: Vec<u8> = slots
+            .iter()
+            .filter_map(|s| self.table.get(*s))
+            .map(|e| e.dictionary)
+            .filter(|&d| d != 0)
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        self.load_dictionary_numbers(&wanted, priority, timeout)
+    }
+
+    /// Fetches and prepares dictionaries `numbers` that are not loaded yet, each in a
+    /// request of its own (once per mount: a few hundred KiB in all); on failure, the
+    /// numbers of those that did not load, and the last error.
+    fn load_dictionary_numbers(
+        &self,
+        numbers: &[u8],
+        priority: Priority,
+        timeout: Duration,
+    ) -> Result<(), (Vec<u8>, String)> {
+        let mut failed = Vec::new();
+        let mut last = String::new();
+        for &number in numbers {
+            let loaded = self.dictionaries.get(number, |d| {
+                let bytes = read_within(
+                    &*self.source,
+                    self.data_offset + d.offset,
+                    u64::from(d.len),
+                    priority.kind(),
+                    timeout,
+                )
+                .map_err(|e| crate::format::FormatError::Io(std::io::Error::other(e)))?;
+                self.requests.fetch_add(1, Ordering::Relaxed);
+                self.bytes_fetched
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                Ok(bytes)
+            });
+            if let Err(e) = loaded {
+                last = format!("{}: {e}", self.source.describe());
+                failed.push(number);
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err((failed, last))
         }
     }
 
@@ -1503,7 +1601,11 @@ impl<'a> RunReader<'a> {
                 .as_ref()
                 .is_none_or(|(o, _)| *o != e.stored_offset)
             {
-                self.frame = match decode_frame(slot, &e, &self.buf[at..end]) {
+                let dict = inner
+                    .dictionaries
+                    .get(e.dictionary, |_| Err(not_loaded(e.dictionary)));
+                self.frame = match dict.and_then(|d| decode_frame(slot, &e, &self.buf[at..end], d))
+                {
                     Ok(f) => Some((e.stored_offset, f)),
                     Err(err) => {
                         inner.fetch_errors.fetch_add(1, Ordering::Relaxed);
@@ -1536,6 +1638,12 @@ impl<'a> RunReader<'a> {
         }
         done
     }
+}
+
+/// The error of a frame decoded before its dictionary was loaded (never, since
+/// [`Inner::load_dictionaries`] runs first).
+fn not_loaded(number: u8) -> crate::format::FormatError {
+    crate::format::FormatError::ManifestInvalid(format!("dictionary {number} is not loaded"))
 }
 
 /// Splits `slots` (ascending) into runs whose stored bytes are adjacent.

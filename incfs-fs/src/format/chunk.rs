@@ -2,6 +2,7 @@
 
 use std::cell::RefCell;
 
+use super::dictionary::{Encoder, Prepared, compress_with, decompress_with};
 use super::{ChunkEntry, Digest, FormatError};
 
 thread_local! {
@@ -49,7 +50,20 @@ pub fn encode_chunk(raw: &[u8], level: i32) -> Result<(Vec<u8>, Digest), FormatE
 /// Compresses a frame's raw bytes (one chunk, or several laid end to end) at `level`:
 /// zstd when strictly smaller, else the raw bytes themselves.
 pub fn encode_frame(raw: &[u8], level: i32) -> Result<Vec<u8>, FormatError> {
-    let packed = compress(raw, level)?;
+    encode_frame_with(raw, level, None)
+}
+
+/// [`encode_frame`] with a dictionary (which fixes the level). The frame's entries must name
+/// the dictionary only when the result is smaller than `raw` (compressed).
+pub fn encode_frame_with(
+    raw: &[u8],
+    level: i32,
+    dict: Option<&Encoder>,
+) -> Result<Vec<u8>, FormatError> {
+    let packed = match dict {
+        Some(d) => compress_with(raw, d)?,
+        None => compress(raw, level)?,
+    };
     Ok(if packed.len() < raw.len() {
         packed
     } else {
@@ -59,8 +73,14 @@ pub fn encode_frame(raw: &[u8], level: i32) -> Result<Vec<u8>, FormatError> {
 
 /// Decodes the stored bytes of the frame that holds `slot` (as its entry describes it) into
 /// the frame's raw bytes, checking only their length: take chunks out of it with
-/// [`chunk_of_frame`], which checks each against its digest.
-pub fn decode_frame(slot: u64, entry: &ChunkEntry, stored: &[u8]) -> Result<Vec<u8>, FormatError> {
+/// [`chunk_of_frame`], which checks each against its digest. `dict` is the dictionary the
+/// entry names (`None` when it names none).
+pub fn decode_frame(
+    slot: u64,
+    entry: &ChunkEntry,
+    stored: &[u8],
+    dict: Option<&Prepared>,
+) -> Result<Vec<u8>, FormatError> {
     let corrupt = |reason: String| FormatError::ChunkCorrupt { slot, reason };
     if stored.len() != entry.stored_len as usize {
         return Err(corrupt(format!(
@@ -70,7 +90,13 @@ pub fn decode_frame(slot: u64, entry: &ChunkEntry, stored: &[u8]) -> Result<Vec<
         )));
     }
     let raw = if entry.is_compressed() {
-        decompress(stored, entry.frame_len as usize).map_err(|e| corrupt(format!("zstd: {e}")))?
+        let capacity = entry.frame_len as usize;
+        match (entry.dictionary, dict) {
+            (0, _) => decompress(stored, capacity),
+            (_, Some(d)) => decompress_with(stored, capacity, d),
+            (k, None) => return Err(corrupt(format!("dictionary {k} is not available"))),
+        }
+        .map_err(|e| corrupt(format!("zstd: {e}")))?
     } else {
         stored.to_vec()
     };
@@ -106,8 +132,13 @@ pub fn chunk_of_frame(slot: u64, entry: &ChunkEntry, frame: &[u8]) -> Result<Vec
 
 /// Decodes the stored bytes of `slot`'s frame and checks the chunk against the entry's
 /// digest. Never returns bytes that do not match.
-pub fn decode_chunk(slot: u64, entry: &ChunkEntry, stored: &[u8]) -> Result<Vec<u8>, FormatError> {
-    chunk_of_frame(slot, entry, &decode_frame(slot, entry, stored)?)
+pub fn decode_chunk(
+    slot: u64,
+    entry: &ChunkEntry,
+    stored: &[u8],
+    dict: Option<&Prepared>,
+) -> Result<Vec<u8>, FormatError> {
+    chunk_of_frame(slot, entry, &decode_frame(slot, entry, stored, dict)?)
 }
 
 #[cfg(test)]
@@ -121,6 +152,7 @@ mod tests {
             raw_len: raw.len() as u32,
             frame_offset: 0,
             frame_len: raw.len() as u32,
+            dictionary: 0,
             digest,
         }
     }
@@ -131,7 +163,7 @@ mod tests {
         let (stored, d) = encode_chunk(&text, 3).unwrap();
         assert!(stored.len() < text.len());
         assert_eq!(
-            decode_chunk(0, &entry(&stored, &text, d), &stored).unwrap(),
+            decode_chunk(0, &entry(&stored, &text, d), &stored, None).unwrap(),
             text
         );
 
@@ -141,7 +173,7 @@ mod tests {
         let (stored, d) = encode_chunk(&noise, 3).unwrap();
         assert!(stored.len() <= noise.len());
         assert_eq!(
-            decode_chunk(0, &entry(&stored, &noise, d), &stored).unwrap(),
+            decode_chunk(0, &entry(&stored, &noise, d), &stored, None).unwrap(),
             noise
         );
     }
@@ -157,7 +189,7 @@ mod tests {
             s[i / 8] ^= 1 << (i % 8);
             // Some bits of a zstd frame header do not change what it decodes to; every
             // other flip must be an error.
-            match decode_chunk(3, &e, &s) {
+            match decode_chunk(3, &e, &s, None) {
                 Ok(raw) => assert_eq!(raw, text, "flip of bit {i} gave other bytes"),
                 Err(_) => errors += 1,
             }

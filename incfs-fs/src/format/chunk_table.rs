@@ -4,7 +4,8 @@
 use super::{Digest, FormatError, TableOrder};
 
 /// Bytes per entry: stored offset u64, stored length u32, raw length u32, offset in frame
-/// u32, frame raw length u32, digest `[32]`.
+/// u32, frame raw length u32 (low 24 bits) with the frame's dictionary (high 8 bits), digest
+/// `[32]`.
 pub const CHUNK_ENTRY_LEN: usize = 56;
 /// Entries per segment. 1024 entries = 56 KiB, one range request; at 4 KiB chunks a segment
 /// covers 4 MiB of file data, and a 1 GiB image has 256 segments (8 KiB of digests in the
@@ -15,6 +16,8 @@ pub const SEGMENT_BYTES: u64 = (SEGMENT_ENTRIES * CHUNK_ENTRY_LEN) as u64;
 /// Largest frame (raw bytes) a reader accepts: a frame is decoded whole to serve any of its
 /// chunks.
 pub const MAX_FRAME_LEN: u32 = 4 << 20;
+/// The bits of an entry's frame-length field that hold the length.
+const FRAME_LEN_MASK: u32 = (1 << 24) - 1;
 
 /// Where one chunk is stored and what it must hash to.
 ///
@@ -36,6 +39,11 @@ pub struct ChunkEntry {
     pub frame_offset: u32,
     /// Uncompressed length of the whole frame (`raw_len` when the frame holds one chunk).
     pub frame_len: u32,
+    /// The dictionary the frame was compressed with: 0 for none, `k` for the manifest's
+    /// `k`-th ([`super::dictionary`]). Stored in the high byte of the frame length, which a
+    /// frame of at most [`MAX_FRAME_LEN`] leaves zero (so images without dictionaries read
+    /// the same).
+    pub dictionary: u8,
     /// BLAKE3 of the chunk's uncompressed bytes.
     pub digest: Digest,
 }
@@ -62,7 +70,8 @@ impl ChunkEntry {
         out.extend_from_slice(&self.stored_len.to_le_bytes());
         out.extend_from_slice(&self.raw_len.to_le_bytes());
         out.extend_from_slice(&self.frame_offset.to_le_bytes());
-        out.extend_from_slice(&self.frame_len.to_le_bytes());
+        let frame = (self.frame_len & FRAME_LEN_MASK) | (u32::from(self.dictionary) << 24);
+        out.extend_from_slice(&frame.to_le_bytes());
         out.extend_from_slice(&self.digest.0);
     }
 
@@ -81,7 +90,8 @@ impl ChunkEntry {
             stored_len: u32_at(8),
             raw_len: u32_at(12),
             frame_offset: u32_at(16),
-            frame_len: u32_at(20),
+            frame_len: u32_at(20) & FRAME_LEN_MASK,
+            dictionary: (u32_at(20) >> 24) as u8,
             digest: Digest(d),
         }
     }
@@ -240,6 +250,9 @@ fn check_entry(
     }
     if e.stored_len == 0 || e.stored_len > e.frame_len {
         return bad("stored length is 0 or above the frame length");
+    }
+    if e.dictionary != 0 && !e.is_compressed() {
+        return bad("a frame stored raw names a dictionary");
     }
     match e.stored_offset.checked_add(u64::from(e.stored_len)) {
         Some(end) if end <= data_len => Ok(()),

@@ -4,8 +4,12 @@ use super::{Digest, FormatError, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 
 /// The first eight bytes of every image.
 pub const MAGIC: [u8; 8] = *b"INCFSIMG";
-/// The format version this build writes and reads.
-pub const VERSION: u32 = 2;
+/// The format version this build writes. Version 3 added zstd dictionaries (a manifest
+/// lists them after its other fields, an entry names one in its frame length's high byte);
+/// a version-2 image is a version-3 image without any, so this build reads both.
+pub const VERSION: u32 = 3;
+/// The oldest format version this build reads.
+const OLDEST_VERSION: u32 = 2;
 /// Header length in bytes; the manifest starts right after it.
 pub const HEADER_LEN: usize = 128;
 /// Bytes of the header covered by its checksum (all but the checksum itself).
@@ -81,7 +85,7 @@ impl Header {
             return Err(FormatError::BadMagic(arr8(&b[..8])));
         }
         let version = u32le(b, 8);
-        if version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(FormatError::UnsupportedVersion { found: version });
         }
         let sum = blake3::hash(&b[..CHECKED_LEN]);

@@ -9,8 +9,8 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use super::{
-    CHUNK_ENTRY_LEN, ChunkEntry, ChunkTable, Digest, FormatError, Header, Inode, InodeKind,
-    Manifest, chunk_of_frame, decode_frame,
+    CHUNK_ENTRY_LEN, ChunkEntry, ChunkTable, Dictionaries, Digest, FormatError, Header, Inode,
+    InodeKind, Manifest, Prepared, chunk_of_frame, decode_frame,
 };
 
 /// The first read of a remote image: the header and, for most trees, the whole manifest.
@@ -212,6 +212,7 @@ pub struct Image<R> {
     header: Header,
     manifest: Manifest,
     table: ChunkTable,
+    dictionaries: Dictionaries,
 }
 
 impl Image<File> {
@@ -225,11 +226,13 @@ impl<R: RangeRead> Image<R> {
     /// Opens an image, reading and verifying its metadata.
     pub fn open(src: R, expected: Option<&Digest>) -> Result<Self, FormatError> {
         let (header, manifest, table) = read_meta(&src, expected)?;
+        let dictionaries = Dictionaries::new(&manifest.dictionaries);
         Ok(Image {
             src,
             header,
             manifest,
             table,
+            dictionaries,
         })
     }
 
@@ -284,7 +287,16 @@ impl<R: RangeRead> Image<R> {
             self.header.data_offset + entry.stored_offset,
             u64::from(entry.stored_len),
         )?;
-        decode_frame(slot, entry, &stored)
+        decode_frame(slot, entry, &stored, self.dictionary(entry.dictionary)?)
+    }
+
+    /// The dictionary an entry names as `number` (`None` for 0), read and checked once.
+    pub fn dictionary(&self, number: u8) -> Result<Option<&Prepared>, FormatError> {
+        self.dictionaries.get(number, |d| {
+            Ok(self
+                .src
+                .read_range(self.header.data_offset + d.offset, u64::from(d.len))?)
+        })
     }
 
     /// Reads a whole regular file, verifying every chunk.

@@ -6,7 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Digest, FormatError, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, SEGMENT_ENTRIES, SlotRun, TableOrder,
+    Dictionary, Digest, FormatError, MAX_CHUNK_SIZE, MAX_DICTIONARIES, MAX_DICTIONARY_LEN,
+    MIN_CHUNK_SIZE, SEGMENT_ENTRIES, SlotRun, TableOrder,
 };
 
 /// Index of the root directory in [`Manifest::inodes`].
@@ -31,6 +32,11 @@ pub struct Manifest {
     pub table_order: Vec<SlotRun>,
     /// All inodes; index [`ROOT_INODE`] is the root directory.
     pub inodes: Vec<Inode>,
+    /// The zstd dictionaries chunk entries name ([`super::dictionary`]); entry number `k`
+    /// is `dictionaries[k - 1]`. Encoded after the fields above, and only when there are
+    /// any, so a manifest without them is a format-2 manifest byte for byte.
+    #[serde(skip)]
+    pub dictionaries: Vec<Dictionary>,
 }
 
 /// One inode: a directory, a regular file or a symlink, with its attributes.
@@ -159,8 +165,12 @@ impl Manifest {
 
     /// Serializes and compresses the manifest; returns the stored bytes.
     pub fn encode(&self, level: i32) -> Result<Vec<u8>, FormatError> {
-        let raw = postcard::to_stdvec(self)
-            .map_err(|e| FormatError::ManifestInvalid(format!("cannot serialize: {e}")))?;
+        let ser =
+            |e: postcard::Error| FormatError::ManifestInvalid(format!("cannot serialize: {e}"));
+        let mut raw = postcard::to_stdvec(self).map_err(ser)?;
+        if !self.dictionaries.is_empty() {
+            raw.extend_from_slice(&postcard::to_stdvec(&self.dictionaries).map_err(ser)?);
+        }
         let mut out = Vec::with_capacity(raw.len() / 2 + 16);
         out.extend_from_slice(&(raw.len() as u64).to_le_bytes());
         out.extend_from_slice(&zstd::bulk::compress(&raw, level)?);
@@ -197,8 +207,18 @@ impl Manifest {
                 "decompressed size differs".into(),
             ));
         }
-        let m: Manifest = postcard::from_bytes(&raw)
-            .map_err(|e| FormatError::ManifestDecode(format!("postcard: {e}")))?;
+        let postcard = |e: postcard::Error| FormatError::ManifestDecode(format!("postcard: {e}"));
+        let (mut m, rest): (Manifest, _) = postcard::take_from_bytes(&raw).map_err(postcard)?;
+        if !rest.is_empty() {
+            let (dictionaries, rest) = postcard::take_from_bytes(rest).map_err(postcard)?;
+            if !rest.is_empty() {
+                return Err(FormatError::ManifestDecode(format!(
+                    "{} bytes after the dictionaries",
+                    rest.len()
+                )));
+            }
+            m.dictionaries = dictionaries;
+        }
         m.validate()?;
         Ok(m)
     }
@@ -222,6 +242,27 @@ impl Manifest {
             ));
         }
         self.order()?;
+        if self.dictionaries.len() > MAX_DICTIONARIES {
+            return bad(format!(
+                "{} dictionaries (at most {MAX_DICTIONARIES})",
+                self.dictionaries.len()
+            ));
+        }
+        for (k, d) in self.dictionaries.iter().enumerate() {
+            let inside = d
+                .offset
+                .checked_add(u64::from(d.len))
+                .is_some_and(|end| end <= self.data_len);
+            if d.len == 0 || d.len > MAX_DICTIONARY_LEN || !inside {
+                return bad(format!(
+                    "dictionary {}: {} bytes at {} (data section of {}, at most {MAX_DICTIONARY_LEN} each)",
+                    k + 1,
+                    d.len,
+                    d.offset,
+                    self.data_len
+                ));
+            }
+        }
         if self.inodes.len() > u32::MAX as usize {
             return bad("too many inodes".into());
         }

@@ -22,7 +22,9 @@
 mod chunk;
 mod chunk_table;
 pub mod delta;
+mod dictionary;
 mod diff;
+mod grouping;
 mod header;
 mod image;
 mod manifest;
@@ -30,11 +32,14 @@ mod pack;
 mod relayout;
 mod table_order;
 
-pub use chunk::{chunk_of_frame, decode_chunk, decode_frame, encode_chunk, encode_frame};
+pub use chunk::{
+    chunk_of_frame, decode_chunk, decode_frame, encode_chunk, encode_frame, encode_frame_with,
+};
 pub use chunk_table::{
     CHUNK_ENTRY_LEN, ChunkEntry, ChunkTable, MAX_FRAME_LEN, SEGMENT_BYTES, SEGMENT_ENTRIES,
     decode_segment,
 };
+pub use dictionary::{Dictionaries, Dictionary, MAX_DICTIONARIES, MAX_DICTIONARY_LEN, Prepared};
 pub use diff::{DiffCounts, FileDiff, FileStatus, ImageDiff, diff};
 pub use header::{HEADER_LEN, Header, MAGIC, VERSION};
 pub use image::{
@@ -108,7 +113,7 @@ pub enum FormatError {
     #[error("not an incfs image (bad magic {0:02x?})")]
     BadMagic([u8; 8]),
     /// A version this build cannot read.
-    #[error("unsupported image format version {found} (this incfs reads version {VERSION})")]
+    #[error("unsupported image format version {found} (this incfs reads versions 2 and {VERSION})")]
     UnsupportedVersion {
         /// The version in the header.
         found: u32,
@@ -162,6 +167,15 @@ pub enum FormatError {
     ChunkCorrupt {
         /// Chunk slot.
         slot: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A zstd dictionary's bytes are not the ones the manifest names, or an entry names one
+    /// the image lacks.
+    #[error("dictionary {number} is corrupt: {reason}")]
+    DictionaryCorrupt {
+        /// The dictionary's number, as entries name it (1-based).
+        number: u8,
         /// What is wrong.
         reason: String,
     },

@@ -17,8 +17,8 @@ use rayon::prelude::*;
 
 use super::pack::{PackError, parent_dir, write_image};
 use super::{
-    ChunkEntry, ChunkTable, Digest, FormatError, Image, MAX_FRAME_LEN, RangeRead, TableOrder,
-    chunk_of_frame, decode_chunk, decode_frame, encode_frame,
+    ChunkEntry, ChunkTable, Digest, FormatError, Image, MAX_FRAME_LEN, Prepared, RangeRead,
+    TableOrder, chunk_of_frame, decode_chunk, decode_frame, encode_frame,
 };
 
 /// How `relayout` stores the hot chunks.
@@ -66,6 +66,7 @@ struct Placed {
     stored_len: u32,
     frame_offset: u32,
     frame_len: u32,
+    dictionary: u8,
 }
 
 /// Writes to `out` a copy of `img` whose data section holds first the chunks of `hot` (chunk
@@ -183,10 +184,25 @@ pub fn relayout_for_update<R: RangeRead>(
                 stored_len: stored_frames[*fi].len() as u32,
                 frame_offset: *offset,
                 frame_len: frames[*fi].len() as u32,
+                dictionary: 0,
             },
         );
     }
     drop(frames);
+
+    // The dictionaries the other chunks were compressed with, between the hot frames (which
+    // need none) and those chunks, checked on the way.
+    let mut manifest = img.manifest().clone();
+    for (k, d) in manifest.dictionaries.iter_mut().enumerate() {
+        let bytes = img
+            .source()
+            .read_range(img.header().data_offset + d.offset, u64::from(d.len))
+            .map_err(FormatError::Io)?;
+        Prepared::new(k as u8 + 1, d, &bytes)?;
+        data.write_all(&bytes).map_err(werr)?;
+        d.offset = data_len;
+        data_len += bytes.len() as u64;
+    }
 
     // Every other chunk, one per frame, in slot order.
     let mut buf = Vec::new();
@@ -194,7 +210,7 @@ pub fn relayout_for_update<R: RangeRead>(
         if placed.contains_key(&e.digest) {
             continue;
         }
-        let stored = reader.single(slot as u64, e)?;
+        let (stored, dictionary) = reader.single(slot as u64, e)?;
         placed.insert(
             e.digest,
             Placed {
@@ -202,6 +218,7 @@ pub fn relayout_for_update<R: RangeRead>(
                 stored_len: stored.len() as u32,
                 frame_offset: 0,
                 frame_len: e.raw_len,
+                dictionary,
             },
         );
         data_len += stored.len() as u64;
@@ -224,13 +241,13 @@ pub fn relayout_for_update<R: RangeRead>(
                 raw_len: e.raw_len,
                 frame_offset: p.frame_offset,
                 frame_len: p.frame_len,
+                dictionary: p.dictionary,
                 digest: e.digest,
             }
         })
         .collect();
     let unique_chunks = placed.len() as u64;
     // The planned slots' entries lead the chunk table too, so a start loads few segments.
-    let mut manifest = img.manifest().clone();
     manifest.table_order = TableOrder::runs_for(hot, table.len());
     let header = write_image(
         out,
@@ -275,7 +292,8 @@ impl<'a, R: RangeRead> FrameReader<'a, R> {
     fn chunk(&self, slot: u64, e: &ChunkEntry) -> Result<Vec<u8>, FormatError> {
         let mut last = self.last.borrow_mut();
         if last.as_ref().is_none_or(|(at, _)| *at != e.stored_offset) {
-            let frame = decode_frame(slot, e, &self.stored(e)?)?;
+            let dict = self.img.dictionary(e.dictionary)?;
+            let frame = decode_frame(slot, e, &self.stored(e)?, dict)?;
             *last = Some((e.stored_offset, frame));
         }
         match last.as_ref() {
@@ -287,15 +305,16 @@ impl<'a, R: RangeRead> FrameReader<'a, R> {
         }
     }
 
-    /// The stored bytes of `slot` as a frame of its own: copied when it is one already,
-    /// re-encoded (at zstd level 3, `pack`'s default) when it shares a frame. Verified.
-    fn single(&self, slot: u64, e: &ChunkEntry) -> Result<Vec<u8>, FormatError> {
+    /// The stored bytes of `slot` as a frame of its own, and the dictionary they need:
+    /// copied when it is one already, re-encoded (at zstd level 3, `pack`'s default, without
+    /// a dictionary) when it shares a frame. Verified.
+    fn single(&self, slot: u64, e: &ChunkEntry) -> Result<(Vec<u8>, u8), FormatError> {
         if e.frame_len == e.raw_len {
             let stored = self.stored(e)?;
-            decode_chunk(slot, e, &stored)?;
-            Ok(stored)
+            decode_chunk(slot, e, &stored, self.img.dictionary(e.dictionary)?)?;
+            Ok((stored, e.dictionary))
         } else {
-            encode_frame(&self.chunk(slot, e)?, 3)
+            Ok((encode_frame(&self.chunk(slot, e)?, 3)?, 0))
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The mount's side of the loader hints ([`crate::fetch::elf`]): a file's first read hands
+//! The mount's side of the loader hints ([`crate::elf`]): a file's first read hands
 //! its ELF header to one thread per mount, which reads the file's section header table
 //! through the scheduler and queues the sections the dynamic loader reads at prefetch
 //! priority. The read is answered first; the hint never delays it.
@@ -6,8 +6,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak, mpsc};
 
+use crate::elf;
 use crate::fetch::Priority;
-use crate::fetch::elf;
 
 use super::IncFs;
 

@@ -29,10 +29,9 @@ use parking_lot::Mutex;
 use crate::cache::fds::FdPermit;
 use crate::cache::offline;
 use crate::cache::{CacheError, ChunkCache, RecoveryReport};
+use crate::elf;
 use crate::fetch::fill::{FillConfig, FillStats, Filler};
-use crate::fetch::{
-    Completion, FetchConfig, FetchError, FetchStats, Fetcher, FileRead, ReadAhead, elf,
-};
+use crate::fetch::{Completion, FetchConfig, FetchError, FetchStats, Fetcher, FileRead, ReadAhead};
 use crate::format::{
     Digest, FormatError, Header, ImageHead, Inode, InodeKind, Manifest, ROOT_INODE, read_head,
 };
@@ -334,7 +333,7 @@ pub struct Stats {
     #[serde(default)]
     pub pushed_bytes: u64,
     /// ELF files no plan covered whose loader sections were queued at their first read
-    /// ([`crate::fetch::elf`]).
+    /// ([`crate::elf`]).
     #[serde(default)]
     pub loader_hint_files: u64,
     /// Bytes (file bytes, before compression) of the loader sections queued.
@@ -550,6 +549,7 @@ impl IncFs {
         let fetcher = Fetcher::new(
             source,
             header.data_offset,
+            &manifest.dictionaries,
             Arc::clone(&table),
             cache.clone(),
             config.fetch.clone(),

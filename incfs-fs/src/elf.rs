@@ -1,5 +1,6 @@
-//! What the dynamic loader will read of a shared library or executable, from its ELF
-//! section headers: the read-ahead of a first start that has no plan.
+//! ELF section headers: what the dynamic loader will read of a shared library or executable
+//! (the read-ahead of a first start that has no plan), and where a file's sections lie
+//! (what `pack` groups chunks by for their dictionaries).
 //!
 //! Before a program runs a line of its own code, `ld.so` looks up every symbol it binds in
 //! each library's `.gnu.hash`, `.dynsym` and `.dynstr`, checks `.gnu.version*`, walks all of
@@ -96,6 +97,25 @@ fn loader_reads(kind: u32, flags: u64) -> bool {
         SHT_PROGBITS => flags & SHF_WRITE != 0,
         _ => false,
     }
+}
+
+/// The file byte ranges of every section that has bytes in the file (not `.bss`-like), in
+/// the table's order, from the section header table `table`, clipped to `file_size`.
+/// `pack` groups a large file's chunks by section for its dictionaries.
+pub fn section_ranges(table: &[u8], file_size: u64) -> Vec<Range<u64>> {
+    table
+        .chunks_exact(SHDR_LEN)
+        .filter_map(|sh| {
+            let kind = u32_at(sh, 4)?;
+            let offset = u64_at(sh, 0x18)?;
+            let size = u64_at(sh, 0x20)?;
+            if kind == SHT_NOBITS || size == 0 {
+                return None;
+            }
+            let end = offset.checked_add(size)?.min(file_size);
+            (offset < end).then_some(offset..end)
+        })
+        .collect()
 }
 
 /// The file byte ranges of the sections the loader reads, from the section header table
