@@ -393,6 +393,10 @@ struct InspectJson {
     chunks: u64,
     unique_chunks: u64,
     compressed_chunks: u64,
+    /// zstd dictionaries, their bytes, and the chunk slots whose frames name one.
+    dictionaries: u64,
+    dictionary_bytes: u64,
+    dictionary_chunks: u64,
     entries: Vec<EntryJson>,
 }
 
@@ -476,6 +480,9 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
         chunks: table.len(),
         unique_chunks: unique.len() as u64,
         compressed_chunks: table.entries().iter().filter(|e| e.is_compressed()).count() as u64,
+        dictionaries: m.dictionaries.len() as u64,
+        dictionary_bytes: m.dictionaries.iter().map(|d| u64::from(d.len)).sum(),
+        dictionary_chunks: table.entries().iter().filter(|e| e.dictionary != 0).count() as u64,
         entries,
     };
     if a.json {
@@ -507,6 +514,12 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
         human(u64::from(j.chunk_size)),
         j.unique_chunks,
         j.compressed_chunks
+    );
+    println!(
+        "  dictionaries {} ({}), named by {} chunks",
+        j.dictionaries,
+        human(j.dictionary_bytes),
+        j.dictionary_chunks
     );
     let mut biggest: Vec<&EntryJson> = j.entries.iter().filter(|e| e.kind == "file").collect();
     biggest.sort_by_key(|e| std::cmp::Reverse(e.size));

@@ -236,3 +236,69 @@ fn pack_order_stores_planned_chunks_first_and_writes_their_plan() {
     );
     assert!(!tmp.path().join("bad.img").exists());
 }
+
+/// 600 text files of one extension, each a chunk of words from one vocabulary.
+fn similar_files(dir: &Path) {
+    const WORDS: &[&str] = &[
+        "import", "return", "value", "buffer", "offset", "handler", "request", "config", "error",
+        "result", "yield", "lambda", "class", "self", "None", "True", "index",
+    ];
+    fs::create_dir_all(dir).unwrap();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for i in 0..600 {
+        let mut text = String::new();
+        while text.len() < 4000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            text.push_str(WORDS[(x % WORDS.len() as u64) as usize]);
+            text.push(if x % 9 == 0 { '\n' } else { ' ' });
+        }
+        fs::write(dir.join(format!("m{i}.py")), text).unwrap();
+    }
+}
+
+#[test]
+fn pack_trains_dictionaries_unless_told_not_to_and_inspect_shows_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    similar_files(&src);
+    let mut sizes = Vec::new();
+    for (name, extra) in [("dict.img", None), ("plain.img", Some("--no-dictionaries"))] {
+        let img = tmp.path().join(name);
+        let mut args = vec!["pack", src.to_str().unwrap(), "-o", img.to_str().unwrap()];
+        args.extend(extra);
+        let out = incfs(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = incfs(&["inspect", img.to_str().unwrap(), "--json"]);
+        assert!(out.status.success());
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let (dicts, named) = (j["dictionaries"].as_u64(), j["dictionary_chunks"].as_u64());
+        if extra.is_none() {
+            assert_eq!(dicts, Some(1), "one group: the .py files");
+            assert!(named.unwrap() >= 540, "{named:?} of 600 chunks name it");
+        } else {
+            assert_eq!((dicts, named), (Some(0), Some(0)));
+        }
+        let out = incfs(&["inspect", img.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(text.contains("  dictionaries "), "{text}");
+        let out = incfs(&["verify", img.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        sizes.push(fs::metadata(&img).unwrap().len());
+    }
+    assert!(
+        sizes[0] < sizes[1],
+        "with a dictionary {} bytes, without {}",
+        sizes[0],
+        sizes[1]
+    );
+}
