@@ -252,7 +252,7 @@ fn similar_files(dir: &Path) {
             x ^= x >> 7;
             x ^= x << 17;
             text.push_str(WORDS[(x % WORDS.len() as u64) as usize]);
-            text.push(if x % 9 == 0 { '\n' } else { ' ' });
+            text.push(if x.is_multiple_of(9) { '\n' } else { ' ' });
         }
         fs::write(dir.join(format!("m{i}.py")), text).unwrap();
     }
