@@ -6,9 +6,10 @@
 //! own (machine code, read-only data, symbol tables and unwind tables differ), and every
 //! other chunk joins the group of its file name's extension across the tree (`.pyc`, `.py`,
 //! `.h`, none). A group of at least [`MIN_GROUP_CHUNKS`] chunks gets a dictionary of up to
-//! [`MAX_DICTIONARY_BYTES`], trained on up to [`MAX_SAMPLES`] of its chunks spread evenly
-//! over it, and keeps it only when the samples show it saves at least twice its own size
-//! over the group: a reader fetches a dictionary once before the first chunk that needs it.
+//! [`MAX_DICTIONARY_BYTES`], trained on up to [`MAX_SAMPLES`] of its chunks (and
+//! [`MAX_SAMPLE_BYTES`]) spread evenly over it, and keeps it only when other chunks show it
+//! saves at least twice its own size over the group: a reader fetches a dictionary once
+//! before the first chunk that needs it.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -33,6 +34,8 @@ pub const MIN_GROUP_CHUNKS: u64 = 512;
 pub const MAX_DICTIONARY_BYTES: usize = 128 * 1024;
 /// Most chunks a dictionary is trained on.
 pub const MAX_SAMPLES: u64 = 2000;
+/// Most bytes a dictionary is trained on (what bounds training at large chunk sizes).
+pub const MAX_SAMPLE_BYTES: u64 = 16 << 20;
 /// Chunks compressed with and without a fresh dictionary to judge it.
 const JUDGE_SAMPLES: u64 = 200;
 
@@ -156,7 +159,8 @@ fn train_group(
     level: i32,
 ) -> Result<Option<Vec<u8>>, PackError> {
     let n = group.len() as u64;
-    let step = n.div_ceil(MAX_SAMPLES).max(1);
+    let max_samples = (MAX_SAMPLE_BYTES / u64::from(chunk_size)).clamp(1, MAX_SAMPLES);
+    let step = n.div_ceil(max_samples).max(1);
     let mut open: HashMap<usize, File> = HashMap::new();
     let mut read = |&(file, c): &(usize, u64)| -> Result<Vec<u8>, PackError> {
         let f = &files[file];
@@ -186,7 +190,7 @@ fn train_group(
         return Ok(None);
     };
     // Judge it on chunks it was not trained on: those halfway between the samples.
-    let judge_step = n.div_ceil(JUDGE_SAMPLES).max(1);
+    let judge_step = n.div_ceil(JUDGE_SAMPLES.min(max_samples)).max(1);
     let offset = (judge_step / 2).max(1) as usize;
     let judged: Vec<Vec<u8>> = group
         .iter()
