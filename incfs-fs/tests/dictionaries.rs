@@ -361,3 +361,49 @@ fn an_image_of_format_2_still_reads() {
         .expect("version 1 is refused");
     assert!(e.to_string().contains("version 1"), "{e}");
 }
+
+#[test]
+fn the_fill_fetches_each_dictionary_once_and_none_when_everything_is_local() {
+    let p = packed();
+    let img = Image::open_path(&p.image, None).unwrap();
+    let bytes = fs::read(&p.image).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let data = img.header().data_offset;
+    let dictionary_requests = |src: &MockSource| {
+        src.requests()
+            .iter()
+            .filter(|r| {
+                img.manifest()
+                    .dictionaries
+                    .iter()
+                    .any(|d| r.offset == data + d.offset && r.len == u64::from(d.len))
+            })
+            .count()
+    };
+    for round in 0..2 {
+        let src = Arc::new(MockSource::new(bytes.clone()));
+        let dyn_src: Arc<dyn Source> = src.clone();
+        let fs = Arc::new(IncFs::new(dyn_src, &FsConfig::new(cache.path().to_path_buf())).unwrap());
+        fs.start_fill(incfs_fs::fetch::fill::FillConfig::default())
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !fs.fill_stats().is_some_and(|s| s.done) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the fill did not finish"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let want = if round == 0 {
+            img.manifest().dictionaries.len()
+        } else {
+            0
+        };
+        assert_eq!(dictionary_requests(&src), want, "round {round}");
+        for f in img.files().iter().step_by(50) {
+            let want = fs::read(p.tree.join(f.display_path())).unwrap();
+            assert_eq!(read_file(&fs, &f.display_path()).unwrap(), want);
+        }
+        fs.shutdown().unwrap();
+    }
+}

@@ -139,11 +139,7 @@ fn run(s: &Shared, fetcher: &Fetcher, config: &FillConfig) {
     let table = Arc::clone(fetcher.table());
     let cache = fetcher.cache();
     let stopped = || s.stop.load(Ordering::Acquire) || fetcher.is_shut_down();
-    // The dictionaries first: every frame of their groups needs one.
-    if let Err(e) = fetcher.load_all_dictionaries() {
-        tracing::warn!(error = %e, "background fill: loading the dictionaries failed; chunks will load them");
-    }
-    // The table next, a few segments per request, so the fill knows the stored order.
+    // The table first, a few segments per request, so the fill knows the stored order.
     let step = (SEGMENT_ENTRIES * 16) as u64;
     let mut from = 0u64;
     let mut pause = Duration::from_millis(100);
@@ -172,6 +168,11 @@ fn run(s: &Shared, fetcher: &Fetcher, config: &FillConfig) {
         .filter_map(|slot| table.get(slot).map(|e| (e.stored_offset, slot)))
         .collect();
     order.sort_unstable();
+    // The dictionaries of what is left, before the first batch (none when all is local).
+    let left: Vec<u64> = order.iter().map(|&(_, slot)| slot).collect();
+    if let Err(e) = fetcher.load_dictionaries(&left) {
+        tracing::warn!(error = %e, "background fill: loading the dictionaries failed; each batch will try again");
+    }
     let bucket = config
         .bytes_per_sec
         .filter(|r| *r > 0.0)

@@ -383,18 +383,15 @@ impl Fetcher {
         Ok(Fetcher { inner, threads })
     }
 
-    /// Fetches every dictionary of the image that is not loaded yet, at background priority,
-    /// retrying like a chunk: the fill does so first, so that a start without a plan does not
-    /// wait for a dictionary at its first miss in each group.
-    pub fn load_all_dictionaries(&self) -> Result<(), String> {
-        let numbers: Vec<u8> = (1..=self.inner.dictionaries.len() as u8).collect();
+    /// Fetches the dictionaries the frames of `slots` name that are not loaded yet, at
+    /// background priority, retrying like a chunk: the fill does so before its first batch.
+    pub fn load_dictionaries(&self, slots: &[u64]) -> Result<(), String> {
         let mut policy = self.inner.config.retry().begin();
         loop {
-            match self.inner.load_dictionary_numbers(
-                &numbers,
-                Priority::Background,
-                policy.timeout(),
-            ) {
+            match self
+                .inner
+                .load_dictionaries(slots, Priority::Background, policy.timeout())
+            {
                 Ok(()) => return Ok(()),
                 Err((_, why)) => match policy.next_pause() {
                     Some(p) if !self.is_shut_down() => std::thread::sleep(p),
