@@ -99,42 +99,37 @@ fn loader_reads(kind: u32, flags: u64) -> bool {
     }
 }
 
-/// The file byte ranges of every section that has bytes in the file (not `.bss`-like), in
-/// the table's order, from the section header table `table`, clipped to `file_size`.
-/// `pack` groups a large file's chunks by section for its dictionaries.
+/// Every section of the header table `table` that has bytes in the file (not `.bss`-like):
+/// its type, its flags and its file byte range clipped to `file_size`. Entries that do not
+/// parse are skipped.
+fn sections(table: &[u8], file_size: u64) -> impl Iterator<Item = (u32, u64, Range<u64>)> + '_ {
+    table.chunks_exact(SHDR_LEN).filter_map(move |sh| {
+        let kind = u32_at(sh, 4)?;
+        let flags = u64_at(sh, 8)?;
+        let offset = u64_at(sh, 0x18)?;
+        let size = u64_at(sh, 0x20)?;
+        if kind == SHT_NOBITS || size == 0 {
+            return None;
+        }
+        let end = offset.checked_add(size)?.min(file_size);
+        (offset < end).then_some((kind, flags, offset..end))
+    })
+}
+
+/// The file byte ranges of every section that has bytes in the file, in the table's order,
+/// from the section header table `table`, clipped to `file_size`. `pack` groups a large
+/// file's chunks by section for its dictionaries.
 pub fn section_ranges(table: &[u8], file_size: u64) -> Vec<Range<u64>> {
-    table
-        .chunks_exact(SHDR_LEN)
-        .filter_map(|sh| {
-            let kind = u32_at(sh, 4)?;
-            let offset = u64_at(sh, 0x18)?;
-            let size = u64_at(sh, 0x20)?;
-            if kind == SHT_NOBITS || size == 0 {
-                return None;
-            }
-            let end = offset.checked_add(size)?.min(file_size);
-            (offset < end).then_some(offset..end)
-        })
-        .collect()
+    sections(table, file_size).map(|(_, _, r)| r).collect()
 }
 
 /// The file byte ranges of the sections the loader reads, from the section header table
 /// `table` (the bytes of [`section_table`]'s range), sorted and merged, clipped to
 /// `file_size` and to [`MAX_HINT_BYTES`] in all. Entries that do not parse are skipped.
 pub fn loader_ranges(table: &[u8], file_size: u64) -> Vec<Range<u64>> {
-    let mut ranges: Vec<Range<u64>> = table
-        .chunks_exact(SHDR_LEN)
-        .filter_map(|sh| {
-            let kind = u32_at(sh, 4)?;
-            let flags = u64_at(sh, 8)?;
-            let offset = u64_at(sh, 0x18)?;
-            let size = u64_at(sh, 0x20)?;
-            if kind == SHT_NOBITS || size == 0 || !loader_reads(kind, flags) {
-                return None;
-            }
-            let end = offset.checked_add(size)?.min(file_size);
-            (offset < end).then_some(offset..end)
-        })
+    let mut ranges: Vec<Range<u64>> = sections(table, file_size)
+        .filter(|(kind, flags, _)| loader_reads(*kind, *flags))
+        .map(|(_, _, r)| r)
         .collect();
     ranges.sort_by_key(|r| r.start);
     let mut merged: Vec<Range<u64>> = Vec::new();

@@ -1147,7 +1147,8 @@ impl Inner {
     }
 
     /// Fetches and prepares the dictionaries the frames of `slots` name that are not loaded
-    /// yet; on failure, the numbers of those that are not, and why.
+    /// yet, each in a request of its own (once per mount: a few hundred KiB in all); on
+    /// failure, the numbers of those that did not load, and the last error.
     fn load_dictionaries(
         &self,
         slots: &[u64],
@@ -1162,21 +1163,9 @@ impl Inner {
             .collect();
         wanted.sort_unstable();
         wanted.dedup();
-        self.load_dictionary_numbers(&wanted, priority, timeout)
-    }
-
-    /// Fetches and prepares dictionaries `numbers` that are not loaded yet, each in a
-    /// request of its own (once per mount: a few hundred KiB in all); on failure, the
-    /// numbers of those that did not load, and the last error.
-    fn load_dictionary_numbers(
-        &self,
-        numbers: &[u8],
-        priority: Priority,
-        timeout: Duration,
-    ) -> Result<(), (Vec<u8>, String)> {
         let mut failed = Vec::new();
         let mut last = String::new();
-        for &number in numbers {
+        for number in wanted {
             let loaded = self.dictionaries.get(number, |d| {
                 let bytes = read_within(
                     &*self.source,

@@ -161,19 +161,21 @@ fn train_group(
     let n = group.len() as u64;
     let max_samples = (MAX_SAMPLE_BYTES / u64::from(chunk_size)).clamp(1, MAX_SAMPLES);
     let step = n.div_ceil(max_samples).max(1);
-    let mut open: HashMap<usize, File> = HashMap::new();
+    // A group's chunks are in slot order, so one file's come together: keep the last open.
+    let mut open: Option<(usize, File)> = None;
     let mut read = |&(file, c): &(usize, u64)| -> Result<Vec<u8>, PackError> {
         let f = &files[file];
         let rerr = |source| PackError::Read {
             path: f.path.to_path_buf(),
             source,
         };
-        let handle = match open.entry(file) {
-            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(open_in_tree(f.path, f.key).map_err(rerr)?)
-            }
-        };
+        if open.as_ref().is_none_or(|(i, _)| *i != file) {
+            open = Some((file, open_in_tree(f.path, f.key).map_err(rerr)?));
+        }
+        let handle = open
+            .as_ref()
+            .map(|(_, h)| h)
+            .ok_or_else(|| rerr(std::io::Error::other("not open")))?;
         let at = c * u64::from(chunk_size);
         let mut buf = vec![0u8; (f.size - at).min(u64::from(chunk_size)) as usize];
         handle.read_exact_at(&mut buf, at).map_err(rerr)?;
