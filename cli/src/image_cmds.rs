@@ -41,6 +41,11 @@ pub struct PackArgs {
     /// similar chunks (each large ELF section; the files of one extension).
     #[arg(long)]
     no_dictionaries: bool,
+    /// Store every chunk in file order. By default the sections of ELF files that a start
+    /// does not read (unwind and exception tables, symbols, debug information) are stored
+    /// after everything else, so a start without a plan does not wait for them.
+    #[arg(long)]
+    file_order: bool,
     /// Store hot chunks first: a prefetch plan (`.json`, made for an image of this tree at
     /// this chunk size), or traces / read-logs of the program to plan from (as `incfs plan`
     /// does with its defaults). The planned chunks lead the data section in plan order,
@@ -246,6 +251,9 @@ struct PackJson {
     chunks: u64,
     unique_chunks: u64,
     dedupe_saved: u64,
+    /// Chunks of ELF sections a start does not read, stored last, and their stored bytes.
+    late_chunks: u64,
+    late_bytes: u64,
     seconds: f64,
     /// With --order: planned chunks placed first, their stored bytes, the plan written.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -265,6 +273,7 @@ pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
         level: a.level,
         frame_bytes: u32::try_from(a.cold_frame_size).unwrap_or(u32::MAX),
         dictionaries: !a.no_dictionaries,
+        late_sections_last: !a.file_order,
     };
     if a.hot.base.is_some() && a.order.is_empty() {
         anyhow::bail!(
@@ -324,6 +333,8 @@ pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
             chunks: s.chunks,
             unique_chunks: s.unique_chunks,
             dedupe_saved: s.dedupe_saved,
+            late_chunks: s.late_chunks,
+            late_bytes: s.late_bytes,
             seconds: secs,
             hot_chunks: hot.as_ref().map(|(r, _)| r.hot_chunks),
             hot_bytes: hot.as_ref().map(|(r, _)| r.hot_bytes),
@@ -356,6 +367,13 @@ pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
         s.unique_chunks,
         human(s.dedupe_saved)
     );
+    if s.late_chunks > 0 {
+        println!(
+            "  {} chunks ({} stored) of unwind tables, symbols and debug information stored last",
+            s.late_chunks,
+            human(s.late_bytes)
+        );
+    }
     println!(
         "  {:.2} s, {:.0} MB/s",
         secs,

@@ -1,6 +1,7 @@
 //! ELF section headers: what the dynamic loader will read of a shared library or executable
-//! (the read-ahead of a first start that has no plan), and where a file's sections lie
-//! (what `pack` groups chunks by for their dictionaries).
+//! (the read-ahead of a first start that has no plan), where a file's sections lie (what
+//! `pack` groups chunks by for their dictionaries), and which of them a start does not read
+//! at all (what `pack` stores after everything else: [`late_ranges`]).
 //!
 //! Before a program runs a line of its own code, `ld.so` looks up every symbol it binds in
 //! each library's `.gnu.hash`, `.dynsym` and `.dynstr`, checks `.gnu.version*`, walks all of
@@ -99,11 +100,21 @@ fn loader_reads(kind: u32, flags: u64) -> bool {
     }
 }
 
-/// Every section of the header table `table` that has bytes in the file (not `.bss`-like):
-/// its type, its flags and its file byte range clipped to `file_size`. Entries that do not
-/// parse are skipped.
-fn sections(table: &[u8], file_size: u64) -> impl Iterator<Item = (u32, u64, Range<u64>)> + '_ {
+/// A section that has bytes in the file.
+struct Section {
+    /// Offset of its name in the section name table.
+    name: u32,
+    kind: u32,
+    flags: u64,
+    /// Its file byte range, clipped to the file.
+    range: Range<u64>,
+}
+
+/// Every section of the header table `table` that has bytes in the file (not `.bss`-like),
+/// its range clipped to `file_size`. Entries that do not parse are skipped.
+fn sections(table: &[u8], file_size: u64) -> impl Iterator<Item = Section> + '_ {
     table.chunks_exact(SHDR_LEN).filter_map(move |sh| {
+        let name = u32_at(sh, 0)?;
         let kind = u32_at(sh, 4)?;
         let flags = u64_at(sh, 8)?;
         let offset = u64_at(sh, 0x18)?;
@@ -112,15 +123,71 @@ fn sections(table: &[u8], file_size: u64) -> impl Iterator<Item = (u32, u64, Ran
             return None;
         }
         let end = offset.checked_add(size)?.min(file_size);
-        (offset < end).then_some((kind, flags, offset..end))
+        (offset < end).then_some(Section {
+            name,
+            kind,
+            flags,
+            range: offset..end,
+        })
     })
+}
+
+/// The byte range of the section name table (`.shstrtab`) that the header `head` names in
+/// the section header table `table`, when it lies within `file_size`.
+pub fn names_range(head: &[u8], table: &[u8], file_size: u64) -> Option<Range<u64>> {
+    let index = usize::from(u16_at(head, 0x3e)?);
+    let sh = table.get(index * SHDR_LEN..(index + 1) * SHDR_LEN)?;
+    let offset = u64_at(sh, 0x18)?;
+    let end = offset.checked_add(u64_at(sh, 0x20)?)?;
+    (u32_at(sh, 4)? == SHT_STRTAB && end <= file_size).then_some(offset..end)
+}
+
+/// The NUL-terminated name at `at` of the name table `names`.
+fn name_at(names: &[u8], at: u32) -> Option<&[u8]> {
+    let rest = names.get(at as usize..)?;
+    Some(&rest[..rest.iter().position(|&b| b == 0)?])
+}
+
+/// Allocated sections a program reads only when something goes wrong: the unwind tables
+/// (walked when a C++ exception is thrown or a backtrace taken) and the exception tables.
+const LATE_SECTIONS: [&[u8]; 3] = [b".eh_frame", b".eh_frame_hdr", b".gcc_except_table"];
+
+/// The file byte ranges of the sections a start does not read, sorted and merged: sections
+/// not loaded into memory at all (symbols, debug information, comments, the name table) and
+/// the allocated [`LATE_SECTIONS`], from the section header table `table` and the section
+/// name table `names` (the bytes of [`names_range`]), clipped to `file_size`. A reader
+/// needs them for a backtrace, an exception or a debugger, not to start. Measured on
+/// clang-22's start: none of libLLVM's or libclang-cpp's 11 MiB of `.eh_frame*` was read.
+pub fn late_ranges(table: &[u8], names: &[u8], file_size: u64) -> Vec<Range<u64>> {
+    let mut ranges: Vec<Range<u64>> = sections(table, file_size)
+        .filter(|s| {
+            s.flags & SHF_ALLOC == 0
+                || name_at(names, s.name).is_some_and(|n| LATE_SECTIONS.contains(&n))
+        })
+        .map(|s| s.range)
+        .collect();
+    merge(&mut ranges);
+    ranges
+}
+
+/// Sorts `ranges` and merges those that touch or overlap.
+fn merge(ranges: &mut Vec<Range<u64>>) {
+    ranges.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for r in ranges.drain(..) {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    *ranges = merged;
 }
 
 /// The file byte ranges of every section that has bytes in the file, in the table's order,
 /// from the section header table `table`, clipped to `file_size`. `pack` groups a large
 /// file's chunks by section for its dictionaries.
 pub fn section_ranges(table: &[u8], file_size: u64) -> Vec<Range<u64>> {
-    sections(table, file_size).map(|(_, _, r)| r).collect()
+    sections(table, file_size).map(|s| s.range).collect()
 }
 
 /// The file byte ranges of the sections the loader reads, from the section header table
@@ -128,19 +195,12 @@ pub fn section_ranges(table: &[u8], file_size: u64) -> Vec<Range<u64>> {
 /// `file_size` and to [`MAX_HINT_BYTES`] in all. Entries that do not parse are skipped.
 pub fn loader_ranges(table: &[u8], file_size: u64) -> Vec<Range<u64>> {
     let mut ranges: Vec<Range<u64>> = sections(table, file_size)
-        .filter(|(kind, flags, _)| loader_reads(*kind, *flags))
-        .map(|(_, _, r)| r)
+        .filter(|s| loader_reads(s.kind, s.flags))
+        .map(|s| s.range)
         .collect();
-    ranges.sort_by_key(|r| r.start);
-    let mut merged: Vec<Range<u64>> = Vec::new();
-    for r in ranges {
-        match merged.last_mut() {
-            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
-            _ => merged.push(r),
-        }
-    }
+    merge(&mut ranges);
     let mut left = MAX_HINT_BYTES;
-    merged
+    ranges
         .into_iter()
         .map_while(|r| {
             let len = (r.end - r.start).min(left);
@@ -207,6 +267,54 @@ mod tests {
         assert_eq!(
             loader_ranges(&table[..SHDR_LEN * 2 + 10], 0x10000),
             vec![0x1000..0x1800]
+        );
+    }
+
+    #[test]
+    fn late_sections_are_the_unloaded_and_the_unwind_tables() {
+        let names = b"\0.text\0.eh_frame\0.eh_frame_hdr\0.symtab\0.shstrtab\0.eh_frames\0";
+        let at = |n: &[u8]| {
+            names
+                .windows(n.len() + 2)
+                .position(|w| w[0] == 0 && &w[1..=n.len()] == n && w[n.len() + 1] == 0)
+                .map(|p| p as u32 + 1)
+                .unwrap_or(0)
+        };
+        let named = |n: &[u8], kind, flags, offset, size| {
+            let mut s = shdr(kind, flags, offset, size);
+            s[..4].copy_from_slice(&at(n).to_le_bytes());
+            s
+        };
+        let table = [
+            shdr(0, 0, 0, 0),
+            named(b".text", SHT_PROGBITS, SHF_ALLOC | 0x4, 0x1000, 0x4000),
+            named(b".eh_frame_hdr", SHT_PROGBITS, SHF_ALLOC, 0x5000, 0x100),
+            named(b".eh_frame", SHT_PROGBITS, SHF_ALLOC, 0x5100, 0xf00), // adjacent: merged
+            named(b".eh_frames", SHT_PROGBITS, SHF_ALLOC, 0x6000, 0x1000), // not the same name
+            named(b".symtab", 2, 0, 0x8000, 0x2000),                     // not allocated
+            named(b".shstrtab", SHT_STRTAB, 0, 0xa000, names.len() as u64),
+        ]
+        .concat();
+        let mut head = header(0xb000, 7);
+        head[0x3e..0x40].copy_from_slice(&6u16.to_le_bytes());
+        let file_size = 0xb000 + table.len() as u64;
+        assert_eq!(
+            names_range(&head, &table, file_size),
+            Some(0xa000..0xa000 + names.len() as u64)
+        );
+        assert_eq!(
+            late_ranges(&table, names, file_size),
+            vec![0x5000..0x6000, 0x8000..0xa000 + names.len() as u64]
+        );
+        // A name table index past the table, or one that is not a string table: none.
+        head[0x3e..0x40].copy_from_slice(&9u16.to_le_bytes());
+        assert_eq!(names_range(&head, &table, file_size), None);
+        head[0x3e..0x40].copy_from_slice(&1u16.to_le_bytes());
+        assert_eq!(names_range(&head, &table, file_size), None);
+        // Without names, only the unloaded sections are late.
+        assert_eq!(
+            late_ranges(&table, b"", file_size),
+            vec![0x8000..0xa000 + names.len() as u64]
         );
     }
 

@@ -22,7 +22,8 @@ use rayon::prelude::*;
 use super::MAX_DICTIONARIES;
 use super::chunk::encode_frame_with;
 use super::dictionary::{Encoder, train};
-use super::pack::{PackError, open_in_tree};
+use super::layout::FileSpan;
+use super::pack::PackError;
 use crate::elf;
 
 /// Smallest ELF section that is a group of its own.
@@ -38,18 +39,6 @@ pub const MAX_SAMPLES: u64 = 2000;
 pub const MAX_SAMPLE_BYTES: u64 = 16 << 20;
 /// Chunks compressed with and without a fresh dictionary to judge it.
 const JUDGE_SAMPLES: u64 = 200;
-
-/// A file of the data pass, with where its chunks go.
-pub struct FileSpan<'a> {
-    /// The file in the tree.
-    pub path: &'a Path,
-    /// Its (dev, ino), as the walk found it.
-    pub key: (u64, u64),
-    /// Its length.
-    pub size: u64,
-    /// Its first chunk slot.
-    pub first_slot: u64,
-}
 
 /// The trained dictionaries and which chunks use them.
 #[derive(Default)]
@@ -121,21 +110,10 @@ pub fn train_dictionaries(
 
 /// The sections of `f` of at least [`MIN_SECTION_BYTES`] when it is an ELF file.
 fn large_sections(f: &FileSpan<'_>) -> Result<Vec<Range<u64>>, PackError> {
-    let rerr = |source| PackError::Read {
-        path: f.path.to_path_buf(),
-        source,
-    };
-    let file = open_in_tree(f.path, f.key).map_err(rerr)?;
-    let mut head = [0u8; elf::HEADER_LEN];
-    if file.read_exact_at(&mut head, 0).is_err() {
-        return Ok(Vec::new());
-    }
-    let Some(table) = elf::section_table(&head, f.size) else {
+    let Some(t) = f.elf_tables()? else {
         return Ok(Vec::new());
     };
-    let mut bytes = vec![0u8; (table.end - table.start) as usize];
-    file.read_exact_at(&mut bytes, table.start).map_err(rerr)?;
-    let mut sections: Vec<Range<u64>> = elf::section_ranges(&bytes, f.size)
+    let mut sections: Vec<Range<u64>> = elf::section_ranges(&t.sections, f.size)
         .into_iter()
         .filter(|r| r.end - r.start >= MIN_SECTION_BYTES)
         .collect();
@@ -170,7 +148,7 @@ fn train_group(
             source,
         };
         if open.as_ref().is_none_or(|(i, _)| *i != file) {
-            open = Some((file, open_in_tree(f.path, f.key).map_err(rerr)?));
+            open = Some((file, f.open()?));
         }
         let handle = open
             .as_ref()

@@ -27,6 +27,7 @@ mod diff;
 mod grouping;
 mod header;
 mod image;
+mod layout;
 mod manifest;
 mod pack;
 mod relayout;

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 
 use super::dictionary::Encoder;
-use super::grouping::{FileSpan, Trained, train_dictionaries};
+use super::grouping::{Trained, train_dictionaries};
+use super::layout::{FileSpan, late_slots};
 use super::{
     ChunkEntry, ChunkTable, DEFAULT_CHUNK_SIZE, Dictionary, Digest, DirEntry, FormatError,
     HEADER_LEN, Header, Inode, InodeKind, MAX_CHUNK_SIZE, MAX_FRAME_LEN, MIN_CHUNK_SIZE, Manifest,
@@ -49,6 +50,10 @@ pub struct PackOptions {
     /// Train zstd dictionaries for groups of similar chunks ([`super::grouping`]) and
     /// compress each chunk of a group with its dictionary. Default on.
     pub dictionaries: bool,
+    /// Store the sections of ELF files that a start does not read (unwind tables, symbols,
+    /// debug information) after every other chunk ([`super::layout`]). Default on; off
+    /// keeps every chunk in file order.
+    pub late_sections_last: bool,
 }
 
 impl Default for PackOptions {
@@ -58,6 +63,7 @@ impl Default for PackOptions {
             level: 15,
             frame_bytes: 0,
             dictionaries: true,
+            late_sections_last: true,
         }
     }
 }
@@ -97,6 +103,10 @@ pub struct PackSummary {
     pub unique_chunks: u64,
     /// Raw bytes not stored again because an identical chunk was.
     pub dedupe_saved: u64,
+    /// Chunk slots of late sections, stored after everything else.
+    pub late_chunks: u64,
+    /// Stored bytes of the late tail.
+    pub late_bytes: u64,
     /// Size of the whole image.
     pub image_bytes: u64,
     /// The root digest.
@@ -213,25 +223,31 @@ pub fn pack_dir(
         path: out.to_path_buf(),
         source,
     };
-    let trained = if opts.dictionaries {
-        let mut spans = Vec::with_capacity(order.len());
-        let mut slot = 0u64;
-        for &inode in &order {
-            let size = file_size(&manifest.inodes[inode as usize]);
-            if let Some((path, key)) = &walk.sources[inode as usize] {
-                spans.push(FileSpan {
-                    path,
-                    key: *key,
-                    size,
-                    first_slot: slot,
-                });
-            }
-            slot += manifest.chunks_for(size);
+    let mut spans = Vec::with_capacity(order.len());
+    let mut slots = 0u64;
+    for &inode in &order {
+        let size = file_size(&manifest.inodes[inode as usize]);
+        if let Some((path, key)) = &walk.sources[inode as usize] {
+            spans.push(FileSpan {
+                path,
+                key: *key,
+                size,
+                first_slot: slots,
+            });
         }
-        train_dictionaries(&spans, opts.chunk_size, slot, opts.level)?
+        slots += manifest.chunks_for(size);
+    }
+    let trained = if opts.dictionaries {
+        train_dictionaries(&spans, opts.chunk_size, slots, opts.level)?
     } else {
         Trained::default()
     };
+    let late = if opts.late_sections_last {
+        late_slots(&spans, opts.chunk_size, slots)?
+    } else {
+        Vec::new()
+    };
+    drop(spans);
     let mut data = tempfile::tempfile_in(parent_dir(out)).map_err(werr)?;
     // The dictionaries lead the data section: a reader needs one before the first chunk of
     // its group.
@@ -250,7 +266,20 @@ pub fn pack_dir(
         .iter()
         .map(|d| Encoder::new(d, opts.level))
         .collect();
-    let mut writer = ChunkWriter::new(&mut data, dict_len, &trained.slot_dictionary, &encoders);
+    let mut tail = tempfile::tempfile_in(parent_dir(out)).map_err(werr)?;
+    let mut writer = ChunkWriter {
+        out: &mut data,
+        tail: &mut tail,
+        slot_dictionary: &trained.slot_dictionary,
+        late: &late,
+        encoders: &encoders,
+        entries: Vec::new(),
+        seen: HashMap::new(),
+        data_len: dict_len,
+        tail_len: 0,
+        unique: 0,
+        dedupe_saved: 0,
+    };
     let mut batch = Batch::new();
     for &inode in &order {
         let size = file_size(&manifest.inodes[inode as usize]);
@@ -281,13 +310,10 @@ pub fn pack_dir(
         }
     }
     writer.write_batch(batch.take(), opts, progress, &werr)?;
-    let ChunkWriter {
-        entries,
-        data_len,
-        unique,
-        dedupe_saved,
-        ..
-    } = writer;
+    let late_bytes = writer.tail_len;
+    let (entries, data_len) = writer.append_tail(&werr)?;
+    let late_chunks = late.iter().filter(|&&l| l).count() as u64;
+    let (unique, dedupe_saved) = (writer.unique, writer.dedupe_saved);
 
     let table = ChunkTable::new(entries);
     let header = write_image(out, manifest, &table, &mut data, data_len)?;
@@ -303,6 +329,8 @@ pub fn pack_dir(
         chunks: table.len(),
         unique_chunks: unique,
         dedupe_saved,
+        late_chunks,
+        late_bytes,
         image_bytes: header.image_len(),
         root_digest: header.root_digest,
         elapsed: started.elapsed(),
@@ -602,11 +630,17 @@ impl Batch {
     }
 }
 
-/// A frame of a batch being filled: its raw bytes and its dictionary's number (0: none).
+/// A frame of a batch being filled: its raw bytes, its dictionary's number (0: none) and
+/// whether it goes in the late tail.
 struct RawFrame {
     raw: Vec<u8>,
     dictionary: u8,
+    late: bool,
 }
+
+/// Stored offsets of the late tail while packing: the tail is written to a file of its own
+/// and appended after the rest, so its entries are moved by the rest's length at the end.
+const TAIL_BASE: u64 = 1 << 62;
 
 /// Where a chunk of a batch is stored: an entry of an earlier batch, or a frame of this one.
 enum Place {
@@ -618,37 +652,47 @@ enum Place {
     },
 }
 
-/// Appends distinct chunks to the data section and builds the chunk table.
+/// Appends distinct chunks to the data section (or its late tail) and builds the chunk
+/// table.
 struct ChunkWriter<'a> {
     out: &'a mut File,
+    tail: &'a mut File,
     /// Per slot, the number of its dictionary (empty: none for any).
     slot_dictionary: &'a [u8],
+    /// Per slot, whether it goes in the late tail (empty: none does).
+    late: &'a [bool],
     encoders: &'a [Encoder],
     entries: Vec<ChunkEntry>,
-    seen: HashMap<Digest, ChunkEntry>,
+    /// Chunks stored so far, by digest and whether in the tail (a chunk a start reads is
+    /// never stored in the tail because a late section holds the same bytes).
+    seen: HashMap<(Digest, bool), ChunkEntry>,
     data_len: u64,
+    tail_len: u64,
     unique: u64,
     dedupe_saved: u64,
 }
 
-impl<'a> ChunkWriter<'a> {
-    /// A writer appending to `out` from data offset `data_len` on.
-    fn new(
-        out: &'a mut File,
-        data_len: u64,
-        slot_dictionary: &'a [u8],
-        encoders: &'a [Encoder],
-    ) -> Self {
-        ChunkWriter {
-            out,
-            slot_dictionary,
-            encoders,
-            entries: Vec::new(),
-            seen: HashMap::new(),
-            data_len,
-            unique: 0,
-            dedupe_saved: 0,
+impl ChunkWriter<'_> {
+    /// Appends the late tail to the data section; returns the entries, their offsets final,
+    /// and the data section's length.
+    fn append_tail(
+        &mut self,
+        werr: &dyn Fn(io::Error) -> PackError,
+    ) -> Result<(Vec<ChunkEntry>, u64), PackError> {
+        self.tail.seek(SeekFrom::Start(0)).map_err(werr)?;
+        let copied =
+            io::copy(&mut (&mut *self.tail).take(self.tail_len), self.out).map_err(werr)?;
+        if copied != self.tail_len {
+            return Err(werr(io::Error::other("late tail shorter than written")));
         }
+        let base = self.data_len;
+        let mut entries = std::mem::take(&mut self.entries);
+        for e in &mut entries {
+            if e.stored_offset >= TAIL_BASE {
+                e.stored_offset = e.stored_offset - TAIL_BASE + base;
+            }
+        }
+        Ok((entries, base + self.tail_len))
     }
 
     /// Stores `chunks` (the next slots, in order): each distinct chunk once, consecutive new
@@ -665,7 +709,7 @@ impl<'a> ChunkWriter<'a> {
         let frame_bytes = opts.frame_bytes as usize;
         let first_slot = self.entries.len();
         let mut frames: Vec<RawFrame> = Vec::new();
-        let mut in_batch: HashMap<Digest, (usize, u32)> = HashMap::new();
+        let mut in_batch: HashMap<(Digest, bool), (usize, u32)> = HashMap::new();
         let mut places = Vec::with_capacity(chunks.len());
         for (i, (raw, digest)) in chunks.iter().zip(&digests).enumerate() {
             let dictionary = self
@@ -673,9 +717,10 @@ impl<'a> ChunkWriter<'a> {
                 .get(first_slot + i)
                 .copied()
                 .unwrap_or(0);
-            if let Some(e) = self.seen.get(digest) {
+            let late = self.late.get(first_slot + i).copied().unwrap_or(false);
+            if let Some(e) = self.seen.get(&(*digest, late)) {
                 places.push(Place::Known(*e));
-            } else if let Some(&(frame, offset)) = in_batch.get(digest) {
+            } else if let Some(&(frame, offset)) = in_batch.get(&(*digest, late)) {
                 places.push(Place::Framed {
                     frame,
                     offset,
@@ -684,18 +729,20 @@ impl<'a> ChunkWriter<'a> {
             } else {
                 match frames.last() {
                     Some(f)
-                        if f.raw.len() + raw.len() <= frame_bytes && f.dictionary == dictionary => {
-                    }
+                        if f.raw.len() + raw.len() <= frame_bytes
+                            && f.dictionary == dictionary
+                            && f.late == late => {}
                     _ => frames.push(RawFrame {
                         raw: Vec::with_capacity(frame_bytes.max(raw.len())),
                         dictionary,
+                        late,
                     }),
                 }
                 let frame = frames.len() - 1;
                 let f = &mut frames[frame].raw;
                 let offset = f.len() as u32;
                 f.extend_from_slice(raw);
-                in_batch.insert(*digest, (frame, offset));
+                in_batch.insert((*digest, late), (frame, offset));
                 places.push(Place::Framed {
                     frame,
                     offset,
@@ -717,10 +764,16 @@ impl<'a> ChunkWriter<'a> {
             })
             .collect::<Result<_, _>>()?;
         let mut at = Vec::with_capacity(stored.len());
-        for f in &stored {
-            at.push(self.data_len);
-            self.data_len += f.len() as u64;
-            self.out.write_all(f).map_err(werr)?;
+        for (f, raw) in stored.iter().zip(&frames) {
+            if raw.late {
+                at.push(TAIL_BASE + self.tail_len);
+                self.tail_len += f.len() as u64;
+                self.tail.write_all(f).map_err(werr)?;
+            } else {
+                at.push(self.data_len);
+                self.data_len += f.len() as u64;
+                self.out.write_all(f).map_err(werr)?;
+            }
         }
         for ((place, digest), raw_len) in places.into_iter().zip(digests).zip(lens) {
             let entry = match place {
@@ -751,7 +804,7 @@ impl<'a> ChunkWriter<'a> {
                     };
                     if first {
                         self.unique += 1;
-                        self.seen.insert(digest, e);
+                        self.seen.insert((digest, frames[frame].late), e);
                     } else {
                         self.dedupe_saved += u64::from(raw_len);
                     }

@@ -1,0 +1,112 @@
+//! Where `pack` stores a tree's chunks: in file order, except the sections of ELF files that
+//! a start does not read ([`elf::late_ranges`]: unwind and exception tables, symbols, debug
+//! information), which go after everything else, in the image's late tail.
+//!
+//! A start without a plan gets what it needs from miss amplification and the background
+//! fill, and both move the image in stored order: with the late sections in the middle of
+//! each library, a start waits for megabytes it never reads (clang-22: 11 MiB of
+//! `.eh_frame*` in libLLVM and libclang-cpp, ~3.5 MB compressed, none of it read by a start)
+//! to cross the link before the `.text` behind them. Stored last, the fill reaches them
+//! after everything a start may read, and the app still becomes wholly local.
+
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use super::pack::{PackError, open_in_tree};
+use crate::elf;
+
+/// Files smaller than this keep every chunk in place: the read-ahead fetches a file of up
+/// to 256 KiB whole on its first read, so splitting it would only add a request.
+pub const MIN_FILE_BYTES: u64 = 256 * 1024;
+
+/// A file of the data pass, with where its chunks go.
+pub struct FileSpan<'a> {
+    /// The file in the tree.
+    pub path: &'a Path,
+    /// Its (dev, ino), as the walk found it.
+    pub key: (u64, u64),
+    /// Its length.
+    pub size: u64,
+    /// Its first chunk slot.
+    pub first_slot: u64,
+}
+
+/// An ELF file's section header table and section name table (empty when it has none).
+pub struct ElfTables {
+    /// The section header table's bytes.
+    pub sections: Vec<u8>,
+    /// The section name table's bytes.
+    pub names: Vec<u8>,
+}
+
+impl FileSpan<'_> {
+    fn error(&self, source: std::io::Error) -> PackError {
+        PackError::Read {
+            path: self.path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// The file, opened as the walk found it.
+    pub fn open(&self) -> Result<File, PackError> {
+        open_in_tree(self.path, self.key).map_err(|e| self.error(e))
+    }
+
+    /// The section tables when the file is a 64-bit little-endian ELF file whose tables
+    /// lie within it; `None` for anything else.
+    pub fn elf_tables(&self) -> Result<Option<ElfTables>, PackError> {
+        let file = self.open()?;
+        let mut head = [0u8; elf::HEADER_LEN];
+        if file.read_exact_at(&mut head, 0).is_err() {
+            return Ok(None);
+        }
+        let Some(table) = elf::section_table(&head, self.size) else {
+            return Ok(None);
+        };
+        let read = |r: Range<u64>| -> Result<Vec<u8>, PackError> {
+            let mut bytes = vec![0u8; (r.end - r.start) as usize];
+            file.read_exact_at(&mut bytes, r.start)
+                .map_err(|e| self.error(e))?;
+            Ok(bytes)
+        };
+        let sections = read(table)?;
+        let names = match elf::names_range(&head, &sections, self.size) {
+            Some(r) => read(r)?,
+            None => Vec::new(),
+        };
+        Ok(Some(ElfTables { sections, names }))
+    }
+}
+
+/// Per chunk slot of `files` (slots `0..slots`), whether it is stored in the late tail: a
+/// chunk of a file of at least [`MIN_FILE_BYTES`] that lies wholly within the file's late
+/// sections.
+pub fn late_slots(
+    files: &[FileSpan<'_>],
+    chunk_size: u32,
+    slots: u64,
+) -> Result<Vec<bool>, PackError> {
+    let cs = u64::from(chunk_size);
+    let mut late = vec![false; slots as usize];
+    for f in files.iter().filter(|f| f.size >= MIN_FILE_BYTES) {
+        let Some(t) = f.elf_tables()? else { continue };
+        for r in elf::late_ranges(&t.sections, &t.names, f.size) {
+            // The chunks wholly inside r: from the first boundary at or after its start to
+            // the last one at or before its end (the file's end counts as one).
+            let first = r.start.div_ceil(cs);
+            let end = if r.end == f.size {
+                r.end.div_ceil(cs)
+            } else {
+                r.end / cs
+            };
+            for c in first..end {
+                if let Some(s) = late.get_mut((f.first_slot + c) as usize) {
+                    *s = true;
+                }
+            }
+        }
+    }
+    Ok(late)
+}
