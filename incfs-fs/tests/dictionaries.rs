@@ -149,13 +149,9 @@ fn packed() -> Packed {
 
 /// The dictionary number of the entries of every chunk of the file at `path`.
 fn file_dictionaries(img: &Image<fs::File>, path: &str) -> Vec<u8> {
-    let f = img
-        .files()
-        .into_iter()
-        .find(|f| f.path == path.as_bytes())
-        .unwrap_or_else(|| panic!("{path} not in the image"));
-    (f.first_chunk..f.first_chunk + f.chunks)
-        .map(|s| img.table().get(s).unwrap().dictionary)
+    common::file_entries(img, path)
+        .iter()
+        .map(|e| e.dictionary)
         .collect()
 }
 

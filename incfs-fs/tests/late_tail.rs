@@ -64,13 +64,9 @@ fn tree(root: &Path) {
 
 /// Per slot of the file at `path`, its stored offset.
 fn offsets(img: &Image<fs::File>, path: &str) -> Vec<u64> {
-    let f = img
-        .files()
-        .into_iter()
-        .find(|f| f.path == path.as_bytes())
-        .unwrap_or_else(|| panic!("{path} not in the image"));
-    (f.first_chunk..f.first_chunk + f.chunks)
-        .map(|s| img.table().get(s).unwrap().stored_offset)
+    common::file_entries(img, path)
+        .iter()
+        .map(|e| e.stored_offset)
         .collect()
 }
 

@@ -11,7 +11,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, symlink};
 use std::path::{Path, PathBuf};
 
-use incfs_fs::format::{Image, InodeKind, RangeRead};
+use incfs_fs::format::{ChunkEntry, Image, InodeKind, RangeRead};
 
 pub use incfs_datasets::synth::noise;
 
@@ -158,6 +158,18 @@ pub fn assert_image_matches<R: RangeRead>(img: &Image<R>, root: &Path) -> usize 
         }
     }
     files
+}
+
+/// The chunk-table entries of the file at `path` of `img`, in file order.
+pub fn file_entries<R: RangeRead>(img: &Image<R>, path: &str) -> Vec<ChunkEntry> {
+    let f = img
+        .files()
+        .into_iter()
+        .find(|f| f.path == path.as_bytes())
+        .unwrap_or_else(|| panic!("{path} not in the image"));
+    (f.first_chunk..f.first_chunk + f.chunks)
+        .map(|s| *img.table().get(s).unwrap())
+        .collect()
 }
 
 /// The number in environment variable `name`, or `default` when it is unset (long runs raise
