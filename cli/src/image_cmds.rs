@@ -34,7 +34,9 @@ pub struct PackArgs {
     level: i32,
     /// Compress consecutive chunks together in frames of this many raw bytes (at most 4M;
     /// the chunk size or less: one chunk per frame). A read of a chunk fetches its frame.
-    /// With --order, the chunks the plan leaves out are stored one per frame again.
+    /// Chunks that are read whole anyway (a file under 256 KiB, an ELF file's loader and
+    /// late sections) share frames of up to 256 KiB whatever this says. With --order, the
+    /// chunks the plan leaves out are stored one per frame again.
     #[arg(long, value_parser = parse_size, default_value = "0")]
     cold_frame_size: u64,
     /// Compress every chunk alone, without the zstd dictionaries `pack` trains for groups of

@@ -1,6 +1,8 @@
 //! The late tail: `pack` stores the sections of ELF files that a start does not read (unwind
 //! tables, symbols) after every other chunk, byte for byte the same files, and keeps file
-//! order for small files and with `late_sections_last` off.
+//! order for small files and with `late_sections_last` off. And frames of chunks read
+//! whole: a small file's chunks and a late section's share frames of up to 256 KiB, while
+//! every other chunk of a large file keeps a frame of its own.
 
 mod common;
 
@@ -12,7 +14,8 @@ use incfs_fs::format::{Image, PackOptions, pack_dir};
 /// A 64-bit little-endian ELF file of `len` bytes with sections `.text` at `[4096, 4096 +
 /// text)`, `.eh_frame` right after it (`eh` bytes), a non-allocated `.symtab` (`sym` bytes)
 /// after that, and `.shstrtab` with the section headers at the end; every section noise.
-fn elf(len: u64, text: u64, eh: u64, sym: u64, seed: u64) -> Vec<u8> {
+/// `.text` has `text_flags` (6, executable; 3, writable: data the loader relocates).
+fn elf(len: u64, text: u64, eh: u64, sym: u64, seed: u64, text_flags: u64) -> Vec<u8> {
     let names = b"\0.text\0.eh_frame\0.symtab\0.shstrtab\0";
     let mut b = common::noise(len as usize, seed);
     b[..64].fill(0);
@@ -38,7 +41,7 @@ fn elf(len: u64, text: u64, eh: u64, sym: u64, seed: u64) -> Vec<u8> {
         s[0x20..0x28].copy_from_slice(&size.to_le_bytes());
     };
     sh(0, 0, 0, 0, 0, 0);
-    sh(1, 1, 1, 6, 4096, text);
+    sh(1, 1, 1, text_flags, 4096, text);
     sh(2, 7, 1, 2, 4096 + text, eh);
     sh(3, 17, 2, 0, 4096 + text + eh, sym);
     sh(4, 25, 3, 0, strtab, names.len() as u64);
@@ -50,16 +53,18 @@ fn tree(root: &Path) {
     // 2 MiB: .text 1 MiB, .eh_frame 256 KiB + 100 bytes, .symtab 64 KiB.
     fs::write(
         root.join("a.so"),
-        elf(2 << 20, 1 << 20, (256 << 10) + 100, 64 << 10, 1),
+        elf(2 << 20, 1 << 20, (256 << 10) + 100, 64 << 10, 1, 6),
     )
     .unwrap();
     // Small: stays in file order.
     fs::write(
         root.join("b.so"),
-        elf(128 << 10, 32 << 10, 32 << 10, 8 << 10, 2),
+        elf(128 << 10, 32 << 10, 32 << 10, 8 << 10, 2, 6),
     )
     .unwrap();
     fs::write(root.join("c.bin"), common::noise(300_000, 3)).unwrap();
+    // Its 512 KiB "text" is writable data, which the loader reads whole at start.
+    fs::write(root.join("d.so"), elf(1 << 20, 512 << 10, 4096, 4096, 4, 3)).unwrap();
 }
 
 /// Per slot of the file at `path`, its stored offset.
@@ -85,7 +90,7 @@ fn the_sections_a_start_does_not_read_are_stored_after_everything_else() {
     assert!(s.late_bytes > 0);
     let img = Image::open_path(&image, None).unwrap();
     let a = offsets(&img, "a.so");
-    let rest_end = ["b.so", "c.bin"]
+    let rest_end = ["b.so", "c.bin", "d.so"]
         .iter()
         .flat_map(|p| offsets(&img, p))
         .chain(
@@ -101,13 +106,39 @@ fn the_sections_a_start_does_not_read_are_stored_after_everything_else() {
         tail_start > rest_end,
         "late chunks from {tail_start}, the rest up to {rest_end}"
     );
-    // Within the tail, file order; the chunks of a.so around it are still in order.
-    assert!(late.windows(2).all(|w| a[w[0] as usize] < a[w[1] as usize]));
+    // Within the tail, file order, in frames of up to 256 KiB (80 chunks: two at least, more
+    // where a dictionary's group ends); the
+    // chunks of a.so around it are still in order, each in a frame of its own.
+    assert!(
+        late.windows(2)
+            .all(|w| a[w[0] as usize] <= a[w[1] as usize])
+    );
+    let entries = common::file_entries(&img, "a.so");
+    let tail_frames: std::collections::BTreeSet<u64> =
+        late.iter().map(|&c| a[c as usize]).collect();
+    assert!(
+        tail_frames.len() >= 2 && tail_frames.len() < late.len() / 4,
+        "{tail_frames:?}"
+    );
+    assert!(
+        late.iter()
+            .all(|&c| entries[c as usize].frame_len <= 256 << 10)
+    );
+    assert!(a[..257].windows(2).all(|w| w[0] < w[1]), "{a:?}");
     assert!(a[256] < a[337] && a[337] < tail_start);
-    // The small ELF file keeps its order (its late chunks would be an extra request).
+    // The small ELF file keeps its order (its late chunks would be an extra request), all of
+    // it in one frame: the read-ahead fetches such a file whole.
     let b = offsets(&img, "b.so");
-    assert!(b.windows(2).all(|w| w[0] < w[1]), "{b:?}");
-    assert_eq!(common::assert_image_matches(&img, &root), 3);
+    assert!(b.iter().all(|&o| o == b[0]), "{b:?}");
+    // A large file that is not ELF: a frame per chunk.
+    let c = offsets(&img, "c.bin");
+    assert!(c.windows(2).all(|w| w[0] < w[1]), "{c:?}");
+    // A loader section: its 128 chunks in two frames of 256 KiB.
+    let d = offsets(&img, "d.so");
+    assert!(d[..1].iter().all(|&o| o < d[1]));
+    assert_eq!(d[1], d[64], "{d:?}");
+    assert!(d[64] < d[65] && d[65] == d[128], "{d:?}");
+    assert_eq!(common::assert_image_matches(&img, &root), 4);
     let report = img.verify(&|_| {});
     assert!(report.failures.is_empty(), "{:?}", report.failures);
     assert_eq!(
@@ -126,6 +157,7 @@ fn the_sections_a_start_does_not_read_are_stored_after_everything_else() {
     assert_eq!((s.late_chunks, s.late_bytes), (0, 0));
     let img = Image::open_path(&plain, None).unwrap();
     let a = offsets(&img, "a.so");
-    assert!(a.windows(2).all(|w| w[0] < w[1]));
-    assert_eq!(common::assert_image_matches(&img, &root), 3);
+    assert!(a.windows(2).all(|w| w[0] <= w[1]));
+    assert!(a[..257].windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(common::assert_image_matches(&img, &root), 4);
 }

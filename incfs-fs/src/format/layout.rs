@@ -82,33 +82,80 @@ impl FileSpan<'_> {
     }
 }
 
-/// Per chunk slot of `files` (slots `0..slots`), whether it is stored in the late tail: a
-/// chunk of a file of at least [`MIN_FILE_BYTES`] that lies wholly within the file's late
-/// sections.
-pub fn late_slots(
+/// Raw bytes at most of a frame of chunks that are read whole ([`Placement::whole`]).
+/// 256 KiB: the size of the largest file the read-ahead fetches whole, and the miss
+/// amplification's span.
+pub const WHOLE_FRAME_BYTES: u32 = 256 * 1024;
+
+/// Where each chunk slot of a tree goes.
+pub struct Placement {
+    /// Per slot, whether it is stored in the late tail: a chunk of a file of at least
+    /// [`MIN_FILE_BYTES`] that lies wholly within the file's late sections (empty when the
+    /// tail is off).
+    pub late: Vec<bool>,
+    /// Per slot, the group of chunks a reader takes all of, numbered by file from 1 (0:
+    /// none): every chunk of a file smaller than [`MIN_FILE_BYTES`] (the read-ahead fetches
+    /// it whole), and the chunks wholly inside a larger ELF file's loader sections (read
+    /// whole at start, [`elf::loader_ranges`]) or late sections (read whole only by the
+    /// fill). Consecutive chunks of one group share frames of up to [`WHOLE_FRAME_BYTES`],
+    /// which compress better than a chunk alone and cost no reader a byte it would not
+    /// fetch anyway; every other chunk keeps its own frame, so a random page fault or a plan
+    /// on this layout fetches only the chunks it names.
+    pub whole: Vec<u32>,
+}
+
+/// The chunk indices wholly inside `r` of a file of `size` bytes: from the first boundary
+/// at or after its start to the last one at or before its end (the file's end counts as one).
+fn chunks_inside(r: &Range<u64>, cs: u64, size: u64) -> Range<u64> {
+    let first = r.start.div_ceil(cs);
+    let end = if r.end == size {
+        r.end.div_ceil(cs)
+    } else {
+        r.end / cs
+    };
+    first..end.max(first)
+}
+
+/// Sets `v` to `value` at the slots of `chunks` of a file starting at `first_slot` (none
+/// when `v` is empty).
+fn mark<T: Copy>(v: &mut [T], first_slot: u64, chunks: Range<u64>, value: T) {
+    for c in chunks {
+        if let Some(s) = v.get_mut((first_slot + c) as usize) {
+            *s = value;
+        }
+    }
+}
+
+/// Places the chunk slots of `files` (slots `0..slots`); `late_last` turns the late tail on.
+pub fn place(
     files: &[FileSpan<'_>],
     chunk_size: u32,
     slots: u64,
-) -> Result<Vec<bool>, PackError> {
+    late_last: bool,
+) -> Result<Placement, PackError> {
     let cs = u64::from(chunk_size);
-    let mut late = vec![false; slots as usize];
-    for f in files.iter().filter(|f| f.size >= MIN_FILE_BYTES) {
+    let mut late = vec![false; if late_last { slots as usize } else { 0 }];
+    let mut whole = vec![0u32; slots as usize];
+    for (i, f) in files.iter().enumerate() {
+        let group = u32::try_from(i + 1).unwrap_or(u32::MAX);
+        if f.size < MIN_FILE_BYTES {
+            mark(&mut whole, f.first_slot, 0..f.size.div_ceil(cs), group);
+            continue;
+        }
         let Some(t) = f.elf_tables()? else { continue };
+        for r in elf::loader_ranges(&t.sections, f.size) {
+            mark(
+                &mut whole,
+                f.first_slot,
+                chunks_inside(&r, cs, f.size),
+                group,
+            );
+        }
         for r in elf::late_ranges(&t.sections, &t.names, f.size) {
-            // The chunks wholly inside r: from the first boundary at or after its start to
-            // the last one at or before its end (the file's end counts as one).
-            let first = r.start.div_ceil(cs);
-            let end = if r.end == f.size {
-                r.end.div_ceil(cs)
-            } else {
-                r.end / cs
-            };
-            for c in first..end {
-                if let Some(s) = late.get_mut((f.first_slot + c) as usize) {
-                    *s = true;
-                }
-            }
+            let chunks = chunks_inside(&r, cs, f.size);
+            mark(&mut whole, f.first_slot, chunks.clone(), group);
+            mark(&mut late, f.first_slot, chunks, true);
         }
     }
-    Ok(late)
+    Ok(Placement { late, whole })
 }

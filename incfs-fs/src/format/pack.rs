@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use super::dictionary::Encoder;
 use super::grouping::{Trained, train_dictionaries};
-use super::layout::{FileSpan, late_slots};
+use super::layout::{FileSpan, WHOLE_FRAME_BYTES, place};
 use super::{
     ChunkEntry, ChunkTable, DEFAULT_CHUNK_SIZE, Dictionary, Digest, DirEntry, FormatError,
     HEADER_LEN, Header, Inode, InodeKind, MAX_CHUNK_SIZE, MAX_FRAME_LEN, MIN_CHUNK_SIZE, Manifest,
@@ -45,7 +45,9 @@ pub struct PackOptions {
     pub level: i32,
     /// Raw bytes of consecutive distinct chunks compressed together into one frame (at most
     /// [`MAX_FRAME_LEN`]); `0` or anything up to the chunk size keeps one chunk per frame
-    /// (the default). A read of any chunk of a frame fetches the whole frame.
+    /// (the default). A read of any chunk of a frame fetches the whole frame. Chunks that
+    /// are read whole anyway share frames of up to 256 KiB whatever this says
+    /// ([`super::layout::Placement::whole`]).
     pub frame_bytes: u32,
     /// Train zstd dictionaries for groups of similar chunks ([`super::grouping`]) and
     /// compress each chunk of a group with its dictionary. Default on.
@@ -242,11 +244,7 @@ pub fn pack_dir(
     } else {
         Trained::default()
     };
-    let late = if opts.late_sections_last {
-        late_slots(&spans, opts.chunk_size, slots)?
-    } else {
-        Vec::new()
-    };
+    let placement = place(&spans, opts.chunk_size, slots, opts.late_sections_last)?;
     drop(spans);
     let mut data = tempfile::tempfile_in(parent_dir(out)).map_err(werr)?;
     // The dictionaries lead the data section: a reader needs one before the first chunk of
@@ -271,7 +269,8 @@ pub fn pack_dir(
         out: &mut data,
         tail: &mut tail,
         slot_dictionary: &trained.slot_dictionary,
-        late: &late,
+        late: &placement.late,
+        whole: &placement.whole,
         encoders: &encoders,
         entries: Vec::new(),
         seen: HashMap::new(),
@@ -312,7 +311,7 @@ pub fn pack_dir(
     writer.write_batch(batch.take(), opts, progress, &werr)?;
     let late_bytes = writer.tail_len;
     let (entries, data_len) = writer.append_tail(&werr)?;
-    let late_chunks = late.iter().filter(|&&l| l).count() as u64;
+    let late_chunks = placement.late.iter().filter(|&&l| l).count() as u64;
     let (unique, dedupe_saved) = (writer.unique, writer.dedupe_saved);
 
     let table = ChunkTable::new(entries);
@@ -630,12 +629,13 @@ impl Batch {
     }
 }
 
-/// A frame of a batch being filled: its raw bytes, its dictionary's number (0: none) and
-/// whether it goes in the late tail.
+/// A frame of a batch being filled: its raw bytes, its dictionary's number (0: none),
+/// whether it goes in the late tail, and the group of chunks read whole it holds (0: none).
 struct RawFrame {
     raw: Vec<u8>,
     dictionary: u8,
     late: bool,
+    whole: u32,
 }
 
 /// Stored offsets of the late tail while packing: the tail is written to a file of its own
@@ -661,6 +661,8 @@ struct ChunkWriter<'a> {
     slot_dictionary: &'a [u8],
     /// Per slot, whether it goes in the late tail (empty: none does).
     late: &'a [bool],
+    /// Per slot, its group of chunks read whole (0: none; empty: none has one).
+    whole: &'a [u32],
     encoders: &'a [Encoder],
     entries: Vec<ChunkEntry>,
     /// Chunks stored so far, by digest and whether in the tail (a chunk a start reads is
@@ -718,6 +720,12 @@ impl ChunkWriter<'_> {
                 .copied()
                 .unwrap_or(0);
             let late = self.late.get(first_slot + i).copied().unwrap_or(false);
+            let whole = self.whole.get(first_slot + i).copied().unwrap_or(0);
+            let limit = if whole == 0 {
+                frame_bytes
+            } else {
+                frame_bytes.max(WHOLE_FRAME_BYTES as usize)
+            };
             if let Some(e) = self.seen.get(&(*digest, late)) {
                 places.push(Place::Known(*e));
             } else if let Some(&(frame, offset)) = in_batch.get(&(*digest, late)) {
@@ -729,13 +737,15 @@ impl ChunkWriter<'_> {
             } else {
                 match frames.last() {
                     Some(f)
-                        if f.raw.len() + raw.len() <= frame_bytes
+                        if f.raw.len() + raw.len() <= limit
                             && f.dictionary == dictionary
-                            && f.late == late => {}
+                            && f.late == late
+                            && f.whole == whole => {}
                     _ => frames.push(RawFrame {
-                        raw: Vec::with_capacity(frame_bytes.max(raw.len())),
+                        raw: Vec::with_capacity(limit.max(raw.len())),
                         dictionary,
                         late,
+                        whole,
                     }),
                 }
                 let frame = frames.len() - 1;
