@@ -34,9 +34,9 @@ pub struct PackArgs {
     level: i32,
     /// Compress consecutive chunks together in frames of this many raw bytes (at most 4M;
     /// the chunk size or less: one chunk per frame). A read of a chunk fetches its frame.
-    /// Chunks that are read whole anyway (a file under 256 KiB, an ELF file's loader and
-    /// late sections) share frames of up to 256 KiB whatever this says. With --order, the
-    /// chunks the plan leaves out are stored one per frame again.
+    /// Chunks that are read whole anyway share frames of up to 256 KiB whatever this says
+    /// (see --chunk-frames). With --order, the chunks the plan leaves out are stored one per
+    /// frame again.
     #[arg(long, value_parser = parse_size, default_value = "0")]
     cold_frame_size: u64,
     /// Compress every chunk alone, without the zstd dictionaries `pack` trains for groups of
@@ -48,6 +48,12 @@ pub struct PackArgs {
     /// after everything else, so a start without a plan does not wait for them.
     #[arg(long)]
     file_order: bool,
+    /// Keep every chunk in a frame of its own (unless --cold-frame-size says otherwise). By
+    /// default the chunks that are read whole anyway (every chunk of a file under 256 KiB, an
+    /// ELF file's loader and late sections) share frames of up to 256 KiB, which compress
+    /// better; one chunk a frame lets an update of a small file fetch only its changed chunks.
+    #[arg(long)]
+    chunk_frames: bool,
     /// Store hot chunks first: a prefetch plan (`.json`, made for an image of this tree at
     /// this chunk size), or traces / read-logs of the program to plan from (as `incfs plan`
     /// does with its defaults). The planned chunks lead the data section in plan order,
@@ -276,6 +282,7 @@ pub fn pack(a: PackArgs) -> anyhow::Result<ExitCode> {
         frame_bytes: u32::try_from(a.cold_frame_size).unwrap_or(u32::MAX),
         dictionaries: !a.no_dictionaries,
         late_sections_last: !a.file_order,
+        whole_frames: !a.chunk_frames,
     };
     if a.hot.base.is_some() && a.order.is_empty() {
         anyhow::bail!(

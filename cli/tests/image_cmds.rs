@@ -302,3 +302,43 @@ fn pack_trains_dictionaries_unless_told_not_to_and_inspect_shows_them() {
         sizes[1]
     );
 }
+
+#[test]
+fn pack_frames_a_small_file_whole_unless_given_chunk_frames() {
+    use incfs_fs::format::Image;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    tree(&src);
+    // sub/b.bin: 20,000 bytes in 5 chunks of 4 KiB, the first four the same bytes (stored
+    // once): one frame for the whole file, or two frames of one chunk each.
+    let frames_of = |img: &Path| {
+        let image = Image::open_path(img, None).unwrap();
+        let f = image
+            .files()
+            .into_iter()
+            .find(|f| f.path == b"sub/b.bin")
+            .unwrap();
+        let offsets: std::collections::BTreeSet<u64> = (f.first_chunk..f.first_chunk + f.chunks)
+            .map(|s| image.table().get(s).unwrap().stored_offset)
+            .collect();
+        (f.chunks, offsets.len())
+    };
+    for (extra, frames) in [(None, 1), (Some("--chunk-frames"), 2)] {
+        let img = tmp.path().join(format!("{}.img", frames));
+        let mut args = vec!["pack", src.to_str().unwrap(), "-o", img.to_str().unwrap()];
+        args.extend(extra);
+        let out = incfs(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(frames_of(&img), (5, frames), "{extra:?}");
+        let out = incfs(&["verify", img.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

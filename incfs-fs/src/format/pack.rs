@@ -45,9 +45,9 @@ pub struct PackOptions {
     pub level: i32,
     /// Raw bytes of consecutive distinct chunks compressed together into one frame (at most
     /// [`MAX_FRAME_LEN`]); `0` or anything up to the chunk size keeps one chunk per frame
-    /// (the default). A read of any chunk of a frame fetches the whole frame. Chunks that
-    /// are read whole anyway share frames of up to 256 KiB whatever this says
-    /// ([`super::layout::Placement::whole`]).
+    /// (the default). A read of any chunk of a frame fetches the whole frame. With
+    /// `whole_frames`, chunks that are read whole anyway share frames of up to 256 KiB
+    /// whatever this says.
     pub frame_bytes: u32,
     /// Train zstd dictionaries for groups of similar chunks ([`super::grouping`]) and
     /// compress each chunk of a group with its dictionary. Default on.
@@ -56,6 +56,13 @@ pub struct PackOptions {
     /// debug information) after every other chunk ([`super::layout`]). Default on; off
     /// keeps every chunk in file order.
     pub late_sections_last: bool,
+    /// Compress chunks that are read whole anyway (a small file, an ELF file's loader and
+    /// late sections) in shared frames of up to 256 KiB ([`super::layout::Placement::whole`]).
+    /// Off by default here, so a chunk is its own frame unless `frame_bytes` says otherwise
+    /// (what fetch accounting and updates count chunk by chunk); `incfs pack` turns it on
+    /// unless given `--chunk-frames`. Off, an update of a small file fetches only its
+    /// changed chunks, not its frame.
+    pub whole_frames: bool,
 }
 
 impl Default for PackOptions {
@@ -66,6 +73,7 @@ impl Default for PackOptions {
             frame_bytes: 0,
             dictionaries: true,
             late_sections_last: true,
+            whole_frames: false,
         }
     }
 }
@@ -270,7 +278,11 @@ pub fn pack_dir(
         tail: &mut tail,
         slot_dictionary: &trained.slot_dictionary,
         late: &placement.late,
-        whole: &placement.whole,
+        whole: if opts.whole_frames {
+            &placement.whole
+        } else {
+            &[]
+        },
         encoders: &encoders,
         entries: Vec::new(),
         seen: HashMap::new(),
