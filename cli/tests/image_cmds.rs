@@ -238,6 +238,18 @@ fn pack_order_stores_planned_chunks_first_and_writes_their_plan() {
 }
 
 /// 600 text files of one extension, each a chunk of words from one vocabulary.
+/// `incfs pack SRC -o IMG [EXTRA]`, which must succeed.
+fn pack_with(src: &Path, img: &Path, extra: Option<&str>) {
+    let mut args = vec!["pack", src.to_str().unwrap(), "-o", img.to_str().unwrap()];
+    args.extend(extra);
+    let out = incfs(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn similar_files(dir: &Path) {
     const WORDS: &[&str] = &[
         "import", "return", "value", "buffer", "offset", "handler", "request", "config", "error",
@@ -266,14 +278,7 @@ fn pack_trains_dictionaries_unless_told_not_to_and_inspect_shows_them() {
     let mut sizes = Vec::new();
     for (name, extra) in [("dict.img", None), ("plain.img", Some("--no-dictionaries"))] {
         let img = tmp.path().join(name);
-        let mut args = vec!["pack", src.to_str().unwrap(), "-o", img.to_str().unwrap()];
-        args.extend(extra);
-        let out = incfs(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        pack_with(&src, &img, extra);
         let out = incfs(&["inspect", img.to_str().unwrap(), "--json"]);
         assert!(out.status.success());
         let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -325,14 +330,7 @@ fn pack_frames_a_small_file_whole_unless_given_chunk_frames() {
     };
     for (extra, frames) in [(None, 1), (Some("--chunk-frames"), 2)] {
         let img = tmp.path().join(format!("{}.img", frames));
-        let mut args = vec!["pack", src.to_str().unwrap(), "-o", img.to_str().unwrap()];
-        args.extend(extra);
-        let out = incfs(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        pack_with(&src, &img, extra);
         assert_eq!(frames_of(&img), (5, frames), "{extra:?}");
         let out = incfs(&["verify", img.to_str().unwrap()]);
         assert!(
