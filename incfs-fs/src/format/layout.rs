@@ -20,7 +20,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::pack::{PackError, open_in_tree};
+use super::pack::{PackError, PackOptions, open_in_tree};
 use crate::elf;
 
 /// Files smaller than this keep every chunk in place: the read-ahead fetches a file of up
@@ -94,11 +94,10 @@ pub const WHOLE_FRAME_BYTES: u32 = 256 * 1024;
 /// Where each chunk slot of a tree goes.
 pub struct Placement {
     /// Per slot, whether it is stored in the late tail: a chunk of a file of at least
-    /// [`MIN_FILE_BYTES`] that lies wholly within the file's late sections (empty when the
-    /// tail is off).
+    /// [`MIN_FILE_BYTES`] that lies wholly within the file's late sections (empty: none).
     pub late: Vec<bool>,
     /// Per slot, the group of chunks a reader takes all of, numbered by file from 1 (0:
-    /// none): every chunk of a file smaller than [`MIN_FILE_BYTES`] (the read-ahead fetches
+    /// none; empty: none has one): every chunk of a file smaller than [`MIN_FILE_BYTES`] (the read-ahead fetches
     /// it whole), and the chunks wholly inside a larger ELF file's loader sections (read
     /// whole at start, [`elf::loader_ranges`]) or late sections (read whole only by the
     /// fill). Consecutive chunks of one group share frames of up to [`WHOLE_FRAME_BYTES`],
@@ -130,16 +129,21 @@ fn mark<T: Copy>(v: &mut [T], first_slot: u64, chunks: Range<u64>, value: T) {
     }
 }
 
-/// Places the chunk slots of `files` (slots `0..slots`); `late_last` turns the late tail on.
+/// Places the chunk slots of `files` (slots `0..slots`) as `opts` asks: the late tail with
+/// `late_sections_last`, the groups read whole with `whole_frames` (each empty when off; no
+/// file is read when both are).
 pub fn place(
     files: &[FileSpan<'_>],
-    chunk_size: u32,
     slots: u64,
-    late_last: bool,
+    opts: &PackOptions,
 ) -> Result<Placement, PackError> {
-    let cs = u64::from(chunk_size);
-    let mut late = vec![false; if late_last { slots as usize } else { 0 }];
-    let mut whole = vec![0u32; slots as usize];
+    let cs = u64::from(opts.chunk_size);
+    let len = |on: bool| if on { slots as usize } else { 0 };
+    let mut late = vec![false; len(opts.late_sections_last)];
+    let mut whole = vec![0u32; len(opts.whole_frames)];
+    if late.is_empty() && whole.is_empty() {
+        return Ok(Placement { late, whole });
+    }
     for (i, f) in files.iter().enumerate() {
         let group = u32::try_from(i + 1).unwrap_or(u32::MAX);
         if f.size < MIN_FILE_BYTES {

@@ -252,7 +252,7 @@ pub fn pack_dir(
     } else {
         Trained::default()
     };
-    let placement = place(&spans, opts.chunk_size, slots, opts.late_sections_last)?;
+    let placement = place(&spans, slots, opts)?;
     drop(spans);
     let mut data = tempfile::tempfile_in(parent_dir(out)).map_err(werr)?;
     // The dictionaries lead the data section: a reader needs one before the first chunk of
@@ -278,11 +278,7 @@ pub fn pack_dir(
         tail: &mut tail,
         slot_dictionary: &trained.slot_dictionary,
         late: &placement.late,
-        whole: if opts.whole_frames {
-            &placement.whole
-        } else {
-            &[]
-        },
+        whole: &placement.whole,
         encoders: &encoders,
         entries: Vec::new(),
         seen: HashMap::new(),
