@@ -330,6 +330,10 @@ fn serve_in(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     // So are deltas against an older image the cache holds.
     let deltas =
         incfs_fs::fetch::delta::spawn_fetch(&a.source, &config.cache_dir, &config.fetch.retry());
+    // And the fill's bulk sidecar, when the fill runs.
+    let bulk = fill
+        .as_ref()
+        .and_then(|_| incfs_fs::fetch::bulk::spawn_fetch(&a.source, &config.fetch.retry()));
     let source = incfs_fs::source::open_or_offline(&a.source, &config.fetch.retry())
         .with_context(|| format!("opening the source {} (check the path or URL)", a.source))?;
     let fs = Arc::new(
@@ -338,6 +342,9 @@ fn serve_in(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     );
     if let Some(d) = deltas {
         fs.use_deltas(d);
+    }
+    if let Some(b) = bulk {
+        fs.use_bulk(b);
     }
     let pushed_plan = oci.as_ref().and_then(|o| o.plan.as_ref());
     if let Some(path) = &a.prefetch {
@@ -471,7 +478,10 @@ pub fn stats(a: StatsArgs) -> anyhow::Result<ExitCode> {
     )?;
     for (k, val) in map {
         let shown = match (k.as_str(), val.as_u64()) {
-            ("bytes_fetched" | "bytes_used" | "bytes_cached" | "table_bytes", Some(n)) => {
+            (
+                "bytes_fetched" | "bytes_used" | "bytes_cached" | "table_bytes" | "bulk_bytes",
+                Some(n),
+            ) => {
                 format!("{n} ({})", human(n))
             }
             (_, _) => match val {

@@ -22,6 +22,17 @@ pub fn bytes_bar(message: &'static str) -> ProgressBar {
     bar
 }
 
+/// A spinner with `message`, hidden when stderr is not a terminal.
+pub fn spinner(message: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_message(message.to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
+}
+
 /// Adapts a bar to the packer's progress callbacks.
 pub struct PackBar(pub ProgressBar);
 

@@ -309,6 +309,36 @@ fn pack_trains_dictionaries_unless_told_not_to_and_inspect_shows_them() {
 }
 
 #[test]
+fn pack_writes_the_bulk_sidecar_and_no_bulk_removes_an_old_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    similar_files(&src);
+    let img = tmp.path().join("app.img");
+    let bulk = tmp.path().join("app.img.bulk");
+    pack_with(&src, &img, None);
+    let (root, _) = incfs_fs::format::bulk::parse_header(&fs::read(&bulk).unwrap()).unwrap();
+    let image = incfs_fs::format::Image::open_path(&img, None).unwrap();
+    assert_eq!(root, image.root_digest(), "the sidecar names its image");
+    assert!(fs::metadata(&bulk).unwrap().len() < fs::metadata(&img).unwrap().len());
+    pack_with(&src, &img, Some("--no-bulk"));
+    assert!(
+        !bulk.exists(),
+        "--no-bulk leaves no sidecar of an older image behind"
+    );
+    let out = incfs(&[
+        "pack",
+        src.to_str().unwrap(),
+        "-o",
+        img.to_str().unwrap(),
+        "--bulk-frame-size",
+        "8M",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--bulk-frame-size"), "{err}");
+}
+
+#[test]
 fn pack_frames_a_small_file_whole_unless_given_chunk_frames() {
     use incfs_fs::format::Image;
     let tmp = tempfile::tempdir().unwrap();

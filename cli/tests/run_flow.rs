@@ -183,6 +183,83 @@ fn a_plan_from_the_programs_own_read_log_removes_its_blocked_reads() {
 }
 
 #[test]
+fn a_lazy_run_over_http_fills_from_the_bulk_frames_pack_wrote_beside_the_image() {
+    if !require(
+        "a_lazy_run_over_http_fills_from_the_bulk_frames_pack_wrote_beside_the_image",
+        &[Need::Root, Need::Fuse],
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    // Text that compresses better in large frames than 4 KiB at a time.
+    for i in 0..24u64 {
+        let mut text = String::new();
+        let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        while text.len() < 300_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            text.push_str(
+                ["fn ", "let ", "match ", "self.", "return ", "Ok(()) "][(x % 6) as usize],
+            );
+            text.push_str(&format!("v{} ", x % 500));
+        }
+        fs::write(tree.join(format!("f{i:02}.rs")), text).unwrap();
+    }
+    let www = tmp.path().join("www");
+    fs::create_dir_all(&www).unwrap();
+    let img = www.join("app.img");
+    ok(incfs()
+        .args(["pack", "-o"])
+        .arg(&img)
+        .arg(&tree)
+        .output()
+        .unwrap());
+    let image_bytes = fs::metadata(&img).unwrap().len();
+    assert!(
+        www.join("app.img.bulk").is_file(),
+        "pack writes app.img.bulk"
+    );
+    let server = Server::start(ServeConfig::new(&www)).unwrap();
+    let stats_json = tmp.path().join("stats.json");
+    // Read one file, wait for the fill to finish, then print every file's checksum.
+    let script = "cat {mnt}/f00.rs > /dev/null; \
+                  for i in $(seq 400); do grep -Eq '\"done\": ?true' {mnt}/.incfs/stats && break; sleep 0.05; done; \
+                  cat {mnt}/f*.rs | cksum";
+    let out = ok(incfs()
+        .args(["run", "--image", &server.url("app.img")])
+        .arg("--cache")
+        .arg(tmp.path().join("cache"))
+        .arg("--stats-json")
+        .arg(&stats_json)
+        .args(["--", "sh", "-c", script])
+        .output()
+        .unwrap());
+    let want = Command::new("sh")
+        .arg("-c")
+        .arg(format!("cat {}/f*.rs | cksum", tree.display()))
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, want.stdout, "every byte read through the mount");
+    let s = stats(&stats_json)["stats"].clone();
+    assert_eq!(s["fill"]["done"], serde_json::json!(true), "{s}");
+    let (bulk, total) = (
+        s["chunks_from_bulk"].as_u64().unwrap(),
+        s["chunks_total"].as_u64().unwrap(),
+    );
+    assert!(
+        bulk * 2 > total,
+        "{bulk} of {total} chunks from the bulk frames: {s}"
+    );
+    assert!(
+        s["bytes_fetched"].as_u64().unwrap() < image_bytes,
+        "the fill moved fewer bytes than the image holds ({image_bytes}): {s}"
+    );
+}
+
+#[test]
 fn exit_status_is_propagated_and_other_images_plans_are_refused() {
     if !require(
         "exit_status_is_propagated_and_other_images_plans_are_refused",

@@ -166,6 +166,11 @@ pub fn run(
     // So are deltas against an older image the cache holds.
     let deltas =
         crate::fetch::delta::spawn_fetch(&cfg.source, &cfg.fs.cache_dir, &cfg.fs.fetch.retry());
+    // And the fill's bulk sidecar, when the fill runs.
+    let bulk = cfg
+        .fill
+        .as_ref()
+        .and_then(|_| crate::fetch::bulk::spawn_fetch(&cfg.source, &cfg.fs.fetch.retry()));
     let src = source::open_or_offline(&cfg.source, &cfg.fs.fetch.retry()).map_err(|error| {
         RunError::Source {
             spec: cfg.source.clone(),
@@ -175,6 +180,9 @@ pub fn run(
     let fs = Arc::new(IncFs::new(src, &cfg.fs)?);
     if let Some(d) = deltas {
         fs.use_deltas(d);
+    }
+    if let Some(b) = bulk {
+        fs.use_bulk(b);
     }
     if let Some(path) = &cfg.plan {
         let plan = PrefetchPlan::load(path)?;

@@ -848,10 +848,11 @@ fn resolve(root: &Root, raw_path: &str) -> Target {
             if rel.is_empty() || rel == name {
                 return open_file(file);
             }
-            // The image's plan, signature and deltas, when they lie beside it (`NAME.plan.json`,
-            // `NAME.sig`, `NAME.delta`): a mount looks for them there.
+            // The image's plan, signature, deltas and bulk frames, when they lie beside it
+            // (`NAME.plan.json`, `NAME.sig`, `NAME.delta`, `NAME.bulk`): a mount looks for
+            // them there.
             match rel.strip_prefix(name.as_str()) {
-                Some(suffix @ (".plan.json" | ".sig" | ".delta")) => {
+                Some(suffix @ (".plan.json" | ".sig" | ".delta" | ".bulk")) => {
                     let mut beside = file.as_os_str().to_owned();
                     beside.push(suffix);
                     open_file(Path::new(&beside))

@@ -16,71 +16,6 @@ use incfs_fs::source::{MockSource, Source};
 
 const CHUNK: u32 = 4096;
 
-/// Deterministic text with a shared vocabulary, the way a tree of source files is: each
-/// chunk compresses a little alone and much better with a dictionary of the others.
-fn source_text(seed: u64, len: usize) -> Vec<u8> {
-    const WORDS: &[&str] = &[
-        "def",
-        "return",
-        "self",
-        "import",
-        "from",
-        "class",
-        "lambda",
-        "yield",
-        "value",
-        "result",
-        "index",
-        "buffer",
-        "offset",
-        "length",
-        "config",
-        "options",
-        "handler",
-        "request",
-        "response",
-        "error",
-        "raise",
-        "except",
-        "finally",
-        "with",
-        "async",
-        "await",
-        "for",
-        "while",
-        "in",
-        "not",
-        "and",
-        "or",
-        "None",
-        "True",
-        "False",
-        "print",
-        "len(",
-        "range(",
-        "dict(",
-        "list(",
-        "isinstance(",
-        "__init__",
-        "__name__",
-        "kwargs",
-    ];
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 16);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(WORDS[(x % WORDS.len() as u64) as usize].as_bytes());
-        out.push(if x.is_multiple_of(11) { b'\n' } else { b' ' });
-        if x.is_multiple_of(29) {
-            out.extend_from_slice(format!("{}", x % 1000).as_bytes());
-        }
-    }
-    out.truncate(len);
-    out
-}
-
 /// A 64-bit little-endian ELF file of `len` bytes whose one section, `[4096, 4096 +
 /// section)`, holds text and whose other bytes are zeros.
 fn fake_elf(len: usize, section: usize, seed: u64) -> Vec<u8> {
@@ -98,7 +33,7 @@ fn fake_elf(len: usize, section: usize, seed: u64) -> Vec<u8> {
     b[sh + 8..sh + 16].copy_from_slice(&6u64.to_le_bytes());
     b[sh + 0x18..sh + 0x20].copy_from_slice(&4096u64.to_le_bytes());
     b[sh + 0x20..sh + 0x28].copy_from_slice(&(section as u64).to_le_bytes());
-    b[4096..4096 + section].copy_from_slice(&source_text(seed, section));
+    b[4096..4096 + section].copy_from_slice(&common::source_text(seed, section));
     b
 }
 
@@ -109,7 +44,7 @@ fn similar_tree(root: &Path) {
     for i in 0..700u64 {
         fs::write(
             root.join("pkg").join(format!("m{i}.py")),
-            source_text(i + 1, 2 * CHUNK as usize - 100),
+            common::source_text(i + 1, 2 * CHUNK as usize - 100),
         )
         .unwrap();
     }
@@ -232,7 +167,7 @@ fn a_damaged_dictionary_is_refused_and_never_gives_other_bytes() {
         let want = fs::read(p.tree.join(f.display_path())).unwrap();
         let uses_it = (f.first_chunk..f.first_chunk + f.chunks)
             .any(|s| img.table().get(s).unwrap().dictionary == 1);
-        match read_file(&fs, &f.display_path()) {
+        match common::read_file(&fs, &f.display_path()) {
             Ok(got) => {
                 assert!(
                     !uses_it,
@@ -252,26 +187,6 @@ fn a_damaged_dictionary_is_refused_and_never_gives_other_bytes() {
     fs.shutdown().unwrap();
 }
 
-fn read_file(fs: &Arc<IncFs>, path: &str) -> Result<Vec<u8>, FsError> {
-    let mut ino = 1;
-    for comp in path.split('/') {
-        ino = fs.lookup(ino, comp.as_bytes())?.ino;
-    }
-    let (fh, _) = fs.open(ino)?;
-    let size = fs.getattr(ino)?.size;
-    let mut out = Vec::new();
-    let r = (|| {
-        while (out.len() as u64) < size {
-            let b = fs.read(ino, fh, out.len() as u64, 1 << 20)?;
-            assert!(!b.is_empty());
-            out.extend_from_slice(&b);
-        }
-        Ok(())
-    })();
-    fs.release(fh);
-    r.map(|()| out)
-}
-
 #[test]
 fn a_lazy_mount_fetches_each_dictionary_once_and_reads_every_file_right() {
     let p = packed();
@@ -284,7 +199,7 @@ fn a_lazy_mount_fetches_each_dictionary_once_and_reads_every_file_right() {
     let fs = Arc::new(IncFs::new(dyn_src, &cfg).unwrap());
     for f in img.files() {
         let want = fs::read(p.tree.join(f.display_path())).unwrap();
-        assert_eq!(read_file(&fs, &f.display_path()).unwrap(), want);
+        assert_eq!(common::read_file(&fs, &f.display_path()).unwrap(), want);
     }
     let data = img.header().data_offset;
     for d in &img.manifest().dictionaries {
@@ -398,7 +313,7 @@ fn the_fill_fetches_each_dictionary_once_and_none_when_everything_is_local() {
         assert_eq!(dictionary_requests(&src), want, "round {round}");
         for f in img.files().iter().step_by(50) {
             let want = fs::read(p.tree.join(f.display_path())).unwrap();
-            assert_eq!(read_file(&fs, &f.display_path()).unwrap(), want);
+            assert_eq!(common::read_file(&fs, &f.display_path()).unwrap(), want);
         }
         fs.shutdown().unwrap();
     }

@@ -16,6 +16,11 @@
 //! library will fault its neighbours next, and they are then on their way before it asks.
 //! Once it reaches the end it wraps around to what it skipped.
 //!
+//! **Its own frames.** When the image is published with a bulk sidecar (`IMG.bulk`, which
+//! `incfs pack` writes), the scheduler asks for the fill's batches as the sidecar's large
+//! frames, which compress far better than the image's one-chunk frames
+//! ([`crate::format::bulk`]); demand and prefetch keep the image's.
+//!
 //! An optional bandwidth cap paces it with a token bucket. A batch that fails (the source
 //! is down) is retried with a growing pause, for as long as the mount lives.
 
@@ -162,6 +167,8 @@ fn run(s: &Shared, fetcher: &Fetcher, config: &FillConfig) {
             }
         }
     }
+    // The sidecar's large frames, when one is published beside the image ([`super::bulk`]).
+    fetcher.take_up_bulk();
     // Every slot not local, in stored order.
     let mut order: Vec<(u64, u64)> = (0..table.len())
         .filter(|&slot| !cache.is_local(slot))

@@ -40,15 +40,16 @@
 //! an error once it has waited [`FetchConfig::retry_timeout`], whatever the source does, and
 //! a worker that panics fails its slots instead of leaving them in flight.
 
+pub mod bulk;
 pub mod delta;
 pub mod fill;
 pub mod readahead;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -243,6 +244,10 @@ pub struct FetchStats {
     pub delta_chunks: u64,
     /// Bytes of those deltas (counted in `bytes_fetched` too).
     pub delta_bytes: u64,
+    /// Chunks the fill took from the bulk sidecar's frames ([`bulk`]).
+    pub bulk_chunks: u64,
+    /// Bytes of those frames (counted in `bytes_fetched` too).
+    pub bulk_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,7 +324,19 @@ struct Inner {
     deltas: std::sync::OnceLock<delta::Deltas>,
     delta_chunks: AtomicU64,
     delta_bytes: AtomicU64,
+    /// The bulk sidecar while its fetch is under way, with the image's root digest
+    /// ([`Fetcher::expect_bulk`]), then the sidecar once the fill has taken it up.
+    bulk_fetch: Mutex<Option<(bulk::BulkFetch, crate::format::Digest)>>,
+    bulk: std::sync::OnceLock<bulk::Bulk>,
+    /// Bulk requests that failed in a row; at [`MAX_BULK_FAILURES`] the sidecar is dropped.
+    bulk_failures: AtomicU32,
+    bulk_chunks: AtomicU64,
+    bulk_bytes: AtomicU64,
 }
+
+/// Failed bulk requests in a row after which the fill fetches the image's own frames only:
+/// a sidecar that vanished or keeps failing must not cost every batch a timeout.
+const MAX_BULK_FAILURES: u32 = 3;
 
 /// The scheduler. Dropping it stops the workers and answers every waiter.
 pub struct Fetcher {
@@ -364,6 +381,11 @@ impl Fetcher {
             deltas: std::sync::OnceLock::new(),
             delta_chunks: AtomicU64::new(0),
             delta_bytes: AtomicU64::new(0),
+            bulk_fetch: Mutex::new(None),
+            bulk: std::sync::OnceLock::new(),
+            bulk_failures: AtomicU32::new(0),
+            bulk_chunks: AtomicU64::new(0),
+            bulk_bytes: AtomicU64::new(0),
         });
         let mut threads = Vec::with_capacity(n + 1);
         for i in 0..n {
@@ -572,6 +594,8 @@ impl Fetcher {
             reads_timed_out: i.reads_timed_out.load(Ordering::Relaxed),
             delta_chunks: i.delta_chunks.load(Ordering::Relaxed),
             delta_bytes: i.delta_bytes.load(Ordering::Relaxed),
+            bulk_chunks: i.bulk_chunks.load(Ordering::Relaxed),
+            bulk_bytes: i.bulk_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -581,6 +605,40 @@ impl Fetcher {
     pub fn use_deltas(&self, deltas: delta::Deltas) {
         tracing::info!(chunks = deltas.len(), base = %deltas.base_root, "chunks this cache's older image can rebuild come as deltas");
         let _ = self.inner.deltas.set(deltas);
+    }
+
+    /// The bulk sidecar being fetched beside the image whose root digest is `root`
+    /// ([`bulk::spawn_fetch`]): the fill takes it up when it starts ([`Fetcher::take_up_bulk`]).
+    pub fn expect_bulk(&self, fetch: bulk::BulkFetch, root: crate::format::Digest) {
+        *self.inner.bulk_fetch.lock() = Some((fetch, root));
+    }
+
+    /// Waits for the sidecar [`Fetcher::expect_bulk`] was given and, when it is usable for
+    /// this image, asks for background batches as its frames from now on. True when it is
+    /// used.
+    pub fn take_up_bulk(&self) -> bool {
+        let Some((fetch, root)) = self.inner.bulk_fetch.lock().take() else {
+            return self.inner.bulk.get().is_some();
+        };
+        let fetched = match fetch.join() {
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) | Err(_) => return false,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "the background fill fetches the image's own frames: the bulk sidecar cannot be read");
+                return false;
+            }
+        };
+        match bulk::Bulk::new(fetched, &root, self.inner.table.len()) {
+            Ok(b) => {
+                tracing::info!(sidecar = %b.spec, frames = b.len(), "the background fill fetches the bulk sidecar's frames");
+                let _ = self.inner.bulk.set(b);
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the background fill fetches the image's own frames");
+                false
+            }
+        }
     }
 
     /// True when this scheduler fetched and stored `slot` (since it started).
@@ -895,6 +953,13 @@ impl Inner {
                 self.last_demand
                     .store(first_entry.stored_offset + 1, Ordering::Relaxed);
             }
+            if p == Priority::Background
+                && let Some((b, k)) = self
+                    .usable_bulk()
+                    .and_then(|b| Some((b, b.frame_of(first)?)))
+            {
+                return Some(self.take_bulk_frames(st, b, first, k, limit));
+            }
             let mut batch = vec![first];
             let mut amplify_left = if amplify {
                 self.config.miss_amplify_bytes
@@ -1081,7 +1146,12 @@ impl Inner {
     fn run(&self, batch: Vec<u64>, priority: Priority) {
         let mut policy = self.config.retry().begin();
         let remaining = self.seed(batch);
-        let mut remaining = self.rebuild(remaining, priority, policy.timeout());
+        let remaining = self.rebuild(remaining, priority, policy.timeout());
+        let mut remaining = if priority == Priority::Background {
+            self.fetch_bulk(remaining, policy.timeout())
+        } else {
+            remaining
+        };
         if remaining.is_empty() {
             return;
         }
@@ -1155,12 +1225,22 @@ impl Inner {
         priority: Priority,
         timeout: Duration,
     ) -> Result<(), (Vec<u8>, String)> {
-        let mut wanted: Vec<u8> = slots
+        let wanted: Vec<u8> = slots
             .iter()
             .filter_map(|s| self.table.get(*s))
             .map(|e| e.dictionary)
-            .filter(|&d| d != 0)
             .collect();
+        self.load_dictionary_numbers(wanted, priority, timeout)
+    }
+
+    /// [`Inner::load_dictionaries`] of dictionaries given by number (0s are skipped).
+    fn load_dictionary_numbers(
+        &self,
+        mut wanted: Vec<u8>,
+        priority: Priority,
+        timeout: Duration,
+    ) -> Result<(), (Vec<u8>, String)> {
+        wanted.retain(|&d| d != 0);
         wanted.sort_unstable();
         wanted.dedup();
         let mut failed = Vec::new();
@@ -1343,6 +1423,195 @@ impl Inner {
         self.delta_bytes
             .fetch_add(delta.len() as u64, Ordering::Relaxed);
         true
+    }
+
+    /// The bulk sidecar, while it has not failed [`MAX_BULK_FAILURES`] times in a row.
+    fn usable_bulk(&self) -> Option<&bulk::Bulk> {
+        self.bulk
+            .get()
+            .filter(|_| self.bulk_failures.load(Ordering::Relaxed) < MAX_BULK_FAILURES)
+    }
+
+    /// A background batch as bulk frames: `first` (in frame `k`) and every chunk of that
+    /// frame and the ones after it that is neither local nor wanted elsewhere, up to `limit`
+    /// bytes of frames; with those bytes.
+    fn take_bulk_frames(
+        &self,
+        st: &mut State,
+        b: &bulk::Bulk,
+        first: u64,
+        mut k: usize,
+        limit: u64,
+    ) -> (Vec<u64>, u64) {
+        let mut batch = vec![first];
+        let mut bytes = 0u64;
+        while let Some(f) = b.frames.get(k) {
+            let len = u64::from(f.len);
+            if bytes > 0 && bytes + len > limit {
+                break;
+            }
+            let before = batch.len();
+            for s in f.slots() {
+                if s == first || self.cache.is_local(s) {
+                    continue;
+                }
+                if matches!(
+                    st.slots.get(&s),
+                    None | Some(SlotState::Queued(Priority::Background, _))
+                ) {
+                    st.slots.insert(s, SlotState::InFlight);
+                    batch.push(s);
+                }
+            }
+            if bytes > 0 && batch.len() == before {
+                break;
+            }
+            bytes += len;
+            k += 1;
+        }
+        (batch, bytes)
+    }
+
+    /// Fetches the chunks of a background `batch` as the bulk sidecar's frames that hold
+    /// them, adjacent frames as one range, one attempt; returns the chunks not stored that
+    /// way, to fetch from the image as usual.
+    fn fetch_bulk(&self, batch: Vec<u64>, timeout: Duration) -> Vec<u64> {
+        let Some(b) = self.usable_bulk() else {
+            return batch;
+        };
+        let mut frames: Vec<usize> = batch.iter().filter_map(|&s| b.frame_of(s)).collect();
+        frames.sort_unstable();
+        frames.dedup();
+        if frames.is_empty() {
+            return batch;
+        }
+        let dicts = frames.iter().map(|&k| b.frames[k].dictionary).collect();
+        if let Err((missing, why)) =
+            self.load_dictionary_numbers(dicts, Priority::Background, timeout)
+        {
+            tracing::debug!(error = %why, "dictionaries for bulk frames did not come");
+            frames.retain(|&k| !missing.contains(&b.frames[k].dictionary));
+        }
+        let wanted: HashSet<u64> = batch.iter().copied().collect();
+        // Adjacent frames make one range: (start, len, frames).
+        let mut groups: Vec<(u64, u64, Vec<usize>)> = Vec::new();
+        for k in frames {
+            let f = &b.frames[k];
+            let at = b.data_start + f.offset;
+            match groups.last_mut() {
+                Some(g) if g.0 + g.1 == at && g.1 < self.config.max_request_bytes => {
+                    g.1 += u64::from(f.len);
+                    g.2.push(k);
+                }
+                _ => groups.push((at, u64::from(f.len), vec![k])),
+            }
+        }
+        let mut stored: HashSet<u64> = HashSet::new();
+        for part in groups.chunks(b.source.ranges_per_request().max(1)) {
+            let ranges: Vec<(u64, u64)> = part.iter().map(|g| (g.0, g.1)).collect();
+            // Per range: bytes received, and how many of its frames are handled.
+            let mut bufs: Vec<(Vec<u8>, usize)> = vec![(Vec::new(), 0); part.len()];
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            let r = b.source.read_ranges_within(
+                &ranges,
+                Priority::Background.kind(),
+                timeout,
+                &mut |i, piece| {
+                    self.bytes_fetched
+                        .fetch_add(piece.len() as u64, Ordering::Relaxed);
+                    self.bulk_bytes
+                        .fetch_add(piece.len() as u64, Ordering::Relaxed);
+                    let (Some((buf, next)), Some((start, _, ks))) = (bufs.get_mut(i), part.get(i))
+                    else {
+                        return std::ops::ControlFlow::Break(());
+                    };
+                    buf.extend_from_slice(piece);
+                    while let Some(&k) = ks.get(*next) {
+                        let f = &b.frames[k];
+                        let at = (b.data_start + f.offset - start) as usize;
+                        let Some(bytes) = buf.get(at..at + f.len as usize) else {
+                            break;
+                        };
+                        let done = self.store_bulk_frame(b, f, bytes, &wanted);
+                        stored.extend(done.iter().copied());
+                        self.release(&done);
+                        *next += 1;
+                    }
+                    if self.shutdown.load(Ordering::Acquire) {
+                        std::ops::ControlFlow::Break(())
+                    } else {
+                        std::ops::ControlFlow::Continue(())
+                    }
+                },
+            );
+            match r {
+                Ok(()) => self.bulk_failures.store(0, Ordering::Relaxed),
+                Err(e) => {
+                    self.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                    let n = self.bulk_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n == MAX_BULK_FAILURES {
+                        tracing::warn!(sidecar = %b.spec, error = %e, "the bulk sidecar failed {n} times in a row; the fill fetches the image's own frames from now on");
+                    } else {
+                        tracing::debug!(sidecar = %b.spec, error = %e, "bulk frames did not come; fetching their chunks from the image");
+                    }
+                }
+            }
+        }
+        batch.into_iter().filter(|s| !stored.contains(s)).collect()
+    }
+
+    /// Decodes one bulk frame and stores the chunks of it in `wanted` that are not local,
+    /// each checked against its digest first; returns those stored.
+    fn store_bulk_frame(
+        &self,
+        b: &bulk::Bulk,
+        f: &crate::format::bulk::BulkFrame,
+        stored: &[u8],
+        wanted: &HashSet<u64>,
+    ) -> Vec<u64> {
+        let raw = self
+            .dictionaries
+            .get(f.dictionary, |_| Err(not_loaded(f.dictionary)))
+            .map_err(|e| e.to_string())
+            .and_then(|d| crate::format::bulk::decode_bulk_frame(f, stored, d));
+        let raw = match raw {
+            Ok(r) => r,
+            Err(error) => {
+                self.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(sidecar = %b.spec, offset = f.offset, %error, "a bulk frame did not decode; fetching its chunks from the image");
+                return Vec::new();
+            }
+        };
+        let mut done = Vec::new();
+        let mut at = 0usize;
+        let mut bad = 0u32;
+        for s in f.slots() {
+            let Some(e) = self.table.get(s) else {
+                break;
+            };
+            let end = at + e.raw_len as usize;
+            let Some(bytes) = raw.get(at..end) else {
+                bad += 1;
+                break;
+            };
+            at = end;
+            if !wanted.contains(&s) || self.cache.is_local(s) {
+                continue;
+            }
+            if crate::format::Digest::of(bytes) != e.digest {
+                bad += 1;
+                continue;
+            }
+            if self.store_verified(s, bytes).is_ok() {
+                self.bulk_chunks.fetch_add(1, Ordering::Relaxed);
+                done.push(s);
+            }
+        }
+        if bad > 0 {
+            self.fetch_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(sidecar = %b.spec, offset = f.offset, chunks = bad, "chunks of a bulk frame did not verify; not using their bytes, fetching them from the image");
+        }
+        done
     }
 
     /// One request for `runs` (ascending, apart; one range each, several in one request

@@ -19,6 +19,7 @@
 //! chunk's uncompressed bytes, so a reader that trusts the root digest can verify any byte it
 //! reads, from any section, without reading the rest.
 
+pub mod bulk;
 mod chunk;
 mod chunk_table;
 pub mod delta;
@@ -189,6 +190,9 @@ pub enum FormatError {
     /// A delta sidecar ([`delta`]) is not usable.
     #[error("delta sidecar is invalid: {0}")]
     DeltaInvalid(String),
+    /// A bulk sidecar ([`bulk`]) is not usable.
+    #[error("bulk sidecar is invalid: {0}")]
+    BulkInvalid(String),
     /// Writing a delta sidecar failed.
     #[error("{what}: {error}")]
     Write {

@@ -288,6 +288,13 @@ pub struct Stats {
     /// Bytes of those deltas (part of `bytes_fetched`).
     #[serde(default)]
     pub delta_bytes: u64,
+    /// Chunks the background fill took from the bulk sidecar's frames
+    /// (`incfs_fs::fetch::bulk`).
+    #[serde(default)]
+    pub chunks_from_bulk: u64,
+    /// Bytes of those frames (part of `bytes_fetched`).
+    #[serde(default)]
+    pub bulk_bytes: u64,
     /// Chunk slots local and verified.
     pub chunks_local: u64,
     /// Chunk slots the durable record claims (lags `chunks_local` by at most one flush).
@@ -711,6 +718,15 @@ impl IncFs {
                 false
             }
             Err(_) => false,
+        }
+    }
+
+    /// Takes the bulk sidecar [`crate::fetch::bulk::spawn_fetch`] is fetching beside the
+    /// image: the background fill, once it starts, fetches its large frames instead of the
+    /// image's own when it is this image's. Never waits for it.
+    pub fn use_bulk(&self, fetch: crate::fetch::bulk::BulkFetch) {
+        if !self.offline {
+            self.fetcher.expect_bulk(fetch, self.header.root_digest);
         }
     }
 
@@ -1363,6 +1379,8 @@ impl IncFs {
             bytes_seeded: self.cache.seeded().1,
             chunks_from_deltas: f.delta_chunks,
             delta_bytes: f.delta_bytes,
+            chunks_from_bulk: f.bulk_chunks,
+            bulk_bytes: f.bulk_bytes,
             chunks_local: self.cache.local_chunks(),
             chunks_durable: self.cache.durable_chunks(),
             chunks_total: self.table.len(),

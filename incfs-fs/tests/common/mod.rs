@@ -180,3 +180,92 @@ pub fn env_u64(name: &str, default: u64) -> u64 {
         .map(|v| v.parse().unwrap_or_else(|e| panic!("{name}={v}: {e}")))
         .unwrap_or(default)
 }
+
+/// Deterministic text with a shared vocabulary, the way a tree of source files is: each
+/// chunk compresses a little alone and much better with a dictionary of the others.
+pub fn source_text(seed: u64, len: usize) -> Vec<u8> {
+    const WORDS: &[&str] = &[
+        "def",
+        "return",
+        "self",
+        "import",
+        "from",
+        "class",
+        "lambda",
+        "yield",
+        "value",
+        "result",
+        "index",
+        "buffer",
+        "offset",
+        "length",
+        "config",
+        "options",
+        "handler",
+        "request",
+        "response",
+        "error",
+        "raise",
+        "except",
+        "finally",
+        "with",
+        "async",
+        "await",
+        "for",
+        "while",
+        "in",
+        "not",
+        "and",
+        "or",
+        "None",
+        "True",
+        "False",
+        "print",
+        "len(",
+        "range(",
+        "dict(",
+        "list(",
+        "isinstance(",
+        "__init__",
+        "__name__",
+        "kwargs",
+    ];
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len + 16);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(WORDS[(x % WORDS.len() as u64) as usize].as_bytes());
+        out.push(if x.is_multiple_of(11) { b'\n' } else { b' ' });
+        if x.is_multiple_of(29) {
+            out.extend_from_slice(format!("{}", x % 1000).as_bytes());
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+/// Reads the file at `path` (from the root) of a mounted-in-process `fs` whole.
+pub fn read_file(
+    fs: &std::sync::Arc<incfs_fs::fs::IncFs>,
+    path: &str,
+) -> Result<Vec<u8>, incfs_fs::fs::FsError> {
+    let mut ino = 1;
+    for comp in path.split('/') {
+        ino = fs.lookup(ino, comp.as_bytes())?.ino;
+    }
+    let (fh, _) = fs.open(ino)?;
+    let size = fs.getattr(ino)?.size;
+    let mut out = Vec::new();
+    let r = (|| {
+        while (out.len() as u64) < size {
+            let b = fs.read(ino, fh, out.len() as u64, 1 << 20)?;
+            assert!(!b.is_empty());
+            out.extend_from_slice(&b);
+        }
+        Ok(())
+    })();
+    fs.release(fh);
+    r.map(|()| out)
+}
