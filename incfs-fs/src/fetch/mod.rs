@@ -20,6 +20,8 @@
 //! [`FetchConfig::bridge_gap_bytes`] between planned chunks (fetching the gap too), so the
 //! plan travels as fewer, longer requests. An ELF file no plan
 //! covers has the sections the dynamic loader will read queued at its first read ([`elf`]).
+//! The background fill's batches are asked for as the large frames of the bulk sidecar
+//! published beside the image, when there is one ([`bulk`]).
 //!
 //! **Workers.** [`FetchConfig::workers`] threads take the first slot of the highest
 //! non-empty queue and extend it with the chunks that follow it in the image's data section,
@@ -1511,6 +1513,7 @@ impl Inner {
             let ranges: Vec<(u64, u64)> = part.iter().map(|g| (g.0, g.1)).collect();
             // Per range: bytes received, and how many of its frames are handled.
             let mut bufs: Vec<(Vec<u8>, usize)> = vec![(Vec::new(), 0); part.len()];
+            let stored_before = stored.len();
             self.requests.fetch_add(1, Ordering::Relaxed);
             let r = b.source.read_ranges_within(
                 &ranges,
@@ -1544,10 +1547,19 @@ impl Inner {
                     }
                 },
             );
-            match r {
-                Ok(()) => self.bulk_failures.store(0, Ordering::Relaxed),
+            // A request that stored nothing (it failed, or its frames did not verify) counts
+            // against the sidecar.
+            let error = match r {
+                Ok(()) if stored.len() > stored_before => None,
+                Ok(()) => Some("no chunk of its frames verified".to_string()),
                 Err(e) => {
                     self.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                    Some(e.to_string())
+                }
+            };
+            match error {
+                None => self.bulk_failures.store(0, Ordering::Relaxed),
+                Some(e) => {
                     let n = self.bulk_failures.fetch_add(1, Ordering::Relaxed) + 1;
                     if n == MAX_BULK_FAILURES {
                         tracing::warn!(sidecar = %b.spec, error = %e, "the bulk sidecar failed {n} times in a row; the fill fetches the image's own frames from now on");
