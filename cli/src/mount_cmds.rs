@@ -330,10 +330,6 @@ fn serve_in(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     // So are deltas against an older image the cache holds.
     let deltas =
         incfs_fs::fetch::delta::spawn_fetch(&a.source, &config.cache_dir, &config.fetch.retry());
-    // And the fill's bulk sidecar, when the fill runs.
-    let bulk = fill
-        .as_ref()
-        .and_then(|_| incfs_fs::fetch::bulk::spawn_fetch(&a.source, &config.fetch.retry()));
     let source = incfs_fs::source::open_or_offline(&a.source, &config.fetch.retry())
         .with_context(|| format!("opening the source {} (check the path or URL)", a.source))?;
     let fs = Arc::new(
@@ -343,9 +339,8 @@ fn serve_in(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     if let Some(d) = deltas {
         fs.use_deltas(d);
     }
-    if let Some(b) = bulk {
-        fs.use_bulk(b);
-    }
+    // The fill fetches the bulk sidecar beside the image when it has chunks to fetch.
+    fs.use_bulk(&a.source, &config.fetch.retry());
     let pushed_plan = oci.as_ref().and_then(|o| o.plan.as_ref());
     if let Some(path) = &a.prefetch {
         let plan = PrefetchPlan::load(path)?;

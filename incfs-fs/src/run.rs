@@ -166,11 +166,6 @@ pub fn run(
     // So are deltas against an older image the cache holds.
     let deltas =
         crate::fetch::delta::spawn_fetch(&cfg.source, &cfg.fs.cache_dir, &cfg.fs.fetch.retry());
-    // And the fill's bulk sidecar, when the fill runs.
-    let bulk = cfg
-        .fill
-        .as_ref()
-        .and_then(|_| crate::fetch::bulk::spawn_fetch(&cfg.source, &cfg.fs.fetch.retry()));
     let src = source::open_or_offline(&cfg.source, &cfg.fs.fetch.retry()).map_err(|error| {
         RunError::Source {
             spec: cfg.source.clone(),
@@ -181,9 +176,8 @@ pub fn run(
     if let Some(d) = deltas {
         fs.use_deltas(d);
     }
-    if let Some(b) = bulk {
-        fs.use_bulk(b);
-    }
+    // The fill fetches the bulk sidecar beside the image when it has chunks to fetch.
+    fs.use_bulk(&cfg.source, &cfg.fs.fetch.retry());
     if let Some(path) = &cfg.plan {
         let plan = PrefetchPlan::load(path)?;
         fs.start_prefetch(&plan, path, cfg.prefetch.clone())?;

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use incfs_fs::fetch::bulk::spawn_fetch;
 use incfs_fs::fetch::fill::FillConfig;
 use incfs_fs::format::bulk::{
     BULK_HEADER_LEN, BulkOptions, decode_bulk_frame, parse_header, parse_index, path_beside,
@@ -19,6 +18,7 @@ use incfs_fs::format::bulk::{
 use incfs_fs::format::{Digest, Image, PackOptions, pack_dir};
 use incfs_fs::fs::{FsConfig, IncFs, Stats};
 use incfs_fs::retry::RetryPolicy;
+use incfs_fs::serve::{ServeConfig, Server};
 use incfs_fs::source::{MockSource, Source};
 
 /// 600 `.py` files of two chunks (a dictionary group), a 1 MiB text file and some noise.
@@ -75,11 +75,21 @@ fn fill(p: &Packed, bulk: bool) -> Stats {
 /// [`fill`] with the configuration `config` makes of the cache directory.
 fn fill_with(p: &Packed, bulk: bool, config: impl Fn(PathBuf) -> FsConfig) -> Stats {
     let cache = tempfile::tempdir().unwrap();
+    let spec = bulk.then(|| p.image.to_str().unwrap().to_string());
+    fill_in(p, cache.path(), spec.as_deref(), config)
+}
+
+/// [`fill`] into the cache at `cache`, with the sidecar beside `bulk_spec` if given.
+fn fill_in(
+    p: &Packed,
+    cache: &Path,
+    bulk_spec: Option<&str>,
+    config: impl Fn(PathBuf) -> FsConfig,
+) -> Stats {
     let src: Arc<dyn Source> = Arc::new(MockSource::new(fs::read(&p.image).unwrap()));
-    let fs = Arc::new(IncFs::new(src, &config(cache.path().to_path_buf())).unwrap());
-    if bulk {
-        let spec = p.image.to_str().unwrap();
-        fs.use_bulk(spawn_fetch(spec, &RetryPolicy::default()).unwrap());
+    let fs = Arc::new(IncFs::new(src, &config(cache.to_path_buf())).unwrap());
+    if let Some(spec) = bulk_spec {
+        fs.use_bulk(spec, &RetryPolicy::default());
     }
     fs.start_fill(FillConfig::default()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -206,5 +216,28 @@ fn a_sidecar_whose_frames_do_not_come_is_dropped_and_the_fill_completes() {
         t.elapsed() < Duration::from_secs(60),
         "{:?}: the failing sidecar must be dropped, not retried per batch",
         t.elapsed()
+    );
+}
+
+#[test]
+fn a_cache_that_holds_everything_never_asks_for_the_sidecar() {
+    let p = packed(7);
+    // The sidecar alone, on a server of its own, so its requests can be counted.
+    let www = tempfile::tempdir().unwrap();
+    fs::copy(path_beside(&p.image), www.path().join("app.img.bulk")).unwrap();
+    let server = Server::start(ServeConfig::new(www.path())).unwrap();
+    let spec = server.url("app.img");
+    let cache = tempfile::tempdir().unwrap();
+    let first = fill_in(&p, cache.path(), Some(&spec), FsConfig::new);
+    assert_eq!(first.chunks_from_bulk, first.chunks_total, "{first:?}");
+    assert!(server.stats().requests > 0);
+    server.reset_stats();
+    let again = fill_in(&p, cache.path(), Some(&spec), FsConfig::new);
+    assert_eq!(again.chunks_local, again.chunks_total);
+    assert_eq!(
+        server.stats().requests,
+        0,
+        "the sidecar was asked for: {:?}",
+        server.stats()
     );
 }

@@ -1,9 +1,9 @@
 //! The background fill's own frames, from the sidecar published beside the image
 //! ([`crate::format::bulk`]).
 //!
-//! At mount, [`spawn_fetch`] reads the sidecar's header and index (`IMG.bulk`) in a thread of
-//! its own; the fill takes the result up once it starts ([`super::Fetcher::take_up_bulk`]),
-//! so a mount never waits for it. From then on the scheduler asks for a background batch's
+//! When the fill starts with chunks left to fetch, it reads the sidecar's header and index
+//! (`IMG.bulk`) through [`super::Fetcher::take_up_bulk`] (in a thread of its own, which an
+//! unmount does not wait for); a mount never waits for it, and a complete cache never asks. From then on the scheduler asks for a background batch's
 //! chunks as the sidecar's frames that hold them; every chunk taken out of a decoded frame
 //! is checked against its digest in the image's verified table before it is stored, and
 //! chunks whose frame did not come or did not verify are fetched from the image as usual.
@@ -130,9 +130,8 @@ pub fn fetch(source_spec: &str, retry: &RetryPolicy) -> Result<Option<Fetched>, 
     }))
 }
 
-/// [`fetch`] in a thread of its own; hand the handle to [`crate::fs::IncFs::use_bulk`].
-/// `None` when the thread cannot start.
-pub fn spawn_fetch(source_spec: &str, retry: &RetryPolicy) -> Option<BulkFetch> {
+/// [`fetch`] in a thread of its own. `None` when the thread cannot start.
+pub(super) fn spawn_fetch(source_spec: &str, retry: &RetryPolicy) -> Option<BulkFetch> {
     let (spec, retry) = (source_spec.to_string(), *retry);
     std::thread::Builder::new()
         .name("incfs-bulk".into())
@@ -141,4 +140,4 @@ pub fn spawn_fetch(source_spec: &str, retry: &RetryPolicy) -> Option<BulkFetch> 
 }
 
 /// A fetch of a bulk sidecar under way ([`spawn_fetch`]).
-pub type BulkFetch = std::thread::JoinHandle<Result<Option<Fetched>, SourceError>>;
+pub(super) type BulkFetch = std::thread::JoinHandle<Result<Option<Fetched>, SourceError>>;

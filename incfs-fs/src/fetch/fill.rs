@@ -167,14 +167,17 @@ fn run(s: &Shared, fetcher: &Fetcher, config: &FillConfig) {
             }
         }
     }
-    // The sidecar's large frames, when one is published beside the image ([`super::bulk`]).
-    fetcher.take_up_bulk();
     // Every slot not local, in stored order.
     let mut order: Vec<(u64, u64)> = (0..table.len())
         .filter(|&slot| !cache.is_local(slot))
         .filter_map(|slot| table.get(slot).map(|e| (e.stored_offset, slot)))
         .collect();
     order.sort_unstable();
+    // The sidecar's large frames, when one is published beside the image and there is
+    // something to fetch ([`super::bulk`]).
+    if !order.is_empty() {
+        fetcher.take_up_bulk(&stopped);
+    }
     // The dictionaries of what is left, before the first batch (none when all is local).
     let left: Vec<u64> = order.iter().map(|&(_, slot)| slot).collect();
     if let Err(e) = fetcher.load_dictionaries(&left) {

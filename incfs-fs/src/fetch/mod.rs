@@ -326,9 +326,9 @@ struct Inner {
     deltas: std::sync::OnceLock<delta::Deltas>,
     delta_chunks: AtomicU64,
     delta_bytes: AtomicU64,
-    /// The bulk sidecar while its fetch is under way, with the image's root digest
-    /// ([`Fetcher::expect_bulk`]), then the sidecar once the fill has taken it up.
-    bulk_fetch: Mutex<Option<(bulk::BulkFetch, crate::format::Digest)>>,
+    /// Where the bulk sidecar is, with the image's root digest ([`Fetcher::expect_bulk`]),
+    /// until the fill takes it up; then the sidecar.
+    bulk_spec: Mutex<Option<(String, RetryPolicy, crate::format::Digest)>>,
     bulk: std::sync::OnceLock<bulk::Bulk>,
     /// Bulk requests that failed in a row; at [`MAX_BULK_FAILURES`] the sidecar is dropped.
     bulk_failures: AtomicU32,
@@ -383,7 +383,7 @@ impl Fetcher {
             deltas: std::sync::OnceLock::new(),
             delta_chunks: AtomicU64::new(0),
             delta_bytes: AtomicU64::new(0),
-            bulk_fetch: Mutex::new(None),
+            bulk_spec: Mutex::new(None),
             bulk: std::sync::OnceLock::new(),
             bulk_failures: AtomicU32::new(0),
             bulk_chunks: AtomicU64::new(0),
@@ -609,19 +609,28 @@ impl Fetcher {
         let _ = self.inner.deltas.set(deltas);
     }
 
-    /// The bulk sidecar being fetched beside the image whose root digest is `root`
-    /// ([`bulk::spawn_fetch`]): the fill takes it up when it starts ([`Fetcher::take_up_bulk`]).
-    pub fn expect_bulk(&self, fetch: bulk::BulkFetch, root: crate::format::Digest) {
-        *self.inner.bulk_fetch.lock() = Some((fetch, root));
+    /// The image whose root digest is `root` was opened from `source_spec`: the fill may
+    /// take up the bulk sidecar beside it ([`Fetcher::take_up_bulk`]).
+    pub fn expect_bulk(&self, source_spec: &str, retry: &RetryPolicy, root: crate::format::Digest) {
+        *self.inner.bulk_spec.lock() = Some((source_spec.to_string(), *retry, root));
     }
 
-    /// Waits for the sidecar [`Fetcher::expect_bulk`] was given and, when it is usable for
-    /// this image, asks for background batches as its frames from now on. True when it is
-    /// used.
-    pub fn take_up_bulk(&self) -> bool {
-        let Some((fetch, root)) = self.inner.bulk_fetch.lock().take() else {
+    /// Reads the bulk sidecar beside the image [`Fetcher::expect_bulk`] named (in a thread,
+    /// polling `stopped` so an unmount never waits for it) and, when it is usable for this
+    /// image, asks for background batches as its frames from now on. True when it is used.
+    pub fn take_up_bulk(&self, stopped: &dyn Fn() -> bool) -> bool {
+        let Some((spec, retry, root)) = self.inner.bulk_spec.lock().take() else {
             return self.inner.bulk.get().is_some();
         };
+        let Some(fetch) = bulk::spawn_fetch(&spec, &retry) else {
+            return false;
+        };
+        while !fetch.is_finished() {
+            if stopped() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let fetched = match fetch.join() {
             Ok(Ok(Some(f))) => f,
             Ok(Ok(None)) | Err(_) => return false,

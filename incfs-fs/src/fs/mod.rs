@@ -721,12 +721,14 @@ impl IncFs {
         }
     }
 
-    /// Takes the bulk sidecar [`crate::fetch::bulk::spawn_fetch`] is fetching beside the
-    /// image: the background fill, once it starts, fetches its large frames instead of the
-    /// image's own when it is this image's. Never waits for it.
-    pub fn use_bulk(&self, fetch: crate::fetch::bulk::BulkFetch) {
+    /// Names the source spec the image was opened from (its path or URL): the background
+    /// fill, when it starts with chunks left to fetch, reads the bulk sidecar beside it
+    /// (`SPEC.bulk`, [`crate::fetch::bulk`]) and fetches its large frames instead of the
+    /// image's own when it is this image's. A cache that holds everything never asks for it.
+    pub fn use_bulk(&self, source_spec: &str, retry: &crate::retry::RetryPolicy) {
         if !self.offline {
-            self.fetcher.expect_bulk(fetch, self.header.root_digest);
+            self.fetcher
+                .expect_bulk(source_spec, retry, self.header.root_digest);
         }
     }
 
