@@ -23,8 +23,8 @@ use std::path::Path;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::dictionary::{Encoder, Prepared, compress_with, decompress_with};
-use super::{Digest, FormatError, Image, RangeRead, SlotRun, chunk_of_frame, decode_frame};
+use super::dictionary::{Encoder, Prepared, decompress_with};
+use super::{Digest, FormatError, Image, RangeRead, SlotRun, chunk_of_frame, encode_frame_with};
 
 /// First bytes of a bulk sidecar.
 pub const BULK_MAGIC: &[u8; 8] = b"INCFSBK1";
@@ -157,12 +157,7 @@ pub fn write_bulk<R: RangeRead + Sync>(
                     reason: "no such slot".into(),
                 })?;
                 if last.as_ref().is_none_or(|(o, _)| *o != e.stored_offset) {
-                    let stored = image.source().read_range(
-                        image.header().data_offset + e.stored_offset,
-                        u64::from(e.stored_len),
-                    )?;
-                    let f = decode_frame(slot, e, &stored, image.dictionary(e.dictionary)?)?;
-                    last = Some((e.stored_offset, f));
+                    last = Some((e.stored_offset, image.read_frame(slot)?));
                 }
                 if let Some((_, f)) = &last {
                     raw.extend_from_slice(&chunk_of_frame(slot, e, f)?);
@@ -171,14 +166,12 @@ pub fn write_bulk<R: RangeRead + Sync>(
             let encoder = usize::from(*dict)
                 .checked_sub(1)
                 .and_then(|k| encoders.get(k));
-            let packed = match encoder {
-                Some(enc) => compress_with(&raw, enc)?,
-                None => zstd::bulk::compress(&raw, opts.level)?,
-            };
-            let (stored, dictionary) = if packed.len() < raw.len() {
-                (packed, if encoder.is_some() { *dict } else { 0 })
+            let stored = encode_frame_with(&raw, opts.level, encoder)?;
+            // Only a compressed frame names its dictionary.
+            let dictionary = if stored.len() < raw.len() && encoder.is_some() {
+                *dict
             } else {
-                (raw.clone(), 0)
+                0
             };
             let frame = BulkFrame {
                 offset: 0,

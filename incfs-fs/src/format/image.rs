@@ -281,7 +281,7 @@ impl<R: RangeRead> Image<R> {
     }
 
     /// Reads and decodes the frame holding `slot` (not yet checked against any digest).
-    fn read_frame(&self, slot: u64) -> Result<Vec<u8>, FormatError> {
+    pub(super) fn read_frame(&self, slot: u64) -> Result<Vec<u8>, FormatError> {
         let entry = self.entry(slot)?;
         let stored = self.src.read_range(
             self.header.data_offset + entry.stored_offset,
