@@ -645,6 +645,16 @@ struct VerifyJson {
     stored_bytes: u64,
     seconds: f64,
     failures: Vec<FailureJson>,
+    /// The bulk sidecar beside the image, when there is one.
+    bulk: Option<BulkJson>,
+}
+
+#[derive(Serialize)]
+struct BulkJson {
+    path: PathBuf,
+    ok: bool,
+    #[serde(flatten)]
+    report: bulk::BulkReport,
 }
 
 #[derive(Serialize)]
@@ -676,7 +686,20 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let report = img.verify(&|n| bar.inc(n));
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
-    let ok = report.failures.is_empty();
+    // The sidecar the fill would use, checked as the fill checks it.
+    let bulk_path = bulk::path_beside(&a.image);
+    let bulk = if bulk_path.exists() {
+        let bar = bytes_bar("verifying the bulk sidecar");
+        bar.set_length(raw_total);
+        let r = bulk::verify_bulk(&img, &bulk_path, &|n| bar.inc(n))
+            .with_context(|| format!("verifying the bulk sidecar {}", bulk_path.display()))?;
+        bar.finish_and_clear();
+        Some(r)
+    } else {
+        None
+    };
+    let bulk_ok = bulk.as_ref().is_none_or(|r| r.failures.is_empty());
+    let ok = report.failures.is_empty() && bulk_ok;
     if a.json {
         let j = VerifyJson {
             image: a.image.clone(),
@@ -696,6 +719,11 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
                     reason: f.reason.clone(),
                 })
                 .collect(),
+            bulk: bulk.map(|report| BulkJson {
+                path: bulk_path.clone(),
+                ok: bulk_ok,
+                report,
+            }),
         };
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else {
@@ -720,6 +748,26 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
             report.failures.len()
         );
         println!("root digest {}", img.root_digest());
+        if let Some(r) = &bulk {
+            for f in &r.failures {
+                eprintln!(
+                    "incfs: {}: frame {} (at byte {}): {}",
+                    bulk_path.display(),
+                    f.frame,
+                    f.file_offset,
+                    f.reason
+                );
+            }
+            println!(
+                "{} {}: {} frames, {} chunks checked, {} slots left to the image, {} bad",
+                if bulk_ok { "ok" } else { "FAILED" },
+                bulk_path.display(),
+                r.frames,
+                r.chunks,
+                r.missing_slots,
+                r.failures.len()
+            );
+        }
     }
     Ok(if ok {
         ExitCode::SUCCESS

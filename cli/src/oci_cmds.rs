@@ -171,6 +171,10 @@ pub struct PushArgs {
     /// The signature to push with it (default: IMAGE.sig if it exists).
     #[arg(long)]
     signature: Option<PathBuf>,
+    /// Push no bulk sidecar (the background fill's frames), even if IMAGE.bulk exists: the
+    /// fill then moves the image's own frames.
+    #[arg(long)]
+    no_bulk: bool,
     /// Blobs larger than this go up in chunks of this size (K, M, G suffixes).
     #[arg(long, value_parser = parse_size, default_value = "64M")]
     chunk_size: u64,
@@ -183,8 +187,8 @@ pub struct PushArgs {
 pub struct PullArgs {
     /// The artifact: oci://HOST[:PORT]/REPO:TAG or …@sha256:DIGEST.
     reference: String,
-    /// Where to write the image (its plan and signature go beside it, as IMAGE.plan.json
-    /// and IMAGE.sig).
+    /// Where to write the image (its plan, signature and bulk sidecar go beside it, as
+    /// IMAGE.plan.json, IMAGE.sig and IMAGE.bulk).
     #[arg(short, long)]
     output: PathBuf,
     #[command(flatten)]
@@ -208,20 +212,24 @@ pub fn push(a: PushArgs) -> anyhow::Result<ExitCode> {
             a.plan.clone().or_else(|| beside(&a.image, ".plan.json"))
         },
         signature: a.signature.clone().or_else(|| beside(&a.image, ".sig")),
+        bulk: if a.no_bulk {
+            None
+        } else {
+            beside(&a.image, incfs_fs::format::bulk::BULK_SUFFIX)
+        },
         image: a.image.clone(),
         chunk_size: a.chunk_size,
     };
     let bar = crate::progress::bytes_bar("push");
-    if let Ok(m) = std::fs::metadata(&a.image) {
-        bar.set_length(m.len());
-    }
+    let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    bar.set_length(len(&a.image) + files.bulk.as_deref().map_or(0, len));
     let report = oci::push(&a.reference, &files, &HttpConfig::default(), &mut |n| {
         bar.set_position(n)
     })
     .with_context(|| format!("pushing {}", a.image.display()))?;
     bar.finish_and_clear();
     eprintln!(
-        "incfs: pushed {} ({}{}{}) as {}: {} uploaded, {} blob(s) already there",
+        "incfs: pushed {} ({}{}{}{}) as {}: {} uploaded, {} blob(s) already there",
         a.image.display(),
         human(report.layers.image.size),
         if report.layers.plan.is_some() {
@@ -231,6 +239,11 @@ pub fn push(a: PushArgs) -> anyhow::Result<ExitCode> {
         },
         if report.layers.signature.is_some() {
             ", signature"
+        } else {
+            ""
+        },
+        if report.layers.bulk.is_some() {
+            ", bulk sidecar"
         } else {
             ""
         },
@@ -248,7 +261,8 @@ pub fn pull(a: PullArgs) -> anyhow::Result<ExitCode> {
     let artifact = OciArtifact::resolve(&a.reference, &HttpConfig::default())
         .context("resolving the artifact")?;
     let bar = crate::progress::bytes_bar("pull");
-    bar.set_length(artifact.layers().image.size);
+    let layers = artifact.layers();
+    bar.set_length(layers.image.size + layers.bulk.as_ref().map_or(0, |d| d.size));
     let written = artifact
         .pull(&a.output, &mut |n| bar.set_position(n))
         .with_context(|| format!("pulling to {}", a.output.display()))?;

@@ -339,6 +339,72 @@ fn pack_writes_the_bulk_sidecar_and_no_bulk_removes_an_old_one() {
 }
 
 #[test]
+fn verify_checks_the_bulk_sidecar_and_names_a_damaged_frame_or_a_foreign_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    similar_files(&src);
+    let img = tmp.path().join("app.img");
+    let bulk = tmp.path().join("app.img.bulk");
+    pack_with(&src, &img, None);
+    let verify = |json: bool| {
+        let mut args = vec!["verify", img.to_str().unwrap()];
+        if json {
+            args.push("--json");
+        }
+        incfs(&args)
+    };
+    let out = verify(false);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("ok {}", bulk.display())) && text.contains(" 0 bad"),
+        "{text}"
+    );
+    let out = verify(true);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let image = incfs_fs::format::Image::open_path(&img, None).unwrap();
+    assert_eq!(j["bulk"]["ok"], true);
+    assert_eq!(
+        j["bulk"]["chunks"],
+        image.table().len(),
+        "every chunk checked"
+    );
+    assert_eq!(j["bulk"]["missing_slots"], 0);
+
+    // One byte of the last frame flipped: verify fails and names the sidecar and the frame.
+    let mut bytes = fs::read(&bulk).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x5a;
+    fs::write(&bulk, &bytes).unwrap();
+    let out = verify(false);
+    assert!(!out.status.success(), "a damaged sidecar fails verify");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let frames = j["bulk"]["frames"].as_u64().unwrap();
+    assert!(
+        err.contains(&format!("{}: frame {}", bulk.display(), frames - 1)),
+        "{err}"
+    );
+    let out = verify(true);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["ok"], false);
+    assert_eq!(j["bulk"]["failures"].as_array().unwrap().len(), 1);
+
+    // The sidecar of another image beside this one: refused by name.
+    let other = tmp.path().join("other");
+    tree(&other);
+    let other_img = tmp.path().join("other.img");
+    pack_with(&other, &other_img, None);
+    fs::copy(tmp.path().join("other.img.bulk"), &bulk).unwrap();
+    let out = verify(false);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&bulk.display().to_string()) && err.contains("not of this one"),
+        "{err}"
+    );
+}
+
+#[test]
 fn pack_frames_a_small_file_whole_unless_given_chunk_frames() {
     use incfs_fs::format::Image;
     let tmp = tempfile::tempdir().unwrap();

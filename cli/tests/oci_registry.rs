@@ -858,3 +858,137 @@ fn tls_with_the_tests_ca_signed_run_mount_pull_and_offline() {
         .unwrap());
     assert!(out.stdout == want, "wrong bytes offline");
 }
+
+#[test]
+fn push_carries_the_bulk_sidecar_the_fill_uses_and_pull_writes_it_beside_the_image() {
+    if !require(
+        "push_carries_the_bulk_sidecar_the_fill_uses_and_pull_writes_it_beside_the_image",
+        &[Need::Root, Need::Fuse, Need::DockerRegistry],
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(tmp.path(), "", "");
+    let tree = tmp.path().join("tree");
+    common::text_tree(&tree, 24);
+    let img = tmp.path().join("app.img");
+    let bulk = tmp.path().join("app.img.bulk");
+    ok(incfs()
+        .args(["pack", "-o"])
+        .arg(&img)
+        .arg(&tree)
+        .output()
+        .unwrap());
+    let image_bytes = fs::metadata(&img).unwrap().len();
+    let reference = reg.reference("team/app:v1");
+    let out = ok(incfs()
+        .args(["push", "--plain-http"])
+        .arg(&img)
+        .arg(&reference)
+        .output()
+        .unwrap());
+    assert!(
+        stderr_of(&out).contains("bulk sidecar"),
+        "{}",
+        stderr_of(&out)
+    );
+
+    // A lazy run from the registry: the fill takes most chunks from the pushed sidecar and
+    // moves fewer bytes than the image holds.
+    let stats_json = tmp.path().join("stats.json");
+    let out = ok(incfs()
+        .args(["run", "--plain-http", "--image", &reference])
+        .arg("--stats-json")
+        .arg(&stats_json)
+        .args(["--", "sh", "-c", common::FILL_THEN_CKSUM])
+        .output()
+        .unwrap());
+    let want = Command::new("sh")
+        .arg("-c")
+        .arg(format!("cat {}/f*.rs | cksum", tree.display()))
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, want.stdout, "every byte read through the mount");
+    let s = stats(&stats_json)["stats"].clone();
+    assert_eq!(s["fill"]["done"], serde_json::json!(true), "{s}");
+    let (from_bulk, total) = (
+        s["chunks_from_bulk"].as_u64().unwrap(),
+        s["chunks_total"].as_u64().unwrap(),
+    );
+    assert!(
+        from_bulk * 2 > total,
+        "{from_bulk} of {total} chunks from the sidecar: {s}"
+    );
+    assert!(
+        s["bytes_fetched"].as_u64().unwrap() < image_bytes,
+        "the fill moved fewer bytes than the image holds ({image_bytes}): {s}"
+    );
+
+    // A pull writes the sidecar beside the copy, and verify checks it clean.
+    let copy = tmp.path().join("copy.img");
+    ok(incfs()
+        .args(["pull", "--plain-http", "-o"])
+        .arg(&copy)
+        .arg(&reference)
+        .output()
+        .unwrap());
+    let copy_bulk = tmp.path().join("copy.img.bulk");
+    assert!(fs::read(&copy_bulk).unwrap() == fs::read(&bulk).unwrap());
+    let out = ok(incfs().arg("verify").arg(&copy).output().unwrap());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("ok {}", copy_bulk.display())),
+        "{text}"
+    );
+
+    // Pushed without it: a pull removes the older pull's sidecar, and a run fills from the
+    // image's frames.
+    let v2 = reg.reference("team/app:v2");
+    let out = ok(incfs()
+        .args(["push", "--plain-http", "--no-bulk"])
+        .arg(&img)
+        .arg(&v2)
+        .output()
+        .unwrap());
+    assert!(!stderr_of(&out).contains("bulk"), "{}", stderr_of(&out));
+    ok(incfs()
+        .args(["pull", "--plain-http", "-o"])
+        .arg(&copy)
+        .arg(&v2)
+        .output()
+        .unwrap());
+    assert!(!copy_bulk.exists(), "a stale sidecar is removed");
+
+    // A sidecar of another image is refused before any upload, by name.
+    let other = tmp.path().join("other");
+    fs::create_dir_all(&other).unwrap();
+    fs::write(other.join("x"), b"another image").unwrap();
+    let other_img = tmp.path().join("other.img");
+    ok(incfs()
+        .args(["pack", "-o"])
+        .arg(&other_img)
+        .arg(&other)
+        .output()
+        .unwrap());
+    fs::copy(tmp.path().join("other.img.bulk"), &bulk).unwrap();
+    let before = reg.requests().len();
+    let out = incfs()
+        .args(["push", "--plain-http"])
+        .arg(&img)
+        .arg(reg.reference("team/app:v3"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains(&bulk.display().to_string()) && err.contains("--no-bulk"),
+        "{err}"
+    );
+    assert!(
+        !reg.requests()[before..]
+            .iter()
+            .any(|r| r.contains("/blobs/")),
+        "{:?}",
+        &reg.requests()[before..]
+    );
+}

@@ -192,22 +192,7 @@ fn a_lazy_run_over_http_fills_from_the_bulk_frames_pack_wrote_beside_the_image()
     }
     let tmp = tempfile::tempdir().unwrap();
     let tree = tmp.path().join("tree");
-    fs::create_dir_all(&tree).unwrap();
-    // Text that compresses better in large frames than 4 KiB at a time.
-    for i in 0..24u64 {
-        let mut text = String::new();
-        let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        while text.len() < 300_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            text.push_str(
-                ["fn ", "let ", "match ", "self.", "return ", "Ok(()) "][(x % 6) as usize],
-            );
-            text.push_str(&format!("v{} ", x % 500));
-        }
-        fs::write(tree.join(format!("f{i:02}.rs")), text).unwrap();
-    }
+    common::text_tree(&tree, 24);
     let www = tmp.path().join("www");
     fs::create_dir_all(&www).unwrap();
     let img = www.join("app.img");
@@ -224,17 +209,13 @@ fn a_lazy_run_over_http_fills_from_the_bulk_frames_pack_wrote_beside_the_image()
     );
     let server = Server::start(ServeConfig::new(&www)).unwrap();
     let stats_json = tmp.path().join("stats.json");
-    // Read one file, wait for the fill to finish, then print every file's checksum.
-    let script = "cat {mnt}/f00.rs > /dev/null; \
-                  for i in $(seq 400); do grep -Eq '\"done\": ?true' {mnt}/.incfs/stats && break; sleep 0.05; done; \
-                  cat {mnt}/f*.rs | cksum";
     let out = ok(incfs()
         .args(["run", "--image", &server.url("app.img")])
         .arg("--cache")
         .arg(tmp.path().join("cache"))
         .arg("--stats-json")
         .arg(&stats_json)
-        .args(["--", "sh", "-c", script])
+        .args(["--", "sh", "-c", common::FILL_THEN_CKSUM])
         .output()
         .unwrap());
     let want = Command::new("sh")

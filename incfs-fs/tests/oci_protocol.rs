@@ -93,6 +93,7 @@ fn pinned_manifest(blob: &[u8], root: &str) -> oci::manifest::Manifest {
             },
             plan: None,
             signature: None,
+            bulk: None,
         },
         root,
     )

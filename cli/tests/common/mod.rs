@@ -52,3 +52,29 @@ pub fn ok(out: Output) -> Output {
     );
     out
 }
+
+/// `files` source-like text files of ~300 KB in `dir` (`f00.rs`, …): text that compresses
+/// better in large frames than 4 KiB at a time, as the bulk sidecar's frames do.
+pub fn text_tree(dir: &std::path::Path, files: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..files {
+        let mut text = String::new();
+        let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        while text.len() < 300_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            text.push_str(
+                ["fn ", "let ", "match ", "self.", "return ", "Ok(()) "][(x % 6) as usize],
+            );
+            text.push_str(&format!("v{} ", x % 500));
+        }
+        std::fs::write(dir.join(format!("f{i:02}.rs")), text).unwrap();
+    }
+}
+
+/// A `sh -c` script for `incfs run`: reads one file, waits (up to 20 s) for the background
+/// fill to finish, then prints the checksum of every `f*.rs` file of the mount.
+pub const FILL_THEN_CKSUM: &str = "cat {mnt}/f00.rs > /dev/null; \
+    for i in $(seq 400); do grep -Eq '\"done\": ?true' {mnt}/.incfs/stats && break; sleep 0.05; done; \
+    cat {mnt}/f*.rs | cksum";

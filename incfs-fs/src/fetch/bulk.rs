@@ -94,7 +94,7 @@ impl Bulk {
 }
 
 /// The header and index of the sidecar published beside the image at `source_spec`
-/// (`SPEC.bulk`). `Ok(None)` when there is none (`oci://` images carry none).
+/// (`SPEC.bulk`; an `oci://` artifact's bulk layer). `Ok(None)` when there is none.
 pub fn fetch(source_spec: &str, retry: &RetryPolicy) -> Result<Option<Fetched>, SourceError> {
     let Some(source::Beside {
         spec,

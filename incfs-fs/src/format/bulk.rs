@@ -313,6 +313,123 @@ pub fn parse_index(index: &[u8], len: u64, slots: u64) -> Result<Vec<BulkFrame>,
     Ok(frames)
 }
 
+/// What [`verify_bulk`] found in a sidecar.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct BulkReport {
+    /// Frames in the sidecar, and their stored bytes.
+    pub frames: u64,
+    pub stored_bytes: u64,
+    /// Chunks the frames hold, all checked.
+    pub chunks: u64,
+    /// Slots of the image no frame holds (the fill fetches them from the image).
+    pub missing_slots: u64,
+    /// Frames that do not decode or hold a chunk that does not match its digest, each with
+    /// why.
+    pub failures: Vec<BulkFailure>,
+}
+
+/// A frame of a sidecar that is not usable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BulkFailure {
+    /// The frame's number and where its stored bytes start in the sidecar file.
+    pub frame: u64,
+    pub file_offset: u64,
+    pub reason: String,
+}
+
+/// Checks the sidecar at `path` against `image`: the header names the image's root digest,
+/// the index is sound, and every frame decodes into chunks that each match their digest in
+/// the image's verified table. `progress` gets the raw bytes of each frame checked. A header
+/// or index that is wrong (the fill would refuse the whole sidecar) is an error; bad frames
+/// (the fill would fetch their chunks from the image) are listed in the report.
+pub fn verify_bulk<R: RangeRead + Sync>(
+    image: &Image<R>,
+    path: &Path,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<BulkReport, FormatError> {
+    use std::os::unix::fs::FileExt;
+    let named = |e: FormatError| FormatError::BulkInvalid(format!("{}: {e}", path.display()));
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let read = |offset: u64, n: u64| -> Result<Vec<u8>, FormatError> {
+        if offset.checked_add(n).is_none_or(|end| end > len) {
+            return Err(FormatError::BulkInvalid(format!(
+                "{}: {n} bytes at {offset} lie past its end ({len} bytes)",
+                path.display()
+            )));
+        }
+        let mut buf = vec![0u8; usize::try_from(n).unwrap_or(usize::MAX)];
+        file.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    };
+    let (root, index_len) = parse_header(&read(0, BULK_HEADER_LEN.min(len))?).map_err(named)?;
+    if root != image.root_digest() {
+        return Err(FormatError::BulkInvalid(format!(
+            "{} is the sidecar of image {root}, not of this one ({})",
+            path.display(),
+            image.root_digest()
+        )));
+    }
+    let table = image.table();
+    let frames =
+        parse_index(&read(BULK_HEADER_LEN, index_len)?, index_len, table.len()).map_err(named)?;
+    let data_start = BULK_HEADER_LEN + index_len;
+    let stored_bytes: u64 = frames.iter().map(|f| u64::from(f.len)).sum();
+    if data_start + stored_bytes != len {
+        return Err(FormatError::BulkInvalid(format!(
+            "{}: the index names {stored_bytes} bytes of frames, the file holds {}",
+            path.display(),
+            len.saturating_sub(data_start)
+        )));
+    }
+    let check = |f: &BulkFrame| -> Result<u64, String> {
+        let stored = read(data_start + f.offset, u64::from(f.len)).map_err(|e| e.to_string())?;
+        let dict = image.dictionary(f.dictionary).map_err(|e| e.to_string())?;
+        let raw = decode_bulk_frame(f, &stored, dict)?;
+        let mut at = 0usize;
+        for s in f.slots() {
+            let e = table
+                .get(s)
+                .ok_or_else(|| format!("slot {s}: no such slot"))?;
+            let end = at + e.raw_len as usize;
+            let bytes = raw
+                .get(at..end)
+                .ok_or_else(|| format!("slot {s} runs past the frame's {} raw bytes", raw.len()))?;
+            if Digest::of(bytes) != e.digest {
+                return Err(format!("slot {s} does not match its digest"));
+            }
+            at = end;
+        }
+        if at != raw.len() {
+            return Err(format!(
+                "its chunks are {at} bytes, the frame decodes to {}",
+                raw.len()
+            ));
+        }
+        progress(raw.len() as u64);
+        Ok(f.slots().count() as u64)
+    };
+    let results: Vec<Result<u64, String>> = frames.par_iter().map(check).collect();
+    let mut report = BulkReport {
+        frames: frames.len() as u64,
+        stored_bytes,
+        ..BulkReport::default()
+    };
+    for (k, (f, r)) in frames.iter().zip(results).enumerate() {
+        match r {
+            Ok(n) => report.chunks += n,
+            Err(reason) => report.failures.push(BulkFailure {
+                frame: k as u64,
+                file_offset: data_start + f.offset,
+                reason,
+            }),
+        }
+    }
+    let held: u64 = frames.iter().map(|f| f.slots().count() as u64).sum();
+    report.missing_slots = table.len().saturating_sub(held);
+    Ok(report)
+}
+
 /// Decodes a frame's stored bytes into its raw bytes (checked for length only: the caller
 /// checks each chunk against its digest). `dict` is the dictionary the frame names.
 pub fn decode_bulk_frame(

@@ -494,19 +494,28 @@ pub struct Beside {
 }
 
 /// Opens the file published beside the image at `image_spec`, named with `suffix` (a plan,
-/// a delta sidecar), within `retry` but at most `deadline`. `Ok(None)` when there is none
-/// there, and for `oci://` images (whose companions are layers of the artifact).
+/// a delta sidecar, the bulk sidecar), within `retry` but at most `deadline`. `Ok(None)`
+/// when there is none there. An `oci://` image's companions are layers of its artifact: its
+/// bulk sidecar is the artifact's bulk layer, and it has no others.
 pub fn open_beside(
     image_spec: &str,
     suffix: &str,
     retry: &RetryPolicy,
     deadline: Duration,
 ) -> Result<Option<Beside>, SourceError> {
-    if oci::is_oci(image_spec) {
-        return Ok(None);
-    }
     let mut retry = *retry;
     retry.deadline = retry.deadline.min(deadline);
+    if oci::is_oci(image_spec) {
+        if suffix != crate::format::bulk::BULK_SUFFIX {
+            return Ok(None);
+        }
+        let artifact = oci::OciArtifact::resolve(image_spec, &HttpConfig::for_policy(&retry))?;
+        return Ok(artifact.bulk_source().map(|s| Beside {
+            spec: format!("{image_spec}{suffix}"),
+            source: Arc::new(s),
+            retry,
+        }));
+    }
     let spec = format!("{image_spec}{suffix}");
     match open_for(&spec, &retry) {
         Ok(source) => Ok(Some(Beside {

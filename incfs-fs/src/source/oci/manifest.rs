@@ -17,6 +17,9 @@ pub const IMAGE_MEDIA_TYPE: &str = "application/vnd.incfs.image.v1";
 pub const PLAN_MEDIA_TYPE: &str = "application/vnd.incfs.plan.v1+json";
 /// Media type of the signature blob (the JSON `incfs sign` writes).
 pub const SIGNATURE_MEDIA_TYPE: &str = "application/vnd.incfs.signature.v1+json";
+/// Media type of the bulk sidecar blob (`IMG.bulk`, docs/format.md): the background fill's
+/// frames.
+pub const BULK_MEDIA_TYPE: &str = "application/vnd.incfs.bulk.v1";
 /// The empty config blob of artifacts without a config (`{}`).
 pub const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
 /// The bytes of the empty config blob.
@@ -26,7 +29,7 @@ pub const ROOT_DIGEST_ANNOTATION: &str = "dev.incfs.root-digest";
 /// Annotation naming a layer's file (`org.opencontainers.image.title`).
 pub const TITLE_ANNOTATION: &str = "org.opencontainers.image.title";
 
-/// Largest manifest read: an incfs manifest has four descriptors (a few KiB).
+/// Largest manifest read: an incfs manifest has five descriptors (a few KiB).
 pub const MAX_MANIFEST: u64 = 1 << 20;
 
 /// A content descriptor.
@@ -58,7 +61,7 @@ pub struct Manifest {
     pub artifact_type: Option<String>,
     /// The empty config.
     pub config: Descriptor,
-    /// The image, then the plan and the signature if there are.
+    /// The image, then the plan, the signature and the bulk sidecar if there are.
     pub layers: Vec<Descriptor>,
     /// Manifest annotations.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -74,6 +77,8 @@ pub struct Layers {
     pub plan: Option<Descriptor>,
     /// The signature, if pushed.
     pub signature: Option<Descriptor>,
+    /// The bulk sidecar, if pushed.
+    pub bulk: Option<Descriptor>,
 }
 
 /// `sha256:HEX` of `bytes`.
@@ -88,6 +93,7 @@ impl Manifest {
         let mut all = vec![layers.image.clone()];
         all.extend(layers.plan.clone());
         all.extend(layers.signature.clone());
+        all.extend(layers.bulk.clone());
         Manifest {
             schema_version: 2,
             media_type: Some(MANIFEST_MEDIA_TYPE.into()),
@@ -107,7 +113,7 @@ impl Manifest {
     }
 
     /// Parses a manifest fetched from `what` and finds its blobs: exactly one image layer, at
-    /// most one plan and one signature; other layers are ignored (a later writer may add
+    /// most one plan, one signature and one bulk sidecar; other layers are ignored (a later writer may add
     /// more).
     pub fn parse(what: &str, bytes: &[u8]) -> Result<(Manifest, Layers), OciError> {
         let bad = |reason: String| OciError::Manifest {
@@ -150,6 +156,7 @@ impl Manifest {
             image,
             plan: pick(PLAN_MEDIA_TYPE)?,
             signature: pick(SIGNATURE_MEDIA_TYPE)?,
+            bulk: pick(BULK_MEDIA_TYPE)?,
         };
         Ok((m, layers))
     }
@@ -180,6 +187,7 @@ mod tests {
             image: desc(IMAGE_MEDIA_TYPE, b"img"),
             plan: None,
             signature: Some(desc(SIGNATURE_MEDIA_TYPE, b"sig")),
+            bulk: Some(desc(BULK_MEDIA_TYPE, b"bulk")),
         };
         let m = Manifest::new(&layers, "ab");
         let (_, back) = Manifest::parse("t", &m.to_json()).unwrap();

@@ -437,10 +437,11 @@ impl OciArtifact {
     }
 
     /// A whole copy: the image to `out` (and its plan to `OUT.plan.json`, its signature
-    /// to `OUT.sig` when pushed with it; a stale one is removed when not), each checked
-    /// against its digest, the image also against the root digest the manifest pins. All
-    /// three are fetched before any is written, and each is written to a temporary file
-    /// renamed into place. `progress` gets the image bytes so far. Returns the files written.
+    /// to `OUT.sig`, its bulk sidecar to `OUT.bulk` when pushed with it; a stale one is
+    /// removed when not), each checked against its digest, the image also against the root
+    /// digest the manifest pins. All are fetched before any is written, and each is written
+    /// to a temporary file renamed into place. `progress` gets the bytes of the image and
+    /// then the sidecar so far. Returns the files written.
     pub fn pull(
         &self,
         out: &Path,
@@ -455,44 +456,67 @@ impl OciArtifact {
             p.push(suffix);
             PathBuf::from(p)
         };
-        let mut tmp = temp_beside(out)?;
-        {
-            let mut w = io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
-            let mut got = 0u64;
-            self.download(&self.layers.image, &mut |piece| {
-                w.write_all(piece).map_err(file_err(out))?;
-                got += piece.len() as u64;
-                progress(got);
-                Ok(())
-            })?;
-            w.flush().map_err(file_err(out))?;
-        }
+        let mut got = 0u64;
+        let mut fetch_to = |d: &Descriptor, path: &Path| {
+            let mut tmp = temp_beside(path)?;
+            {
+                let mut w = io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
+                self.download(d, &mut |piece| {
+                    w.write_all(piece).map_err(file_err(path))?;
+                    got += piece.len() as u64;
+                    progress(got);
+                    Ok(())
+                })?;
+                w.flush().map_err(file_err(path))?;
+            }
+            tmp.as_file().sync_all().map_err(file_err(path))?;
+            Ok::<_, OciError>(tmp)
+        };
+        let tmp = fetch_to(&self.layers.image, out)?;
         crate::format::Image::open_path(tmp.path(), self.root_digest.as_ref()).map_err(|e| {
             OciError::Digest {
                 what: self.pinned(),
                 reason: format!("the pulled image is not usable: {e}"),
             }
         })?;
+        // Checked chunk by chunk where the fill uses it (and by `incfs verify`).
+        let bulk_path = beside(crate::format::bulk::BULK_SUFFIX);
+        let bulk = self
+            .layers
+            .bulk
+            .as_ref()
+            .map(|d| fetch_to(d, &bulk_path))
+            .transpose()?;
         let extras = [
             (self.plan()?, beside(".plan.json")),
             (self.signature()?, beside(".sig")),
         ];
-        tmp.as_file().sync_all().map_err(file_err(out))?;
-        tmp.persist(out).map_err(|e| OciError::File {
-            path: out.to_path_buf(),
-            error: e.error,
-        })?;
+        let persist = |tmp: tempfile::NamedTempFile, path: &Path| {
+            tmp.persist(path).map_err(|e| OciError::File {
+                path: path.to_path_buf(),
+                error: e.error,
+            })
+        };
+        persist(tmp, out)?;
         let mut written = vec![out.to_path_buf()];
+        match bulk {
+            Some(t) => {
+                persist(t, &bulk_path)?;
+                written.push(bulk_path);
+            }
+            None => match std::fs::remove_file(&bulk_path) {
+                Ok(()) => debug!(path = %bulk_path.display(), "removed a stale sidecar"),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(file_err(&bulk_path)(e)),
+            },
+        }
         for (bytes, path) in extras {
             match bytes {
                 Some(b) => {
                     let mut t = temp_beside(&path)?;
                     t.write_all(&b).map_err(file_err(&path))?;
                     t.as_file().sync_all().map_err(file_err(&path))?;
-                    t.persist(&path).map_err(|e| OciError::File {
-                        path: path.clone(),
-                        error: e.error,
-                    })?;
+                    persist(t, &path)?;
                     written.push(path);
                 }
                 // A plan or signature of an earlier pull is not this image's.
@@ -508,13 +532,26 @@ impl OciArtifact {
 
     /// The image as a [`Source`].
     pub fn source(self: &Arc<Self>) -> OciSource {
+        self.blob_source(&self.layers.image, self.spec.clone(), true)
+    }
+
+    /// The bulk sidecar pushed with the image, as a [`Source`], if there is one. Its name is
+    /// the spec with [`crate::format::bulk::BULK_SUFFIX`], as a sidecar beside a URL's.
+    pub fn bulk_source(self: &Arc<Self>) -> Option<OciSource> {
+        let name = format!("{}{}", self.spec, crate::format::bulk::BULK_SUFFIX);
+        self.layers
+            .bulk
+            .as_ref()
+            .map(|d| self.blob_source(d, name, false))
+    }
+
+    fn blob_source(self: &Arc<Self>, d: &Descriptor, name: String, image: bool) -> OciSource {
         OciSource {
-            blob_url: self
-                .registry
-                .url(&format!("blobs/{}", self.layers.image.digest)),
-            len: self.layers.image.size,
-            name: self.spec.clone(),
+            blob_url: self.registry.url(&format!("blobs/{}", d.digest)),
+            len: d.size,
+            name,
             artifact: Arc::clone(self),
+            image,
             multi_range: MultiRange::new(),
         }
     }
@@ -593,12 +630,15 @@ async fn read_bounded(
     Ok(buf)
 }
 
-/// The image blob of an artifact, read with one `Range` request per read.
+/// A blob of an artifact (the image, or its bulk sidecar), read with one `Range` request
+/// per read.
 pub struct OciSource {
     artifact: Arc<OciArtifact>,
     blob_url: Url,
     name: String,
     len: u64,
+    /// Whether it is the image, whose header reads are checked against the pinned root.
+    image: bool,
     /// Whether ranges still go several to a request (until the registry, or the storage it
     /// redirects to, answers such a request with the whole blob).
     multi_range: MultiRange,
@@ -752,7 +792,8 @@ impl OciSource {
         on_piece: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
     ) -> Result<(), SourceError> {
         let header_len = crate::format::HEADER_LEN as u64;
-        let Some(want) = self.artifact.root_digest.filter(|_| offset < header_len) else {
+        let Some(want) = (self.artifact.root_digest).filter(|_| self.image && offset < header_len)
+        else {
             return self.fetch(offset, len, kind, timeout, on_piece);
         };
         if offset != 0 || len < header_len {

@@ -1,4 +1,5 @@
-//! `incfs push`: uploads an image, its plan and its signature as one artifact.
+//! `incfs push`: uploads an image, its plan, its signature and its bulk sidecar as one
+//! artifact.
 //!
 //! Blobs the repository already holds (a `HEAD` answers 200) are not sent again. A blob up
 //! to [`PushFiles::chunk_size`] goes up in one `PUT` (the spec's monolithic upload, after the
@@ -33,6 +34,8 @@ pub struct PushFiles {
     pub plan: Option<PathBuf>,
     /// Its signature (`incfs sign`), if any.
     pub signature: Option<PathBuf>,
+    /// Its bulk sidecar (`IMG.bulk`, the background fill's frames), if any.
+    pub bulk: Option<PathBuf>,
     /// Largest blob sent in one request; larger ones go in chunks of this size.
     pub chunk_size: u64,
 }
@@ -95,6 +98,7 @@ fn push_with(
     let layers = Layers {
         plan: small(&files.plan, manifest::PLAN_MEDIA_TYPE)?,
         signature: small(&files.signature, manifest::SIGNATURE_MEDIA_TYPE)?,
+        bulk: small(&files.bulk, manifest::BULK_MEDIA_TYPE)?,
         image,
     };
     let m = Manifest::new(&layers, &root);
@@ -117,6 +121,9 @@ fn push_with(
         blobs.push((d.clone(), Some(p)));
     }
     if let (Some(d), Some(p)) = (&layers.signature, &files.signature) {
+        blobs.push((d.clone(), Some(p)));
+    }
+    if let (Some(d), Some(p)) = (&layers.bulk, &files.bulk) {
         blobs.push((d.clone(), Some(p)));
     }
     for (d, path) in blobs {
@@ -197,7 +204,36 @@ fn check_inputs(files: &PushFiles) -> Result<String, OciError> {
             )));
         }
     }
+    if let Some(p) = &files.bulk {
+        check_bulk(p, &root)?;
+    }
     Ok(root.to_hex())
+}
+
+/// Checks that the sidecar at `path` is one, for the image of root digest `root` (its
+/// frames are checked chunk by chunk where they are used, and by `incfs verify`).
+fn check_bulk(path: &Path, root: &crate::format::Digest) -> Result<(), OciError> {
+    use crate::format::bulk::{BULK_HEADER_LEN, parse_header};
+    let file_err = |error| OciError::File {
+        path: path.to_path_buf(),
+        error,
+    };
+    let mut header = Vec::new();
+    std::fs::File::open(path)
+        .map_err(file_err)?
+        .take(BULK_HEADER_LEN)
+        .read_to_end(&mut header)
+        .map_err(file_err)?;
+    let (for_root, _) =
+        parse_header(&header).map_err(|e| OciError::Input(format!("{}: {e}", path.display())))?;
+    if for_root != *root {
+        return Err(OciError::Input(format!(
+            "{}: the bulk sidecar of image {for_root}, not of this one ({root}): pack the image \
+             again, or push it with --no-bulk",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 fn describe_file(path: &Path, media_type: &str) -> Result<Descriptor, OciError> {
