@@ -498,6 +498,9 @@ struct EntryJson {
     mode: String,
     size: u64,
     chunks: u64,
+    /// A file's first chunk slot (its chunks are the slots that follow).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_chunk: Option<u64>,
     stored_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     target: Option<String>,
@@ -517,6 +520,10 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
             continue;
         };
         let first = seen.insert(ino);
+        let first_chunk = match &inode.kind {
+            InodeKind::File { first_chunk, .. } => Some(*first_chunk),
+            _ => None,
+        };
         let (kind, size, chunks, stored, target) = match &inode.kind {
             InodeKind::Dir { .. } => {
                 dirs += 1;
@@ -551,6 +558,7 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
             mode: format!("{:04o}", inode.perm),
             size,
             chunks,
+            first_chunk,
             stored_bytes: stored,
             target,
         });

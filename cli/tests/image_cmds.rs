@@ -61,6 +61,19 @@ fn pack_inspect_verify_round_trip() {
         .map(|e| e["path"].as_str().unwrap())
         .collect();
     assert_eq!(paths, ["a.txt", "link", "sub", "sub/b.bin"]);
+    // A file's chunks are the slots from its first_chunk on: a.txt's 3, then sub/b.bin's 5.
+    let image = incfs_fs::format::Image::open_path(&img, None).unwrap();
+    for f in image.files() {
+        let e = j["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["path"].as_str().unwrap().as_bytes() == f.path.as_slice())
+            .unwrap();
+        assert_eq!(e["first_chunk"], f.first_chunk, "{e}");
+        assert_eq!(e["chunks"], f.chunks, "{e}");
+    }
+    assert!(j["entries"][2].get("first_chunk").is_none(), "a dir has none");
 
     let out = incfs(&["verify", img.to_str().unwrap(), "--expect-digest", &digest]);
     assert!(
