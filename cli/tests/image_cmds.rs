@@ -73,7 +73,10 @@ fn pack_inspect_verify_round_trip() {
         assert_eq!(e["first_chunk"], f.first_chunk, "{e}");
         assert_eq!(e["chunks"], f.chunks, "{e}");
     }
-    assert!(j["entries"][2].get("first_chunk").is_none(), "a dir has none");
+    assert!(
+        j["entries"][2].get("first_chunk").is_none(),
+        "a dir has none"
+    );
 
     let out = incfs(&["verify", img.to_str().unwrap(), "--expect-digest", &digest]);
     assert!(

@@ -903,26 +903,7 @@ fn push_carries_the_bulk_sidecar_the_fill_uses_and_pull_writes_it_beside_the_ima
         .args(["--", "sh", "-c", common::FILL_THEN_CKSUM])
         .output()
         .unwrap());
-    let want = Command::new("sh")
-        .arg("-c")
-        .arg(format!("cat {}/f*.rs | cksum", tree.display()))
-        .output()
-        .unwrap();
-    assert_eq!(out.stdout, want.stdout, "every byte read through the mount");
-    let s = stats(&stats_json)["stats"].clone();
-    assert_eq!(s["fill"]["done"], serde_json::json!(true), "{s}");
-    let (from_bulk, total) = (
-        s["chunks_from_bulk"].as_u64().unwrap(),
-        s["chunks_total"].as_u64().unwrap(),
-    );
-    assert!(
-        from_bulk * 2 > total,
-        "{from_bulk} of {total} chunks from the sidecar: {s}"
-    );
-    assert!(
-        s["bytes_fetched"].as_u64().unwrap() < image_bytes,
-        "the fill moved fewer bytes than the image holds ({image_bytes}): {s}"
-    );
+    common::assert_filled_from_bulk(&out, &tree, &stats_json, image_bytes);
 
     // A pull writes the sidecar beside the copy, and verify checks it clean.
     let copy = tmp.path().join("copy.img");

@@ -218,26 +218,7 @@ fn a_lazy_run_over_http_fills_from_the_bulk_frames_pack_wrote_beside_the_image()
         .args(["--", "sh", "-c", common::FILL_THEN_CKSUM])
         .output()
         .unwrap());
-    let want = Command::new("sh")
-        .arg("-c")
-        .arg(format!("cat {}/f*.rs | cksum", tree.display()))
-        .output()
-        .unwrap();
-    assert_eq!(out.stdout, want.stdout, "every byte read through the mount");
-    let s = stats(&stats_json)["stats"].clone();
-    assert_eq!(s["fill"]["done"], serde_json::json!(true), "{s}");
-    let (bulk, total) = (
-        s["chunks_from_bulk"].as_u64().unwrap(),
-        s["chunks_total"].as_u64().unwrap(),
-    );
-    assert!(
-        bulk * 2 > total,
-        "{bulk} of {total} chunks from the bulk frames: {s}"
-    );
-    assert!(
-        s["bytes_fetched"].as_u64().unwrap() < image_bytes,
-        "the fill moved fewer bytes than the image holds ({image_bytes}): {s}"
-    );
+    common::assert_filled_from_bulk(&out, &tree, &stats_json, image_bytes);
 }
 
 #[test]

@@ -78,3 +78,35 @@ pub fn text_tree(dir: &std::path::Path, files: u64) {
 pub const FILL_THEN_CKSUM: &str = "cat {mnt}/f00.rs > /dev/null; \
     for i in $(seq 400); do grep -Eq '\"done\": ?true' {mnt}/.incfs/stats && break; sleep 0.05; done; \
     cat {mnt}/f*.rs | cksum";
+
+/// Checks a run of [`FILL_THEN_CKSUM`] over an image of `tree` (a [`text_tree`]) whose
+/// `--stats-json` went to `stats_json`: every byte came right, the fill finished, took most
+/// chunks from the bulk sidecar, and moved fewer bytes than the image's `image_bytes`.
+pub fn assert_filled_from_bulk(
+    out: &Output,
+    tree: &std::path::Path,
+    stats_json: &std::path::Path,
+    image_bytes: u64,
+) {
+    let want = Command::new("sh")
+        .arg("-c")
+        .arg(format!("cat {}/f*.rs | cksum", tree.display()))
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, want.stdout, "every byte read through the mount");
+    let j: serde_json::Value = serde_json::from_slice(&std::fs::read(stats_json).unwrap()).unwrap();
+    let s = &j["stats"];
+    assert_eq!(s["fill"]["done"], serde_json::json!(true), "{s}");
+    let (from_bulk, total) = (
+        s["chunks_from_bulk"].as_u64().unwrap(),
+        s["chunks_total"].as_u64().unwrap(),
+    );
+    assert!(
+        from_bulk * 2 > total,
+        "{from_bulk} of {total} chunks from the sidecar: {s}"
+    );
+    assert!(
+        s["bytes_fetched"].as_u64().unwrap() < image_bytes,
+        "the fill moved fewer bytes than the image holds ({image_bytes}): {s}"
+    );
+}
