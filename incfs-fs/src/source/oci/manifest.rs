@@ -113,8 +113,8 @@ impl Manifest {
     }
 
     /// Parses a manifest fetched from `what` and finds its blobs: exactly one image layer, at
-    /// most one plan, one signature and one bulk sidecar; other layers are ignored (a later writer may add
-    /// more).
+    /// most one plan, one signature and one bulk sidecar; other layers are ignored (a later
+    /// writer may add more).
     pub fn parse(what: &str, bytes: &[u8]) -> Result<(Manifest, Layers), OciError> {
         let bad = |reason: String| OciError::Manifest {
             what: what.to_string(),
