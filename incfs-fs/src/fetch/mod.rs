@@ -1595,27 +1595,21 @@ impl Inner {
             .get(f.dictionary, |_| Err(not_loaded(f.dictionary)))
             .map_err(|e| e.to_string())
             .and_then(|d| crate::format::bulk::decode_bulk_frame(f, stored, d));
-        let raw = match raw {
-            Ok(r) => r,
+        let chunks = raw
+            .as_deref()
+            .map_err(Clone::clone)
+            .and_then(|raw| crate::format::bulk::frame_chunks(f, raw, |s| self.table.get(s)));
+        let chunks = match chunks {
+            Ok(c) => c,
             Err(error) => {
                 self.fetch_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(sidecar = %b.spec, offset = f.offset, %error, "a bulk frame did not decode; fetching its chunks from the image");
+                tracing::warn!(sidecar = %b.spec, offset = f.offset, %error, "a bulk frame did not decode or its chunks do not fit it; fetching them from the image");
                 return Vec::new();
             }
         };
         let mut done = Vec::new();
-        let mut at = 0usize;
         let mut bad = 0u32;
-        for s in f.slots() {
-            let Some(e) = self.table.get(s) else {
-                break;
-            };
-            let end = at + e.raw_len as usize;
-            let Some(bytes) = raw.get(at..end) else {
-                bad += 1;
-                break;
-            };
-            at = end;
+        for (s, e, bytes) in chunks {
             if !wanted.contains(&s) || self.cache.is_local(s) {
                 continue;
             }

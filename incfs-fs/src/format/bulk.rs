@@ -24,7 +24,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::dictionary::{Encoder, Prepared, decompress_with};
-use super::{Digest, FormatError, Image, RangeRead, SlotRun, chunk_of_frame, encode_frame_with};
+use super::{
+    ChunkEntry, Digest, FormatError, Image, RangeRead, SlotRun, chunk_of_frame, encode_frame_with,
+};
 
 /// First bytes of a bulk sidecar.
 pub const BULK_MAGIC: &[u8; 8] = b"INCFSBK1";
@@ -386,25 +388,10 @@ pub fn verify_bulk<R: RangeRead + Sync>(
         let stored = read(data_start + f.offset, u64::from(f.len)).map_err(|e| e.to_string())?;
         let dict = image.dictionary(f.dictionary).map_err(|e| e.to_string())?;
         let raw = decode_bulk_frame(f, &stored, dict)?;
-        let mut at = 0usize;
-        for s in f.slots() {
-            let e = table
-                .get(s)
-                .ok_or_else(|| format!("slot {s}: no such slot"))?;
-            let end = at + e.raw_len as usize;
-            let bytes = raw
-                .get(at..end)
-                .ok_or_else(|| format!("slot {s} runs past the frame's {} raw bytes", raw.len()))?;
+        for (s, e, bytes) in frame_chunks(f, &raw, |s| table.get(s).copied())? {
             if Digest::of(bytes) != e.digest {
                 return Err(format!("slot {s} does not match its digest"));
             }
-            at = end;
-        }
-        if at != raw.len() {
-            return Err(format!(
-                "its chunks are {at} bytes, the frame decodes to {}",
-                raw.len()
-            ));
         }
         progress(raw.len() as u64);
         Ok(f.slots().count() as u64)
@@ -428,6 +415,35 @@ pub fn verify_bulk<R: RangeRead + Sync>(
     let held: u64 = frames.iter().map(|f| f.slots().count() as u64).sum();
     report.missing_slots = table.len().saturating_sub(held);
     Ok(report)
+}
+
+/// Cuts a frame's decoded bytes into its chunks, in order, as (slot, table entry, raw
+/// bytes), by the raw lengths the table gives (`entry` looks a slot up). An error when a
+/// slot is not in the table or the chunks and the frame's bytes do not add up. The caller
+/// checks each chunk's digest.
+pub(crate) fn frame_chunks<'a>(
+    frame: &BulkFrame,
+    raw: &'a [u8],
+    entry: impl Fn(u64) -> Option<ChunkEntry>,
+) -> Result<Vec<(u64, ChunkEntry, &'a [u8])>, String> {
+    let mut chunks = Vec::new();
+    let mut at = 0usize;
+    for s in frame.slots() {
+        let e = entry(s).ok_or_else(|| format!("slot {s}: no such slot"))?;
+        let end = at + e.raw_len as usize;
+        let bytes = raw
+            .get(at..end)
+            .ok_or_else(|| format!("slot {s} runs past the frame's {} raw bytes", raw.len()))?;
+        chunks.push((s, e, bytes));
+        at = end;
+    }
+    if at != raw.len() {
+        return Err(format!(
+            "its chunks are {at} bytes, the frame decodes to {}",
+            raw.len()
+        ));
+    }
+    Ok(chunks)
 }
 
 /// Decodes a frame's stored bytes into its raw bytes (checked for length only: the caller
@@ -481,6 +497,38 @@ mod tests {
 
     fn encode(frames: &[BulkFrame]) -> Vec<u8> {
         postcard::to_allocvec(frames).unwrap()
+    }
+
+    #[test]
+    fn a_frame_is_cut_into_its_chunks_or_refused_when_they_do_not_fit() {
+        let entry = |raw_len: u32| ChunkEntry {
+            stored_offset: 0,
+            stored_len: raw_len,
+            raw_len,
+            frame_offset: 0,
+            frame_len: raw_len,
+            dictionary: 0,
+            digest: Digest::of(b""),
+        };
+        let lens = [3u32, 5, 2];
+        let table = |s: u64| lens.get(s as usize).map(|&n| entry(n));
+        let raw: Vec<u8> = (0u8..10).collect();
+        let f = frame(0, 10, 0, 3);
+        let cut: Vec<(u64, &[u8])> = frame_chunks(&f, &raw, table)
+            .unwrap()
+            .into_iter()
+            .map(|(s, _, b)| (s, b))
+            .collect();
+        assert_eq!(
+            cut,
+            vec![(0, &raw[0..3]), (1, &raw[3..8]), (2, &raw[8..10])]
+        );
+        let short = frame_chunks(&f, &raw[..9], table).unwrap_err();
+        assert!(short.contains("slot 2 runs past"), "{short}");
+        let long = frame_chunks(&frame(0, 10, 0, 2), &raw, table).unwrap_err();
+        assert!(long.contains("8 bytes, the frame decodes to 10"), "{long}");
+        let foreign = frame_chunks(&frame(0, 10, 2, 2), &raw, table).unwrap_err();
+        assert!(foreign.contains("slot 3: no such slot"), "{foreign}");
     }
 
     #[test]
