@@ -77,7 +77,7 @@ pub struct PackArgs {
 #[derive(Args)]
 pub struct BulkArgs {
     /// Do not write IMAGE.bulk, the image's chunks again in large frames that the background
-    /// fill fetches instead of the small ones (clang-22: 57 MB beside a 68 MB image; a start
+    /// fill fetches instead of the small ones (clang-22: 53 MB beside a 68 MB image; a start
     /// without a plan ends when the fill has moved the image). Without it the fill fetches
     /// the image's own frames.
     #[arg(long)]
@@ -85,6 +85,10 @@ pub struct BulkArgs {
     /// Raw bytes per frame of IMAGE.bulk (4K..4M).
     #[arg(long, value_parser = parse_size, default_value = "256K")]
     bulk_frame_size: u64,
+    /// zstd level of IMAGE.bulk's frames (1..22): lower packs faster, the sidecar is larger
+    /// (BENCHMARKS.md gives the sizes and times).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=22), default_value_t = bulk::DEFAULT_LEVEL)]
+    bulk_level: i32,
 }
 
 impl BulkArgs {
@@ -104,7 +108,7 @@ impl BulkArgs {
         }
         let opts = BulkOptions {
             frame_bytes: self.bulk_frame_size as u32,
-            ..BulkOptions::default()
+            level: self.bulk_level,
         };
         let sp = spinner(&format!("writing {}", bulk::path_beside(image).display()));
         let r = bulk::write_beside(image, &opts)

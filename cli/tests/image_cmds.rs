@@ -352,6 +352,30 @@ fn pack_writes_the_bulk_sidecar_and_no_bulk_removes_an_old_one() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--bulk-frame-size"), "{err}");
+
+    // A lower level packs faster into a sidecar no smaller, which still verifies.
+    pack_with(&src, &img, None);
+    let at_19 = fs::metadata(&bulk).unwrap().len();
+    pack_with(&src, &img, Some("--bulk-level=1"));
+    let at_1 = fs::metadata(&bulk).unwrap().len();
+    assert!(at_1 >= at_19, "level 1: {at_1} bytes, level 19: {at_19}");
+    let out = incfs(&["verify", img.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = incfs(&[
+        "pack",
+        src.to_str().unwrap(),
+        "-o",
+        img.to_str().unwrap(),
+        "--bulk-level",
+        "23",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--bulk-level"), "{err}");
 }
 
 #[test]
