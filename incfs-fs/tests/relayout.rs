@@ -238,3 +238,85 @@ fn a_damaged_frame_fails_all_its_chunks() {
         );
     }
 }
+
+/// The chunks no plan names keep the source image's frames: a small file packed into one
+/// frame stays one frame (copied as stored, with its dictionary), and what is left of a frame
+/// that lost chunks to the hot part shares one frame again.
+#[test]
+fn cold_chunks_keep_the_frames_pack_gave_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    fs::create_dir(&tree).unwrap();
+    // Enough similar chunks for pack to train their dictionary (a group of at least 512).
+    for i in 0..130u64 {
+        let name = match i {
+            0 => "a.py".to_string(),
+            1 => "b.py".to_string(),
+            2 => "c.py".to_string(),
+            _ => format!("m{i}.py"),
+        };
+        fs::write(tree.join(name), common::source_text(i, 20_000)).unwrap();
+    }
+    let img_path = tmp.path().join("a.img");
+    let opts = PackOptions {
+        chunk_size: 4096,
+        whole_frames: true,
+        ..PackOptions::default()
+    };
+    pack_dir(&tree, &img_path, &opts, &()).unwrap();
+    let img = Image::open_path(&img_path, None).unwrap();
+    let frames_of = |img: &Image<_>, name: &str| -> Vec<u64> {
+        let mut v: Vec<u64> = common::file_entries(img, name)
+            .iter()
+            .map(|e| e.stored_offset)
+            .collect();
+        v.dedup();
+        v
+    };
+    for name in ["a.py", "b.py", "c.py"] {
+        assert_eq!(frames_of(&img, name).len(), 1, "pack frames {name} whole");
+    }
+    let first = |name: &str| {
+        img.files()
+            .into_iter()
+            .find(|f| f.path == name.as_bytes())
+            .unwrap()
+            .first_chunk
+    };
+    // a.py whole and b.py's first two chunks go hot; the other files stay cold.
+    let hot: Vec<u64> = (first("a.py")..first("a.py") + 5)
+        .chain([first("b.py"), first("b.py") + 1])
+        .collect();
+    let out = tmp.path().join("b.img");
+    let s = relayout(&img, &hot, &out, &RelayoutOptions::default()).unwrap();
+    let relaid = Image::open_path(&out, Some(&s.root_digest)).unwrap();
+    common::assert_image_matches(&relaid, &tree);
+    assert!(relaid.verify(&|_| {}).failures.is_empty());
+
+    let (before, after) = (
+        common::file_entries(&img, "c.py"),
+        common::file_entries(&relaid, "c.py"),
+    );
+    assert_eq!(frames_of(&relaid, "c.py").len(), 1, "c.py is still one frame");
+    assert!(after[0].stored_offset >= s.hot_bytes, "after the hot part");
+    assert_eq!(
+        (after[0].stored_len, after[0].frame_len, after[0].dictionary),
+        (before[0].stored_len, before[0].frame_len, before[0].dictionary),
+        "copied as stored"
+    );
+    assert!(after[0].dictionary > 0, "with its dictionary");
+    let b = common::file_entries(&relaid, "b.py");
+    assert!(b[..2].iter().all(|e| e.stored_offset < s.hot_bytes));
+    assert!(
+        b[2..]
+            .iter()
+            .all(|e| e.stored_offset == b[2].stored_offset && e.stored_offset >= s.hot_bytes),
+        "b.py's cold chunks share one frame: {b:?}"
+    );
+    assert_eq!(b[2].frame_len, 20_000 - 2 * 4096);
+    assert_eq!(
+        b[2].dictionary,
+        common::file_entries(&img, "b.py")[2].dictionary,
+        "compressed again with its dictionary"
+    );
+}

@@ -6,8 +6,10 @@
 //! plan names, in plan order — lead the data section packed several to a **frame**
 //! ([`RelayoutOptions::frame_bytes`]) and compressed together at a high level: a start
 //! fetches them all anyway, and machine code compresses ~20 % better in 256 KiB frames than
-//! in 4 KiB chunks. Every other chunk follows in slot order, one per frame, copied as stored.
-//! Each chunk is verified on the way; identical chunks are still stored once.
+//! in 4 KiB chunks. Every other chunk follows in slot order, framed as the source image
+//! frames it (a frame none of whose chunks went hot is copied as stored; what is left of one
+//! that lost chunks to the hot part is compressed together again). Each chunk is verified on
+//! the way; identical chunks are still stored once.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
@@ -15,10 +17,11 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
+use super::dictionary::Encoder;
 use super::pack::{PackError, parent_dir, write_image};
 use super::{
     ChunkEntry, ChunkTable, Digest, FormatError, Image, MAX_FRAME_LEN, Prepared, RangeRead,
-    TableOrder, chunk_of_frame, decode_chunk, decode_frame, encode_frame,
+    TableOrder, chunk_of_frame, decode_chunk, decode_frame, encode_frame, encode_frame_with,
 };
 
 /// How `relayout` stores the hot chunks.
@@ -71,8 +74,8 @@ struct Placed {
 
 /// Writes to `out` a copy of `img` whose data section holds first the chunks of `hot` (chunk
 /// slots, in that order; repeats and identical chunks are placed once) in frames of
-/// `opts.frame_bytes`, then every other chunk in slot order. Every chunk is verified as it
-/// is copied.
+/// `opts.frame_bytes`, then every other chunk in slot order, in the source image's frames.
+/// Every chunk is verified as it is copied.
 pub fn relayout<R: RangeRead>(
     img: &Image<R>,
     hot: &[u64],
@@ -193,36 +196,112 @@ pub fn relayout_for_update<R: RangeRead>(
     // The dictionaries the other chunks were compressed with, between the hot frames (which
     // need none) and those chunks, checked on the way.
     let mut manifest = img.manifest().clone();
+    let mut encoders = Vec::with_capacity(manifest.dictionaries.len());
     for (k, d) in manifest.dictionaries.iter_mut().enumerate() {
         let bytes = img
             .source()
             .read_range(img.header().data_offset + d.offset, u64::from(d.len))
             .map_err(FormatError::Io)?;
         Prepared::new(k as u8 + 1, d, &bytes)?;
+        encoders.push(Encoder::new(&bytes, opts.level));
         data.write_all(&bytes).map_err(werr)?;
         d.offset = data_len;
         data_len += bytes.len() as u64;
     }
 
-    // Every other chunk, one per frame, in slot order.
+    // Every other chunk, in slot order, framed as the source image frames it: a chunk alone
+    // in its frame is copied as stored, and so is a frame of several chunks none of which is
+    // placed yet (pack's frames of a small file, of an ELF file's loader or late sections:
+    // a miss there brings the whole frame, as it did before). What is left of a frame some
+    // of whose chunks went hot is compressed together again, with its dictionary.
+    let mut members: HashMap<u64, Vec<u64>> = HashMap::new();
+    for (slot, e) in table.entries().iter().enumerate() {
+        if e.frame_len != e.raw_len {
+            members
+                .entry(e.stored_offset)
+                .or_default()
+                .push(slot as u64);
+        }
+    }
     let mut buf = Vec::new();
     for (slot, e) in table.entries().iter().enumerate() {
         if placed.contains_key(&e.digest) {
             continue;
         }
-        let (stored, dictionary) = reader.single(slot as u64, e)?;
-        placed.insert(
-            e.digest,
-            Placed {
-                stored_offset: data_len,
-                stored_len: stored.len() as u32,
-                frame_offset: 0,
-                frame_len: e.raw_len,
-                dictionary,
-            },
-        );
-        data_len += stored.len() as u64;
-        buf.extend_from_slice(&stored);
+        let slot = slot as u64;
+        if e.frame_len == e.raw_len {
+            let (stored, dictionary) = reader.single(slot, e)?;
+            placed.insert(
+                e.digest,
+                Placed {
+                    stored_offset: data_len,
+                    stored_len: stored.len() as u32,
+                    frame_offset: 0,
+                    frame_len: e.raw_len,
+                    dictionary,
+                },
+            );
+            data_len += stored.len() as u64;
+            buf.extend_from_slice(&stored);
+        } else {
+            // The frame's first member in slot order comes first: place all of it now.
+            let slots = members.get(&e.stored_offset).map_or(&[][..], Vec::as_slice);
+            let mut raws: Vec<(Digest, Vec<u8>)> = Vec::new();
+            let mut whole = true;
+            for &m in slots {
+                let Some(me) = table.get(m) else { continue };
+                let raw = reader.chunk(m, me)?;
+                if placed.contains_key(&me.digest) {
+                    whole = false;
+                } else if !raws.iter().any(|(d, _)| *d == me.digest) {
+                    raws.push((me.digest, raw));
+                }
+            }
+            if whole {
+                // Copied as stored: every member keeps its place in the frame.
+                let stored = reader.stored(e)?;
+                for &m in slots {
+                    let Some(me) = table.get(m) else { continue };
+                    placed.entry(me.digest).or_insert(Placed {
+                        stored_offset: data_len,
+                        stored_len: stored.len() as u32,
+                        frame_offset: me.frame_offset,
+                        frame_len: me.frame_len,
+                        dictionary: me.dictionary,
+                    });
+                }
+                data_len += stored.len() as u64;
+                buf.extend_from_slice(&stored);
+            } else {
+                let raw: Vec<u8> = raws.iter().flat_map(|(_, r)| r.iter().copied()).collect();
+                let encoder = usize::from(e.dictionary)
+                    .checked_sub(1)
+                    .and_then(|k| encoders.get(k));
+                let stored = encode_frame_with(&raw, opts.level, encoder)?;
+                // Only a compressed frame names its dictionary.
+                let dictionary = if stored.len() < raw.len() && encoder.is_some() {
+                    e.dictionary
+                } else {
+                    0
+                };
+                let mut at = 0u32;
+                for (digest, r) in &raws {
+                    placed.insert(
+                        *digest,
+                        Placed {
+                            stored_offset: data_len,
+                            stored_len: stored.len() as u32,
+                            frame_offset: at,
+                            frame_len: raw.len() as u32,
+                            dictionary,
+                        },
+                    );
+                    at += r.len() as u32;
+                }
+                data_len += stored.len() as u64;
+                buf.extend_from_slice(&stored);
+            }
+        }
         if buf.len() >= 8 << 20 {
             data.write_all(&buf).map_err(werr)?;
             buf.clear();
