@@ -417,6 +417,9 @@ pub fn verify_bulk<R: RangeRead + Sync>(
     Ok(report)
 }
 
+/// A chunk of a decoded frame: its slot, its table entry, its raw bytes.
+pub(crate) type FrameChunk<'a> = (u64, ChunkEntry, &'a [u8]);
+
 /// Cuts a frame's decoded bytes into its chunks, in order, as (slot, table entry, raw
 /// bytes), by the raw lengths the table gives (`entry` looks a slot up). An error when a
 /// slot is not in the table or the chunks and the frame's bytes do not add up. The caller
@@ -425,7 +428,7 @@ pub(crate) fn frame_chunks<'a>(
     frame: &BulkFrame,
     raw: &'a [u8],
     entry: impl Fn(u64) -> Option<ChunkEntry>,
-) -> Result<Vec<(u64, ChunkEntry, &'a [u8])>, String> {
+) -> Result<Vec<FrameChunk<'a>>, String> {
     let mut chunks = Vec::new();
     let mut at = 0usize;
     for s in frame.slots() {
