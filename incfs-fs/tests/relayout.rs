@@ -297,11 +297,19 @@ fn cold_chunks_keep_the_frames_pack_gave_them() {
         common::file_entries(&img, "c.py"),
         common::file_entries(&relaid, "c.py"),
     );
-    assert_eq!(frames_of(&relaid, "c.py").len(), 1, "c.py is still one frame");
+    assert_eq!(
+        frames_of(&relaid, "c.py").len(),
+        1,
+        "c.py is still one frame"
+    );
     assert!(after[0].stored_offset >= s.hot_bytes, "after the hot part");
     assert_eq!(
         (after[0].stored_len, after[0].frame_len, after[0].dictionary),
-        (before[0].stored_len, before[0].frame_len, before[0].dictionary),
+        (
+            before[0].stored_len,
+            before[0].frame_len,
+            before[0].dictionary
+        ),
         "copied as stored"
     );
     assert!(after[0].dictionary > 0, "with its dictionary");
