@@ -58,6 +58,7 @@ pub fn published(
         PUBLISHED_SUFFIX,
         retry,
         PUBLISHED_PLAN_DEADLINE,
+        true,
     )?;
     let Some(source::Beside {
         spec, source: src, ..

@@ -126,9 +126,63 @@ fn reads_exact_ranges_from_incfs_serve() {
     assert!(stats.by_kind["demand"].requests >= 40);
     assert_eq!(stats.by_kind["prefetch"].requests, 2);
     assert_eq!(
-        stats.by_kind["background"].requests, 2,
-        "HEAD and the whole read"
+        stats.by_kind["background"].requests, 3,
+        "HEAD, the opening probe beside it, and the whole read"
     );
+}
+
+#[test]
+fn opening_fetches_the_first_bytes_beside_the_head_and_answers_one_read_from_them() {
+    let s = serve(1_000_000, LinkConfig::default());
+    let src = HttpSource::open(&s.server.url("image.incfs"), &HttpConfig::default())
+        .expect("open HTTP source");
+    assert_eq!(src.len(), 1_000_000);
+    let stats = s.server.stats();
+    assert_eq!((stats.requests, stats.head_requests), (2, 1), "{stats:?}");
+    let probe = incfs_fs::format::INITIAL_READ;
+    assert_eq!(stats.bytes_sent, probe, "the image's first read");
+    // Inside the probe, not handed out before: answered from it.
+    for (off, n) in [(0, 4096), (100_000, 50_000), (200_000, probe - 200_000)] {
+        let got = src.read_range(off, n, RequestKind::Demand).expect("read");
+        assert!(got == s.data[off as usize..(off + n) as usize], "{off}+{n}");
+    }
+    assert_eq!(
+        s.server.stats().requests,
+        2,
+        "no request for bytes already here"
+    );
+    // Past it or across its end: a request of its own.
+    for (off, n) in [(probe - 10, 20), (500_000, 10)] {
+        let got = src.read_range(off, n, RequestKind::Demand).expect("read");
+        assert!(got == s.data[off as usize..(off + n) as usize], "{off}+{n}");
+    }
+    assert_eq!(s.server.stats().requests, 4);
+    // Bytes handed out once are asked for again (a reader that found them bad re-reads):
+    // from the server, and the rest of the probe is dropped too.
+    for (off, n) in [(0, 100), (150_000, 10)] {
+        let got = src.read_range(off, n, RequestKind::Demand).expect("read");
+        assert!(got == s.data[off as usize..(off + n) as usize], "{off}+{n}");
+    }
+    assert_eq!(s.server.stats().requests, 6);
+
+    // A file shorter than the probe comes whole in it.
+    let small = serve(1_000, LinkConfig::default());
+    let src = HttpSource::open(&small.server.url("image.incfs"), &HttpConfig::default())
+        .expect("open HTTP source");
+    assert_eq!(src.len(), 1_000);
+    let got = src.read_range(0, 1_000, RequestKind::Demand).expect("read");
+    assert!(got == small.data);
+    assert_eq!(small.server.stats().requests, 2, "HEAD and the probe");
+
+    // Off: the HEAD alone.
+    let off = HttpConfig {
+        probe_bytes: 0,
+        ..HttpConfig::default()
+    };
+    let src = HttpSource::open(&small.server.url("image.incfs"), &off).expect("open");
+    let got = src.read_range(0, 1_000, RequestKind::Demand).expect("read");
+    assert!(got == small.data);
+    assert_eq!(small.server.stats().requests, 4, "HEAD and the read");
 }
 
 #[test]
@@ -755,8 +809,9 @@ fn reads_from_nginx_over_http1_and_https_with_http2() {
         "HTTPS requests did not use HTTP/2: {lines:#?}"
     );
     assert!(h1.len() >= 33, "{lines:#?}");
-    // Keep-alive: each of the three sources above kept one connection for all its requests
-    // (allow a spare in case the server closed one).
+    // Keep-alive: each of the three sources above kept the two connections of its open (the
+    // HEAD and the opening probe go side by side) for all its requests (allow a spare in case
+    // the server closed one).
     let connections: std::collections::BTreeSet<&str> = h1
         .iter()
         .filter_map(|l| l.split_whitespace().nth(1))
@@ -767,7 +822,7 @@ fn reads_from_nginx_over_http1_and_https_with_http2() {
         connections.len()
     );
     assert!(
-        connections.len() <= 5,
+        connections.len() <= 8,
         "{} HTTP/1.1 requests used {} connections: keep-alive is not reused: {h1:#?}",
         h1.len(),
         connections.len()
@@ -880,8 +935,12 @@ fn several_ranges_come_in_one_request_or_one_at_a_time_when_the_server_cannot() 
     // Paced, so that bytes the client did not wait for are not counted as sent.
     config.link.bandwidth_mbit = Some(200.0);
     let single = Server::start(config).expect("start incfs serve");
-    let src = HttpSource::open(&single.url("image.incfs"), &HttpConfig::default())
-        .expect("open HTTP source");
+    // No opening probe, so that every range below is a request of its own to count.
+    let no_probe = HttpConfig {
+        probe_bytes: 0,
+        ..HttpConfig::default()
+    };
+    let src = HttpSource::open(&single.url("image.incfs"), &no_probe).expect("open HTTP source");
     let got = read_ranges(&src, &ranges).expect("read one by one");
     assert_ranges(&got, &ranges, &s.data);
     assert_eq!(src.ranges_per_request(), 1);
@@ -978,4 +1037,39 @@ fn multi_range_answers_coalesced_or_wrong_give_right_bytes_or_errors() {
     // Ranges that are not ascending and apart are the caller's error.
     let err = read_ranges(&src, &[(300, 100), (100, 100)]).expect_err("unsorted accepted");
     assert!(!err.is_retryable(), "{err}");
+}
+
+#[test]
+fn a_published_plan_comes_in_the_request_that_opens_it_and_a_missing_one_costs_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = content(300_000, 7);
+    std::fs::write(dir.path().join("app.img"), content(1_000, 8)).expect("write");
+    std::fs::write(dir.path().join("app.img.plan.json"), &plan).expect("write");
+    let server = Server::start(ServeConfig::new(dir.path())).expect("start incfs serve");
+    let retry = incfs_fs::retry::RetryPolicy::default();
+    let (_, got) = incfs_fs::plan::published(&server.url("app.img"), &retry)
+        .expect("fetch")
+        .expect("a plan is there");
+    assert!(got == plan, "the plan's bytes");
+    let stats = server.stats();
+    assert_eq!((stats.requests, stats.head_requests), (1, 0), "{stats:?}");
+
+    server.reset_stats();
+    let none = incfs_fs::plan::published(&server.url("other.img"), &retry).expect("fetch");
+    assert!(none.is_none());
+    assert_eq!(
+        server.stats().requests,
+        1,
+        "one request for a plan that is not there"
+    );
+
+    // A plan larger than the probe: its first bytes, then the whole of it.
+    let big = content(source::WHOLE_PROBE_BYTES as usize + 5_000, 9);
+    std::fs::write(dir.path().join("big.img.plan.json"), &big).expect("write");
+    server.reset_stats();
+    let (_, got) = incfs_fs::plan::published(&server.url("big.img"), &retry)
+        .expect("fetch")
+        .expect("a plan is there");
+    assert!(got == big);
+    assert_eq!(server.stats().requests, 2);
 }

@@ -100,7 +100,7 @@ pub fn fetch(source_spec: &str, retry: &RetryPolicy) -> Result<Option<Fetched>, 
         spec,
         source: src,
         retry,
-    }) = source::open_beside(source_spec, BULK_SUFFIX, retry, SIDECAR_DEADLINE)?
+    }) = source::open_beside(source_spec, BULK_SUFFIX, retry, SIDECAR_DEADLINE, false)?
     else {
         return Ok(None);
     };

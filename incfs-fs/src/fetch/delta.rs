@@ -77,7 +77,7 @@ pub fn fetch(
         spec,
         source: src,
         retry,
-    }) = source::open_beside(source_spec, DELTA_SUFFIX, retry, SIDECAR_DEADLINE)?
+    }) = source::open_beside(source_spec, DELTA_SUFFIX, retry, SIDECAR_DEADLINE, false)?
     else {
         return Ok(None);
     };

@@ -25,6 +25,7 @@ use std::io;
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, HeaderMap, RANGE};
 use tracing::{debug, trace};
@@ -54,6 +55,15 @@ pub struct HttpConfig {
     /// ([`Source::read_range_within`] does): the one limit a server trickling a byte at a
     /// time cannot defeat (default none, for whole-image downloads).
     pub request_timeout: Option<Duration>,
+    /// Bytes from the start of the file that opening asks for beside its `HEAD`, kept for
+    /// the first read inside them (default [`INITIAL_READ`](crate::format::INITIAL_READ),
+    /// the read an image's open begins with; also a whole plan, or a sidecar's header and
+    /// index). 0: none.
+    pub probe_bytes: u64,
+    /// Ask for the probe instead of the `HEAD` (a `HEAD` only when its answer gave no
+    /// length): for a file read whole when it fits, such as a published plan (default
+    /// false: a failed probe then costs the open nothing).
+    pub probe_instead_of_head: bool,
 }
 
 impl Default for HttpConfig {
@@ -64,6 +74,8 @@ impl Default for HttpConfig {
             extra_root_certs_pem: Vec::new(),
             http1_only: false,
             request_timeout: None,
+            probe_bytes: crate::format::INITIAL_READ,
+            probe_instead_of_head: false,
         }
     }
 }
@@ -81,6 +93,13 @@ impl HttpConfig {
     }
 }
 
+/// The first bytes of a file, fetched at open, and the ranges of them handed out so far.
+#[derive(Debug)]
+struct Prefix {
+    bytes: Vec<u8>,
+    served: Vec<(u64, u64)>,
+}
+
 /// An image served over HTTP(S), read with Range requests. Cheap to share between threads.
 #[derive(Debug)]
 pub struct HttpSource {
@@ -91,13 +110,19 @@ pub struct HttpSource {
     /// Always `Some` until drop, which shuts it down without blocking.
     runtime: Option<tokio::runtime::Runtime>,
     len: u64,
+    /// The file's first bytes, fetched at open beside the `HEAD`: a read inside them is
+    /// answered from here, once (a read again of bytes already handed out, as after a
+    /// digest mismatch, drops them and goes to the server).
+    prefix: Mutex<Option<Prefix>>,
     /// Whether ranges still go several to a request.
     multi_range: MultiRange,
 }
 
 impl HttpSource {
     /// Opens `url`: checks it, connects, and learns the image length from a `HEAD` (or, when
-    /// that is refused or has no length, from a `bytes=0-0` range's `Content-Range`).
+    /// that is refused or has no length, from a `bytes=0-0` range's `Content-Range`). Beside
+    /// the `HEAD` it asks for the first [`HttpConfig::probe_bytes`] and keeps them for the
+    /// first read inside them: an image's open then costs one round trip, not two.
     pub fn open(url: &str, config: &HttpConfig) -> Result<Self, SourceError> {
         let parsed = reqwest::Url::parse(url)
             .map_err(|e| SourceError::Unusable(format!("{url}: not a valid URL: {e}")))?;
@@ -145,9 +170,40 @@ impl HttpSource {
             client,
             runtime: Some(runtime),
             len: 0,
+            prefix: Mutex::new(None),
             multi_range: MultiRange::new(),
         };
-        source.len = source.block_on(source.probe_len())?;
+        // The length from a HEAD, and beside it (the same round trip) the file's first bytes,
+        // which an image's open reads next.
+        let want = config.probe_bytes;
+        let (len, probed) = source.block_on(async {
+            if want > 0 && config.probe_instead_of_head {
+                // Its answer gives the length too; a HEAD only when it did not.
+                if let Some((len, bytes)) = source.probe(want).await? {
+                    return Ok((len, Some((len, bytes))));
+                }
+                return Ok((source.probe_len().await?, None));
+            }
+            let (len, probed) = tokio::join!(source.probe_len(), async {
+                if want > 0 {
+                    source.probe(want).await.ok().flatten()
+                } else {
+                    None
+                }
+            });
+            Ok((len?, probed))
+        })?;
+        source.len = len;
+        if let Some((total, bytes)) = probed {
+            if total == len {
+                *source.prefix.lock() = Some(Prefix {
+                    bytes,
+                    served: Vec::new(),
+                });
+            } else {
+                debug!(url = %source.name, len, total, "the opening probe saw another length; not using it");
+            }
+        }
         debug!(url = %source.name, len = source.len, "opened HTTP source");
         Ok(source)
     }
@@ -275,6 +331,67 @@ impl HttpSource {
         }
     }
 
+    /// The file's length and first `want` bytes (all of it when it is shorter); `None` when
+    /// the answer is not sound (the reads then go to the server as they would have), an
+    /// error when the server says there is no such file (404, 410).
+    async fn probe(&self, want: u64) -> Result<Option<(u64, Vec<u8>)>, SourceError> {
+        Ok(match self.probe_answer(want).await {
+            Err(status @ (404 | 410)) => {
+                return Err(SourceError::Status {
+                    source_name: self.name.clone(),
+                    status,
+                    offset: 0,
+                    end: want,
+                });
+            }
+            Err(_) => None,
+            Ok(p) => p,
+        })
+    }
+
+    /// [`Self::probe`]'s request; `Err(status)` for an answer of another status.
+    async fn probe_answer(&self, want: u64) -> Result<Option<(u64, Vec<u8>)>, u16> {
+        let last = want - 1;
+        let resp = self
+            .client
+            .get(self.url.clone())
+            .header(RANGE, format!("bytes=0-{last}"))
+            .header(REQUEST_KIND_HEADER, RequestKind::Background.to_string())
+            .send()
+            .await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(url = %self.name, error = %error_chain(&e), "the opening probe failed");
+                return Ok(None);
+            }
+        };
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let (total, expect) = match status {
+            206 => match header_str(&headers, CONTENT_RANGE)
+                .as_deref()
+                .and_then(parse_content_range)
+            {
+                Some((0, b, Some(total))) => (total, b + 1),
+                _ => return Ok(None),
+            },
+            200 => match header_u64(&headers, CONTENT_LENGTH) {
+                Some(n) => (n, n),
+                None => return Ok(None),
+            },
+            s => return Err(s),
+        };
+        if expect > want || expect != total.min(want) {
+            debug!(url = %self.name, status, "the opening probe's answer is not the file's start");
+            return Ok(None);
+        }
+        let Ok(body) = resp.bytes().await else {
+            return Ok(None);
+        };
+        Ok((body.len() as u64 == expect).then(|| (total, body.to_vec())))
+    }
+
     /// Sends the range request and checks the answer's status and headers.
     async fn start(
         &self,
@@ -376,7 +493,29 @@ impl HttpSource {
         if len == 0 {
             return Ok(());
         }
+        if let Some(bytes) = self.take_prefix(offset, len) {
+            let _ = on_piece(&bytes);
+            return Ok(());
+        }
         self.fetch(offset, len, kind, timeout, on_piece)
+    }
+
+    /// The range's bytes from the opening probe, if it holds them and has not handed any of
+    /// them out before.
+    fn take_prefix(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
+        let mut guard = self.prefix.lock();
+        let p = guard.as_mut()?;
+        let end = offset.checked_add(len)?;
+        if end > p.bytes.len() as u64 {
+            return None;
+        }
+        if p.served.iter().any(|&(a, b)| offset < b && a < end) {
+            // Asked again: whoever reads it did not take it the first time.
+            *guard = None;
+            return None;
+        }
+        p.served.push((offset, end));
+        Some(p.bytes[offset as usize..end as usize].to_vec())
     }
 }
 

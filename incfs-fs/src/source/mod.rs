@@ -483,6 +483,10 @@ pub fn open_for(spec: &str, retry: &RetryPolicy) -> Result<Arc<dyn Source>, Sour
     open_with(spec, &HttpConfig::for_policy(retry))
 }
 
+/// Most bytes [`open_beside`] asks for at once of a file read whole (clang-22's plan is 445
+/// KB): a larger one costs these bytes again, one request later.
+pub const WHOLE_PROBE_BYTES: u64 = 1 << 20;
+
 /// A file published beside an image ([`open_beside`]).
 pub struct Beside {
     /// Its spec: the image's with the suffix.
@@ -496,12 +500,15 @@ pub struct Beside {
 /// Opens the file published beside the image at `image_spec`, named with `suffix` (a plan,
 /// a delta sidecar, the bulk sidecar), within `retry` but at most `deadline`. `Ok(None)`
 /// when there is none there. An `oci://` image's companions are layers of its artifact: its
-/// bulk sidecar is the artifact's bulk layer, and it has no others.
+/// bulk sidecar is the artifact's bulk layer, and it has no others. With `read_whole` (a
+/// plan), an HTTP(S) file's open asks for up to [`WHOLE_PROBE_BYTES`] of it at once, so a
+/// file that fits costs one request.
 pub fn open_beside(
     image_spec: &str,
     suffix: &str,
     retry: &RetryPolicy,
     deadline: Duration,
+    read_whole: bool,
 ) -> Result<Option<Beside>, SourceError> {
     let mut retry = *retry;
     retry.deadline = retry.deadline.min(deadline);
@@ -517,7 +524,13 @@ pub fn open_beside(
         }));
     }
     let spec = format!("{image_spec}{suffix}");
-    match open_for(&spec, &retry) {
+    // A sidecar is read from its header on, a plan whole: only the plan is probed.
+    let http = HttpConfig {
+        probe_bytes: if read_whole { WHOLE_PROBE_BYTES } else { 0 },
+        probe_instead_of_head: read_whole,
+        ..HttpConfig::for_policy(&retry)
+    };
+    match open_with(&spec, &http) {
         Ok(source) => Ok(Some(Beside {
             spec,
             source,
