@@ -702,11 +702,14 @@ fn mount_kill9_in_the_middle_of_fetching_serves_only_verified_bytes() {
         let reader = std::thread::spawn(move || {
             let _ = fs::read(path);
         });
-        // Kill while chunks are arriving: some recorded, more stored but not yet recorded.
+        // Kill once more chunks are recorded than before, most often while others are
+        // stored but not yet recorded. (Not as soon as everything is local: a read of a local
+        // image can finish within one flush interval, and a kill then recorded nothing, so
+        // the last mount found an empty cache: the flake of sessions 10-13.)
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let s = d.stats();
-            if s.chunks_durable > round * 40 || s.chunks_local == s.chunks_total {
+            if s.chunks_durable > round * 40 {
                 break;
             }
             assert!(Instant::now() < deadline, "no progress: {s:?}");
