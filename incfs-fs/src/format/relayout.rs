@@ -244,22 +244,29 @@ pub fn relayout_for_update<R: RangeRead>(
             data_len += stored.len() as u64;
             buf.extend_from_slice(&stored);
         } else {
-            // The frame's first member in slot order comes first: place all of it now.
+            // The frame's first member in slot order comes first: place all of it now. Its
+            // stored bytes are read and decoded once, and every member is checked.
             let slots = members.get(&e.stored_offset).map_or(&[][..], Vec::as_slice);
+            let whole = slots
+                .iter()
+                .filter_map(|&m| table.get(m))
+                .all(|me| !placed.contains_key(&me.digest));
+            let stored = reader.stored(e)?;
+            let frame = decode_frame(slot, e, &stored, img.dictionary(e.dictionary)?)?;
+            // What a frame compressed again holds: its members not placed yet, once each.
             let mut raws: Vec<(Digest, Vec<u8>)> = Vec::new();
-            let mut whole = true;
             for &m in slots {
                 let Some(me) = table.get(m) else { continue };
-                let raw = reader.chunk(m, me)?;
-                if placed.contains_key(&me.digest) {
-                    whole = false;
-                } else if !raws.iter().any(|(d, _)| *d == me.digest) {
+                let raw = chunk_of_frame(m, me, &frame)?;
+                if !whole
+                    && !placed.contains_key(&me.digest)
+                    && !raws.iter().any(|(d, _)| *d == me.digest)
+                {
                     raws.push((me.digest, raw));
                 }
             }
             if whole {
                 // Copied as stored: every member keeps its place in the frame.
-                let stored = reader.stored(e)?;
                 for &m in slots {
                     let Some(me) = table.get(m) else { continue };
                     placed.entry(me.digest).or_insert(Placed {
