@@ -901,3 +901,129 @@ proptest! {
         fs.shutdown().unwrap();
     }
 }
+
+/// Pages of `path` in the page cache, of its first `len` bytes.
+fn resident_pages(path: &Path, len: usize) -> usize {
+    let f = fs::File::open(path).unwrap();
+    let page = 4096;
+    let pages = len.div_ceil(page);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: a private read-only mapping of `len` bytes of an open file, asked which of its
+    // pages are resident, then unmapped; nothing is read through it.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED);
+        assert_eq!(libc::mincore(p, len, vec.as_mut_ptr()), 0);
+        libc::munmap(p, len);
+    }
+    vec.iter().filter(|&&b| b & 1 != 0).count()
+}
+
+/// Writes `path` back and drops its pages from the page cache (no root needed).
+fn evict(path: &Path) {
+    let f = fs::File::open(path).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: an advisory call on an open descriptor.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
+#[test]
+fn a_mount_reads_ahead_the_local_part_of_the_files_the_last_start_opened() {
+    const SIZES: [(&str, usize); 4] = [("a", 40960), ("b", 49152), ("c", 57344), ("d", 65536)];
+    let fx = fixture(|t| {
+        fs::create_dir_all(t).unwrap();
+        for (i, (name, len)) in SIZES.iter().enumerate() {
+            fs::write(t.join(name), common::noise(*len, i as u64)).unwrap();
+        }
+    });
+    // On the build's disk (not a tmpfs /tmp, whose pages cannot be dropped).
+    let cache = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let src: Arc<dyn Source> = Arc::new(MockSource::new(fx.bytes.clone()));
+    // First mount: a, b and c local whole, d's first chunk only; nothing to read ahead yet.
+    let fs1 = mount(src.clone(), cache.path());
+    for name in ["a", "b", "c"] {
+        read_all(&fs1, resolve(&fs1, name.as_bytes()), 1 << 20).unwrap();
+    }
+    let d = resolve(&fs1, b"d");
+    let (fh, _) = fs1.open(d).unwrap();
+    fs1.read(d, fh, 0, CHUNK).unwrap();
+    fs1.release(fh);
+    assert_eq!(stats(&fs1).bytes_warmed, 0);
+    fs1.shutdown().unwrap();
+    // The last start: opens d, then b, then a, and b again.
+    let fs2 = mount(src.clone(), cache.path());
+    for name in ["d", "b", "a", "b"] {
+        let ino = resolve(&fs2, name.as_bytes());
+        let (fh, _) = fs2.open(ino).unwrap();
+        fs2.release(fh);
+    }
+    fs2.shutdown().unwrap();
+
+    // The backing files, by size, out of the page cache.
+    let data: Vec<PathBuf> = fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().path().join("data"))
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(data.len(), 1);
+    let backing = |len: usize| {
+        fs::read_dir(&data[0])
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| fs::metadata(p).unwrap().len() == len as u64)
+            .unwrap()
+    };
+    for (_, len) in SIZES {
+        evict(&backing(len));
+        assert_eq!(
+            resident_pages(&backing(len), len),
+            0,
+            "the cache's file system keeps a file's pages after POSIX_FADV_DONTNEED"
+        );
+    }
+
+    let fs3 = mount(src.clone(), cache.path());
+    let want = (40960 + 49152 + CHUNK as usize) as u64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while stats(&fs3).bytes_warmed < want {
+        assert!(std::time::Instant::now() < deadline, "nothing read ahead");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        stats(&fs3).bytes_warmed,
+        want,
+        "only local chunks of opened files"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let resident = || SIZES.map(|(_, len)| resident_pages(&backing(len), len));
+    while resident()[..2] != [10, 12] || resident()[3] < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pages resident: {:?}",
+            resident()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let r = resident();
+    assert_eq!(r[2], 0, "c was not opened by the last start");
+    assert_eq!(r[3], 1, "d: its one local chunk, not its holes");
+    // Read-ahead serves nothing itself: the files read back as the tree has them.
+    for (name, _) in SIZES {
+        assert_eq!(
+            read_all(&fs3, resolve(&fs3, name.as_bytes()), 1 << 20).unwrap(),
+            fs::read(fx.tree.join(name)).unwrap()
+        );
+    }
+    fs3.shutdown().unwrap();
+}

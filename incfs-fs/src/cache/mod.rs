@@ -46,6 +46,7 @@ pub mod offline;
 pub mod record;
 pub mod root;
 pub mod siblings;
+mod warm;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -66,6 +67,7 @@ use crate::table::LazyTable;
 use fds::{FdBudget, FdPermit};
 use record::Record;
 use siblings::SiblingChunks;
+pub use warm::OPENS_FILE;
 
 /// How long stored chunks may wait before the background flush makes them durable and
 /// records them: short enough that a crash loses little, long enough to batch fdatasyncs.
@@ -145,6 +147,10 @@ struct Shared {
     by_inode: HashMap<u32, usize>,
     /// Verified and written (readable), one bit per slot.
     local: Vec<AtomicU64>,
+    /// The files this mount opened, kept at close for the next mount ([`warm`]).
+    opens: warm::OpenOrder,
+    /// Bytes of backing files asked to be read ahead from the last start's order.
+    warmed_bytes: AtomicU64,
     /// Local chunks per entry of `files`.
     file_local: Vec<AtomicU64>,
     local_chunks: AtomicU64,
@@ -357,6 +363,8 @@ impl ChunkCache {
             file_local: files.iter().map(|_| AtomicU64::new(0)).collect(),
             files,
             by_inode,
+            opens: warm::OpenOrder::new(manifest.inodes.len()),
+            warmed_bytes: AtomicU64::new(0),
             local: (0..record::words_for(chunk_count))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
@@ -413,6 +421,15 @@ impl ChunkCache {
                 .spawn(move || {
                     bg.siblings();
                 });
+        }
+        // The last start's files, read ahead from the backing files from now ([`warm`]).
+        if shared.local_chunks.load(Ordering::Relaxed) > 0
+            && let Some(order) = warm::read(&dir.join(OPENS_FILE))
+        {
+            let bg = Arc::clone(&shared);
+            let _ = std::thread::Builder::new()
+                .name("incfs-warm".into())
+                .spawn(move || bg.warm(&order));
         }
         Ok(ChunkCache {
             shared,
@@ -566,6 +583,18 @@ impl ChunkCache {
             })
     }
 
+    /// Notes that the program opened file `inode` (its first open counts), for the next
+    /// mount's read-ahead of the backing files ([`warm`]).
+    pub fn opened(&self, inode: u32) {
+        self.shared.opens.note(inode);
+    }
+
+    /// Bytes of backing files this mount asked the kernel to read ahead, from the order the
+    /// last start opened its files in ([`warm`]).
+    pub fn warmed_bytes(&self) -> u64 {
+        self.shared.warmed_bytes.load(Ordering::Relaxed)
+    }
+
     /// A share of the descriptor budget for one more passthrough backing id, or `None` when
     /// passthrough already holds all it may (serve the file cached then).
     pub fn passthrough_permit(&self) -> Option<FdPermit> {
@@ -607,6 +636,13 @@ impl ChunkCache {
         }
         self.shared.stop.store(true, Ordering::Release);
         self.shared.wake.notify_all();
+        let order = self.shared.opens.get();
+        if !order.is_empty() {
+            let path = self.shared.dir.join(OPENS_FILE);
+            if let Err(error) = warm::write(&path, &order) {
+                tracing::warn!(path = %path.display(), %error, "could not keep the order of this start's opens");
+            }
+        }
         if let Some(h) = self.flusher.lock().take() {
             let _ = h.join();
         }

@@ -304,6 +304,10 @@ pub struct Stats {
     /// Bytes of file data held in the cache.
     #[serde(default)]
     pub bytes_cached: u64,
+    /// Bytes of the cache's backing files asked to be read ahead at mount, from the order
+    /// the last start opened its files in.
+    #[serde(default)]
+    pub bytes_warmed: u64,
     /// Reads that found at least one chunk missing.
     pub demand_misses: u64,
     /// Reads that waited for the source.
@@ -1015,6 +1019,7 @@ impl IncFs {
             InodeKind::Dir { .. } => return Err(FsError::IsDir),
             InodeKind::Symlink { .. } => return Err(FsError::NotFound),
         }
+        self.cache.opened(idx);
         let mut opens = self.opens.lock();
         let c = opens.entry(idx).or_default();
         let want_pt = c.passthrough > 0
@@ -1387,6 +1392,7 @@ impl IncFs {
             chunks_durable: self.cache.durable_chunks(),
             chunks_total: self.table.len(),
             bytes_cached: self.cache.local_bytes(),
+            bytes_warmed: self.cache.warmed_bytes(),
             demand_misses: c.demand_misses.load(Ordering::Relaxed),
             blocked_reads: c.blocked_reads.load(Ordering::Relaxed),
             blocked_ms: c.blocked_us.load(Ordering::Relaxed) / 1000,

@@ -182,6 +182,7 @@ pub enum Method {
     IncfsWarmReadahead,
     IncfsWarmComplete,
     IncfsWarmCompleteNoFollow,
+    IncfsWarmCompleteNoPassthrough,
 }
 
 impl Method {
@@ -203,6 +204,7 @@ impl Method {
             Method::IncfsWarmReadahead => "incfs warm, partial (readahead 128K)",
             Method::IncfsWarmComplete => "incfs warm, complete",
             Method::IncfsWarmCompleteNoFollow => "incfs warm, complete (no CPU follow)",
+            Method::IncfsWarmCompleteNoPassthrough => "incfs warm, complete (no passthrough)",
         }
     }
 }
@@ -700,7 +702,8 @@ fn run_method(ctx: &Ctx, m: Method, round: usize) -> Result<Sample> {
         | Method::IncfsWarmNoPush
         | Method::IncfsWarmReadahead
         | Method::IncfsWarmComplete
-        | Method::IncfsWarmCompleteNoFollow => ctx
+        | Method::IncfsWarmCompleteNoFollow
+        | Method::IncfsWarmCompleteNoPassthrough => ctx
             .warm
             .as_ref()
             .context("the warm caches were not prepared")?
