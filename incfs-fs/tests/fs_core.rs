@@ -940,7 +940,13 @@ fn evict(path: &Path) {
 
 #[test]
 fn a_mount_reads_ahead_the_local_part_of_the_files_the_last_start_opened() {
-    const SIZES: [(&str, usize); 4] = [("a", 40960), ("b", 49152), ("c", 57344), ("d", 65536)];
+    const SIZES: [(&str, usize); 5] = [
+        ("a", 40960),
+        ("b", 49152),
+        ("c", 57344),
+        ("d", 65536),
+        ("e", 2 << 20),
+    ];
     let fx = fixture(|t| {
         fs::create_dir_all(t).unwrap();
         for (i, (name, len)) in SIZES.iter().enumerate() {
@@ -950,9 +956,9 @@ fn a_mount_reads_ahead_the_local_part_of_the_files_the_last_start_opened() {
     // On the build's disk (not a tmpfs /tmp, whose pages cannot be dropped).
     let cache = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let src: Arc<dyn Source> = Arc::new(MockSource::new(fx.bytes.clone()));
-    // First mount: a, b and c local whole, d's first chunk only; nothing to read ahead yet.
+    // First mount: a, b, c and e local whole, d's first chunk only; nothing to read ahead yet.
     let fs1 = mount(src.clone(), cache.path());
-    for name in ["a", "b", "c"] {
+    for name in ["a", "b", "c", "e"] {
         read_all(&fs1, resolve(&fs1, name.as_bytes()), 1 << 20).unwrap();
     }
     let d = resolve(&fs1, b"d");
@@ -961,11 +967,12 @@ fn a_mount_reads_ahead_the_local_part_of_the_files_the_last_start_opened() {
     fs1.release(fh);
     assert_eq!(stats(&fs1).bytes_warmed, 0);
     fs1.shutdown().unwrap();
-    // The last start: opens d, then b, then a, and b again.
+    // The last start: opens d, then b, then a, e, and b again. The whole files pass through.
     let fs2 = mount(src.clone(), cache.path());
-    for name in ["d", "b", "a", "b"] {
+    for name in ["d", "b", "a", "e", "b"] {
         let ino = resolve(&fs2, name.as_bytes());
-        let (fh, _) = fs2.open(ino).unwrap();
+        let (fh, mode) = fs2.open(ino).unwrap();
+        assert_eq!(matches!(mode, OpenMode::Passthrough { .. }), name != "d");
         fs2.release(fh);
     }
     fs2.shutdown().unwrap();
@@ -1018,6 +1025,10 @@ fn a_mount_reads_ahead_the_local_part_of_the_files_the_last_start_opened() {
     let r = resident();
     assert_eq!(r[2], 0, "c was not opened by the last start");
     assert_eq!(r[3], 1, "d: its one local chunk, not its holes");
+    assert_eq!(
+        r[4], 0,
+        "e: a big file passed through is left to the kernel's readahead"
+    );
     // Read-ahead serves nothing itself: the files read back as the tree has them.
     for (name, _) in SIZES {
         assert_eq!(

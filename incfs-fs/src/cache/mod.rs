@@ -583,10 +583,10 @@ impl ChunkCache {
             })
     }
 
-    /// Notes that the program opened file `inode` (its first open counts), for the next
-    /// mount's read-ahead of the backing files ([`warm`]).
-    pub fn opened(&self, inode: u32) {
-        self.shared.opens.note(inode);
+    /// Notes that the program opened file `inode`, with passthrough or not (its first open
+    /// counts), for the next mount's read-ahead of the backing files ([`warm`]).
+    pub fn opened(&self, inode: u32, passthrough: bool) {
+        self.shared.opens.note(inode, passthrough);
     }
 
     /// Bytes of backing files this mount asked the kernel to read ahead, from the order the

@@ -8,12 +8,17 @@
 //!
 //! So each mount notes the order in which it first opened its files, and [`ChunkCache::close`]
 //! keeps it (`opens` in the image's cache directory: [`MAGIC`], a `u32` count, then that many
-//! `u32` inode numbers, little-endian). The next [`ChunkCache::open`] of the image asks the
-//! kernel to read the local parts of those files (`POSIX_FADV_WILLNEED`), in that order, from
-//! a thread of its own, while the mount starts and the program runs; the opens and reads that
-//! follow find them in the page cache. It names only chunks that are local (verified when
-//! stored), fetches nothing and serves nothing: what a program reads still comes through the
-//! usual paths. A missing, short or foreign `opens` is ignored, as is an inode the image lacks.
+//! `u32` entries, little-endian: the inode number, with [`PASSED_THROUGH`] set when the file
+//! was opened with passthrough). The next [`ChunkCache::open`] of the image asks the kernel to
+//! read the local parts of those files (`POSIX_FADV_WILLNEED`), in that order, from a thread
+//! of its own, while the mount starts and the program runs; the opens and reads that follow
+//! find them in the page cache. What is asked for is what the opens will read: the whole
+//! local part of a file served through incfs (its push reads all of it), and of a file passed
+//! through only when it is small ([`WHOLE_IF_PASSED_THROUGH`]): a program reads a small file
+//! whole, while of a big library it reads what it faults, which the kernel's own readahead of
+//! the backing file serves. It names only chunks that are local (verified when stored),
+//! fetches nothing and serves nothing: what a program reads still comes through the usual
+//! paths. A missing, short or foreign `opens` is ignored, as is an inode the image lacks.
 //!
 //! [`ChunkCache::close`]: super::ChunkCache::close
 //! [`ChunkCache::open`]: super::ChunkCache::open
@@ -37,6 +42,10 @@ pub const MAX_OPENS: usize = 1 << 16;
 /// Bytes asked to be read ahead per mount at most: a bound on the page cache this takes when
 /// the last start opened a huge app whole.
 pub const MAX_WARM_BYTES: u64 = 1 << 30;
+/// The flag of an entry whose file was opened with passthrough.
+pub const PASSED_THROUGH: u32 = 1 << 31;
+/// Largest file opened with passthrough whose local part is read ahead.
+pub const WHOLE_IF_PASSED_THROUGH: u64 = 1 << 20;
 /// Bytes asked for in one call at most.
 const PIECE: u64 = 8 << 20;
 
@@ -57,7 +66,7 @@ impl OpenOrder {
     }
 
     /// Notes an open of `inode`; only its first counts.
-    pub(super) fn note(&self, inode: u32) {
+    pub(super) fn note(&self, inode: u32, passthrough: bool) {
         let Some(w) = self.seen.get(inode as usize / 64) else {
             return;
         };
@@ -65,7 +74,11 @@ impl OpenOrder {
         if w.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
             let mut order = self.order.lock();
             if order.len() < MAX_OPENS {
-                order.push(inode);
+                order.push(if passthrough {
+                    inode | PASSED_THROUGH
+                } else {
+                    inode
+                });
             }
         }
     }
@@ -112,17 +125,20 @@ impl Shared {
     /// their backing files; stops at [`MAX_WARM_BYTES`] or when the cache closes.
     pub(super) fn warm(&self, order: &[u32]) {
         let mut asked = 0u64;
-        for &inode in order {
+        for &entry in order {
             if asked >= MAX_WARM_BYTES || self.stop.load(Ordering::Acquire) {
                 break;
             }
+            let inode = entry & !PASSED_THROUGH;
             let Some(&k) = self.by_inode.get(&inode) else {
                 continue;
             };
-            if self.file_local[k].load(Ordering::Acquire) == 0 {
+            let f = self.files[k];
+            if self.file_local[k].load(Ordering::Acquire) == 0
+                || (entry & PASSED_THROUGH != 0 && f.size > WHOLE_IF_PASSED_THROUGH)
+            {
                 continue;
             }
-            let f = self.files[k];
             let Ok(file) = File::open(self.data_path(inode)) else {
                 continue;
             };
@@ -183,12 +199,19 @@ mod tests {
     #[test]
     fn each_file_is_noted_once_at_its_first_open() {
         let o = OpenOrder::new(100);
-        for i in [5, 9, 5, 70, 9, 200] {
-            o.note(i);
+        for (i, pt) in [
+            (5, false),
+            (9, true),
+            (5, true),
+            (70, false),
+            (9, false),
+            (200, false),
+        ] {
+            o.note(i, pt);
         }
         assert_eq!(
             o.get(),
-            vec![5, 9, 70],
+            vec![5, 9 | PASSED_THROUGH, 70],
             "repeats and unknown inodes are left out"
         );
     }

@@ -1019,7 +1019,6 @@ impl IncFs {
             InodeKind::Dir { .. } => return Err(FsError::IsDir),
             InodeKind::Symlink { .. } => return Err(FsError::NotFound),
         }
-        self.cache.opened(idx);
         let mut opens = self.opens.lock();
         let c = opens.entry(idx).or_default();
         let want_pt = c.passthrough > 0
@@ -1051,6 +1050,7 @@ impl IncFs {
             OpenMode::Cached
         };
         let passthrough = matches!(mode, OpenMode::Passthrough { .. });
+        self.cache.opened(idx, passthrough);
         if passthrough {
             // Reads through this open bypass the file system: count the whole file as read.
             if let InodeKind::File { size, first_chunk } = inode.kind {

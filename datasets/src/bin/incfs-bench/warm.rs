@@ -18,9 +18,10 @@
 //! - `incfs-warm-complete`: complete cache (passthrough);
 //! - `incfs-warm-complete-no-follow`: complete cache, `--no-follow-cpu` (event-loop threads
 //!   wherever the scheduler puts them, `docs/local-reads.md`);
-//! - `incfs-warm-complete-no-passthrough`: complete cache, `--no-passthrough`: what an
-//!   ordinary user's mount does (the kernel registers backing files only for root), every
-//!   file's local data pushed into the page cache at its first open.
+//! - `incfs-warm-complete-no-passthrough`: a copy of the complete cache whose last start had
+//!   no passthrough either, `--no-passthrough`: what an ordinary user's mount does (the
+//!   kernel registers backing files only for root), every file's local data pushed into the
+//!   page cache at its first open.
 //!
 //! A cache's last start opened what the workload opens (the complete cache is made by
 //! reading every file, then one start of the workload), so each run's mount reads those
@@ -61,6 +62,9 @@ pub struct WarmStat {
 pub struct WarmCaches {
     partial: PathBuf,
     complete: PathBuf,
+    /// A copy of the complete cache whose last start had no passthrough, for the
+    /// `--no-passthrough` row (what a mount reads ahead follows how its last start opened).
+    complete_no_pt: PathBuf,
     stats: RefCell<Vec<WarmStat>>,
 }
 
@@ -92,9 +96,10 @@ pub fn prepare(
     let w = WarmCaches {
         partial: out.join("warm-cache-partial"),
         complete: out.join("warm-cache-complete"),
+        complete_no_pt: out.join("warm-cache-complete-no-passthrough"),
         stats: RefCell::new(Vec::new()),
     };
-    for d in [&w.partial, &w.complete] {
+    for d in [&w.partial, &w.complete, &w.complete_no_pt] {
         if d.exists() {
             std::fs::remove_dir_all(d).with_context(|| format!("emptying {}", d.display()))?;
         }
@@ -133,6 +138,21 @@ pub fn prepare(
             .arg("--")
             .args(argv),
         "one start of the workload from the complete cache",
+    )?;
+    check(
+        Command::new("cp")
+            .args(["-a", "--sparse=always"])
+            .arg(&w.complete)
+            .arg(&w.complete_no_pt),
+        "copying the complete cache",
+    )?;
+    check(
+        Command::new(incfs)
+            .args(["run", "--no-passthrough", "--image", &url, "--cache"])
+            .arg(&w.complete_no_pt)
+            .arg("--")
+            .args(argv),
+        "one start of the workload without passthrough",
     )?;
     Ok(w)
 }
@@ -179,7 +199,7 @@ impl WarmCaches {
             Method::IncfsWarmComplete => cmd.arg(&self.complete),
             Method::IncfsWarmCompleteNoFollow => cmd.arg(&self.complete).arg("--no-follow-cpu"),
             Method::IncfsWarmCompleteNoPassthrough => {
-                cmd.arg(&self.complete).arg("--no-passthrough")
+                cmd.arg(&self.complete_no_pt).arg("--no-passthrough")
             }
             _ => bail!("{} is not a warm method", m.label()),
         };
