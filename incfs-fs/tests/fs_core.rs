@@ -501,6 +501,39 @@ fn clean_restart_fetches_nothing_again() {
     assert_eq!(s.chunks_local, s.chunks_total);
 }
 
+/// A flush of more backing files than it syncs on one thread records every one of them.
+#[test]
+fn a_close_after_many_files_were_fetched_records_them_all() {
+    let fx = fixture(|t| {
+        fs::create_dir_all(t).unwrap();
+        for i in 0..100u64 {
+            let len = 1000 + 700 * i as usize;
+            fs::write(t.join(format!("f{i}")), common::noise(len, i)).unwrap();
+        }
+    });
+    let cache = tempfile::tempdir().unwrap();
+    let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), cache.path());
+    for f in fx.img.files() {
+        read_all(&fs, u64::from(f.inode) + 1, 1 << 20).unwrap();
+    }
+    fs.shutdown().unwrap();
+    assert_eq!(stats(&fs).chunks_durable, stats(&fs).chunks_total);
+    stop_and_wait(fs, cache.path());
+    let src = Arc::new(MockSource::new(fx.bytes.clone()));
+    let fs = mount(src.clone(), cache.path());
+    let s = stats(&fs);
+    assert!(!s.recovered_unclean);
+    assert_eq!(s.chunks_local, s.chunks_total, "every chunk recorded");
+    for f in fx.img.files() {
+        let disk = fx.tree.join(std::ffi::OsStr::from_bytes(&f.path));
+        assert_eq!(
+            read_all(&fs, u64::from(f.inode) + 1, 1 << 20).unwrap(),
+            fs::read(disk).unwrap()
+        );
+    }
+    assert_eq!(stats(&fs).bytes_fetched, 0);
+}
+
 /// The single image cache directory under `cache` (beside the source index).
 fn image_cache(cache: &Path) -> PathBuf {
     let dirs: Vec<PathBuf> = fs::read_dir(cache)
