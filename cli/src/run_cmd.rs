@@ -87,6 +87,7 @@ struct RunJson {
     exit_code: Option<i32>,
     wall_ms: f64,
     mount_ms: f64,
+    unmount_ms: f64,
     bytes_fetched: u64,
     requests: u64,
     bytes_used: u64,
@@ -186,9 +187,10 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         .prefetch
         .map_or((0, 0), |p| (p.prefetch_hits, p.prefetch_misses));
     eprintln!(
-        "incfs run: {:.2} s wall ({:.0} ms to mount), {} fetched in {} requests ({} of it read by the program), {} demand misses, {} blocked reads ({} ms){}",
+        "incfs run: {:.2} s wall ({:.0} ms to mount, {:.0} ms to unmount), {} fetched in {} requests ({} of it read by the program), {} demand misses, {} blocked reads ({} ms){}",
         report.wall_ms / 1e3,
         report.mount_ms,
+        report.unmount_ms,
         human(s.bytes_fetched),
         s.requests,
         human(s.bytes_used),
@@ -210,6 +212,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             exit_code: report.status.code(),
             wall_ms: report.wall_ms,
             mount_ms: report.mount_ms,
+            unmount_ms: report.unmount_ms,
             bytes_fetched: s.bytes_fetched,
             requests: s.requests,
             bytes_used: s.bytes_used,

@@ -94,6 +94,11 @@ fn run_returns_within_a_second_of_its_commands_exit_while_prefetch_is_mid_reques
     let mount = Duration::from_secs_f64(s["mount_ms"].as_f64().unwrap() / 1e3);
     let wall = Duration::from_secs_f64(s["wall_ms"].as_f64().unwrap() / 1e3);
     let linger = total.saturating_sub(mount + wall);
+    let unmount = Duration::from_secs_f64(s["unmount_ms"].as_f64().unwrap() / 1e3);
+    assert!(
+        unmount <= linger + Duration::from_millis(1),
+        "the unmount ({unmount:?}) is part of what follows the command ({linger:?})"
+    );
     eprintln!(
         "lifecycle: incfs run returned {:.2} s after its command exited (mount {:.2} s, command {:.2} s; prefetch {} of {} bytes)",
         linger.as_secs_f64(),

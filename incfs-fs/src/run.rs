@@ -69,6 +69,9 @@ pub struct RunReport {
     pub mount_ms: f64,
     /// The command's wall time.
     pub wall_ms: f64,
+    /// Time from the command's exit until the mount was gone and the cache recorded what
+    /// it holds (unmount, the last flush of the backing files, the record).
+    pub unmount_ms: f64,
     /// The mount's counters when the command exited.
     pub stats: Stats,
 }
@@ -223,7 +226,8 @@ pub fn run(
             error,
         })
     });
-    let wall_ms = started.elapsed().as_secs_f64() * 1e3;
+    let exited = Instant::now();
+    let wall_ms = (exited - started).as_secs_f64() * 1e3;
     drop(signals);
     let stats = fs.stats();
     let saved = cfg.read_log_out.as_ref().map(|path| {
@@ -240,11 +244,13 @@ pub fn run(
     if let Err(e) = fs.shutdown() {
         tracing::warn!(error = %e, "saving the cache record failed");
     }
+    let unmount_ms = exited.elapsed().as_secs_f64() * 1e3;
     saved.transpose()?;
     Ok(RunReport {
         status: status?,
         mount_ms,
         wall_ms,
+        unmount_ms,
         stats,
     })
 }
