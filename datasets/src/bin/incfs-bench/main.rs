@@ -218,6 +218,10 @@ pub struct Sample {
     pub requests: u64,
     /// The machine's 1-minute load average when the run started (the machine is shared).
     pub load_avg: f64,
+    /// For a lazy or planned `incfs run`: the time from the command's exit until the mount
+    /// was gone and the cache recorded (`unmount_ms`), which `seconds` leaves out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unmount_s: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -560,11 +564,14 @@ fn main() -> Result<()> {
             match run_method(&ctx, m, round) {
                 Ok(s) => {
                     eprintln!(
-                        "[bench] round {round} {:<26} {:>7.2} s  {:>7.1} MiB  {:>5} requests",
+                        "[bench] round {round} {:<26} {:>7.2} s  {:>7.1} MiB  {:>5} requests{}",
                         m.label(),
                         s.seconds,
                         s.bytes_moved as f64 / 1048576.0,
-                        s.requests
+                        s.requests,
+                        s.unmount_s
+                            .map(|u| format!("  (then {u:.2} s to unmount)"))
+                            .unwrap_or_default()
                     );
                     results.samples.push(s);
                 }
@@ -621,6 +628,7 @@ fn run_method(ctx: &Ctx, m: Method, round: usize) -> Result<Sample> {
         .and_then(|l| l.split_whitespace().next()?.parse().ok())
         .unwrap_or(f64::NAN);
     let t = Instant::now();
+    let mut unmount_s = None;
     let seconds = match m {
         Method::LocalCold => {
             run_workload(ctx.work.command(&ctx.tree), m)?;
@@ -748,8 +756,7 @@ fn run_method(ctx: &Ctx, m: Method, round: usize) -> Result<Sample> {
             cmd.arg("--").args(ctx.work.argv("{mnt}"));
             check(&mut cmd, m.label())?;
             // The mount (the image's metadata fetched over the link) and the command, as
-            // `incfs run` timed them; not the unmount (the peers' unmounts are not timed
-            // either).
+            // `incfs run` timed them; the unmount apart (the peers' unmounts are not timed).
             let j: serde_json::Value = serde_json::from_slice(
                 &std::fs::read(&stats_file)
                     .with_context(|| format!("reading {}", stats_file.display()))?,
@@ -758,6 +765,7 @@ fn run_method(ctx: &Ctx, m: Method, round: usize) -> Result<Sample> {
             else {
                 bail!("{}: no mount_ms or wall_ms", stats_file.display());
             };
+            unmount_s = j["unmount_ms"].as_f64().map(|ms| ms / 1e3);
             (mount_ms + wall_ms) / 1e3
         }
     };
@@ -770,6 +778,7 @@ fn run_method(ctx: &Ctx, m: Method, round: usize) -> Result<Sample> {
         bytes_moved: st.bytes_sent,
         requests: st.requests,
         load_avg,
+        unmount_s,
     })
 }
 

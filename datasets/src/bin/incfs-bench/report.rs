@@ -263,6 +263,7 @@ mod tests {
             bytes_moved: round as u64,
             requests: 1,
             load_avg: 1.0,
+            unmount_s: None,
         }
     }
 
