@@ -88,7 +88,8 @@ impl OpenOrder {
     }
 }
 
-/// Writes `order` to `path` whole or not at all (a temporary file renamed over it).
+/// Writes `order` to `path` whole or not at all: a temporary file of its own renamed over it,
+/// so two mounts of one cache that close together leave one or the other's order.
 pub(super) fn write(path: &Path, order: &[u32]) -> std::io::Result<()> {
     let mut bytes = Vec::with_capacity(12 + 4 * order.len());
     bytes.extend_from_slice(MAGIC);
@@ -96,11 +97,10 @@ pub(super) fn write(path: &Path, order: &[u32]) -> std::io::Result<()> {
     for i in order {
         bytes.extend_from_slice(&i.to_le_bytes());
     }
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp)?;
-    f.write_all(&bytes)?;
-    drop(f);
-    std::fs::rename(&tmp, path)
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(&bytes)?;
+    tmp.persist(path).map(drop).map_err(|e| e.error)
 }
 
 /// The order kept at `path`, if it is there and whole.
@@ -194,6 +194,28 @@ mod tests {
         std::fs::write(&path, b"INCFSOP0\x01\0\0\0\x07\0\0\0").unwrap();
         assert_eq!(read(&path), None, "another magic");
         assert_eq!(read(&dir.path().join("missing")), None);
+    }
+
+    #[test]
+    fn two_mounts_closing_together_leave_one_whole_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(OPENS_FILE);
+        let a: Vec<u32> = (0..3000).collect();
+        let b: Vec<u32> = (0..2000).rev().collect();
+        std::thread::scope(|s| {
+            for order in [&a, &b] {
+                let path = &path;
+                s.spawn(move || {
+                    for _ in 0..50 {
+                        write(path, order).unwrap();
+                    }
+                });
+            }
+        });
+        let got = read(&path).expect("a whole order");
+        assert!(got == a || got == b);
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary file is left behind");
     }
 
     #[test]
