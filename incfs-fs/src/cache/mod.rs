@@ -426,13 +426,15 @@ impl ChunkCache {
                 });
         }
         // The last start's files, read ahead from the backing files from now ([`warm`]).
-        if shared.local_chunks.load(Ordering::Relaxed) > 0
-            && let Some(order) = warm::read(&dir.join(OPENS_FILE))
-        {
+        if shared.local_chunks.load(Ordering::Relaxed) > 0 {
             let bg = Arc::clone(&shared);
             let _ = std::thread::Builder::new()
                 .name("incfs-warm".into())
-                .spawn(move || bg.warm(&order));
+                .spawn(move || {
+                    if let Some(order) = warm::read(&bg.dir.join(OPENS_FILE)) {
+                        bg.warm(&order);
+                    }
+                });
         }
         Ok(ChunkCache {
             shared,
