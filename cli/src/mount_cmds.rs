@@ -330,8 +330,13 @@ fn serve_in(a: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     // So are deltas against an older image the cache holds.
     let deltas =
         incfs_fs::fetch::delta::spawn_fetch(&a.source, &config.cache_dir, &config.fetch.retry());
-    let source = incfs_fs::source::open_or_offline(&a.source, &config.fetch.retry())
-        .with_context(|| format!("opening the source {} (check the path or URL)", a.source))?;
+    let source = incfs_fs::source::open_or_offline(
+        &a.source,
+        &config.fetch.retry(),
+        &config.cache_dir,
+        config.expect_digest.as_ref(),
+    )
+    .with_context(|| format!("opening the source {} (check the path or URL)", a.source))?;
     let fs = Arc::new(
         IncFs::new(source, &config)
             .with_context(|| format!("cannot mount {}: the image is not usable", a.source))?,

@@ -169,11 +169,15 @@ pub fn run(
     // So are deltas against an older image the cache holds.
     let deltas =
         crate::fetch::delta::spawn_fetch(&cfg.source, &cfg.fs.cache_dir, &cfg.fs.fetch.retry());
-    let src = source::open_or_offline(&cfg.source, &cfg.fs.fetch.retry()).map_err(|error| {
-        RunError::Source {
-            spec: cfg.source.clone(),
-            error,
-        }
+    let src = source::open_or_offline(
+        &cfg.source,
+        &cfg.fs.fetch.retry(),
+        &cfg.fs.cache_dir,
+        cfg.fs.expect_digest.as_ref(),
+    )
+    .map_err(|error| RunError::Source {
+        spec: cfg.source.clone(),
+        error,
     })?;
     let fs = Arc::new(IncFs::new(src, &cfg.fs)?);
     if let Some(d) = deltas {

@@ -1073,3 +1073,83 @@ fn a_published_plan_comes_in_the_request_that_opens_it_and_a_missing_one_costs_o
     assert!(got == big);
     assert_eq!(server.stats().requests, 2);
 }
+
+/// Packs a tree of `files` files of `len` bytes each (seeded by `seed`) into `img`.
+fn pack_tree(dir: &Path, img: &Path, files: usize, len: usize, seed: u64) -> Vec<Vec<u8>> {
+    let tree = dir.join(format!("tree-{seed}"));
+    std::fs::create_dir_all(&tree).expect("mkdir");
+    let mut contents = Vec::new();
+    for i in 0..files {
+        let bytes = content(len, seed * 1_000 + i as u64);
+        std::fs::write(tree.join(format!("file-{i:04}")), &bytes).expect("write");
+        contents.push(bytes);
+    }
+    incfs_fs::format::pack_dir(&tree, img, &Default::default(), &()).expect("pack");
+    contents
+}
+
+/// Mounts `url` with `cache` (no FUSE: the file system core), reads `file-0001` whole.
+fn open_and_read(url: &str, cache: &Path) -> (incfs_fs::format::Digest, Vec<u8>) {
+    let config = incfs_fs::fs::FsConfig::new(cache.to_path_buf());
+    let src = source::open_or_offline(url, &config.fetch.retry(), cache, None).expect("open");
+    let fs = Arc::new(incfs_fs::fs::IncFs::new(src, &config).expect("mount"));
+    let ino = fs.lookup(1, b"file-0001").expect("lookup").ino;
+    let size = fs.getattr(ino).expect("getattr").size;
+    let (fh, _) = fs.open(ino).expect("open file");
+    let mut out = Vec::new();
+    while (out.len() as u64) < size {
+        let b = fs.read(ino, fh, out.len() as u64, 1 << 20).expect("read");
+        assert!(!b.is_empty(), "short read at {}", out.len());
+        out.extend_from_slice(&b);
+    }
+    fs.release(fh);
+    let root = fs.root_digest();
+    fs.shutdown().expect("shutdown");
+    (root, out)
+}
+
+#[test]
+fn a_start_from_a_warm_cache_asks_for_the_header_alone_and_an_update_is_still_seen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("app.img");
+    // Enough files that the manifest is tens of KB, as for a real tree.
+    let v1 = pack_tree(dir.path(), &img, 600, 3_000, 1);
+    let server = Server::start(ServeConfig::new(dir.path())).expect("start incfs serve");
+    let url = server.url("app.img");
+    let cache = tempfile::tempdir().expect("cache");
+
+    let (root1, got) = open_and_read(&url, cache.path());
+    assert!(got == v1[1], "the first start reads the file");
+    let first = server.stats();
+
+    // The same image again: a HEAD and the 128-byte header, nothing more (the chunks and the
+    // manifest are in the cache).
+    server.reset_stats();
+    let (root, got) = open_and_read(&url, cache.path());
+    assert_eq!(root, root1);
+    assert!(got == v1[1], "the second start reads the same bytes");
+    let second = server.stats();
+    assert_eq!(
+        (second.requests, second.head_requests),
+        (2, 1),
+        "{second:?}"
+    );
+    assert!(
+        second.bytes_sent <= incfs_fs::format::HEADER_LEN as u64,
+        "only the header is sent: {second:?}"
+    );
+    assert!(
+        first.bytes_sent > 20 * second.bytes_sent,
+        "the first start moved the manifest: {first:?}"
+    );
+
+    // A new image at the same URL: its header differs, so its metadata is read whole and
+    // the mount serves the new bytes.
+    let v2 = pack_tree(dir.path(), &img, 600, 3_000, 2);
+    server.reset_stats();
+    let (root2, got) = open_and_read(&url, cache.path());
+    assert_ne!(root2, root1);
+    assert!(got == v2[1], "the update's bytes, not the cached image's");
+    let third = server.stats();
+    assert!(third.bytes_sent > first.bytes_sent / 2, "{third:?}");
+}

@@ -89,6 +89,22 @@ impl RangeRead for Prefix {
     }
 }
 
+/// True when the cache under `cache_dir` keeps a head for the image with root `expect`, or
+/// else for the one `source_name` last served (not verified: [`load_head`] does that).
+pub fn holds_head(cache_dir: &Path, source_name: &str, expect: Option<&Digest>) -> bool {
+    let root = match expect {
+        Some(d) => *d,
+        None => {
+            let index = cache_dir.join(SOURCES_DIR).join(source_key(source_name));
+            match fs::read_to_string(index).map(|hex| Digest::from_hex(hex.trim())) {
+                Ok(Ok(d)) => d,
+                _ => return false,
+            }
+        }
+    };
+    super::image_dir(cache_dir, &root).join(HEAD_FILE).is_file()
+}
+
 /// The verified head of the image `source_name` last served (or of the image with root
 /// `expect`), from the cache under `cache_dir`; `None` when the cache holds none.
 pub fn load_head(

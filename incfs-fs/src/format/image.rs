@@ -9,8 +9,8 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use super::{
-    CHUNK_ENTRY_LEN, ChunkEntry, ChunkTable, Dictionaries, Digest, FormatError, Header, Inode,
-    InodeKind, Manifest, Prepared, chunk_of_frame, decode_frame,
+    CHUNK_ENTRY_LEN, ChunkEntry, ChunkTable, Dictionaries, Digest, FormatError, HEADER_LEN, Header,
+    Inode, InodeKind, Manifest, Prepared, chunk_of_frame, decode_frame,
 };
 
 /// The first read of a remote image: the header and, for most trees, the whole manifest.
@@ -115,6 +115,30 @@ pub fn read_head<R: RangeRead + ?Sized>(
         manifest,
         first,
     })
+}
+
+/// Like [`read_head`], for an image whose verified head a cache holds (`known`, taken when
+/// used): reads only the header, and when it is `known`'s, answers with `known` — a start
+/// from a warm cache asks the source for 128 bytes instead of the manifest again. An image
+/// that changed (another header) is read as [`read_head`] reads it, and `known` is dropped.
+pub fn read_head_or_known<R: RangeRead + ?Sized>(
+    src: &R,
+    expected: Option<&Digest>,
+    known: &mut Option<ImageHead>,
+) -> Result<ImageHead, FormatError> {
+    if let Some(k) = known.as_ref() {
+        let total = src.total_len()?;
+        let first = src.read_range(0, (HEADER_LEN as u64).min(total))?;
+        let header = Header::decode(&first)?;
+        let same = header == k.header
+            && total >= header.image_len()
+            && expected.is_none_or(|d| *d == header.root_digest);
+        if same && let Some(k) = known.take() {
+            return Ok(k);
+        }
+        *known = None;
+    }
+    read_head(src, expected)
 }
 
 /// The bytes `offset..offset + len` of the image: from `first` (its first bytes) when they

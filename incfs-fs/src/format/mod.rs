@@ -46,7 +46,7 @@ pub use diff::{DiffCounts, FileDiff, FileStatus, ImageDiff, diff};
 pub use header::{HEADER_LEN, Header, MAGIC, VERSION};
 pub use image::{
     FileRef, INITIAL_READ, Image, ImageHead, RangeRead, VerifyFailure, VerifyReport, read_head,
-    read_meta,
+    read_head_or_known, read_meta,
 };
 pub use manifest::{DirEntry, Inode, InodeKind, Manifest, ROOT_INODE, Xattr};
 pub use pack::{PackError, PackOptions, PackProgress, PackSummary, pack_dir};

@@ -33,7 +33,8 @@ use crate::elf;
 use crate::fetch::fill::{FillConfig, FillStats, Filler};
 use crate::fetch::{Completion, FetchConfig, FetchError, FetchStats, Fetcher, FileRead, ReadAhead};
 use crate::format::{
-    Digest, FormatError, Header, ImageHead, Inode, InodeKind, Manifest, ROOT_INODE, read_head,
+    Digest, FormatError, Header, ImageHead, Inode, InodeKind, Manifest, ROOT_INODE,
+    read_head_or_known,
 };
 use crate::plan::{PlanError, PrefetchPlan};
 use crate::prefetch::{PrefetchConfig, PrefetchStats, Prefetcher};
@@ -486,12 +487,21 @@ impl IncFs {
         // down fails at the deadline.
         let mut retry = config.fetch.retry().begin();
         let mut offline = false;
+        // A cache that holds this source's image needs only its header to know it is the
+        // same ([`read_head_or_known`]).
+        let mut known = offline::load_head(
+            &config.cache_dir,
+            &source_name,
+            config.expect_digest.as_ref(),
+        )
+        .ok()
+        .flatten();
         let head = loop {
             let reader = MetaReaderWithin {
                 source: &*source,
                 timeout: retry.timeout(),
             };
-            match read_head(&reader, config.expect_digest.as_ref()) {
+            match read_head_or_known(&reader, config.expect_digest.as_ref(), &mut known) {
                 Ok(head) => break head,
                 Err(error) => {
                     let attempt = retry.attempt();

@@ -634,6 +634,15 @@ fn header_u64(h: &HeaderMap, name: reqwest::header::HeaderName) -> Option<u64> {
 
 /// `url` for messages and logs, its query (which may hold credentials or a pre-signed
 /// URL's signature) shown as `…`.
+/// The name an [`HttpSource`] opened from `spec` has ([`Source::describe`]), when `spec` is
+/// an HTTP(S) URL.
+pub(crate) fn name_of(spec: &str) -> Option<String> {
+    if !(spec.starts_with("http://") || spec.starts_with("https://")) {
+        return None;
+    }
+    reqwest::Url::parse(spec).ok().map(|u| redacted(&u))
+}
+
 pub(crate) fn redacted(url: &reqwest::Url) -> String {
     // (`?%E2%80%A6` once encoded: this is also the source's name, under which its cache
     // is found offline, so it must not change.)

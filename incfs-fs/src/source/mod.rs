@@ -19,6 +19,7 @@ mod throttled;
 use std::fmt;
 use std::io;
 use std::ops::ControlFlow;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ pub use s3::S3Source;
 #[cfg(feature = "testing")]
 pub use throttled::ThrottledSource;
 
-use crate::format::RangeRead;
+use crate::format::{Digest, RangeRead};
 use crate::retry::RetryPolicy;
 
 /// Why a range is read.
@@ -457,11 +458,25 @@ impl Source for OfflineSource {
     }
 }
 
-/// Opens `spec` for a mount ([`open_for`]); when it cannot be reached (a network error, a
-/// server error), an [`OfflineSource`] stands in, so that a mount whose cache holds the
-/// image can still start.
-pub fn open_or_offline(spec: &str, retry: &RetryPolicy) -> Result<Arc<dyn Source>, SourceError> {
-    match open_for(spec, retry) {
+/// Opens `spec` for a mount ([`open_for`]) whose cache is `cache_dir`; when it cannot be
+/// reached (a network error, a server error), an [`OfflineSource`] stands in, so that a
+/// mount whose cache holds the image can still start. An HTTP(S) image whose head the cache
+/// holds (the one `expect` names, or the one this URL served last) is opened asking for its
+/// header alone beside the `HEAD`, not its first 256 KiB: the mount then needs no more
+/// ([`crate::format::read_head_or_known`]).
+pub fn open_or_offline(
+    spec: &str,
+    retry: &RetryPolicy,
+    cache_dir: &Path,
+    expect: Option<&Digest>,
+) -> Result<Arc<dyn Source>, SourceError> {
+    let mut http = HttpConfig::for_policy(retry);
+    if http::name_of(spec)
+        .is_some_and(|name| crate::cache::offline::holds_head(cache_dir, &name, expect))
+    {
+        http.probe_bytes = crate::format::HEADER_LEN as u64;
+    }
+    match open_with(spec, &http) {
         Ok(s) => Ok(s),
         Err(e) if e.is_retryable() => {
             tracing::warn!(source = spec, error = %e, "the source is unreachable; trying the cache alone");

@@ -76,7 +76,13 @@ pub fn child() {
         cfg.fetch.max_attempts = u32::MAX;
     }
     let base: Arc<dyn Source> = if spec.contains("://") {
-        incfs_fs::source::open_or_offline(&spec, &cfg.fetch.retry()).expect("open source")
+        incfs_fs::source::open_or_offline(
+            &spec,
+            &cfg.fetch.retry(),
+            &cfg.cache_dir,
+            cfg.expect_digest.as_ref(),
+        )
+        .expect("open source")
     } else {
         Arc::new(FileSource::open(Path::new(&spec)).expect("open image"))
     };
