@@ -1071,3 +1071,95 @@ fn a_mount_reads_ahead_the_local_part_of_the_files_the_last_start_opened() {
     }
     fs3.shutdown().unwrap();
 }
+
+/// A source whose reads, once armed, wait at a gate until it opens.
+struct GateSource {
+    inner: MockSource,
+    armed: std::sync::atomic::AtomicBool,
+    state: parking_lot::Mutex<(bool, usize)>, // (open, reads waiting)
+    changed: parking_lot::Condvar,
+}
+
+impl GateSource {
+    fn set_open(&self, open: bool) {
+        self.state.lock().0 = open;
+        self.changed.notify_all();
+    }
+
+    /// Waits until a read is held at the gate; false after `within`.
+    fn wait_for_held(&self, within: Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        let mut st = self.state.lock();
+        while st.1 == 0 {
+            if self.changed.wait_until(&mut st, deadline).timed_out() {
+                return st.1 > 0;
+            }
+        }
+        true
+    }
+}
+
+impl Source for GateSource {
+    fn read_range(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: RequestKind,
+    ) -> Result<Vec<u8>, incfs_fs::source::SourceError> {
+        if self.armed.load(std::sync::atomic::Ordering::Acquire) {
+            let mut st = self.state.lock();
+            st.1 += 1;
+            self.changed.notify_all();
+            while !st.0 {
+                self.changed.wait(&mut st);
+            }
+            st.1 -= 1;
+        }
+        self.inner.read_range(offset, len, kind)
+    }
+
+    fn total_len(&self) -> Result<u64, incfs_fs::source::SourceError> {
+        self.inner.total_len()
+    }
+
+    fn describe(&self) -> String {
+        "gate".into()
+    }
+}
+
+#[test]
+fn stopping_does_not_wait_for_a_fill_request_the_source_holds() {
+    // Eight table segments: the mount reads the first few, the fill loads the rest itself.
+    let fx = big(8 * 1024 * CHUNK as usize);
+    let cache = tempfile::tempdir().unwrap();
+    let src = Arc::new(GateSource {
+        inner: MockSource::new(fx.bytes.clone()),
+        armed: false.into(),
+        state: parking_lot::Mutex::new((false, 0)),
+        changed: parking_lot::Condvar::new(),
+    });
+    let fs = mount(src.clone(), cache.path());
+    src.armed.store(true, std::sync::atomic::Ordering::Release);
+    fs.start_fill(incfs_fs::fetch::fill::FillConfig::default())
+        .unwrap();
+    assert!(
+        src.wait_for_held(Duration::from_secs(10)),
+        "the fill should be in a request"
+    );
+    // The unmount (shutdown and drop, as `incfs run` does after its command) returns while
+    // the source still holds the fill's request: it was told to stop and ends by itself.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        fs.shutdown().unwrap();
+        drop(fs);
+        tx.send(()).unwrap();
+    });
+    let stopped = rx.recv_timeout(Duration::from_secs(5));
+    let still_held = src.state.lock().1 > 0;
+    src.set_open(true);
+    assert!(stopped.is_ok(), "stopping waited for the held request");
+    assert!(
+        still_held,
+        "the request was still held when stopping returned"
+    );
+}

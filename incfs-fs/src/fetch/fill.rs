@@ -135,7 +135,7 @@ impl Drop for Filler {
     fn drop(&mut self) {
         self.stop();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            super::join_within(t, super::THREAD_JOIN_WAIT);
         }
     }
 }

@@ -731,6 +731,29 @@ impl Fetcher {
     }
 }
 
+/// How long dropping the fill or the prefetcher waits for its thread: one that is inside a
+/// request (the fill loading dictionaries over a slow link) has been told to stop and ends
+/// when the request does; a process that is done (`incfs run` after its command) should not
+/// wait for that.
+pub(crate) const THREAD_JOIN_WAIT: Duration = Duration::from_millis(10);
+
+/// Joins `thread` if it ends within `wait`; else leaves it to end by itself (it must have
+/// been told to stop) and says so at debug level.
+pub(crate) fn join_within(thread: JoinHandle<()>, wait: Duration) {
+    let deadline = Instant::now() + wait;
+    while !thread.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if thread.is_finished() {
+        let _ = thread.join();
+    } else {
+        tracing::debug!(
+            thread = thread.thread().name().unwrap_or("?"),
+            "still inside a request at shutdown; not waiting for it"
+        );
+    }
+}
+
 /// How long dropping a [`Fetcher`] waits for its workers: a worker stuck in a request that
 /// sends nothing more is left to end by itself (by its timeout), so unmounting never waits
 /// for a stalled server.

@@ -196,7 +196,7 @@ impl Drop for Prefetcher {
     fn drop(&mut self) {
         self.stop();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            crate::fetch::join_within(t, crate::fetch::THREAD_JOIN_WAIT);
         }
     }
 }
