@@ -1163,3 +1163,74 @@ fn stopping_does_not_wait_for_a_fill_request_the_source_holds() {
         "the request was still held when stopping returned"
     );
 }
+
+/// A published plan's fetch that answers only when told: the plan for all of `big`.
+fn held_plan(fs: &IncFs) -> (incfs_fs::plan::PublishedFetch, std::sync::mpsc::Sender<()>) {
+    let plan = incfs_fs::plan::PrefetchPlan {
+        version: incfs_fs::plan::PLAN_VERSION,
+        image_digest: fs.root_digest().to_hex(),
+        chunk_size: CHUNK,
+        total_bytes: 0,
+        entries: vec![incfs_fs::plan::PlanEntry {
+            file: "big".into(),
+            first_chunk: 0,
+            chunk_count: 64,
+            offset_ms: 0.0,
+            confidence: 1.0,
+        }],
+    };
+    let bytes = serde_json::to_vec(&plan).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let fetch = std::thread::spawn(move || {
+        let _ = rx.recv();
+        Ok(Some((PathBuf::from("http://server/img.plan.json"), bytes)))
+    });
+    (fetch, tx)
+}
+
+#[test]
+fn a_warm_start_does_not_wait_for_the_published_plan_and_a_first_start_does() {
+    let fx = big(64 * CHUNK as usize);
+    let cache = tempfile::tempdir().unwrap();
+
+    // A first start: nothing local, so the plan leads and the mount waits for it.
+    let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), cache.path());
+    let (fetch, release) = held_plan(&fs);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let f = Arc::clone(&fs);
+    std::thread::spawn(move || {
+        let running = f.start_published_prefetch(fetch, Default::default());
+        tx.send(running).unwrap();
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "a first start should wait for its plan"
+    );
+    release.send(()).unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
+    // Its prefetch fetches the file.
+    let ino = resolve(&fs, b"big");
+    assert_eq!(
+        read_all(&fs, ino, 1 << 20).unwrap(),
+        fs::read(fx.tree.join("big")).unwrap()
+    );
+    fs.shutdown().unwrap();
+    stop_and_wait(fs, cache.path());
+
+    // A warm start: the mount goes on while the plan is on its way, and walks it once it
+    // has arrived.
+    let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), cache.path());
+    let (fetch, release) = held_plan(&fs);
+    assert!(fs.start_published_prefetch(fetch, Default::default()));
+    assert!(fs.prefetch_stats().is_none(), "the plan has not arrived");
+    release.send(()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fs.prefetch_stats().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the plan was never walked"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    fs.shutdown().unwrap();
+}

@@ -1153,3 +1153,29 @@ fn a_start_from_a_warm_cache_asks_for_the_header_alone_and_an_update_is_still_se
     let third = server.stats();
     assert!(third.bytes_sent > first.bytes_sent / 2, "{third:?}");
 }
+
+#[test]
+fn a_sidecar_that_is_not_there_costs_one_head() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("app.img"), content(1_000, 8)).expect("write");
+    let server = Server::start(ServeConfig::new(dir.path())).expect("start incfs serve");
+    let retry = incfs_fs::retry::RetryPolicy::default();
+    for suffix in [".delta", ".bulk"] {
+        server.reset_stats();
+        let got = source::open_beside(
+            &server.url("app.img"),
+            suffix,
+            &retry,
+            Duration::from_secs(3),
+            false,
+        )
+        .expect("a missing sidecar is no error");
+        assert!(got.is_none(), "{suffix}");
+        let stats = server.stats();
+        assert_eq!(
+            (stats.requests, stats.head_requests),
+            (1, 1),
+            "{suffix}: the 404 of the HEAD says it all: {stats:?}"
+        );
+    }
+}

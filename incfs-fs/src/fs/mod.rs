@@ -672,9 +672,13 @@ impl IncFs {
     /// Never fails the mount, nor waits for a source the mount found unreachable: a plan
     /// that is absent starts nothing; one that cannot be
     /// fetched, does not parse or is for another image is logged and skipped, and the mount
-    /// goes on without a plan. True when a plan runs.
+    /// goes on without a plan. A first start (nothing of the image local yet) waits for the
+    /// plan, which should lead it; a start from a cache that holds part of the image does
+    /// not — its program starts at once and the plan is walked when it arrives (a plan of
+    /// 400 KB is 160 ms at 20 Mbit/s, longer than such a start's own work). True when a plan
+    /// runs, or may once it has arrived.
     pub fn start_published_prefetch(
-        &self,
+        self: &Arc<Self>,
         fetched: crate::plan::PublishedFetch,
         config: PrefetchConfig,
     ) -> bool {
@@ -682,15 +686,49 @@ impl IncFs {
             // Started from the cache with the source unreachable: not waited for.
             return false;
         }
-        let (path, bytes) = match fetched.join() {
-            Ok(Ok(Some(p))) => p,
-            Ok(Ok(None)) => return false,
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "no prefetch plan: the one beside the image cannot be fetched");
-                return false;
-            }
+        if self.cache.local_chunks() == 0 {
+            return self.start_fetched_plan(fetched, config);
+        }
+        let fs = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("incfs-plan-start".into())
+            .spawn(move || {
+                let Ok(got) = fetched.join() else {
+                    tracing::warn!("no prefetch plan: fetching the one beside the image failed");
+                    return;
+                };
+                // Not for a mount that is gone or going.
+                if let Some(fs) = fs.upgrade().filter(|fs| !fs.fetcher.is_shut_down()) {
+                    fs.start_published_plan(got, config);
+                }
+            })
+            .is_ok()
+    }
+
+    fn start_fetched_plan(
+        &self,
+        fetched: crate::plan::PublishedFetch,
+        config: PrefetchConfig,
+    ) -> bool {
+        match fetched.join() {
+            Ok(got) => self.start_published_plan(got, config),
             Err(_) => {
                 tracing::warn!("no prefetch plan: fetching the one beside the image failed");
+                false
+            }
+        }
+    }
+
+    fn start_published_plan(
+        &self,
+        got: Result<Option<crate::plan::Published>, crate::source::SourceError>,
+        config: PrefetchConfig,
+    ) -> bool {
+        let (path, bytes) = match got {
+            Ok(Some(p)) => p,
+            Ok(None) => return false,
+            Err(error) => {
+                tracing::warn!(%error, "no prefetch plan: the one beside the image cannot be fetched");
                 return false;
             }
         };
@@ -711,13 +749,40 @@ impl IncFs {
 
     /// Takes the deltas [`crate::fetch::delta::spawn_fetch`] fetched beside the image, when
     /// they are for this image, so chunks the cached older image can rebuild come as deltas.
-    /// Call it before [`IncFs::start_prefetch`], so the plan's chunks use them. True when
-    /// they are used.
-    pub fn use_deltas(&self, fetched: crate::fetch::delta::DeltaFetch) -> bool {
+    /// Call it before [`IncFs::start_prefetch`], so the plan's chunks use them. A start with
+    /// nothing of this image local (an update's first start) waits for them; one whose cache
+    /// holds part of the image takes them when they arrive, and its program does not wait
+    /// for the sidecar's round trips. True when they are used, or may be once they arrive.
+    pub fn use_deltas(self: &Arc<Self>, fetched: crate::fetch::delta::DeltaFetch) -> bool {
         if self.offline {
             return false;
         }
-        match fetched.join() {
+        if self.cache.local_chunks() == 0 {
+            return self.take_deltas(fetched);
+        }
+        let fs = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("incfs-deltas-use".into())
+            .spawn(move || {
+                let got = fetched.join();
+                if let Some(fs) = fs.upgrade().filter(|fs| !fs.fetcher.is_shut_down()) {
+                    fs.take_fetched_deltas(got);
+                }
+            })
+            .is_ok()
+    }
+
+    fn take_deltas(&self, fetched: crate::fetch::delta::DeltaFetch) -> bool {
+        self.take_fetched_deltas(fetched.join())
+    }
+
+    fn take_fetched_deltas(
+        &self,
+        got: std::thread::Result<
+            Result<Option<(crate::fetch::delta::Deltas, Digest)>, crate::source::SourceError>,
+        >,
+    ) -> bool {
+        match got {
             Ok(Ok(Some((deltas, image)))) if image == self.header.root_digest => {
                 self.fetcher.use_deltas(deltas);
                 true

@@ -274,7 +274,9 @@ impl HttpSource {
             .await
             .map_err(|e| self.net_error(&e))?;
         let status = head.status();
-        if status.is_server_error() || status.as_u16() == 429 {
+        // Not there: a GET would say the same, one round trip later (every mount asks for
+        // its image's optional sidecars). A refused HEAD (403, 405) is probed below.
+        if status.is_server_error() || matches!(status.as_u16(), 404 | 410 | 429) {
             return Err(SourceError::Status {
                 source_name: self.name.clone(),
                 status: status.as_u16(),
