@@ -1191,10 +1191,11 @@ fn held_plan(fs: &IncFs) -> (incfs_fs::plan::PublishedFetch, std::sync::mpsc::Se
 #[test]
 fn a_warm_start_does_not_wait_for_the_published_plan_and_a_first_start_does() {
     let fx = big(64 * CHUNK as usize);
-    let cache = tempfile::tempdir().unwrap();
+    let want = fs::read(fx.tree.join("big")).unwrap();
 
     // A first start: nothing local, so the plan leads and the mount waits for it.
-    let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), cache.path());
+    let cold = tempfile::tempdir().unwrap();
+    let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), cold.path());
     let (fetch, release) = held_plan(&fs);
     let (tx, rx) = std::sync::mpsc::channel();
     let f = Arc::clone(&fs);
@@ -1208,29 +1209,43 @@ fn a_warm_start_does_not_wait_for_the_published_plan_and_a_first_start_does() {
     );
     release.send(()).unwrap();
     assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
-    // Its prefetch fetches the file.
-    let ino = resolve(&fs, b"big");
-    assert_eq!(
-        read_all(&fs, ino, 1 << 20).unwrap(),
-        fs::read(fx.tree.join("big")).unwrap()
-    );
     fs.shutdown().unwrap();
-    stop_and_wait(fs, cache.path());
 
-    // A warm start: the mount goes on while the plan is on its way, and walks it once it
-    // has arrived.
-    let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), cache.path());
+    // A cache that holds the first chunks of the file.
+    let warm = tempfile::tempdir().unwrap();
+    let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), warm.path());
+    let ino = resolve(&fs, b"big");
+    let (fh, _) = fs.open(ino).unwrap();
+    assert!(fs.read(ino, fh, 0, 4 * CHUNK).unwrap() == want[..4 * CHUNK as usize]);
+    fs.release(fh);
+    fs.shutdown().unwrap();
+    stop_and_wait(fs, warm.path());
+
+    // A warm start: the mount goes on while the plan is on its way, the fill waits for it,
+    // and the plan is walked once it has arrived.
+    let fs = mount(Arc::new(MockSource::new(fx.bytes.clone())), warm.path());
+    assert!(fs.cache().local_chunks() > 0);
     let (fetch, release) = held_plan(&fs);
     assert!(fs.start_published_prefetch(fetch, Default::default()));
+    fs.start_fill(incfs_fs::fetch::fill::FillConfig::default())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
     assert!(fs.prefetch_stats().is_none(), "the plan has not arrived");
+    assert_eq!(
+        fs.fill_stats().map(|f| f.bytes_asked),
+        Some(0),
+        "the fill waits for the plan on its way"
+    );
     release.send(()).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while fs.prefetch_stats().is_none() {
+    while !fs.fill_stats().is_some_and(|f| f.done) {
         assert!(
             std::time::Instant::now() < deadline,
-            "the plan was never walked"
+            "the image never became local"
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+    assert!(fs.prefetch_stats().is_some(), "the plan was walked");
+    assert_eq!(read_all(&fs, ino, 1 << 20).unwrap(), want);
     fs.shutdown().unwrap();
 }

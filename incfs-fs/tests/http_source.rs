@@ -1179,3 +1179,38 @@ fn a_sidecar_that_is_not_there_costs_one_head() {
         );
     }
 }
+
+#[test]
+fn a_server_whose_head_says_404_but_serves_get_still_opens() {
+    // Servers that route only GET answer HEAD with 404: the probe sent beside the HEAD gives
+    // the length.
+    let data = content(5_000, 11);
+    let d = data.clone();
+    let server = Scripted::start(move |method, range| {
+        if method == "HEAD" {
+            return response("404 Not Found", &[("Content-Length", "0".into())], b"");
+        }
+        let Some((a, b)) = range
+            .and_then(|r| r.strip_prefix("bytes="))
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
+        else {
+            return response("400 Bad Request", &[("Content-Length", "0".into())], b"");
+        };
+        let b = b.min(d.len() - 1);
+        response(
+            "206 Partial Content",
+            &[
+                ("Content-Range", format!("bytes {a}-{b}/{}", d.len())),
+                ("Content-Length", (b + 1 - a).to_string()),
+            ],
+            &d[a..=b],
+        )
+    });
+    let src = HttpSource::open(&server.url(), &HttpConfig::default()).expect("opens");
+    assert_eq!(src.len(), data.len() as u64);
+    let got = src
+        .read_range(1_000, 2_000, RequestKind::Demand)
+        .expect("a range");
+    assert!(got == data[1_000..3_000]);
+}

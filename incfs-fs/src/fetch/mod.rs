@@ -430,6 +430,10 @@ impl Fetcher {
     /// whose entries could not be loaded are left out (and logged). For threads that may
     /// block (the prefetcher, the fill); a reader uses [`Fetcher::read`].
     pub fn submit(&self, slots: &[u64], priority: Priority) {
+        // Nothing more is queued, nor copied into the cache, once the mount is going.
+        if self.is_shut_down() {
+            return;
+        }
         if let Err(e) = self.inner.table.load(slots, priority.kind()) {
             tracing::warn!(error = %e, "not queueing chunks whose table entries did not load");
         }

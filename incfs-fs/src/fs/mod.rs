@@ -447,7 +447,10 @@ pub struct IncFs {
     source_name: String,
     fetcher: Arc<Fetcher>,
     /// The plan walker, when a prefetch plan was given.
-    prefetcher: OnceLock<Prefetcher>,
+    prefetcher: Arc<OnceLock<Prefetcher>>,
+    /// A published plan is on its way to a warm start ([`IncFs::start_published_prefetch`]):
+    /// the fill waits for it.
+    plan_pending: Arc<AtomicBool>,
     /// The background fill, when started.
     filler: OnceLock<Filler>,
     cache: ChunkCache,
@@ -620,7 +623,8 @@ impl IncFs {
             table,
             source_name,
             fetcher,
-            prefetcher: OnceLock::new(),
+            prefetcher: Arc::new(OnceLock::new()),
+            plan_pending: Arc::new(AtomicBool::new(false)),
             filler: OnceLock::new(),
             cache,
             parents,
@@ -690,19 +694,34 @@ impl IncFs {
             return self.start_fetched_plan(fetched, config);
         }
         let fs = Arc::downgrade(self);
-        std::thread::Builder::new()
+        let pending = Arc::clone(&self.plan_pending);
+        pending.store(true, Ordering::Release);
+        let spawned = std::thread::Builder::new()
             .name("incfs-plan-start".into())
             .spawn(move || {
-                let Ok(got) = fetched.join() else {
-                    tracing::warn!("no prefetch plan: fetching the one beside the image failed");
-                    return;
-                };
-                // Not for a mount that is gone or going.
-                if let Some(fs) = fs.upgrade().filter(|fs| !fs.fetcher.is_shut_down()) {
-                    fs.start_published_plan(got, config);
+                match fetched.join() {
+                    // Not for a mount that is gone or going.
+                    Ok(got) => {
+                        if let Some(fs) = fs.upgrade().filter(|fs| !fs.fetcher.is_shut_down())
+                            && fs.start_published_plan(got, config)
+                            && fs.fetcher.is_shut_down()
+                            && let Some(p) = fs.prefetcher.get()
+                        {
+                            // The unmount began while it started: it may not have seen it.
+                            p.stop();
+                        }
+                    }
+                    Err(_) => {
+                        tracing::warn!("no prefetch plan: fetching the one beside the image failed")
+                    }
                 }
+                pending.store(false, Ordering::Release);
             })
-            .is_ok()
+            .is_ok();
+        if !spawned {
+            self.plan_pending.store(false, Ordering::Release);
+        }
+        spawned
     }
 
     fn start_fetched_plan(
@@ -813,17 +832,20 @@ impl IncFs {
 
     /// Starts fetching the rest of the image in the background, at the lowest priority:
     /// after the prefetch plan has been fetched when one runs (call [`IncFs::start_prefetch`]
-    /// first), at once otherwise. Call it once.
+    /// or [`IncFs::start_published_prefetch`] first; a published plan still on its way is
+    /// waited for), at once otherwise. Call it once.
     pub fn start_fill(&self, config: FillConfig) -> Result<(), FsError> {
         let fetcher = Arc::clone(&self.fetcher);
-        let ready: Box<dyn Fn() -> bool + Send> = match self.prefetcher.get() {
-            Some(p) => {
-                let plan_queued = p.plan_queued_probe();
-                let f = Arc::clone(&self.fetcher);
-                Box::new(move || plan_queued() && f.idle_at(crate::fetch::Priority::Prefetch))
-            }
-            None => Box::new(|| true),
-        };
+        let (pending, prefetcher) = (Arc::clone(&self.plan_pending), Arc::clone(&self.prefetcher));
+        let f = Arc::clone(&self.fetcher);
+        // A plan still on its way (a warm start's published plan) is waited for too; it
+        // comes within the plan's deadline or not at all.
+        let ready: Box<dyn Fn() -> bool + Send> = Box::new(move || {
+            !pending.load(Ordering::Acquire)
+                && prefetcher.get().is_none_or(|p| {
+                    p.plan_queued_probe()() && f.idle_at(crate::fetch::Priority::Prefetch)
+                })
+        });
         let filler = Filler::start(fetcher, config, ready).map_err(FsError::Thread)?;
         if self.filler.set(filler).is_err() {
             tracing::warn!("the background fill was already running");

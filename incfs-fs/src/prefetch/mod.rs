@@ -228,7 +228,7 @@ impl Shared {
         // Where the window started last time round.
         let mut last_start = 0usize;
         loop {
-            if self.stop.load(Ordering::Acquire) {
+            if self.stop.load(Ordering::Acquire) || self.fetcher.is_shut_down() {
                 return;
             }
             // The program jumped ahead: what the window had queued behind the jump is of no

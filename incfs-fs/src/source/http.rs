@@ -191,7 +191,18 @@ impl HttpSource {
                     None
                 }
             });
-            Ok((len?, probed))
+            let len = match (len, &probed) {
+                // A server that answers only GET (its HEAD a 404): the probe's sound answer
+                // gave the length.
+                (
+                    Err(SourceError::Status {
+                        status: 404 | 410, ..
+                    }),
+                    Some((total, _)),
+                ) => *total,
+                (len, _) => len?,
+            };
+            Ok((len, probed))
         })?;
         source.len = len;
         if let Some((total, bytes)) = probed {
