@@ -92,26 +92,17 @@ impl RangeRead for Prefix {
 /// True when the cache under `cache_dir` keeps a head for the image with root `expect`, or
 /// else for the one `source_name` last served (not verified: [`load_head`] does that).
 pub fn holds_head(cache_dir: &Path, source_name: &str, expect: Option<&Digest>) -> bool {
-    let root = match expect {
-        Some(d) => *d,
-        None => {
-            let index = cache_dir.join(SOURCES_DIR).join(source_key(source_name));
-            match fs::read_to_string(index).map(|hex| Digest::from_hex(hex.trim())) {
-                Ok(Ok(d)) => d,
-                _ => return false,
-            }
-        }
-    };
-    super::image_dir(cache_dir, &root).join(HEAD_FILE).is_file()
+    kept_head_path(cache_dir, source_name, expect)
+        .is_ok_and(|p| p.is_some_and(|(_, p)| p.is_file()))
 }
 
-/// The verified head of the image `source_name` last served (or of the image with root
-/// `expect`), from the cache under `cache_dir`; `None` when the cache holds none.
-pub fn load_head(
+/// The root digest `expect` names, or else the one the index says `source_name` last
+/// served, and the path of that image's kept head; `None` when the index has no entry.
+fn kept_head_path(
     cache_dir: &Path,
     source_name: &str,
     expect: Option<&Digest>,
-) -> Result<Option<ImageHead>, FormatError> {
+) -> Result<Option<(Digest, PathBuf)>, FormatError> {
     let root = match expect {
         Some(d) => *d,
         None => {
@@ -122,7 +113,23 @@ pub fn load_head(
             Digest::from_hex(hex.trim())?
         }
     };
-    let Ok(bytes) = fs::read(super::image_dir(cache_dir, &root).join(HEAD_FILE)) else {
+    Ok(Some((
+        root,
+        super::image_dir(cache_dir, &root).join(HEAD_FILE),
+    )))
+}
+
+/// The verified head of the image `source_name` last served (or of the image with root
+/// `expect`), from the cache under `cache_dir`; `None` when the cache holds none.
+pub fn load_head(
+    cache_dir: &Path,
+    source_name: &str,
+    expect: Option<&Digest>,
+) -> Result<Option<ImageHead>, FormatError> {
+    let Some((root, path)) = kept_head_path(cache_dir, source_name, expect)? else {
+        return Ok(None);
+    };
+    let Ok(bytes) = fs::read(path) else {
         return Ok(None);
     };
     let total = Header::decode(&bytes)?.image_len();

@@ -523,11 +523,15 @@ impl IncFs {
                             // The source is not there (not: it served a wrong image): start
                             // from the cache's verified copy of the metadata, if it has one.
                             if !verify_failed
-                                && let Ok(Some(head)) = offline::load_head(
-                                    &config.cache_dir,
-                                    &source_name,
-                                    config.expect_digest.as_ref(),
-                                )
+                                && let Some(head) = known.take().or_else(|| {
+                                    offline::load_head(
+                                        &config.cache_dir,
+                                        &source_name,
+                                        config.expect_digest.as_ref(),
+                                    )
+                                    .ok()
+                                    .flatten()
+                                })
                             {
                                 tracing::warn!(source = %source_name, error = %error, root = %head.header.root_digest, "the source is unreachable: mounting offline from the cache (chunks not in it fail with EIO)");
                                 offline = true;
@@ -668,7 +672,15 @@ impl IncFs {
                 path: plan_path.to_path_buf(),
                 reason: "a prefetch plan is already running on this mount".into(),
             })
-        })
+        })?;
+        // Started as the unmount began (a plan that arrived late): the unmount may not have
+        // seen it to stop it.
+        if self.fetcher.is_shut_down()
+            && let Some(p) = self.prefetcher.get()
+        {
+            p.stop();
+        }
+        Ok(())
     }
 
     /// Starts the plan published beside the image, fetched by `fetched`
@@ -690,52 +702,58 @@ impl IncFs {
             // Started from the cache with the source unreachable: not waited for.
             return false;
         }
+        let pending = Some(Arc::clone(&self.plan_pending));
+        self.when_fetched(
+            "incfs-plan-start",
+            fetched,
+            pending,
+            move |fs, got| match got {
+                Ok(got) => fs.start_published_plan(got, config),
+                Err(_) => {
+                    tracing::warn!("no prefetch plan: fetching the one beside the image failed");
+                    false
+                }
+            },
+        )
+    }
+
+    /// Hands what `fetched` (a sidecar's fetch, started before the mount) gives to `then`:
+    /// at once, waiting for it, on a first start (nothing of the image local), which the
+    /// sidecar should lead; else on a thread of its own, so the program does not wait, and
+    /// only while the mount is not going. `pending` is set meanwhile. True when `then` said
+    /// so, or is to run.
+    fn when_fetched<T: Send + 'static>(
+        self: &Arc<Self>,
+        name: &str,
+        fetched: std::thread::JoinHandle<T>,
+        pending: Option<Arc<AtomicBool>>,
+        then: impl FnOnce(&IncFs, std::thread::Result<T>) -> bool + Send + 'static,
+    ) -> bool {
         if self.cache.local_chunks() == 0 {
-            return self.start_fetched_plan(fetched, config);
+            return then(self, fetched.join());
         }
         let fs = Arc::downgrade(self);
-        let pending = Arc::clone(&self.plan_pending);
-        pending.store(true, Ordering::Release);
+        let set = |flag: &Option<Arc<AtomicBool>>, on: bool| {
+            if let Some(f) = flag {
+                f.store(on, Ordering::Release);
+            }
+        };
+        set(&pending, true);
+        let flag = pending.clone();
         let spawned = std::thread::Builder::new()
-            .name("incfs-plan-start".into())
+            .name(name.into())
             .spawn(move || {
-                match fetched.join() {
-                    // Not for a mount that is gone or going.
-                    Ok(got) => {
-                        if let Some(fs) = fs.upgrade().filter(|fs| !fs.fetcher.is_shut_down())
-                            && fs.start_published_plan(got, config)
-                            && fs.fetcher.is_shut_down()
-                            && let Some(p) = fs.prefetcher.get()
-                        {
-                            // The unmount began while it started: it may not have seen it.
-                            p.stop();
-                        }
-                    }
-                    Err(_) => {
-                        tracing::warn!("no prefetch plan: fetching the one beside the image failed")
-                    }
+                let got = fetched.join();
+                if let Some(fs) = fs.upgrade().filter(|fs| !fs.fetcher.is_shut_down()) {
+                    then(&fs, got);
                 }
-                pending.store(false, Ordering::Release);
+                set(&flag, false);
             })
             .is_ok();
         if !spawned {
-            self.plan_pending.store(false, Ordering::Release);
+            set(&pending, false);
         }
         spawned
-    }
-
-    fn start_fetched_plan(
-        &self,
-        fetched: crate::plan::PublishedFetch,
-        config: PrefetchConfig,
-    ) -> bool {
-        match fetched.join() {
-            Ok(got) => self.start_published_plan(got, config),
-            Err(_) => {
-                tracing::warn!("no prefetch plan: fetching the one beside the image failed");
-                false
-            }
-        }
     }
 
     fn start_published_plan(
@@ -776,23 +794,9 @@ impl IncFs {
         if self.offline {
             return false;
         }
-        if self.cache.local_chunks() == 0 {
-            return self.take_deltas(fetched);
-        }
-        let fs = Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("incfs-deltas-use".into())
-            .spawn(move || {
-                let got = fetched.join();
-                if let Some(fs) = fs.upgrade().filter(|fs| !fs.fetcher.is_shut_down()) {
-                    fs.take_fetched_deltas(got);
-                }
-            })
-            .is_ok()
-    }
-
-    fn take_deltas(&self, fetched: crate::fetch::delta::DeltaFetch) -> bool {
-        self.take_fetched_deltas(fetched.join())
+        self.when_fetched("incfs-deltas-use", fetched, None, |fs, got| {
+            fs.take_fetched_deltas(got)
+        })
     }
 
     fn take_fetched_deltas(

@@ -645,8 +645,6 @@ fn header_u64(h: &HeaderMap, name: reqwest::header::HeaderName) -> Option<u64> {
     header_str(h, name)?.trim().parse().ok()
 }
 
-/// `url` for messages and logs, its query (which may hold credentials or a pre-signed
-/// URL's signature) shown as `…`.
 /// The name an [`HttpSource`] opened from `spec` has ([`Source::describe`]), when `spec` is
 /// an HTTP(S) URL.
 pub(crate) fn name_of(spec: &str) -> Option<String> {
@@ -656,6 +654,8 @@ pub(crate) fn name_of(spec: &str) -> Option<String> {
     reqwest::Url::parse(spec).ok().map(|u| redacted(&u))
 }
 
+/// `url` for messages and logs, its query (which may hold credentials or a pre-signed
+/// URL's signature) shown as `…`.
 pub(crate) fn redacted(url: &reqwest::Url) -> String {
     // (`?%E2%80%A6` once encoded: this is also the source's name, under which its cache
     // is found offline, so it must not change.)
