@@ -28,12 +28,16 @@ fn source_key(source_name: &str) -> String {
     blake3::hash(source_name.as_bytes()).to_hex().to_string()
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// Writes `bytes` to `path` whole or not at all: a temporary file of its own, renamed over
+/// it (two writers leave one or the other's bytes); synced first when `durable`.
+pub(super) fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     tmp.write_all(bytes)?;
-    tmp.as_file().sync_data()?;
+    if durable {
+        tmp.as_file().sync_data()?;
+    }
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }
@@ -49,11 +53,11 @@ pub fn save_head(
     let dir = super::image_dir(cache_dir, root);
     let head = dir.join(HEAD_FILE);
     if fs::read(&head).ok().as_deref() != Some(prefix) {
-        write_atomic(&head, prefix)?;
+        write_atomic(&head, prefix, true)?;
     }
     let index = cache_dir.join(SOURCES_DIR).join(source_key(source_name));
     if fs::read_to_string(&index).ok().as_deref() != Some(root.to_hex().as_str()) {
-        write_atomic(&index, root.to_hex().as_bytes())?;
+        write_atomic(&index, root.to_hex().as_bytes(), true)?;
     }
     Ok(())
 }

@@ -24,7 +24,6 @@
 //! [`ChunkCache::open`]: super::ChunkCache::open
 
 use std::fs::File;
-use std::io::Write as _;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -97,10 +96,8 @@ pub(super) fn write(path: &Path, order: &[u32]) -> std::io::Result<()> {
     for i in order {
         bytes.extend_from_slice(&i.to_le_bytes());
     }
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(&bytes)?;
-    tmp.persist(path).map(drop).map_err(|e| e.error)
+    // A hint, not a record: not synced.
+    super::offline::write_atomic(path, &bytes, false)
 }
 
 /// The order kept at `path`, if it is there and whole.
